@@ -1,0 +1,213 @@
+"""Name -> plugin registry behind ``register_loss("focal_loss")`` and friends.
+
+The decorators are thin sugar over hookimpls: each registration records what was decorated, and
+``PluginSpec.build(**config)`` turns it into an object with ``@hookimpl`` methods that the kernel registers
+in its plugin manager. Three shapes are accepted:
+
+* a class with ``@hookimpl`` methods: instantiated with the config, registered as is;
+* a loss module/function ``f(logits[N, V], labels[N])`` over the supervised tokens, returning per-token
+  losses ``[N]`` or their mean: wrapped so that the step's loss is normalised by the accumulated token count;
+* an optimizer factory ``create(params, lr, **config)`` or a scheduler factory
+  ``create(optimizer, total_steps, warmup_steps, **config)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from swiftk.contracts.markers import PROJECT_NAME, hookimpl
+from swiftk.contracts.types import IGNORE_INDEX, Batch, LossResult, ModelOutputs
+
+KINDS = ("loss", "optimizer", "scheduler", "metric", "callback")
+T = TypeVar("T", bound=Callable[..., Any])
+
+
+class PluginRegistryError(Exception):
+    """A registration conflicts with another, or a name was looked up that nobody registered."""
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    """One registered plugin: what was decorated, under which kind and name, and where it came from."""
+
+    kind: str
+    name: str
+    target: Callable[..., Any]
+    source: str  # the file that registered it (or the module, when it has no file)
+
+    @property
+    def is_hook_class(self) -> bool:
+        return isinstance(self.target, type) and has_hookimpls(self.target)
+
+    def config_signature(self) -> inspect.Signature:
+        """The arguments a config table may set: the constructor's, or the factory's after its fixed ones."""
+        signature = inspect.signature(self.target)
+        fixed = _FIXED_ARGUMENTS.get(self.kind, 0) if not isinstance(self.target, type) else 0
+        params = list(signature.parameters.values())[fixed:]
+        return signature.replace(parameters=params)
+
+    def build(self, **config: Any) -> object:
+        """Instantiate the plugin with its config; the result carries ``@hookimpl`` methods."""
+        if self.is_hook_class:
+            return self.target(**config)
+        adapter = _ADAPTERS.get(self.kind)
+        if adapter is None:
+            raise PluginRegistryError(
+                f"{self.kind} '{self.name}' ({self.source}) has no @hookimpl methods; a {self.kind} plugin "
+                f"must be a class whose methods are marked with swiftk.contracts.hookimpl."
+            )
+        return adapter(self, config)
+
+
+_REGISTRY: dict[tuple[str, str], PluginSpec] = {}
+# Leading positional arguments a factory of each kind receives from the kernel, not from the config.
+_FIXED_ARGUMENTS = {"loss": 2, "optimizer": 2, "scheduler": 3}
+
+
+def has_hookimpls(obj: object) -> bool:
+    return any(
+        getattr(getattr(obj, attr, None), f"{PROJECT_NAME}_impl", None) is not None
+        for attr in dir(obj)
+        if attr.startswith("swiftk_")
+    )
+
+
+def _source_of(target: Callable[..., Any]) -> str:
+    try:
+        return inspect.getsourcefile(target) or target.__module__
+    except TypeError:
+        return getattr(target, "__module__", "?")
+
+
+def register(kind: str, name: str) -> Callable[[T], T]:
+    """Record ``target`` as the ``kind`` plugin called ``name``; returns it unchanged.
+
+    Registering the same name again from the same file replaces the entry (a re-import or a hot reload);
+    from another file it is an error naming both.
+    """
+    if kind not in KINDS:
+        raise PluginRegistryError(f"unknown plugin kind '{kind}'; expected one of {', '.join(KINDS)}")
+
+    def decorate(target: T) -> T:
+        spec = PluginSpec(kind, name, target, _source_of(target))
+        previous = _REGISTRY.get((kind, name))
+        if previous is not None and previous.source != spec.source:
+            raise PluginRegistryError(
+                f"{kind} '{name}' is registered twice: by {previous.source} and by {spec.source}; "
+                f"rename one of them."
+            )
+        _REGISTRY[(kind, name)] = spec
+        return target
+
+    return decorate
+
+
+def register_loss(name: str) -> Callable[[T], T]:
+    return register("loss", name)
+
+
+def register_optimizer(name: str) -> Callable[[T], T]:
+    return register("optimizer", name)
+
+
+def register_scheduler(name: str) -> Callable[[T], T]:
+    return register("scheduler", name)
+
+
+def register_metric(name: str) -> Callable[[T], T]:
+    return register("metric", name)
+
+
+def register_callback(name: str) -> Callable[[T], T]:
+    return register("callback", name)
+
+
+def registered(kind: str | None = None) -> list[PluginSpec]:
+    """Every registration (of one kind), sorted by kind then name."""
+    return sorted((s for s in _REGISTRY.values() if kind in (None, s.kind)), key=lambda s: (s.kind, s.name))
+
+
+def lookup(kind: str, name: str) -> PluginSpec:
+    spec = _REGISTRY.get((kind, name))
+    if spec is None:
+        import difflib
+
+        known = [s.name for s in registered(kind)]
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise PluginRegistryError(
+            f"no {kind} named '{name}'; {hint}known: {', '.join(known) or 'none'}. "
+            f"A plugin file named in `plugins = [...]` can register one with register_{kind}('{name}')."
+        )
+    return spec
+
+
+# ----------------------------------------------------------------------------------------- adapters
+
+
+class TokenLoss:
+    """Adapts ``f(logits[N, V], labels[N])`` to ``swiftk_loss_compute`` over the supervised tokens."""
+
+    def __init__(self, name: str, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        self.name = name
+        self.fn = fn
+
+    @hookimpl
+    def swiftk_loss_compute(self, batch: Batch, outputs: ModelOutputs) -> LossResult:
+        labels = batch.labels[:, 1:]  # [B, T-1]: the logits at t-1 score the token at t
+        mask = labels != IGNORE_INDEX
+        logits = outputs.logits[:, :-1][mask].float()  # [N, V]
+        targets = labels[mask]  # [N]
+        per_token = self.fn(logits, targets)
+        # A mean over this micro-batch's N tokens is turned back into a sum, so that the step's loss is
+        # always the token sum divided by the accumulated count, whatever the module returns.
+        total = per_token.sum() if per_token.dim() > 0 else per_token * targets.numel()
+        return LossResult(total / max(batch.num_items_in_batch, 1))
+
+
+class OptimizerFactory:
+    def __init__(self, name: str, create: Callable[..., torch.optim.Optimizer]) -> None:
+        self.name = name
+        self.create = create
+
+    @hookimpl
+    def swiftk_optimizer_build(self, param_groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+        return self.create(param_groups, lr=lr)
+
+
+class SchedulerFactory:
+    def __init__(self, name: str, create: Callable[..., torch.optim.lr_scheduler.LRScheduler]) -> None:
+        self.name = name
+        self.create = create
+
+    @hookimpl
+    def swiftk_scheduler_build(
+        self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int
+    ) -> torch.optim.lr_scheduler.LRScheduler:
+        return self.create(optimizer, total_steps, warmup_steps)
+
+
+def _loss_adapter(spec: PluginSpec, config: dict[str, Any]) -> object:
+    fn = spec.target(**config) if isinstance(spec.target, type) else functools.partial(spec.target, **config)
+    return TokenLoss(spec.name, fn)
+
+
+def _optimizer_adapter(spec: PluginSpec, config: dict[str, Any]) -> object:
+    return OptimizerFactory(spec.name, functools.partial(spec.target, **config))
+
+
+def _scheduler_adapter(spec: PluginSpec, config: dict[str, Any]) -> object:
+    return SchedulerFactory(spec.name, functools.partial(spec.target, **config))
+
+
+_ADAPTERS: dict[str, Callable[[PluginSpec, dict[str, Any]], object]] = {
+    "loss": _loss_adapter,
+    "optimizer": _optimizer_adapter,
+    "scheduler": _scheduler_adapter,
+}

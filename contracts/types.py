@@ -1,0 +1,83 @@
+"""The records that cross the hook boundary.
+
+They are plain dataclasses over tensors so that a plugin host can describe them field by field
+(tensors as shared-memory references, the rest as msgpack scalars) without knowing any kernel code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+# Label value that marks a position as "no loss here" (prompt, padding), as in PyTorch and transformers.
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Batch:
+    """One micro-batch, as the kernel feeds it to the model and to the loss.
+
+    ``labels`` are *unshifted*: ``labels[b, t]`` is the token at position t, or ``IGNORE_INDEX``; the logits at
+    t-1 score it. ``num_items_in_batch`` counts the label tokens of the whole optimizer step (every
+    micro-batch of the accumulation window, on every rank), so that a loss divided by it gives the same
+    gradient whatever the micro-batch split.
+    """
+
+    input_ids: torch.Tensor  # [B, T] int64, right-padded
+    labels: torch.Tensor  # [B, T] int64, IGNORE_INDEX where no loss
+    attention_mask: torch.Tensor | None  # [B, T] 1 = real token; None for packed rows
+    num_items_in_batch: int
+    position_ids: torch.Tensor | None = None  # [B, T]; restarts at 0 at each packed document
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # stage data the kernel does not interpret
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-padding) tokens in this micro-batch."""
+        if self.attention_mask is not None:
+            return int(self.attention_mask.sum().item())
+        return int(self.input_ids.numel())
+
+    @property
+    def num_label_tokens(self) -> int:
+        """Tokens this micro-batch is scored on (after the causal shift)."""
+        return int((self.labels[:, 1:] != IGNORE_INDEX).sum().item())
+
+
+@dataclass
+class ModelOutputs:
+    """What the kernel's forward pass produced for a ``Batch``."""
+
+    logits: torch.Tensor  # [B, T, V]
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. value-head outputs, ref log-probs
+
+
+@dataclass
+class LossResult:
+    """The scalar to back-propagate for one micro-batch, plus float metrics for the step record.
+
+    ``loss`` is already normalised for the whole optimizer step (see ``Batch.num_items_in_batch``): the
+    kernel sums the micro-batch losses of an accumulation window, it does not average them.
+    """
+
+    loss: torch.Tensor  # 0-dim, requires grad
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class StepState:
+    """Where the run is; passed to every per-step hook. Read-only for plugins."""
+
+    step: int  # optimizer steps completed (0 before the first update)
+    max_steps: int
+    epoch: int
+    lr: float
+    tokens_seen: int  # real tokens consumed so far, all ranks
+    elapsed_s: float
+    run_dir: str
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.rank == 0

@@ -1,0 +1,1 @@
+"""Plugin host processes (isolation = "process" | "sandbox"); lands with the [hosts] issue."""

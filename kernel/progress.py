@@ -1,0 +1,108 @@
+"""What a run reports: ``metrics.jsonl`` records and the console (a rich bar on a TTY, plain lines otherwise).
+
+Only the main process writes; every other rank gets a ``Reporter`` that does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+class MetricsFile:
+    """Append-only JSON lines, flushed per record so a crash loses at most the line being written."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.handle: TextIO = path.open("a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.handle.write(json.dumps(record, default=_plain) + "\n")
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def _plain(value: Any) -> Any:
+    return float(value) if hasattr(value, "__float__") else str(value)
+
+
+class Reporter:
+    """Step records and events to ``metrics.jsonl``; progress to the console."""
+
+    def __init__(self, run_dir: Path | None, total_steps: int, mode: str, every: int, start_step: int = 0) -> None:
+        self.metrics = MetricsFile(run_dir / "metrics.jsonl") if run_dir else None
+        self.total = total_steps
+        self.every = every
+        self.console = Console(stderr=False)
+        if mode == "auto":
+            mode = "rich" if sys.stdout.isatty() else "plain"
+        self.quiet = run_dir is None  # not the main process
+        self.mode = "none" if self.quiet else mode
+        self.bar: Progress | None = None
+        self.task = None
+        self.start_step = start_step
+        self.started = time.perf_counter()
+        if self.mode == "rich":
+            self.bar = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}  {task.fields[tok_s]} tok/s  lr {task.fields[lr]}"),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self.task = self.bar.add_task("train", total=total_steps, completed=start_step, loss="-", tok_s="-", lr="-")
+            self.bar.start()
+
+    def step(self, record: dict[str, Any]) -> None:
+        if self.metrics:
+            self.metrics.write(record)
+        step = record["step"]
+        if self.bar is not None and self.task is not None:
+            self.bar.update(self.task, completed=step, loss=f"{record['loss']:.4f}",
+                            tok_s=f"{record['tokens_per_s']:,.0f}", lr=f"{record['lr']:.2e}")
+        elif self.mode == "plain" and (step % self.every == 0 or step == self.total):
+            done = step - self.start_step
+            elapsed = time.perf_counter() - self.started
+            eta = elapsed / done * (self.total - step) if done else math.nan
+            print(
+                f"step {step}/{self.total}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                f"grad_norm {record['grad_norm']:.3f}  {record['tokens_per_s']:,.0f} tok/s  ETA {format_eta(eta)}",
+                flush=True,
+            )
+
+    def event(self, name: str, **fields: Any) -> None:
+        if self.metrics:
+            self.metrics.write({"event": name, **fields})
+
+    def say(self, text: str) -> None:
+        if self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.console.print(text, markup=False, highlight=False)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+        if self.metrics:
+            self.metrics.close()
+
+
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "-"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"

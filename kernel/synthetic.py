@@ -1,0 +1,103 @@
+"""Verifiable synthetic tasks for smoke-testing training end to end.
+
+Every row is a ``{"prompt": ..., "completion": ...}`` pair whose completion can be
+recomputed from the prompt, so an evaluation can score exact matches without a
+reference model. Rows only use digits, lowercase a-z, ``+``, ``=`` and space, which a
+char-level tokenizer over printable ASCII covers.
+
+All randomness flows through a ``random.Random(seed)`` instance owned by the caller of
+each function, never the global RNG, so the same seed always gives the same rows.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+Row = dict[str, str]
+
+
+def _operand(rng: random.Random, max_digits: int) -> int:
+    # Draw the digit count first, then the value: a uniform draw over 0..10**max_digits
+    # would make almost every operand max_digits long and starve the short cases.
+    digits = rng.randint(1, max_digits)
+    low = 0 if digits == 1 else 10 ** (digits - 1)
+    return rng.randint(low, 10**digits - 1)
+
+
+def addition_rows(n: int, seed: int, max_digits: int = 3) -> list[Row]:
+    """``n`` rows like ``{"prompt": "12+345=", "completion": "357"}``."""
+    if max_digits < 1:
+        raise ValueError(f"max_digits must be >= 1, got {max_digits}")
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = _operand(rng, max_digits), _operand(rng, max_digits)
+        rows.append({"prompt": f"{a}+{b}=", "completion": str(a + b)})
+    return rows
+
+
+def reversal_rows(n: int, seed: int, min_len: int = 3, max_len: int = 8) -> list[Row]:
+    """``n`` rows like ``{"prompt": "reverse abcde=", "completion": "edcba"}``."""
+    if not 1 <= min_len <= max_len:
+        raise ValueError(f"need 1 <= min_len <= max_len, got {min_len}, {max_len}")
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        word = "".join(rng.choices(string.ascii_lowercase, k=rng.randint(min_len, max_len)))
+        rows.append({"prompt": f"reverse {word}=", "completion": word[::-1]})
+    return rows
+
+
+TASKS: dict[str, Callable[..., list[Row]]] = {
+    "addition": addition_rows,
+    "reversal": reversal_rows,
+}
+
+
+def _unique_by_prompt(rows: Iterable[Row]) -> list[Row]:
+    seen: set[str] = set()
+    unique = []
+    for row in rows:
+        if row["prompt"] not in seen:
+            seen.add(row["prompt"])
+            unique.append(row)
+    return unique
+
+
+def make_splits(
+    task: str, n_train: int, n_eval: int, seed: int, **task_kwargs: int
+) -> tuple[list[Row], list[Row]]:
+    """Deterministic ``(train, eval)`` lists with no prompt shared between or within them.
+
+    ``task_kwargs`` go to the task generator (e.g. ``max_digits=2`` for addition).
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(sorted(TASKS))}")
+    generate = TASKS[task]
+    need = n_train + n_eval
+    # Each generator consumes its RNG row by row, so a longer draw with the same seed
+    # extends a shorter one: oversampling more keeps the earlier rows and the result
+    # stays deterministic. Duplicates are dropped so eval scores measure generalisation.
+    size = max(2 * need, 16)
+    while True:
+        unique = _unique_by_prompt(generate(size, seed, **task_kwargs))
+        if len(unique) >= need:
+            break
+        if size >= 64 * need:
+            raise ValueError(f"task {task!r} cannot produce {need} distinct prompts with {task_kwargs}")
+        size *= 2
+    # Eval comes first so that changing n_train never changes the eval set.
+    return unique[n_eval:need], unique[:n_eval]
+
+
+def write_jsonl(rows: Iterable[Mapping[str, object]], path: str | Path) -> None:
+    """Write one JSON object per line (utf-8, each line newline-terminated)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8", newline="\n") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -1,0 +1,1 @@
+"""C++ plugins built against torch (pybind11); lands with the [native] issue."""

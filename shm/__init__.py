@@ -1,0 +1,1 @@
+"""Tensor transport between the kernel and plugin hosts (shared memory, CUDA IPC); lands with [hosts]."""
