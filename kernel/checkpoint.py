@@ -99,9 +99,10 @@ def save(
         fsync_dir(root)
     except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        free_mib = shutil.disk_usage(root).free / 2**20  # torch.save hides ENOSPC behind a position mismatch
         raise CheckpointError(
-            f"writing the checkpoint for step {step} into {root} failed: {type(exc).__name__}: {exc}. "
-            f"Nothing partial was kept; the previous checkpoint "
+            f"writing the checkpoint for step {step} into {root} failed: {type(exc).__name__}: {exc} "
+            f"({free_mib:.0f} MiB free on that filesystem). Nothing partial was kept; the previous checkpoint "
             f"({latest_checkpoint(run_dir) or 'none'}) is intact. Free disk space or fix the cause, then "
             f"continue with --resume."
         ) from exc

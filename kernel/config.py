@@ -96,6 +96,13 @@ class TrainConfig(Section):
         # ms-swift style configs write torch dtype names here.
         return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(value, value)
 
+    @field_validator("quantization_bit", mode="before")
+    @classmethod
+    def _no_quantization_yet(cls, value: Any) -> Any:
+        if value not in (None, 0):
+            raise ValueError(f"{value}-bit quantization (QLoRA) is not supported yet; use 0 (off) or remove the key")
+        return value
+
 
 class EvalConfig(Section):
     """[eval] held-out evaluation during training (needs [data] eval_file)."""
@@ -167,6 +174,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         except ValueError as exc:
             problems.append(str(exc))
             continue
+        drop_other_names(raw, key)
         set_path(raw, key, value)
         from_set.add(key)
     try:
@@ -217,6 +225,21 @@ def set_path(raw: dict[str, Any], key: tuple[str, ...], value: Any) -> None:
     node[key[-1]] = value
 
 
+def drop_other_names(raw: dict[str, Any], key: tuple[str, ...]) -> None:
+    """An override replaces its field under every name: ``--set train.lr=...`` over the file's ``learning_rate``."""
+    node: Any = raw
+    for part in key[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    model = section(key[:-1])
+    if not isinstance(node, dict) or model is None:
+        return
+    for name, field in model.model_fields.items():
+        names = {name, *field_aliases(field)}
+        if key[-1] in names:
+            for other in names - {key[-1]}:
+                node.pop(other, None)
+
+
 def describe(err: Any, locator: Locator, from_set: set[tuple[str, ...]]) -> str:
     """One pydantic error as ``[train] lora_rnak: unknown key; did you mean 'lora_rank'? (file:7)``."""
     loc = tuple(str(part) for part in err["loc"] if not isinstance(part, int))
@@ -226,27 +249,38 @@ def describe(err: Any, locator: Locator, from_set: set[tuple[str, ...]]) -> str:
     name = f"[{'.'.join(table)}] {key}" if table else key
     if err["type"] == "extra_forbidden":
         message = "unknown key" + did_you_mean(key, known_keys(table))
+    elif err["type"] == "missing" and section(loc) is not None:
+        name, message = f"[{'.'.join(loc)}]", "required table is missing"
     elif err["type"] == "missing":
         message = "required key is missing"
     else:
-        message = f"{err['msg']} (got {err.get('input')!r})"
+        message = f"{err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})"
     where = "--set" if tuple(loc) in from_set else locator.find(loc)
     return f"{name}: {message}" + (f" ({where})" if where else "")
 
 
-def known_keys(table: tuple[str, ...]) -> list[str]:
+def section(table: tuple[str, ...]) -> type[BaseModel] | None:
+    """The schema class of ``[table]``; None when the path is not a table."""
     model: type[BaseModel] = RunConfig
     for part in table:
         field = model.model_fields.get(part)
         annotation = getattr(field, "annotation", None)
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return []
+            return None
         model = annotation
-    names = list(model.model_fields)
-    for field in model.model_fields.values():
-        if isinstance(field.validation_alias, AliasChoices):
-            names += [c for c in field.validation_alias.choices if isinstance(c, str)]
-    return names
+    return model
+
+
+def field_aliases(field: Any) -> list[str]:
+    alias = field.validation_alias
+    return [c for c in alias.choices if isinstance(c, str)] if isinstance(alias, AliasChoices) else []
+
+
+def known_keys(table: tuple[str, ...]) -> list[str]:
+    model = section(table)
+    if model is None:
+        return []
+    return [*model.model_fields, *(a for f in model.model_fields.values() for a in field_aliases(f))]
 
 
 def did_you_mean(key: str, candidates: list[str]) -> str:

@@ -199,7 +199,14 @@ def save_checkpoint(run: Run) -> Path | None:
         return None
     if checkpoint.latest_checkpoint(run.run_dir) == checkpoint.checkpoint_root(run.run_dir) / f"step-{run.step:06d}":
         return None  # this step is already saved (e.g. save_every divides the final step)
-    plugin_states = {name: p.state_dict() for name, p in run.plugins.by_name.items() if hasattr(p, "state_dict")}
+    plugin_states = {}
+    for name, plugin in run.plugins.by_name.items():
+        if hasattr(plugin, "state_dict"):
+            try:
+                plugin_states[name] = plugin.state_dict()
+            except Exception as exc:
+                raise PluginError(name, "state_dict", f"failed while checkpointing step {run.step}: {exc!r}; "
+                                  f"no checkpoint was written for this step, earlier ones are intact") from exc
     trainer_state = {
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),

@@ -111,6 +111,8 @@ def prepare_run_dir(cfg: RunConfig, options: Options, dist: DistInfo) -> tuple[P
         if ckpt is None:
             raise RunDirError(f"--resume: no checkpoint in {target} (looked for {target}/checkpoints/step-*/). "
                               f"Start without --resume, or point it at a run or checkpoint folder.")
+        if dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
         return run_dir, ckpt
     occupied = run_dir.is_dir() and any(run_dir.iterdir())
     if occupied and not options.overwrite:

@@ -1,0 +1,316 @@
+"""What swiftk's kernel costs per step: the same tiny Llama, data and maths trained three ways, in one process.
+
+    .venv/bin/python bench/kernel_overhead.py [--rounds 3] [--steps 40] [--warmup 10]
+
+  swiftk      ``swiftk.kernel.run.execute`` on a TOML written to a temp dir; step times from its metrics.jsonl
+  raw         a plain PyTorch loop: AdamW, the same cosine schedule, clip 1.0, bf16 autocast, fp32 weights
+  hf_trainer  ``transformers.Trainer``; a callback times on_step_begin -> on_step_end
+
+All three train a random-init Llama (hidden 256, 4 layers, the repo's char tokenizer) from the same seed on the
+same batches, in the same order: 8 x 256 tokens of Python stdlib source per step, loss = summed token
+cross-entropy / label tokens. The runs are interleaved (swiftk, raw, HF Trainer) x rounds; each run drops its
+first ``--warmup`` steps and takes the median step. Reported figures are medians over rounds.
+
+Two timings per framework:
+  *_tok_s       the framework's own step window (swiftk: batch fetch -> zero_grad, as in metrics.jsonl;
+                raw: the same window; HF Trainer: on_step_begin -> on_step_end, which excludes its batch fetch)
+  *_wall_tok_s  end of one step to the end of the next: everything the framework does per step (logging,
+                metrics files, callbacks) included; swiftk's stamp comes from a swiftk_step_end plugin.
+
+stdout: one JSON line; everything else goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import transformers  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    default_data_collator,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER = REPO / "data" / "tiny_tokenizer"
+ARCH: dict[str, Any] = {
+    "model_type": "llama", "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
+    "num_attention_heads": 4, "num_key_value_heads": 4, "tie_word_embeddings": False,
+}
+BATCH, SEQ = 8, 256
+LR, SEED, CLIP = 3e-4, 0, 1.0
+IGNORE_INDEX = -100
+CHUNK_CHARS = 300  # > SEQ: "<s>" + 255 characters fill each sample, the end is cut
+STDLIB_PACKAGES = ("json", "email", "asyncio")
+
+# Loaded by swiftk as a plugin file: stamps each step's end into its metrics.jsonl record.
+WALLCLOCK_PLUGIN = '''\
+import time
+from swiftk.contracts import hookimpl
+
+@hookimpl
+def swiftk_step_end(state, metrics):
+    return {"bench_step_end_s": time.perf_counter()}
+'''
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def make_texts(count: int) -> list[str]:
+    """``count`` chunks of CHUNK_CHARS characters cut from the .py files of a few stdlib packages."""
+    import importlib
+
+    source = ""
+    for name in STDLIB_PACKAGES:
+        folder = Path(importlib.import_module(name).__file__).parent
+        source += "".join(path.read_text(encoding="utf-8") for path in sorted(folder.glob("*.py")))
+    chunks = [source[i : i + CHUNK_CHARS] for i in range(0, len(source) - CHUNK_CHARS + 1, CHUNK_CHARS)]
+    if len(chunks) < count:
+        raise SystemExit(f"only {len(chunks)} chunks of stdlib source; lower --steps")
+    return chunks[:count]
+
+
+def tokenize(texts: list[str], tokenizer: Any) -> torch.Tensor:
+    """[N, SEQ] ids exactly as swiftk's text format makes them: <s> + text + </s>, cut on the right."""
+    rows = [(tokenizer(t)["input_ids"] + [tokenizer.eos_token_id])[:SEQ] for t in texts]
+    assert all(len(r) == SEQ for r in rows), "a chunk is shorter than SEQ tokens"
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def build_model(vocab_size: int) -> torch.nn.Module:
+    """The same weights swiftk builds for ``init = "random"`` with the same seed."""
+    torch.manual_seed(SEED)
+    config = LlamaConfig(**{k: v for k, v in ARCH.items() if k != "model_type"}, vocab_size=vocab_size)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+
+def lr_factor(step: int, total: int) -> float:
+    """swiftk's and HF's cosine schedule without warmup."""
+    return 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0)))
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
+def swiftk_config(work: Path, steps: int) -> Path:
+    tables: dict[str, dict[str, Any]] = {
+        "model": {"model_id": str(TOKENIZER), "init": "random", "architecture": ARCH},
+        "data": {"train_file": str(work / "train.jsonl"), "format": "text", "max_length": SEQ, "shuffle": False},
+        "train": {"tuner_strategy": "full", "lr": LR, "scheduler": "cosine", "warmup_steps": 0,
+                  "weight_decay": 0.0, "batch_size": BATCH, "grad_accum": 1, "max_steps": steps, "seed": SEED,
+                  "precision": "bf16", "max_grad_norm": CLIP},
+        "output": {"dir": str(work / "swiftk_run"), "save_final": False},
+        "log": {"progress": "none"},
+    }
+    (work / "wallclock.py").write_text(WALLCLOCK_PLUGIN, encoding="utf-8")
+    lines = [f"plugins = {toml_value([str(work / 'wallclock.py')])}"]
+    for table, keys in tables.items():
+        lines += ["", f"[{table}]", *(f"{k} = {toml_value(v)}" for k, v in keys.items())]
+    path = work / "bench.toml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def run_swiftk(work: Path, steps: int) -> dict[str, Any]:
+    from swiftk.kernel.run import Options, execute
+
+    config = swiftk_config(work, steps)
+    with contextlib.redirect_stdout(sys.stderr):
+        code = execute(Options(config=str(config), overrides=[], overwrite=True))
+    assert code == 0, f"swiftk run exited with {code}"
+    lines = (work / "swiftk_run" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    records = [r for r in map(json.loads, lines) if "step" in r and "event" not in r]
+    assert len(records) == steps, f"swiftk logged {len(records)} steps, expected {steps}"
+    return {
+        "step_s": [r["tokens"] / r["tokens_per_s"] for r in records],
+        "ends": [r["bench_step_end_s"] for r in records],
+        "losses": [r["loss"] for r in records],
+    }
+
+
+def run_raw(ids: torch.Tensor, vocab_size: int, steps: int) -> dict[str, Any]:
+    model = build_model(vocab_size)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps))
+    mask = torch.ones(BATCH, SEQ, dtype=torch.long)
+    step_s, ends, losses = [], [], []
+    for step in range(steps):
+        started = time.perf_counter()
+        batch = ids[step * BATCH : (step + 1) * BATCH]  # [B, T]
+        targets = F.pad(batch[:, 1:], (0, 1), value=IGNORE_INDEX)  # [B, T]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(input_ids=batch, attention_mask=mask, use_cache=False).logits  # [B, T, V]
+        total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                ignore_index=IGNORE_INDEX, reduction="sum")
+        loss = total / (targets != IGNORE_INDEX).sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, CLIP)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        ends.append(time.perf_counter())
+        step_s.append(ends[-1] - started)
+    return {"step_s": step_s, "ends": ends, "losses": losses}
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self) -> None:
+        self.began = 0.0
+        self.step_s: list[float] = []
+        self.ends: list[float] = []
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.began = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        now = time.perf_counter()
+        self.step_s.append(now - self.began)
+        self.ends.append(now)
+
+
+def run_hf_trainer(ids: torch.Tensor, vocab_size: int, steps: int, work: Path) -> dict[str, Any]:
+    model = build_model(vocab_size)
+    rows = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r} for r in ids[: steps * BATCH]]
+    args = TrainingArguments(
+        output_dir=str(work / "hf_run"), use_cpu=True, bf16=True, dataloader_num_workers=0,
+        per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=LR, lr_scheduler_type="cosine",
+        warmup_steps=0, weight_decay=0.0, max_grad_norm=CLIP, logging_steps=10**6, save_strategy="no",
+        report_to=[], seed=SEED, train_sampling_strategy="sequential",  # the batches swiftk and raw see
+    )
+    timer = StepTimer()
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=default_data_collator,
+                      callbacks=[timer])
+    with contextlib.redirect_stdout(sys.stderr):
+        output = trainer.train()
+    assert len(timer.step_s) == steps, f"HF Trainer timed {len(timer.step_s)} steps, expected {steps}"
+    return {"step_s": timer.step_s, "ends": timer.ends, "mean_loss": output.training_loss,
+            "optim": str(args.optim)}
+
+
+# ------------------------------------------------------------------------------------------------ figures
+
+
+def summarize(result: dict[str, Any], warmup: int) -> dict[str, float]:
+    """Tokens/s of the median step after warm-up, by the framework's own window and by wall clock."""
+    tokens = BATCH * SEQ
+    walls = [b - a for a, b in zip(result["ends"], result["ends"][1:])]  # walls[i] ends at step i + 1
+    losses = result.get("losses")
+    return {
+        "tok_s": tokens / statistics.median(result["step_s"][warmup:]),
+        "wall_tok_s": tokens / statistics.median(walls[warmup - 1 :]),
+        "mean_loss": statistics.fmean(losses) if losses else result["mean_loss"],
+        "first_loss": losses[0] if losses else float("nan"),
+    }
+
+
+def one_round(work: Path, ids: torch.Tensor, vocab_size: int, steps: int, warmup: int) -> dict[str, dict]:
+    runs = {
+        "swiftk": lambda: run_swiftk(work, steps),
+        "raw": lambda: run_raw(ids, vocab_size, steps),
+        "hf_trainer": lambda: run_hf_trainer(ids, vocab_size, steps, work),
+    }
+    figures = {}
+    for name, run in runs.items():
+        started = time.perf_counter()
+        result = run()
+        figures[name] = summarize(result, warmup) | ({"optim": result["optim"]} if "optim" in result else {})
+        gc.collect()
+        log(f"  {name:<10} {figures[name]['tok_s']:7.0f} tok/s  (wall {figures[name]['wall_tok_s']:7.0f})  "
+            f"mean loss {figures[name]['mean_loss']:.4f}  [{time.perf_counter() - started:.0f} s]")
+    return figures
+
+
+def report(rounds: list[dict[str, dict]], steps: int, warmup: int) -> dict[str, Any]:
+    def median(name: str, key: str) -> float:
+        return statistics.median(r[name][key] for r in rounds)
+
+    out: dict[str, Any] = {}
+    for name in ("swiftk", "raw", "hf_trainer"):
+        out[f"{name}_tok_s"] = round(median(name, "tok_s"), 1)
+    for name in ("swiftk", "raw", "hf_trainer"):
+        out[f"{name}_wall_tok_s"] = round(median(name, "wall_tok_s"), 1)
+    out["ratio_vs_raw"] = round(out["swiftk_tok_s"] / out["raw_tok_s"], 4)
+    out["ratio_vs_hf_trainer"] = round(out["swiftk_tok_s"] / out["hf_trainer_tok_s"], 4)
+    out["wall_ratio_vs_raw"] = round(out["swiftk_wall_tok_s"] / out["raw_wall_tok_s"], 4)
+    out["wall_ratio_vs_hf_trainer"] = round(out["swiftk_wall_tok_s"] / out["hf_trainer_wall_tok_s"], 4)
+    out["per_round_tok_s"] = {n: [round(r[n]["tok_s"]) for r in rounds] for n in ("swiftk", "raw", "hf_trainer")}
+    out["mean_loss"] = {n: round(median(n, "mean_loss"), 4) for n in ("swiftk", "raw", "hf_trainer")}
+    out["first_loss"] = {n: round(median(n, "first_loss"), 4) for n in ("swiftk", "raw")}
+    out |= {
+        "rounds": len(rounds), "steps": steps, "warmup_steps": warmup, "tokens_per_step": BATCH * SEQ,
+        "hf_trainer_optim": rounds[0]["hf_trainer"]["optim"], "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "python": platform.python_version(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
+    }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved (swiftk, raw, HF Trainer) rounds")
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
+    parser.add_argument("--warmup", type=int, default=10, help="leading steps of each run left out")
+    args = parser.parse_args()
+    if not 1 <= args.warmup < args.steps - 1:
+        parser.error("--warmup must be at least 1 and leave two or more measured steps")
+
+    load_start = os.getloadavg()[0]
+    if load_start > 0.5:
+        log(f"warning: load average {load_start:.2f} before the start; other processes will skew the figures")
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    texts = make_texts(args.steps * BATCH)
+    ids = tokenize(texts, tokenizer)  # [steps * B, T]
+    with tempfile.TemporaryDirectory(prefix="swiftk-bench-") as tmp:
+        work = Path(tmp)
+        with (work / "train.jsonl").open("w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+        rounds = []
+        for index in range(args.rounds):
+            log(f"round {index + 1}/{args.rounds} ({args.steps} steps of {BATCH} x {SEQ} tokens each)")
+            rounds.append(one_round(work, ids, len(tokenizer), args.steps, args.warmup))
+    figures = report(rounds, args.steps, args.warmup)
+    figures["loadavg_1min"] = {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)}
+    print(json.dumps(figures), flush=True)
+
+
+if __name__ == "__main__":
+    main()
