@@ -15,6 +15,7 @@ from swiftk.contracts.registry import (
     register_loss,
     register_metric,
     register_optimizer,
+    register_reward,
     register_scheduler,
     registered,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "register_loss",
     "register_metric",
     "register_optimizer",
+    "register_reward",
     "register_scheduler",
     "registered",
 ]

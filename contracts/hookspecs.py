@@ -33,11 +33,56 @@ def swiftk_run_start(config: Mapping[str, Any], state: StepState) -> None:
 
 @hookspec
 def swiftk_run_end(state: StepState, status: str) -> None:
-    """The run is over. ``status`` is "completed", "interrupted" or "failed". Called once per process,
-    after the final checkpoint. In-process. Must not raise: an error here is logged, not propagated."""
+    """The run is over. ``status`` is "completed", "interrupted" or "failed".
+
+    Called once per process, after the final checkpoint, also when the run failed. In-process.
+    """
 
 
-# --------------------------------------------------------------------------------------------- loss
+# --------------------------------------------------------------------------------------------- model
+
+
+@hookspec
+def swiftk_model_loaded(model: torch.nn.Module, tokenizer: Any, config: Mapping[str, Any]) -> torch.nn.Module | None:
+    """The base model is loaded, before the tuner (LoRA...) is applied: patch it in place, or return a
+    replacement module (e.g. a wrapper).
+
+    Called once per process. In-process. Return None to leave the model as it is; if several plugins return
+    a replacement, the run stops (the order would be ambiguous).
+    """
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+@hookspec(firstresult=True)
+def swiftk_data_row(row: Mapping[str, Any], split: str) -> dict[str, Any] | None:
+    """One raw dataset row, before it is rendered and tokenized; return a replacement row.
+
+    Called by the kernel for every row of the train ("train") and eval ("eval") files, once, at start-up.
+    Remote-capable. First non-None result wins; return None to keep the row as it is.
+    """
+
+
+@hookspec(firstresult=True)
+def swiftk_data_collate(samples: list[dict[str, list[int]]], pad_id: int) -> Batch | None:
+    """Build one micro-batch from tokenized samples (each has "input_ids" and "labels", and "position_ids"
+    when packed), replacing the kernel's right-padding collator.
+
+    Called for every micro-batch, training and eval. Remote-capable. First non-None result wins. The kernel
+    fills ``Batch.num_items_in_batch`` afterwards.
+    """
+
+
+# --------------------------------------------------------------------------------------------- step
+
+
+@hookspec
+def swiftk_batch_start(batch: Batch, step: int, state: StepState) -> None:
+    """A micro-batch is about to go through forward; a plugin may add tensors to ``batch.extras``.
+
+    Called once per training micro-batch, after ``num_items_in_batch`` is set. In-process.
+    """
 
 
 @hookspec(firstresult=True)
@@ -52,6 +97,25 @@ def swiftk_loss_compute(batch: Batch, outputs: ModelOutputs, step: int, state: S
     """
 
 
+@hookspec
+def swiftk_step_end(state: StepState, metrics: Mapping[str, float]) -> dict[str, float] | None:
+    """An optimizer step finished; ``metrics`` holds what the kernel logged for it (loss, lr, grad_norm...).
+
+    Called once per optimizer step on every rank; for metrics and callbacks. Remote-capable.
+    :returns: extra float metrics merged into this step's ``metrics.jsonl`` record, or None.
+        A callback may return ``{"stop_training": 1.0}`` to end the run after this step (early stopping).
+    """
+
+
+@hookspec
+def swiftk_metrics_logged(state: StepState, record: Mapping[str, Any]) -> None:
+    """The step's final record, as written to ``metrics.jsonl`` (kernel metrics, eval metrics when this step
+    evaluated, and every ``swiftk_step_end`` result merged): for loggers such as TensorBoard or W&B.
+
+    Called once per optimizer step on every rank, after ``swiftk_step_end``. Remote-capable.
+    """
+
+
 # --------------------------------------------------------------------------------------------- optimisation
 
 
@@ -63,8 +127,8 @@ def swiftk_optimizer_build(
 
     Called once per process before the first step (and before a resume loads the optimizer state). In-process.
     ``param_groups`` already split weight-decayed from non-decayed tensors (each group carries its own
-    ``weight_decay``); ``lr`` is the peak learning rate from ``[train] lr``.
-    First non-None result wins.
+    ``weight_decay``) and name their tensors in ``"names"``; ``lr`` is the peak learning rate from
+    ``[train] lr``. First non-None result wins.
     """
 
 
@@ -78,16 +142,41 @@ def swiftk_scheduler_build(
     """
 
 
-# --------------------------------------------------------------------------------------------- step
+# --------------------------------------------------------------------------------------------- eval
 
 
 @hookspec
-def swiftk_step_end(state: StepState, metrics: Mapping[str, float]) -> dict[str, float] | None:
-    """An optimizer step finished; ``metrics`` holds what the kernel logged for it (loss, lr, grad_norm...).
+def swiftk_eval_start(state: StepState) -> None:
+    """An evaluation pass begins: metric plugins reset their accumulators.
 
-    Called once per optimizer step on every rank; for metrics and callbacks. Remote-capable.
-    :returns: extra float metrics merged into this step's ``metrics.jsonl`` record, or None.
-        A callback may return ``{"stop_training": 1.0}`` to end the run after this step (early stopping).
+    Called by the kernel at every ``[eval] every`` steps and at the end, before the first eval batch.
+    Remote-capable.
+    """
+
+
+@hookspec
+def swiftk_eval_batch(batch: Batch, outputs: ModelOutputs, state: StepState) -> None:
+    """One eval micro-batch went through forward (no grad): accumulate what the metric needs.
+
+    Called once per eval micro-batch. Remote-capable.
+    """
+
+
+@hookspec
+def swiftk_eval_predictions(
+    prompts: list[str], predictions: list[str], references: list[str], state: StepState
+) -> None:
+    """Greedy generations for the eval prompts, with the reference answers: accumulate text metrics.
+
+    Called once per eval pass when ``[eval] generate = true``, after the batches. Remote-capable.
+    """
+
+
+@hookspec
+def swiftk_eval_end(state: StepState) -> dict[str, float] | None:
+    """The eval pass is over: return this plugin's metrics (keys conventionally start with ``eval_``).
+
+    Called once per eval pass. Remote-capable. All results are merged into the pass's ``eval`` record.
     """
 
 
@@ -99,9 +188,9 @@ def swiftk_checkpoint_save(state: StepState, path: str) -> None:
     """A checkpoint is being written; ``path`` is a folder inside it (not yet renamed into place) where
     plugins may write files of their own.
 
-    Called on every rank at each save, before the checkpoint is committed. In-process. Plugins whose state
-    fits a ``state_dict()``/``load_state_dict()`` pair need not implement this: the kernel stores those by
-    plugin name and restores them on resume.
+    Called by the main process at each save, before the checkpoint is committed. In-process. Plugins whose
+    state fits a ``state_dict()``/``load_state_dict()`` pair need not implement this: the kernel stores those
+    by plugin name and restores them on resume.
     """
 
 
@@ -110,6 +199,22 @@ def swiftk_checkpoint_load(state: StepState, path: str) -> None:
     """A run resumes from a checkpoint; ``path`` is the folder ``swiftk_checkpoint_save`` was given.
 
     Called once per process after the model, optimizer, scheduler and data position are restored. In-process.
+    """
+
+
+# --------------------------------------------------------------------------------------------- rewards
+
+
+@hookspec
+def swiftk_reward_compute(
+    prompts: list[str], completions: list[str], references: list[str | None], state: StepState
+) -> dict[str, list[float]] | None:
+    """Score generated completions for the RL stages (GRPO, PPO): one float per completion.
+
+    Called by the RL stages once per rollout batch, on every rank. Remote-capable: the main use of sandboxed
+    hosts, since code-execution rewards run untrusted model output.
+    :returns: ``{reward_name: [r_0, ..., r_{n-1}]}`` aligned with ``completions``; the stage weights and sums
+        the named rewards. None: this plugin does not score this batch.
     """
 
 

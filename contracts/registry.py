@@ -21,10 +21,10 @@ from typing import Any, TypeVar
 
 import torch
 
-from swiftk.contracts.markers import PROJECT_NAME, hookimpl
+from swiftk.contracts.markers import CONTRACT_VERSION, PROJECT_NAME, hookimpl
 from swiftk.contracts.types import IGNORE_INDEX, Batch, LossResult, ModelOutputs
 
-KINDS = ("loss", "optimizer", "scheduler", "metric", "callback")
+KINDS = ("loss", "optimizer", "scheduler", "metric", "callback", "reward")
 T = TypeVar("T", bound=Callable[..., Any])
 
 
@@ -40,6 +40,16 @@ class PluginSpec:
     name: str
     target: Callable[..., Any]
     source: str  # the file that registered it (or the module, when it has no file)
+
+    @property
+    def contract(self) -> str | None:
+        """The contract version the plugin declares it was written for (``swiftk_contract = "0.1"`` on the
+        class or function, or ``SWIFTK_CONTRACT`` in its module), if any."""
+        declared = getattr(self.target, "swiftk_contract", None)
+        if declared is None:
+            module = inspect.getmodule(self.target)
+            declared = getattr(module, "SWIFTK_CONTRACT", None)
+        return None if declared is None else str(declared)
 
     @property
     def is_hook_class(self) -> bool:
@@ -68,6 +78,25 @@ class PluginSpec:
 _REGISTRY: dict[tuple[str, str], PluginSpec] = {}
 # Leading positional arguments a factory of each kind receives from the kernel, not from the config.
 _FIXED_ARGUMENTS = {"loss": 2, "optimizer": 2, "scheduler": 3}
+
+
+def contract_problem(declared: str | None, current: str = CONTRACT_VERSION) -> str | None:
+    """Why a plugin written for contract ``declared`` cannot run on ``current`` (None: it can).
+
+    Semantic versioning: the major versions must match and the plugin may not need a newer minor; below 1.0
+    every minor version may break, so the minor versions must match.
+    """
+    if declared is None:
+        return None
+    try:
+        want = [int(part) for part in declared.split(".")[:2]] + [0]
+        have = [int(part) for part in current.split(".")[:2]]
+    except ValueError:
+        return f"declares contract version {declared!r}, which is not MAJOR.MINOR[.PATCH]"
+    if want[0] != have[0] or want[1] > have[1] or (have[0] == 0 and want[1] != have[1]):
+        return (f"was written for contract {declared} but this swiftk implements {current}; "
+                f"update the plugin (or install a swiftk with contract {want[0]}.{want[1]})")
+    return None
 
 
 def has_hookimpls(obj: object) -> bool:
@@ -126,6 +155,16 @@ def register_metric(name: str) -> Callable[[T], T]:
 
 def register_callback(name: str) -> Callable[[T], T]:
     return register("callback", name)
+
+
+def register_reward(name: str) -> Callable[[T], T]:
+    return register("reward", name)
+
+
+def forget(source: str) -> None:
+    """Drop every registration made by ``source`` (a file), so that importing it afresh starts clean."""
+    for key in [k for k, spec in _REGISTRY.items() if spec.source == source]:
+        del _REGISTRY[key]
 
 
 def registered(kind: str | None = None) -> list[PluginSpec]:

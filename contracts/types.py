@@ -31,6 +31,18 @@ class Batch:
     position_ids: torch.Tensor | None = None  # [B, T]; restarts at 0 at each packed document
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # stage data the kernel does not interpret
 
+    def to(self, device: torch.device | str) -> Batch:
+        """The same batch with every tensor on ``device`` (``self`` when nothing moves)."""
+        if self.input_ids.device == torch.device(device):
+            return self
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return Batch(self.input_ids.to(device), self.labels.to(device), move(self.attention_mask),
+                     self.num_items_in_batch, move(self.position_ids),
+                     {k: v.to(device) for k, v in self.extras.items()})
+
     @property
     def num_tokens(self) -> int:
         """Real (non-padding) tokens in this micro-batch."""

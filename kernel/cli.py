@@ -22,6 +22,43 @@ RUN_HELP = textwrap.dedent("""\
     exit codes: 0 done, 1 run error (data, model, checkpoint, plugin), 2 config error, 130 interrupted
     (a checkpoint was saved: continue with --resume).""")
 
+PLUGIN_KINDS = ["loss", "optimizer", "metric", "callback", "reward"]  # the examples kernel/templates holds
+PLUGIN_NEW_HELP = textwrap.dedent("""\
+    Scaffold a pip-installable plugin package in DIR/NAME: pyproject.toml (a "swiftk.plugins" entry point,
+    no dependency that could pull torch), NAME.py (a working example of KIND declaring SWIFTK_CONTRACT),
+    tests/test_NAME.py (swiftk's pytest fixtures and swiftk_check) and a README. '-' in NAME becomes '_' in
+    the module name. An existing, non-empty DIR/NAME is refused.
+
+    exit codes: 0 created, 2 bad NAME or the folder exists.""")
+
+PLUGIN_CHECK_HELP = textwrap.dedent("""\
+    Import a plugin file or module and run the contract's conformance checks on every plugin it registers
+    (register_loss/optimizer/scheduler/metric/callback) and on the module itself when it has module-level
+    @hookimpl functions. Tiny synthetic inputs, no model: a loss must return a finite 0-dim tensor that
+    back-propagates to the logits, an optimizer must move the parameters and round-trip its state_dict,
+    metrics and step_end must return float dicts, rewards one float per completion, and so on.
+    Prints one line per plugin, then one line per finding (plugin, hook, problem, fix).
+
+    exit codes: 0 all conform, 1 findings (or nothing registered), 2 the source cannot be imported
+    (a SyntaxError is shown with file:line) or bad arguments.""")
+
+PLUGINS_HELP = textwrap.dedent("""\
+    List or describe the plugins a run can use: the built-ins, every installed package's "swiftk.plugins"
+    entry point, and the files given with --plugin.""")
+
+PLUGINS_LIST_HELP = textwrap.dedent("""\
+    One row per plugin a run can use (the built-ins, every installed package's "swiftk.plugins" entry point,
+    and the files given with --plugin): its name, kind, source (built-in, the installed distribution and
+    version, or the file), the contract version it declares, and its isolation.
+
+    exit codes: 0 listed, 1 a plugin failed to load (reported on stderr, the others are listed).""")
+
+PLUGINS_SHOW_HELP = textwrap.dedent("""\
+    Show a plugin's source, contract version, hooks and docstring, and the arguments its config table may
+    set, with their annotations and defaults.
+
+    exit codes: 0 shown, 1 no such plugin, 2 the name is ambiguous (use --kind).""")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swiftk", description=DESCRIPTION)
@@ -48,7 +85,41 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Write RUN_DIR/curves.png from RUN_DIR/metrics.jsonl.")
     plot.add_argument("run_dir", help="a run directory (holds metrics.jsonl)")
     plot.add_argument("--out", default=None, help="output image (default: RUN_DIR/curves.png)")
+    add_plugin_commands(sub)
     return parser
+
+
+def add_plugin_commands(sub: argparse._SubParsersAction) -> None:
+    raw = argparse.RawDescriptionHelpFormatter
+    plugin = sub.add_parser("plugin", help="write and check a plugin (new, check)",
+                            description="Tools for plugin authors: scaffold a plugin package, check a plugin.")
+    verbs = plugin.add_subparsers(dest="plugin_command", metavar="ACTION", required=True)
+    new = verbs.add_parser("new", help="scaffold a pip-installable plugin package", description=PLUGIN_NEW_HELP,
+                           formatter_class=raw)
+    new.add_argument("name", metavar="NAME", help="package name, e.g. my-focal (module and plugin: my_focal)")
+    new.add_argument("--kind", required=True, choices=PLUGIN_KINDS, help="what the example plugin is")
+    new.add_argument("--dir", default=None, metavar="DIR", help="parent folder of the package (default: .)")
+    check = verbs.add_parser("check", help="run the conformance checks on a plugin file or module",
+                             description=PLUGIN_CHECK_HELP, formatter_class=raw)
+    check.add_argument("source", metavar="PATH_OR_MODULE", help="a plugin .py file or an importable module")
+    check.add_argument("--name", default=None, help="check only the plugin registered under NAME")
+    check.add_argument("--config", default=None, metavar="JSON",
+                       help="arguments the plugins are built with, as a JSON object, e.g. '{\"gamma\": 0.5}' "
+                            "(default: their defaults)")
+
+    plugins = sub.add_parser("plugins", help="list or describe the available plugins (list, show)",
+                             description=PLUGINS_HELP, formatter_class=raw)
+    verbs = plugins.add_subparsers(dest="plugins_command", metavar="ACTION", required=True)
+    listing = verbs.add_parser("list", help="a table: name, kind, source, contract, isolation",
+                               description=PLUGINS_LIST_HELP, formatter_class=raw)
+    show = verbs.add_parser("show", help="a plugin's docstring, hooks and config arguments",
+                            description=PLUGINS_SHOW_HELP, formatter_class=raw)
+    show.add_argument("name", metavar="NAME", help="the plugin's name, as a config uses it (e.g. cross_entropy)")
+    show.add_argument("--kind", default=None, help="loss, optimizer, scheduler, metric, callback... when NAME "
+                      "is used by several kinds")
+    for command in (listing, show):
+        command.add_argument("--plugin", dest="extra", action="append", default=[], metavar="PATH",
+                             help="also import this plugin file or module; repeatable")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(plot(args.run_dir, args.out))
             return 0
+        if args.command in ("plugin", "plugins"):
+            return plugin_command(args)
     except SwiftkError as exc:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -86,6 +159,18 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         raise
     return 0
+
+
+def plugin_command(args: argparse.Namespace) -> int:
+    from swiftk.kernel import plugin_cli
+
+    if args.command == "plugin" and args.plugin_command == "new":
+        return plugin_cli.new(args.name, args.kind, args.dir)
+    if args.command == "plugin":
+        return plugin_cli.check(args.source, args.name, args.config)
+    if args.plugins_command == "list":
+        return plugin_cli.list_plugins(args.extra)
+    return plugin_cli.show(args.name, args.kind, args.extra)
 
 
 def quiet_libraries() -> None:

@@ -7,12 +7,13 @@ and a "did you mean" for misspelt keys, before anything is loaded or written.
 from __future__ import annotations
 
 import difflib
+import re
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from swiftk.kernel.errors import ConfigError
 
@@ -66,6 +67,8 @@ class TrainConfig(Section):
     lora_target_modules: list[str] | Literal["all-linear"] = "all-linear"
     loss_type: str = "cross_entropy"
     loss_config: dict[str, Any] = Field(default_factory=dict)
+    callbacks: list[str] = Field(default_factory=list, description="callback plugins, by name")
+    callbacks_config: dict[str, dict[str, Any]] = Field(default_factory=dict, description="{name = {arg = value}}")
     optimizer: str = "adamw"
     optimizer_config: dict[str, Any] = Field(default_factory=dict)
     lr: float = Field(1e-4, gt=0, validation_alias=AliasChoices("lr", "learning_rate"))
@@ -110,8 +113,19 @@ class EvalConfig(Section):
     every: int | None = Field(None, ge=1, description="evaluate every N optimizer steps (and at the end)")
     batch_size: int = Field(8, ge=1)
     max_batches: int | None = Field(None, ge=1)
-    exact_match: bool = Field(False, description="also generate greedily and score exact-match accuracy")
+    metrics: list[str] = Field(["perplexity", "token_accuracy"], description="metric plugins, by name")
+    metric_config: dict[str, dict[str, Any]] = Field(default_factory=dict, description="{name = {arg = value}}")
+    generate: bool = Field(False, description="generate greedily for each eval prompt (text metrics)")
+    exact_match: bool = Field(False, description="shortcut: generate, and add the exact_match metric")
     max_new_tokens: int = Field(16, ge=1)
+
+    def metric_names(self) -> list[str]:
+        extra = ["exact_match"] if self.exact_match and "exact_match" not in self.metrics else []
+        return [*self.metrics, *extra]
+
+    @property
+    def generates(self) -> bool:
+        return self.generate or "exact_match" in self.metric_names()
 
 
 class SamplesConfig(Section):
@@ -129,7 +143,7 @@ class OutputConfig(Section):
     timestamp: bool = Field(False, description="create a timestamped subfolder of `dir` per run")
     save_every: int | None = Field(None, ge=1, description="checkpoint every N optimizer steps")
     keep_last: int = Field(2, ge=1, description="checkpoints kept; older ones are deleted")
-    save_final: bool = True
+    save_final: bool = Field(True, description="write a checkpoint and the final/ model when training ends")
     merge: bool = Field(False, description="LoRA: also write a merged HF model folder at the end")
 
 
@@ -140,10 +154,34 @@ class LogConfig(Section):
     progress: Literal["auto", "rich", "plain", "none"] = "auto"
 
 
+class PluginSource(Section):
+    """[[plugins]] one plugin source, in the long form that also says where it runs."""
+
+    path: str | None = Field(None, description="a plugin file")
+    module: str | None = Field(None, description="an importable module")
+    name: str | None = Field(None, description="name in logs and checkpoints (default: the file or module)")
+    isolation: Literal["inline", "process", "sandbox"] = "inline"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PluginSource:
+        if (self.path is None) == (self.module is None):
+            raise ValueError("give exactly one of `path` or `module`")
+        if self.isolation != "inline":
+            raise ValueError(f"isolation = '{self.isolation}' runs plugins in host processes, which this version "
+                             f"does not have yet; use 'inline'")
+        return self
+
+    @property
+    def source(self) -> str:
+        return self.path or self.module or ""
+
+
 class RunConfig(Section):
     """The whole run. One table per component."""
 
-    plugins: list[str] = Field(default_factory=list, description="plugin files or importable modules")
+    plugins: list[str | PluginSource] = Field(
+        default_factory=list, description="plugin files or importable modules, or [[plugins]] tables"
+    )
     model: ModelConfig
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -191,7 +229,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 def parse_text(text: str, path: Path) -> dict[str, Any]:
     try:
         if path.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text) or {}
+            data = yaml.load(text, Loader=YamlLoader) or {}
         else:
             data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -201,6 +239,17 @@ def parse_text(text: str, path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(["the file must hold a table of sections ([model], [data], ...)"], str(path))
     return data
+
+
+class YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string; configs mean a float, as in YAML 1.2 and TOML."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def parse_override(item: str) -> tuple[tuple[str, ...], Any]:

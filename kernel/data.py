@@ -10,7 +10,7 @@ Formats (``[data] format``, detected from the first row when "auto"):
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,10 @@ class Sample:
     input_ids: list[int]
     labels: list[int]
     position_ids: list[int] | None = None  # set on packed rows: restarts at 0 per document
+
+    def as_dict(self) -> dict[str, list[int]]:
+        row = {"input_ids": self.input_ids, "labels": self.labels}
+        return row if self.position_ids is None else {**row, "position_ids": self.position_ids}
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -199,10 +203,18 @@ def pack(samples: list[Sample], max_length: int) -> list[Sample]:
     return packed
 
 
-def build_dataset(path: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> list[Sample]:
+def build_dataset(
+    path: str,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: DataConfig,
+    transform: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
+) -> list[Sample]:
+    """Read, transform (``swiftk_data_row`` plugins), tokenize, truncate and optionally pack a data file."""
     rows = read_rows(path)
     if not rows:
         raise DataError(f"{path} holds no rows; a dataset needs at least one example.")
+    if transform is not None:
+        rows = [(where, new if (new := transform(row)) is not None else row) for where, row in rows]
     tokenize = Tokenize(tokenizer, cfg, detect_format(rows, cfg.format))
     full = [tokenize(where, row) for where, row in rows]
     kept = [s for s in (truncate(s, cfg.max_length, cfg.truncation) for s in full) if s is not None]
@@ -227,12 +239,12 @@ class Loader:
     """
 
     def __init__(
-        self, samples: list[Sample], batch_size: int, pad_id: int, seed: int, shuffle: bool = True,
-        rank: int = 0, world_size: int = 1,
+        self, samples: list[Sample], batch_size: int, collate: Callable[[list[Sample]], Batch], seed: int,
+        shuffle: bool = True, rank: int = 0, world_size: int = 1,
     ) -> None:
         self.samples = samples
         self.batch_size = batch_size
-        self.pad_id = pad_id
+        self.collate = collate
         self.seed = seed
         self.shuffle = shuffle
         self.rank = rank
@@ -260,7 +272,7 @@ class Loader:
             while self.next_index < self.batches_per_epoch:
                 start = self.next_index * self.batch_size
                 self.next_index += 1
-                yield collate([self.samples[i] for i in order[start : start + self.batch_size]], self.pad_id)
+                yield self.collate([self.samples[i] for i in order[start : start + self.batch_size]])
             self.epoch += 1
             self.next_index = 0
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -12,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from swiftk.contracts import IGNORE_INDEX
-from swiftk.kernel.data import Sample, collate
+from swiftk.contracts import IGNORE_INDEX, Batch, ModelOutputs, StepState
+from swiftk.kernel.config import EvalConfig
+from swiftk.kernel.data import Sample
 from swiftk.kernel.generate import complete
 
 
@@ -44,52 +44,61 @@ def _as_list(completion: Any) -> list[dict[str, Any]]:
 
 
 @torch.no_grad()
-def evaluate_loss(
+def evaluate(
     model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
     samples: list[Sample],
-    batch_size: int,
-    pad_id: int,
+    refs: list[Reference],
+    cfg: EvalConfig,
+    collate: Callable[[list[Sample]], Batch],
     autocast: Callable[[], AbstractContextManager[Any]],
-    max_batches: int | None = None,
+    hook: Any,
+    state: StepState,
 ) -> dict[str, float]:
-    """Token-weighted mean cross-entropy over the eval set, and its perplexity."""
+    """One eval pass: token-weighted mean cross-entropy (the kernel's own ``eval_loss``), then every metric
+    plugin's results (``swiftk_eval_batch`` per batch, ``swiftk_eval_predictions`` on greedy generations)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    hook.swiftk_eval_start(state=state)
     total, count = 0.0, 0
-    starts = list(range(0, len(samples), batch_size))[:max_batches]
+    starts = list(range(0, len(samples), cfg.batch_size))[: cfg.max_batches]
     for start in starts:
-        batch = collate(samples[start : start + batch_size], pad_id)
+        batch = collate(samples[start : start + cfg.batch_size]).to(device)
+        batch.num_items_in_batch = batch.num_label_tokens
         with autocast():
-            logits = model(
-                input_ids=batch.input_ids.to(device),
-                attention_mask=None if batch.attention_mask is None else batch.attention_mask.to(device),
-                position_ids=None if batch.position_ids is None else batch.position_ids.to(device),
-            ).logits
-        targets = F.pad(batch.labels[:, 1:], (0, 1), value=IGNORE_INDEX).to(device)
+            # use_cache=False: with a cache, transformers ignores the document boundaries of packed rows.
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           position_ids=batch.position_ids, use_cache=False).logits  # [B, T, V]
+        targets = F.pad(batch.labels[:, 1:], (0, 1), value=IGNORE_INDEX)
         total += float(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                        ignore_index=IGNORE_INDEX, reduction="sum"))
         count += int((targets != IGNORE_INDEX).sum())
+        hook.swiftk_eval_batch(batch=batch, outputs=ModelOutputs(logits), state=state)
+    if cfg.generates and refs:
+        predictions = generate_answers(model, tokenizer, refs, cfg, autocast)
+        hook.swiftk_eval_predictions(prompts=[r.prompt for r in refs], predictions=predictions,
+                                     references=[r.expected for r in refs], state=state)
     model.train(was_training)
-    loss = total / max(count, 1)
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": float(count)}
+    metrics = {"eval_loss": total / max(count, 1), "eval_tokens": float(count)}
+    for extra in hook.swiftk_eval_end(state=state):
+        metrics.update(extra)
+    return metrics
 
 
-def exact_match(
+def generate_answers(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     refs: list[Reference],
-    max_new_tokens: int,
-    batch_size: int,
+    cfg: EvalConfig,
     autocast: Callable[[], AbstractContextManager[Any]],
-) -> dict[str, float]:
-    """Share of references whose greedy completion equals the expected text (whitespace-stripped)."""
-    hits = 0
+) -> list[str]:
+    """Greedy answers in the order of ``refs`` (raw and chat-templated prompts are batched apart)."""
+    answers: dict[int, str] = {}
     for templated in (False, True):
-        group = [r for r in refs if r.templated == templated]
-        if not group:
-            continue
-        answers = complete(model, tokenizer, [r.prompt for r in group], max_new_tokens, templated,
-                           batch_size, autocast)
-        hits += sum(a == r.expected for a, r in zip(answers, group, strict=True))
-    return {"eval_exact_match": hits / max(len(refs), 1)}
+        index = [i for i, r in enumerate(refs) if r.templated == templated]
+        if index:
+            out = complete(model, tokenizer, [refs[i].prompt for i in index], cfg.max_new_tokens, templated,
+                           cfg.batch_size, autocast)
+            answers.update(zip(index, out, strict=True))
+    return [answers[i] for i in range(len(refs))]

@@ -27,7 +27,8 @@ from swiftk.kernel.config import RunConfig
 from swiftk.kernel.data import Loader, Sample
 from swiftk.kernel.dist import DistInfo, sum_across_ranks
 from swiftk.kernel.errors import SwiftkError
-from swiftk.kernel.evaluate import Reference, evaluate_loss, exact_match
+from swiftk.kernel.evaluate import Reference
+from swiftk.kernel.evaluate import evaluate as run_eval
 from swiftk.kernel.plugins import Plugins
 from swiftk.kernel.progress import Reporter
 from swiftk.kernel.tuners import trainable_weights
@@ -54,6 +55,7 @@ class Run:
     reporter: Reporter
     total_steps: int
     autocast: Callable[[], AbstractContextManager[Any]]
+    collate: Callable[[list[Sample]], Batch]
     eval_samples: list[Sample] = field(default_factory=list)
     eval_refs: list[Reference] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)  # recorded in every checkpoint
@@ -88,8 +90,9 @@ def train(run: Run) -> str:
             step_loss = torch.zeros((), device=run.device)
             plugin_metrics: dict[str, float] = {}
             for batch in micro:
-                batch = to_device(batch, run.device)
+                batch = batch.to(run.device)
                 batch.num_items_in_batch = num_items
+                hook.swiftk_batch_start(batch=batch, step=run.step, state=run.state())
                 with run.autocast():
                     logits = model(
                         input_ids=batch.input_ids,
@@ -110,7 +113,7 @@ def train(run: Run) -> str:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm))
             else:
                 grads = [p.grad.norm() for p in params if p.grad is not None]
-                grad_norm = float(torch.linalg.vector_norm(torch.stack(grads)))
+                grad_norm = float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -133,18 +136,18 @@ def train(run: Run) -> str:
                 "tokens_per_s": tokens / step_time, "tokens": tokens, "epoch": run.loader.epoch,
                 "elapsed_s": round(run.elapsed_s, 3), **plugin_metrics,
             }
+            last = run.step == run.total_steps
+            if run.eval_samples and cfg.eval.every and (run.step % cfg.eval.every == 0 or last):
+                record.update(evaluate(run))  # callbacks (early stopping) see this step's eval metrics
             for extra in hook.swiftk_step_end(state=run.state(), metrics=dict(record)):
                 record.update(extra)
+            hook.swiftk_metrics_logged(state=run.state(), record=dict(record))
             run.reporter.step(record)
+            if cfg.output.save_every and run.step % cfg.output.save_every == 0:
+                save_checkpoint(run)
             if record.get("stop_training"):
                 run.reporter.event("stop_requested", step=run.step, by="swiftk_step_end")
                 break
-
-            last = run.step == run.total_steps
-            if run.eval_samples and cfg.eval.every and (run.step % cfg.eval.every == 0 or last):
-                evaluate(run)
-            if cfg.output.save_every and run.step % cfg.output.save_every == 0:
-                save_checkpoint(run)
     finally:
         stop.restore()
     status = "interrupted" if stop.requested else "completed"
@@ -155,15 +158,6 @@ def train(run: Run) -> str:
 
 def next_window(batches: Iterator[Batch], grad_accum: int) -> list[Batch]:
     return [next(batches) for _ in range(grad_accum)]
-
-
-def to_device(batch: Batch, device: torch.device) -> Batch:
-    if device.type == "cpu":
-        return batch
-    move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-    return Batch(move(batch.input_ids), move(batch.labels), move(batch.attention_mask),
-                 batch.num_items_in_batch, move(batch.position_ids),
-                 {k: v.to(device) for k, v in batch.extras.items()})
 
 
 def checked_loss(result: LossResult | None, run: Run) -> torch.Tensor:
@@ -182,15 +176,12 @@ def checked_loss(result: LossResult | None, run: Run) -> torch.Tensor:
     return loss
 
 
-def evaluate(run: Run) -> None:
-    cfg = run.cfg.eval
-    pad_id = run.tokenizer.pad_token_id
-    metrics = evaluate_loss(run.model, run.eval_samples, cfg.batch_size, pad_id, run.autocast, cfg.max_batches)
-    if cfg.exact_match and run.eval_refs:
-        metrics |= exact_match(run.model, run.tokenizer, run.eval_refs, cfg.max_new_tokens, cfg.batch_size,
-                               run.autocast)
+def evaluate(run: Run) -> dict[str, float]:
+    metrics = run_eval(run.model, run.tokenizer, run.eval_samples, run.eval_refs, run.cfg.eval, run.collate,
+                       run.autocast, run.plugins.manager.hook, run.state())
     run.reporter.event("eval", step=run.step, **metrics)
     run.reporter.say(f"eval @ step {run.step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    return metrics
 
 
 def save_checkpoint(run: Run) -> Path | None:

@@ -11,17 +11,20 @@ import importlib
 import importlib.util
 import inspect
 import sys
-import traceback
+import typing
 from dataclasses import dataclass, field
+from inspect import Parameter
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pluggy
+from pydantic import TypeAdapter, ValidationError
 
-from swiftk.contracts import PROJECT_NAME, PluginRegistryError, hookspecs, lookup
-from swiftk.contracts.registry import has_hookimpls
-from swiftk.kernel.config import TrainConfig
+from swiftk.contracts import PROJECT_NAME, PluginRegistryError, PluginSpec, hookspecs, lookup
+from swiftk.contracts.conformance import describe, validated_hookimpls
+from swiftk.contracts.registry import contract_problem, forget, has_hookimpls
+from swiftk.kernel.config import PluginSource, RunConfig
 
 
 @dataclass
@@ -32,6 +35,7 @@ class Selected:
     name: str
     config: dict[str, Any]
     key: str  # the config key that chose it, for error messages
+    config_key: str  # the config key its arguments come from
 
 
 @dataclass
@@ -52,11 +56,13 @@ def new_manager() -> pluggy.PluginManager:
 def import_source(source: str) -> ModuleType:
     """Import a plugin file (under a unique module name) or an importable module."""
     path = Path(source)
-    if source.endswith(".py") or path.exists():
+    if source.endswith(".py") or path.is_file():
         if not path.is_file():
             raise FileNotFoundError(f"plugin file {source} does not exist")
-        digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
+        path = path.resolve()  # registrations then name the absolute file
+        digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
         name = f"swiftk_user_plugin_{path.stem}_{digest}"
+        _FILE_SOURCES.add(str(path))
         spec = importlib.util.spec_from_file_location(name, path)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
@@ -77,29 +83,92 @@ def load_sources(sources: list[str]) -> tuple[list[ModuleType], list[str]]:
         try:
             modules.append(import_source(source))
         except Exception as exc:
-            problems.append(f"plugins: {source!r} failed to load: {describe_exception(exc)}")
+            problems.append(f"plugins: {source!r} failed to load: {describe(exc)}")
     return modules, problems
 
 
-def describe_exception(exc: BaseException) -> str:
-    """``SyntaxError at file.py:3: ...`` or the innermost frame of a traceback, on one line."""
-    if isinstance(exc, SyntaxError):
-        return f"SyntaxError at {exc.filename}:{exc.lineno}: {exc.msg}"
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
-    return f"{type(exc).__name__}{where}: {exc}"
+ENTRY_POINT_GROUP = "swiftk.plugins"
 
 
-def selection(train: TrainConfig) -> list[Selected]:
-    return [
-        Selected("loss", train.loss_type, train.loss_config, "[train] loss_type"),
-        Selected("optimizer", train.optimizer, train.optimizer_config, "[train] optimizer"),
-        Selected("scheduler", train.scheduler, train.scheduler_config, "[train] scheduler"),
+def load_entry_points() -> tuple[list[ModuleType], list[str]]:
+    """Import every installed package's ``swiftk.plugins`` entry point (a module or an object in one).
+
+    A pip-installed plugin package is found this way with no config line; importing it runs its
+    ``register_*`` decorators, and a module with ``@hookimpl`` functions is registered as a plugin.
+    """
+    from importlib.metadata import entry_points
+
+    modules, problems = [], []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            loaded = ep.load()
+        except Exception as exc:
+            problems.append(f"entry point '{ep.name}' ({ep.value}, package {dist_name(ep)}) failed to load: "
+                            f"{describe(exc)}")
+            continue
+        modules.append(loaded if isinstance(loaded, ModuleType) else sys.modules[ep.module])
+    return modules, problems
+
+
+def dist_name(ep: Any) -> str:
+    dist = getattr(ep, "dist", None)
+    return f"{dist.name} {dist.version}" if dist is not None else "?"
+
+
+@dataclass
+class Loaded:
+    """A plugin source from the config (or an entry point), imported."""
+
+    name: str
+    module: ModuleType
+
+
+_FILE_SOURCES: set[str] = set()  # plugin files imported by earlier runs in this process
+
+
+def load_configured(items: list[str | PluginSource]) -> tuple[list[Loaded], list[str]]:
+    """Import the config's ``plugins`` and every ``swiftk.plugins`` entry point; one problem per failure.
+
+    What plugin files registered in an earlier run of this process (a test suite, a notebook) is forgotten
+    first: a run sees the built-ins, the entry points and its own config's files, nothing else.
+    """
+    for source in _FILE_SOURCES:
+        forget(source)
+    _FILE_SOURCES.clear()
+    loaded, problems = [], []
+    for item in items:
+        source = item if isinstance(item, str) else item.source
+        try:
+            module = import_source(source)
+        except Exception as exc:
+            problems.append(f"plugins: {source!r} failed to load: {describe(exc)}")
+            continue
+        name = item.name if isinstance(item, PluginSource) and item.name else Path(source).stem
+        loaded.append(Loaded(name, module))
+    modules, ep_problems = load_entry_points()
+    loaded += [Loaded(m.__name__, m) for m in modules]
+    return loaded, problems + ep_problems
+
+
+def selection(cfg: RunConfig) -> list[Selected]:
+    train, evaluation = cfg.train, cfg.eval
+    chosen = [
+        Selected("loss", train.loss_type, train.loss_config, "[train] loss_type", "[train] loss_config"),
+        Selected("optimizer", train.optimizer, train.optimizer_config, "[train] optimizer",
+                 "[train] optimizer_config"),
+        Selected("scheduler", train.scheduler, train.scheduler_config, "[train] scheduler",
+                 "[train] scheduler_config"),
     ]
+    if cfg.data.eval_file:
+        chosen += [Selected("metric", name, evaluation.metric_config.get(name, {}), "[eval] metrics",
+                            f"[eval] metric_config.{name}") for name in evaluation.metric_names()]
+    chosen += [Selected("callback", name, train.callbacks_config.get(name, {}), "[train] callbacks",
+                        f"[train] callbacks_config.{name}") for name in train.callbacks]
+    return chosen
 
 
 def check_selection(selected: list[Selected]) -> list[str]:
-    """Names exist and their config tables bind to the plugin's signature."""
+    """Names exist, config tables bind to the plugin's signature with the right types, contracts match."""
     problems = []
     for item in selected:
         try:
@@ -107,20 +176,54 @@ def check_selection(selected: list[Selected]) -> list[str]:
         except PluginRegistryError as exc:
             problems.append(f"{item.key} = '{item.name}': {exc}")
             continue
-        signature = spec.config_signature()
-        try:
-            signature.bind(**item.config)
-        except TypeError as exc:
-            accepted = ", ".join(f"{p.name}={p.default!r}" if p.default is not p.empty else p.name
-                                 for p in signature.parameters.values()) or "no arguments"
-            problems.append(
-                f"{item.key.replace('_type', '')}_config for {item.kind} '{item.name}' ({spec.source}): {exc}; "
-                f"it accepts: {accepted}"
-            )
+        where = f"{item.kind} '{item.name}' ({spec.source})"
+        problems += [f"{item.config_key}: {where}: {p}" for p in config_problems(spec, item.config)]
+        problem = contract_problem(spec.contract)
+        if problem:
+            problems.append(f"{item.key}: {where} {problem}")
+        if spec.is_hook_class:
+            problems += [f"{item.key}: {where}: {p}" for p in hookimpl_problems(spec.target)]
     return problems
 
 
-def build(selected: list[Selected], modules: list[ModuleType]) -> Plugins:
+def config_problems(spec: PluginSpec, config: dict[str, Any]) -> list[str]:
+    """Unknown, missing or mistyped arguments of ``config`` for the plugin's constructor or factory."""
+    signature = spec.config_signature()
+    try:
+        bound = signature.bind(**config)
+    except TypeError as exc:
+        accepted = ", ".join(f"{p.name}={p.default!r}" if p.default is not p.empty else p.name
+                             for p in signature.parameters.values()) or "no arguments"
+        return [f"{exc}; it accepts: {accepted}"]
+    try:
+        target = spec.target.__init__ if isinstance(spec.target, type) else spec.target
+        hints = typing.get_type_hints(target)
+    except Exception:  # unresolvable annotations: names and arity were still checked
+        return []
+    problems = []
+    for name, value in bound.arguments.items():
+        if name in hints and signature.parameters[name].kind not in (Parameter.VAR_KEYWORD, Parameter.VAR_POSITIONAL):
+            try:
+                TypeAdapter(hints[name]).validate_python(value)
+            except ValidationError as exc:
+                expected = getattr(hints[name], "__name__", str(hints[name]))
+                problems.append(f"{name} = {value!r} is not a valid {expected} "
+                                f"({exc.errors()[0]['msg']})")
+    return problems
+
+
+def hookimpl_problems(target: object) -> list[str]:
+    """``swiftk_*`` attributes that are not hooks, miss the @hookimpl marker, or take arguments the hook
+    does not pass (the plugin author's conformance checks, run on the class or module itself)."""
+    label = getattr(target, "__name__", type(target).__name__)
+    # A class is checked through a bare instance (no __init__ run), so its methods are bound and `self` is
+    # not mistaken for a hook argument.
+    subject = target.__new__(target) if isinstance(target, type) else target
+    _, findings = validated_hookimpls(label, subject)
+    return [f"{f.hook} {f.message}; fix: {f.fix}" for f in findings]
+
+
+def build(selected: list[Selected], loaded: list[Loaded]) -> Plugins:
     """Instantiate the selected plugins and register them, plus every plugin module with ``@hookimpl``s."""
     plugins = Plugins(new_manager())
     for item in selected:
@@ -130,12 +233,12 @@ def build(selected: list[Selected], modules: list[ModuleType]) -> Plugins:
         plugins.manager.register(plugin, name=name)
         plugins.by_name[name] = plugin
         plugins.code_hashes[name] = source_hash(spec.target)
-    for module in modules:
-        if has_hookimpls(module):
-            name = f"module:{module.__name__}"
-            plugins.manager.register(module, name=name)
-            plugins.by_name[name] = module
-            plugins.code_hashes[name] = source_hash(module)
+    for entry in loaded:
+        if has_hookimpls(entry.module):
+            name = f"module:{entry.name}"
+            plugins.manager.register(entry.module, name=name)
+            plugins.by_name[name] = entry.module
+            plugins.code_hashes[name] = source_hash(entry.module)
     return plugins
 
 

@@ -64,6 +64,13 @@ class Reporter:
             self.task = self.bar.add_task("train", total=total_steps, completed=start_step, loss="-", tok_s="-", lr="-")
             self.bar.start()
 
+    def resume_at(self, step: int) -> None:
+        """A resumed run starts at ``step``: the bar and the ETA count from there."""
+        self.start_step = step
+        self.started = time.perf_counter()
+        if self.bar is not None and self.task is not None:
+            self.bar.update(self.task, completed=step)
+
     def step(self, record: dict[str, Any]) -> None:
         if self.metrics:
             self.metrics.write(record)

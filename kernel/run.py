@@ -21,16 +21,17 @@ import numpy as np
 import torch
 
 import swiftk
+from swiftk.contracts import PluginError
 from swiftk.kernel import checkpoint
 from swiftk.kernel.config import Locator, RunConfig, load_config
-from swiftk.kernel.data import Loader, build_dataset, detect_format, read_rows
+from swiftk.kernel.data import Loader, Sample, build_dataset, collate, detect_format, read_rows
 from swiftk.kernel.dist import DistInfo, from_env
 from swiftk.kernel.errors import CheckpointError, ConfigError, ModelLoadError, RunDirError
 from swiftk.kernel.evaluate import references
 from swiftk.kernel.generate import chat_prompt, complete
 from swiftk.kernel.loop import Run, train
 from swiftk.kernel.model import check_source, load_model, load_tokenizer, pick_device, resolve_source
-from swiftk.kernel.plugins import build, check_selection, load_sources, selection
+from swiftk.kernel.plugins import Plugins, build, check_selection, hookimpl_problems, load_configured, selection
 from swiftk.kernel.progress import Reporter
 from swiftk.kernel.tuners import apply_tuner, base_fingerprint, load_trainable, save_final, save_merged
 
@@ -52,13 +53,14 @@ def prepare(options: Options) -> tuple[RunConfig, list[Any]]:
     cfg = load_config(options.config, options.overrides)
     import swiftk.plugins  # noqa: F401  (registers the built-ins)
 
-    modules, problems = load_sources(cfg.plugins)
-    problems += check_selection(selection(cfg.train))
+    loaded, problems = load_configured(cfg.plugins)
+    problems += [f"plugins: {entry.name}: {p}" for entry in loaded for p in hookimpl_problems(entry.module)]
+    problems += check_selection(selection(cfg))
     problems += check_files(cfg)
     if problems:
         locator = Locator(Path(options.config).read_text(encoding="utf-8"), Path(options.config))
         raise ConfigError([locate(p, locator) for p in problems], options.config)
-    return cfg, modules
+    return cfg, loaded
 
 
 def check_files(cfg: RunConfig) -> list[str]:
@@ -92,9 +94,11 @@ def locate(problem: str, locator: Locator) -> str:
 def resolved_toml(cfg: RunConfig) -> str:
     import tomli_w
 
-    def drop_none(value: Any) -> Any:
+    def drop_none(value: Any) -> Any:  # TOML has no null
         if isinstance(value, dict):
             return {k: drop_none(v) for k, v in value.items() if v is not None}
+        if isinstance(value, list):
+            return [drop_none(v) for v in value]
         return value
 
     return tomli_w.dumps(drop_none(cfg.model_dump(mode="json")))
@@ -141,12 +145,43 @@ def make_autocast(precision: str, device: torch.device) -> Any:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices; never biases, norms or other 1-d tensors."""
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for _, p in params if p.dim() >= 2]
-    rest = [p for _, p in params if p.dim() < 2]
-    return [g for g in ({"params": decay, "weight_decay": weight_decay},
-                        {"params": rest, "weight_decay": 0.0}) if g["params"]]
+    """Decay matrices; never biases, norms or other 1-d tensors. Each group names its tensors."""
+    groups: list[dict[str, Any]] = [{"params": [], "names": [], "weight_decay": weight_decay},
+                                    {"params": [], "names": [], "weight_decay": 0.0}]
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            group = groups[0] if param.dim() >= 2 else groups[1]
+            group["params"].append(param)
+            group["names"].append(name)
+    return [g for g in groups if g["params"]]
+
+
+def data_transform(plugins: Plugins, split: str) -> Any:
+    """``swiftk_data_row`` as a row -> row function, or None when no plugin implements it."""
+    hook = plugins.manager.hook.swiftk_data_row
+    return (lambda row: hook(row=row, split=split)) if hook.get_hookimpls() else None
+
+
+def make_collate(plugins: Plugins, pad_id: int) -> Any:
+    """The kernel's right-padding collator, unless a ``swiftk_data_collate`` plugin builds the batches."""
+    hook = plugins.manager.hook.swiftk_data_collate
+
+    def plugin_collate(samples: list[Sample]) -> Any:
+        batch = hook(samples=[s.as_dict() for s in samples], pad_id=pad_id)
+        return batch if batch is not None else collate(samples, pad_id)
+
+    return plugin_collate if hook.get_hookimpls() else (lambda samples: collate(samples, pad_id))
+
+
+def patched_model(plugins: Plugins, model: Any, tokenizer: Any, cfg: RunConfig) -> Any:
+    """Give ``swiftk_model_loaded`` plugins the base model; at most one may replace it."""
+    hook = plugins.manager.hook.swiftk_model_loaded
+    results = hook(model=model, tokenizer=tokenizer, config=cfg.model_dump())
+    replacements = [r for r in results if r is not None]
+    if len(replacements) > 1:
+        raise PluginError("swiftk_model_loaded", "swiftk_model_loaded",
+                          f"was answered with {len(replacements)} replacement models; only one plugin may replace it")
+    return replacements[0] if replacements else model
 
 
 def sample_prompts(cfg: RunConfig) -> list[str]:
@@ -165,7 +200,7 @@ def answer_samples(run: Run, prompts: list[str]) -> list[str]:
 
 def execute(options: Options) -> int:
     """``swiftk run``: returns the process exit code (0 done, 130 interrupted)."""
-    cfg, modules = prepare(options)
+    cfg, loaded = prepare(options)
     if options.print_config:
         print(resolved_toml(cfg), end="")
         return 0
@@ -176,31 +211,35 @@ def execute(options: Options) -> int:
     say = print if dist.is_main else (lambda *a, **k: None)
 
     say(f"swiftk {swiftk.__version__} | run dir {run_dir} | device {device} | precision {cfg.train.precision}")
+    plugins = build(selection(cfg), loaded)
+    hook = plugins.manager.hook
     tokenizer = load_tokenizer(cfg.model)
-    train_samples = build_dataset(cfg.data.train_file, tokenizer, cfg.data)
+    train_samples = build_dataset(cfg.data.train_file, tokenizer, cfg.data, data_transform(plugins, "train"))
     eval_samples, eval_refs = [], []
     if cfg.data.eval_file:
-        eval_samples = build_dataset(cfg.data.eval_file, tokenizer, cfg.data)
-        if cfg.eval.exact_match:
+        eval_transform = data_transform(plugins, "eval")
+        eval_samples = build_dataset(cfg.data.eval_file, tokenizer, cfg.data, eval_transform)
+        if cfg.eval.generates:
             rows = read_rows(cfg.data.eval_file)
+            if eval_transform is not None:
+                rows = [(where, new if (new := eval_transform(row)) is not None else row) for where, row in rows]
             eval_refs = references(rows, detect_format(rows, cfg.data.format), tokenizer)
     say(f"data: {len(train_samples)} training samples from {cfg.data.train_file}"
         + (f", {len(eval_samples)} eval samples" if eval_samples else ""))
 
     started = time.perf_counter()
     model = load_model(cfg.model, len(tokenizer), device)
-    model = apply_tuner(model, cfg.train)
+    model = apply_tuner(patched_model(plugins, model, tokenizer, cfg), cfg.train)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     say(f"model: {type(model).__name__} {total / 1e6:.1f} M params, {trainable / 1e6:.3f} M trainable "
         f"({cfg.train.tuner_strategy}), loaded in {time.perf_counter() - started:.1f} s")
 
-    plugins = build(selection(cfg.train), modules)
-    hook = plugins.manager.hook
     optimizer = hook.swiftk_optimizer_build(
         param_groups=param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, model=model)
-    loader = Loader(train_samples, cfg.train.batch_size, tokenizer.pad_token_id, cfg.train.seed,
-                    cfg.data.shuffle, dist.rank, dist.world_size)
+    collate_fn = make_collate(plugins, tokenizer.pad_token_id)
+    loader = Loader(train_samples, cfg.train.batch_size, collate_fn, cfg.train.seed, cfg.data.shuffle,
+                    dist.rank, dist.world_size)
     steps_per_epoch = math.ceil(loader.batches_per_epoch / cfg.train.grad_accum)
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
     warmup = cfg.train.warmup_steps
@@ -210,7 +249,7 @@ def execute(options: Options) -> int:
 
     reporter = Reporter(run_dir if dist.is_main else None, total_steps, cfg.log.progress, cfg.log.every)
     run = Run(cfg, run_dir, model, tokenizer, plugins, optimizer, scheduler, loader, device, dist, reporter,
-              total_steps, make_autocast(cfg.train.precision, device), eval_samples, eval_refs)
+              total_steps, make_autocast(cfg.train.precision, device), collate_fn, eval_samples, eval_refs)
     run.meta = {"swiftk_version": swiftk.__version__, "world_size": dist.world_size,
                 "tuner_strategy": cfg.train.tuner_strategy, "base_fingerprint": base_fingerprint(model),
                 "config_sha256": hashlib.sha256(resolved_toml(cfg).encode()).hexdigest()[:16]}
@@ -266,6 +305,7 @@ def restore(run: Run, path: Path) -> None:
             print(f"note: plugin '{name}' code changed since the checkpoint ({old} -> {new})")
             run.reporter.event("plugin_code_changed", step=run.step, plugin=name, old_hash=old, new_hash=new)
     run.plugins.manager.hook.swiftk_checkpoint_load(state=run.state(), path=str(path / "plugins"))
+    run.reporter.resume_at(run.step)
     run.reporter.event("resumed", step=run.step, path=str(path))
     run.reporter.say(f"resumed from {path} at step {run.step}")
 
@@ -275,8 +315,10 @@ def finish(run: Run, options: Options, prompts: list[str], before: list[str], sa
     cfg = run.cfg
     if not run.dist.is_main:
         return
-    final = save_final(run.model, run.tokenizer, run.run_dir / "final")
-    outputs = [f"{final} ({'PEFT adapter' if cfg.train.tuner_strategy == 'lora' else 'HF model'})"]
+    outputs = []
+    if cfg.output.save_final:
+        final = save_final(run.model, run.tokenizer, run.run_dir / "final")
+        outputs.append(f"{final} ({'PEFT adapter' if cfg.train.tuner_strategy == 'lora' else 'HF model'})")
     if prompts:
         after = answer_samples(run, prompts)
         show_samples(prompts, before, after, say)

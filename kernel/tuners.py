@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from swiftk.kernel.config import TrainConfig
 
@@ -62,12 +64,19 @@ def base_fingerprint(model: torch.nn.Module) -> str:
 def save_final(model: torch.nn.Module, tokenizer: object, out_dir: Path) -> Path:
     """The trained result in the format its ecosystem loads: a PEFT adapter folder, or an HF model folder."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)  # type: ignore[attr-defined]
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            # peft looks for the base model's config.json beside a GGUF file and warns that there is none.
+            warnings.filterwarnings("ignore", message="Could not find a config file")
+            model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)  # type: ignore[attr-defined]
+    finally:
+        hf_logging.enable_progress_bar()
     return out_dir
 
 
 def save_merged(model: torch.nn.Module, tokenizer: object, out_dir: Path) -> Path:
-    """Fold the LoRA weights into the base and write a plain HF model folder (float32... as trained)."""
+    """Fold the LoRA weights into the base and write a plain HF model folder (in the base weights' dtype)."""
     merged = model.merge_and_unload() if isinstance(model, PeftModel) else model
     return save_final(merged, tokenizer, out_dir)

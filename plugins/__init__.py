@@ -1,9 +1,9 @@
 """Built-in plugins, written exactly as an outside author writes one: they import only swiftk.contracts.
 
 Importing this package registers every built-in under its name (``loss_type = "cross_entropy"``,
-``optimizer = "adamw"``, ``scheduler = "cosine"``...).
+``optimizer = "adamw"``, ``scheduler = "cosine"``, ``metrics = ["perplexity"]``, ``callbacks = ["early_stopping"]``...).
 """
 
-from swiftk.plugins import losses, optimizers, schedulers
+from swiftk.plugins import callbacks, losses, metrics, optimizers, schedulers
 
-__all__ = ["losses", "optimizers", "schedulers"]
+__all__ = ["callbacks", "losses", "metrics", "optimizers", "schedulers"]

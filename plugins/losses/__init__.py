@@ -1,5 +1,5 @@
 """Built-in losses; each file registers one family."""
 
-from swiftk.plugins.losses import cross_entropy
+from swiftk.plugins.losses import cross_entropy, focal, label_smoothing, z_loss
 
-__all__ = ["cross_entropy"]
+__all__ = ["cross_entropy", "focal", "label_smoothing", "z_loss"]

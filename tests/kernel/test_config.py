@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from swiftk.kernel.cli import main
 from swiftk.kernel.config import load_config, parse_override
@@ -127,7 +127,8 @@ def test_quantization_is_refused_with_a_clear_message(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("override, fragments", [
     ("train.lr=-1", ["[train] lr: Input should be greater than 0", "(--set)"]),
-    ("train.loss_type=focal", ["[train] loss_type = 'focal'", "no loss named 'focal'", "cross_entropy"]),
+    ("train.loss_type=cross_entropi",
+     ["[train] loss_type = 'cross_entropi'", "no loss named 'cross_entropi'", "did you mean 'cross_entropy'"]),
     ("train.loss_config={ nope = 1 }", ["loss_config", "'nope'", "it accepts: label_smoothing=0.0"]),
     ("data.train_file=data/missing.jsonl", ["[data] train_file: data/missing.jsonl does not exist"]),
 ])

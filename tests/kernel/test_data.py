@@ -18,6 +18,10 @@ from swiftk.kernel.data import Loader, Sample, Tokenize, build_dataset, collate,
 from swiftk.kernel.errors import DataError
 from swiftk.kernel.tiny import build_char_tokenizer
 
+
+def pad0(samples: list[Sample]) -> Batch:  # the kernel collator, padding with id 0
+    return collate(samples, 0)
+
 ROWS = [{"prompt": "12+34=", "completion": "46"}, {"prompt": "7+8=", "completion": "15"}]
 CHAT = [
     {"role": "user", "content": "question1"},
@@ -205,7 +209,7 @@ def ids(batch: Batch) -> list[int]:
 
 def test_loader_order_depends_only_on_the_seed() -> None:
     def take(seed: int) -> list[list[int]]:
-        return [ids(b) for b in islice(Loader(numbered(10), 3, 0, seed), 8)]
+        return [ids(b) for b in islice(Loader(numbered(10), 3, pad0, seed), 8)]
 
     assert take(1) == take(1)
     assert take(1) != take(2)
@@ -213,26 +217,26 @@ def test_loader_order_depends_only_on_the_seed() -> None:
 
 
 def test_loader_resumes_exactly_from_its_state() -> None:
-    first = Loader(numbered(10), 3, 0, seed=5)
+    first = Loader(numbered(10), 3, pad0, seed=5)
     batches = iter(first)
     for _ in range(5):  # into the second epoch (4 micro-batches each)
         next(batches)
     state = first.state_dict()
     expected = [ids(next(batches)) for _ in range(4)]
-    resumed = Loader(numbered(10), 3, 0, seed=5)
+    resumed = Loader(numbered(10), 3, pad0, seed=5)
     resumed.load_state_dict(state)
     assert [ids(b) for b in islice(resumed, 4)] == expected
 
 
 @pytest.mark.parametrize("seed, size", [(6, 10), (5, 11)])
 def test_loader_refuses_a_state_from_other_data_or_seed(seed: int, size: int) -> None:
-    state = Loader(numbered(10), 3, 0, seed=5).state_dict()
+    state = Loader(numbered(10), 3, pad0, seed=5).state_dict()
     with pytest.raises(DataError, match="exact resume needs the same data and seed"):
-        Loader(numbered(size), 3, 0, seed=seed).load_state_dict(state)
+        Loader(numbered(size), 3, pad0, seed=seed).load_state_dict(state)
 
 
 def test_loader_rolls_over_into_a_reshuffled_epoch() -> None:
-    loader = Loader(numbered(7), 3, 0, seed=0)
+    loader = Loader(numbered(7), 3, pad0, seed=0)
     batches = [ids(b) for b in islice(loader, 6)]
     assert [len(b) for b in batches] == [3, 3, 1, 3, 3, 1]
     first, second = sum(batches[:3], []), sum(batches[3:], [])

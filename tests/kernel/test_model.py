@@ -90,8 +90,8 @@ def test_quickstart_lora_on_smollm2_end_to_end(tmp_path: Path, repo: Path, capsy
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.bfloat16)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of Egypt?"}],
                                            add_generation_prompt=True, return_dict=True, return_tensors="pt")
-    text = tokenizer.decode(model.generate(**prompt, max_new_tokens=12, do_sample=False)[0, prompt["input_ids"].shape[1]:],
-                            skip_special_tokens=True).strip()
+    generated = model.generate(**prompt, max_new_tokens=12, do_sample=False)[0, prompt["input_ids"].shape[1]:]
+    text = tokenizer.decode(generated, skip_special_tokens=True).strip()
     import json
 
     samples = json.loads((tmp_path / "run" / "samples.json").read_text())

@@ -40,7 +40,8 @@ def test_tiny_run_trains_logs_evaluates_and_checkpoints(tiny_config: Path, tmp_p
     saved = [e["step"] for e in events if e["event"] == "checkpoint_saved"]
     assert saved == [4, 8, 12] and [e["step"] for e in events if e["event"] == "eval"] == [6, 12]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000008", "step-000012"]  # keep_last 2
-    before, after = load_file(run / "checkpoints/step-000008/model.safetensors"), load_file(run / "final/model.safetensors")
+    before = load_file(run / "checkpoints/step-000008/model.safetensors")
+    after = load_file(run / "final/model.safetensors")
     changed = [k for k in after if not torch.equal(before[k], after[k])]
     assert len(changed) == len(after), "every parameter should change between steps 8 and 12"
     assert (run / "config.toml").is_file()
