@@ -3,7 +3,7 @@
     .venv/bin/python bench/kernel_overhead.py [--rounds 3] [--steps 40] [--warmup 10]
 
   swiftk      ``swiftk.kernel.run.execute`` on a TOML written to a temp dir; step times from its metrics.jsonl
-  raw         a plain PyTorch loop: AdamW, the same cosine schedule, clip 1.0, bf16 autocast, fp32 weights
+  raw         a plain PyTorch loop: fused AdamW, the same cosine schedule, clip 1.0, bf16 autocast, fp32 weights
   hf_trainer  ``transformers.Trainer``; a callback times on_step_begin -> on_step_end
 
 All three train a random-init Llama (hidden 256, 4 layers, the repo's char tokenizer) from the same seed on the
@@ -172,7 +172,7 @@ def run_raw(ids: torch.Tensor, vocab_size: int, steps: int) -> dict[str, Any]:
     model = build_model(vocab_size)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=True)  # as swiftk and HF Trainer
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps))
     mask = torch.ones(BATCH, SEQ, dtype=torch.long)
     step_s, ends, losses = [], [], []

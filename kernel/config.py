@@ -72,7 +72,7 @@ class TrainConfig(Section):
     optimizer: str = "adamw"
     optimizer_config: dict[str, Any] = Field(default_factory=dict)
     lr: float = Field(1e-4, gt=0, validation_alias=AliasChoices("lr", "learning_rate"))
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="decoupled decay of matrices (optimizer_config may set it)")
     scheduler: str = Field("cosine", validation_alias=AliasChoices("scheduler", "lr_scheduler_type"))
     scheduler_config: dict[str, Any] = Field(default_factory=dict)
     warmup_steps: int | None = Field(None, ge=0)

@@ -52,15 +52,16 @@ def evaluate(
     cfg: EvalConfig,
     collate: Callable[[list[Sample]], Batch],
     autocast: Callable[[], AbstractContextManager[Any]],
-    hook: Any,
+    call: Callable[..., Any],
     state: StepState,
 ) -> dict[str, float]:
     """One eval pass: token-weighted mean cross-entropy (the kernel's own ``eval_loss``), then every metric
-    plugin's results (``swiftk_eval_batch`` per batch, ``swiftk_eval_predictions`` on greedy generations)."""
+    plugin's results (``swiftk_eval_batch`` per batch, ``swiftk_eval_predictions`` on greedy generations).
+    ``call`` is ``Plugins.call``: hooks by name, keywords only."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    hook.swiftk_eval_start(state=state)
+    call("swiftk_eval_start", state=state)
     total, count = 0.0, 0
     starts = list(range(0, len(samples), cfg.batch_size))[: cfg.max_batches]
     for start in starts:
@@ -74,14 +75,14 @@ def evaluate(
         total += float(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                        ignore_index=IGNORE_INDEX, reduction="sum"))
         count += int((targets != IGNORE_INDEX).sum())
-        hook.swiftk_eval_batch(batch=batch, outputs=ModelOutputs(logits), state=state)
+        call("swiftk_eval_batch", batch=batch, outputs=ModelOutputs(logits), state=state)
     if cfg.generates and refs:
         predictions = generate_answers(model, tokenizer, refs, cfg, autocast)
-        hook.swiftk_eval_predictions(prompts=[r.prompt for r in refs], predictions=predictions,
+        call("swiftk_eval_predictions", prompts=[r.prompt for r in refs], predictions=predictions,
                                      references=[r.expected for r in refs], state=state)
     model.train(was_training)
     metrics = {"eval_loss": total / max(count, 1), "eval_tokens": float(count)}
-    for extra in hook.swiftk_eval_end(state=state):
+    for extra in call("swiftk_eval_end", state=state):
         metrics.update(extra)
     return metrics
 

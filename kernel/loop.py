@@ -75,12 +75,12 @@ def train(run: Run) -> str:
     """Train until ``run.total_steps``; returns "completed" or "interrupted" (SIGINT/SIGTERM)."""
     cfg = run.cfg
     model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
-    hook = run.plugins.manager.hook
+    call = run.plugins.call
     params = [p for p in model.parameters() if p.requires_grad]
     batches = iter(run.loader)
     stop = StopSignal()
     model.train()
-    hook.swiftk_run_start(config=cfg.model_dump(), state=run.state())
+    call("swiftk_run_start", config=cfg.model_dump(), state=run.state())
     try:
         while run.step < run.total_steps and not stop.requested:
             started = time.perf_counter()
@@ -92,7 +92,7 @@ def train(run: Run) -> str:
             for batch in micro:
                 batch = batch.to(run.device)
                 batch.num_items_in_batch = num_items
-                hook.swiftk_batch_start(batch=batch, step=run.step, state=run.state())
+                call("swiftk_batch_start", batch=batch, step=run.step, state=run.state())
                 with run.autocast():
                     logits = model(
                         input_ids=batch.input_ids,
@@ -100,9 +100,8 @@ def train(run: Run) -> str:
                         position_ids=batch.position_ids,
                         use_cache=False,
                     ).logits  # [B, T, V]
-                result = hook.swiftk_loss_compute(
-                    batch=batch, outputs=ModelOutputs(logits), step=run.step, state=run.state()
-                )
+                result = call("swiftk_loss_compute", batch=batch, outputs=ModelOutputs(logits), step=run.step,
+                              state=run.state())
                 loss = checked_loss(result, run)
                 loss.backward()
                 step_loss += loss.detach()
@@ -114,6 +113,13 @@ def train(run: Run) -> str:
             else:
                 grads = [p.grad.norm() for p in params if p.grad is not None]
                 grad_norm = float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+            loss_value = sum_across_ranks(float(step_loss)) / run.dist.world_size
+            if not math.isfinite(loss_value):  # before the update: the weights in memory stay finite too
+                raise TrainingError(
+                    f"the loss became {loss_value} at step {run.step + 1} (loss_type '{cfg.train.loss_type}'). "
+                    f"Lower [train] lr, keep max_grad_norm set, or check the data; the last good checkpoint "
+                    f"is {checkpoint.latest_checkpoint(run.run_dir) or 'none (save_every is not set)'}."
+                )
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -124,13 +130,6 @@ def train(run: Run) -> str:
             tokens = int(sum_across_ranks(sum(b.num_tokens for b in micro)))
             run.tokens_seen += tokens
             run.elapsed_s += step_time
-            loss_value = sum_across_ranks(float(step_loss)) / run.dist.world_size
-            if not math.isfinite(loss_value):
-                raise TrainingError(
-                    f"the loss became {loss_value} at step {run.step} (loss_type '{cfg.train.loss_type}'). "
-                    f"Lower [train] lr, keep max_grad_norm set, or check the data; the last good checkpoint "
-                    f"is {checkpoint.latest_checkpoint(run.run_dir) or 'none (save_every is not set)'}."
-                )
             record: dict[str, Any] = {
                 "step": run.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                 "tokens_per_s": tokens / step_time, "tokens": tokens, "epoch": run.loader.epoch,
@@ -139,9 +138,9 @@ def train(run: Run) -> str:
             last = run.step == run.total_steps
             if run.eval_samples and cfg.eval.every and (run.step % cfg.eval.every == 0 or last):
                 record.update(evaluate(run))  # callbacks (early stopping) see this step's eval metrics
-            for extra in hook.swiftk_step_end(state=run.state(), metrics=dict(record)):
+            for extra in call("swiftk_step_end", state=run.state(), metrics=dict(record)):
                 record.update(extra)
-            hook.swiftk_metrics_logged(state=run.state(), record=dict(record))
+            call("swiftk_metrics_logged", state=run.state(), record=dict(record))
             run.reporter.step(record)
             if cfg.output.save_every and run.step % cfg.output.save_every == 0:
                 save_checkpoint(run)
@@ -178,7 +177,7 @@ def checked_loss(result: LossResult | None, run: Run) -> torch.Tensor:
 
 def evaluate(run: Run) -> dict[str, float]:
     metrics = run_eval(run.model, run.tokenizer, run.eval_samples, run.eval_refs, run.cfg.eval, run.collate,
-                       run.autocast, run.plugins.manager.hook, run.state())
+                       run.autocast, run.plugins.call, run.state())
     run.reporter.event("eval", step=run.step, **metrics)
     run.reporter.say(f"eval @ step {run.step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     return metrics
@@ -207,10 +206,9 @@ def save_checkpoint(run: Run) -> Path | None:
         "counters": {"step": run.step, "tokens_seen": run.tokens_seen, "elapsed_s": run.elapsed_s},
     }
     meta = {**run.meta, "plugin_code": run.plugins.code_hashes, "total_steps": run.total_steps}
-    hook = run.plugins.manager.hook
     path = checkpoint.save(
         run.run_dir, run.step, trainable_weights(run.model), trainer_state, meta, run.cfg.output.keep_last,
-        write_extra=lambda folder: hook.swiftk_checkpoint_save(state=run.state(), path=str(folder)),
+        write_extra=lambda folder: run.plugins.call("swiftk_checkpoint_save", state=run.state(), path=str(folder)),
     )
     run.reporter.event("checkpoint_saved", step=run.step, path=str(path))
     return path

@@ -21,10 +21,10 @@ from typing import Any
 import pluggy
 from pydantic import TypeAdapter, ValidationError
 
-from swiftk.contracts import PROJECT_NAME, PluginRegistryError, PluginSpec, hookspecs, lookup
+from swiftk.contracts import PROJECT_NAME, PluginError, PluginRegistryError, PluginSpec, hookspecs, lookup
 from swiftk.contracts.conformance import describe, validated_hookimpls
 from swiftk.contracts.registry import contract_problem, forget, has_hookimpls
-from swiftk.kernel.config import PluginSource, RunConfig
+from swiftk.kernel.config import PluginSource, RunConfig, TrainConfig
 
 
 @dataclass
@@ -45,6 +45,27 @@ class Plugins:
     manager: pluggy.PluginManager
     by_name: dict[str, object] = field(default_factory=dict)
     code_hashes: dict[str, str] = field(default_factory=dict)
+
+    def call(self, hook: str, **kwargs: Any) -> Any:
+        """Call a hook (keywords only); an exception from a plugin becomes a ``PluginError`` naming it."""
+        caller = getattr(self.manager.hook, hook)
+        try:
+            return caller(**kwargs)
+        except PluginError:
+            raise
+        except Exception as exc:
+            raise PluginError(culprit(caller, exc), hook, f"raised {describe(exc)}") from exc
+
+
+def culprit(caller: Any, exc: BaseException) -> str:
+    """The registered name of the implementation whose frame is in ``exc``'s traceback."""
+    codes = {impl.function.__code__: impl.plugin_name for impl in caller.get_hookimpls()}
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code in codes:
+            return codes[tb.tb_frame.f_code]
+        tb = tb.tb_next
+    return "?"
 
 
 def new_manager() -> pluggy.PluginManager:
@@ -154,7 +175,7 @@ def selection(cfg: RunConfig) -> list[Selected]:
     train, evaluation = cfg.train, cfg.eval
     chosen = [
         Selected("loss", train.loss_type, train.loss_config, "[train] loss_type", "[train] loss_config"),
-        Selected("optimizer", train.optimizer, train.optimizer_config, "[train] optimizer",
+        Selected("optimizer", train.optimizer, optimizer_arguments(train), "[train] optimizer",
                  "[train] optimizer_config"),
         Selected("scheduler", train.scheduler, train.scheduler_config, "[train] scheduler",
                  "[train] scheduler_config"),
@@ -165,6 +186,16 @@ def selection(cfg: RunConfig) -> list[Selected]:
     chosen += [Selected("callback", name, train.callbacks_config.get(name, {}), "[train] callbacks",
                         f"[train] callbacks_config.{name}") for name in train.callbacks]
     return chosen
+
+
+def optimizer_arguments(train: TrainConfig) -> dict[str, Any]:
+    """``optimizer_config`` without ``weight_decay``: the kernel applies that itself, to the decayed group."""
+    return {k: v for k, v in train.optimizer_config.items() if k != "weight_decay"}
+
+
+def weight_decay(train: TrainConfig) -> float:
+    """``[train] weight_decay``, or ``optimizer_config.weight_decay`` (the ms-swift spelling) when given."""
+    return float(train.optimizer_config.get("weight_decay", train.weight_decay))
 
 
 def check_selection(selected: list[Selected]) -> list[str]:

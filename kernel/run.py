@@ -31,7 +31,15 @@ from swiftk.kernel.evaluate import references
 from swiftk.kernel.generate import chat_prompt, complete
 from swiftk.kernel.loop import Run, train
 from swiftk.kernel.model import check_source, load_model, load_tokenizer, pick_device, resolve_source
-from swiftk.kernel.plugins import Plugins, build, check_selection, hookimpl_problems, load_configured, selection
+from swiftk.kernel.plugins import (
+    Plugins,
+    build,
+    check_selection,
+    hookimpl_problems,
+    load_configured,
+    selection,
+    weight_decay,
+)
 from swiftk.kernel.progress import Reporter
 from swiftk.kernel.tuners import apply_tuner, base_fingerprint, load_trainable, save_final, save_merged
 
@@ -158,25 +166,23 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 def data_transform(plugins: Plugins, split: str) -> Any:
     """``swiftk_data_row`` as a row -> row function, or None when no plugin implements it."""
-    hook = plugins.manager.hook.swiftk_data_row
-    return (lambda row: hook(row=row, split=split)) if hook.get_hookimpls() else None
+    implemented = plugins.manager.hook.swiftk_data_row.get_hookimpls()
+    return (lambda row: plugins.call("swiftk_data_row", row=row, split=split)) if implemented else None
 
 
 def make_collate(plugins: Plugins, pad_id: int) -> Any:
     """The kernel's right-padding collator, unless a ``swiftk_data_collate`` plugin builds the batches."""
-    hook = plugins.manager.hook.swiftk_data_collate
-
     def plugin_collate(samples: list[Sample]) -> Any:
-        batch = hook(samples=[s.as_dict() for s in samples], pad_id=pad_id)
+        batch = plugins.call("swiftk_data_collate", samples=[s.as_dict() for s in samples], pad_id=pad_id)
         return batch if batch is not None else collate(samples, pad_id)
 
-    return plugin_collate if hook.get_hookimpls() else (lambda samples: collate(samples, pad_id))
+    implemented = plugins.manager.hook.swiftk_data_collate.get_hookimpls()
+    return plugin_collate if implemented else (lambda samples: collate(samples, pad_id))
 
 
 def patched_model(plugins: Plugins, model: Any, tokenizer: Any, cfg: RunConfig) -> Any:
     """Give ``swiftk_model_loaded`` plugins the base model; at most one may replace it."""
-    hook = plugins.manager.hook.swiftk_model_loaded
-    results = hook(model=model, tokenizer=tokenizer, config=cfg.model_dump())
+    results = plugins.call("swiftk_model_loaded", model=model, tokenizer=tokenizer, config=cfg.model_dump())
     replacements = [r for r in results if r is not None]
     if len(replacements) > 1:
         raise PluginError("swiftk_model_loaded", "swiftk_model_loaded",
@@ -212,7 +218,6 @@ def execute(options: Options) -> int:
 
     say(f"swiftk {swiftk.__version__} | run dir {run_dir} | device {device} | precision {cfg.train.precision}")
     plugins = build(selection(cfg), loaded)
-    hook = plugins.manager.hook
     tokenizer = load_tokenizer(cfg.model)
     train_samples = build_dataset(cfg.data.train_file, tokenizer, cfg.data, data_transform(plugins, "train"))
     eval_samples, eval_refs = [], []
@@ -235,8 +240,8 @@ def execute(options: Options) -> int:
     say(f"model: {type(model).__name__} {total / 1e6:.1f} M params, {trainable / 1e6:.3f} M trainable "
         f"({cfg.train.tuner_strategy}), loaded in {time.perf_counter() - started:.1f} s")
 
-    optimizer = hook.swiftk_optimizer_build(
-        param_groups=param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, model=model)
+    optimizer = plugins.call("swiftk_optimizer_build",
+        param_groups=param_groups(model, weight_decay(cfg.train)), lr=cfg.train.lr, model=model)
     collate_fn = make_collate(plugins, tokenizer.pad_token_id)
     loader = Loader(train_samples, cfg.train.batch_size, collate_fn, cfg.train.seed, cfg.data.shuffle,
                     dist.rank, dist.world_size)
@@ -245,7 +250,8 @@ def execute(options: Options) -> int:
     warmup = cfg.train.warmup_steps
     if warmup is None:
         warmup = round(cfg.train.warmup_ratio * total_steps)
-    scheduler = hook.swiftk_scheduler_build(optimizer=optimizer, total_steps=total_steps, warmup_steps=warmup)
+    scheduler = plugins.call("swiftk_scheduler_build", optimizer=optimizer, total_steps=total_steps,
+                             warmup_steps=warmup)
 
     reporter = Reporter(run_dir if dist.is_main else None, total_steps, cfg.log.progress, cfg.log.every)
     run = Run(cfg, run_dir, model, tokenizer, plugins, optimizer, scheduler, loader, device, dist, reporter,
@@ -266,7 +272,7 @@ def execute(options: Options) -> int:
             f"(batch_size {cfg.train.batch_size} x grad_accum {cfg.train.grad_accum}), from step {run.step}")
         status = train(run)
     finally:
-        hook.swiftk_run_end(state=run.state(), status=status)
+        plugins.call("swiftk_run_end", state=run.state(), status=status)
         reporter.event("run_end", step=run.step, status=status)
         reporter.close()
     if status == "interrupted":
@@ -304,7 +310,7 @@ def restore(run: Run, path: Path) -> None:
         for name, (old, new) in changed.items():
             print(f"note: plugin '{name}' code changed since the checkpoint ({old} -> {new})")
             run.reporter.event("plugin_code_changed", step=run.step, plugin=name, old_hash=old, new_hash=new)
-    run.plugins.manager.hook.swiftk_checkpoint_load(state=run.state(), path=str(path / "plugins"))
+    run.plugins.call("swiftk_checkpoint_load", state=run.state(), path=str(path / "plugins"))
     run.reporter.resume_at(run.step)
     run.reporter.event("resumed", step=run.step, path=str(path))
     run.reporter.say(f"resumed from {path} at step {run.step}")

@@ -101,3 +101,19 @@ def test_a_pip_installed_plugin_is_found_by_its_entry_point(tmp_path: Path) -> N
     run = subprocess.run([*SWIFTK, "plugin", "check", "epdemo"], env=env, cwd=tmp_path, capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.startswith("ok    metric:epdemo"), run.stdout + run.stderr
+
+
+def test_a_pip_installed_loss_is_used_by_a_run_with_no_plugins_line(tmp_path: Path, repo: Path) -> None:
+    """The package is named only by its registered name: the entry point brings it in."""
+    assert main(["plugin", "new", "eploss", "--kind", "loss", "--dir", str(tmp_path)]) == 0
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+           str(tmp_path / "site"), str(tmp_path / "eploss")]
+    subprocess.run(pip, check=True, capture_output=True, timeout=120)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    overrides = ["--set", "train.loss_type='eploss'", "--set", "train.max_steps=2", "--set", "eval.every=2",
+                 "--set", f"output.dir='{tmp_path / 'run'}'", "--set", "train.batch_size=8"]
+    run = subprocess.run([*SWIFTK, "run", str(repo / "configs/tiny_sft.toml"), *overrides], env=env, cwd=repo,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    meta = (tmp_path / "run/checkpoints/step-000002/meta.json").read_text()
+    assert '"loss:eploss"' in meta  # the run used it, and recorded its code hash

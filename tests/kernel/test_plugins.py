@@ -198,3 +198,36 @@ def test_data_row_batch_start_and_model_loaded_hooks_are_called(tiny_config: Pat
     final = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert final["event"] == "run_end"
     assert steps[-1]["loss"] < 0.3  # "always 7" is learnt quickly; real sums would not be
+
+
+def test_weight_decay_in_optimizer_config_applies_to_the_decayed_group(tiny_config: Path, tmp_path: Path) -> None:
+    """The issue's ms-swift spelling, optimizer_config = { weight_decay = 0.01 }: matrices decay, norms do not."""
+    from swiftk.kernel.config import load_config
+    from swiftk.kernel.plugins import optimizer_arguments, weight_decay
+
+    cfg = load_config(tiny_config, ["train.optimizer_config={ weight_decay = 0.01, eps = 1e-6 }"])
+    assert weight_decay(cfg.train) == 0.01 and optimizer_arguments(cfg.train) == {"eps": 1e-6}
+    assert main(["run", str(tiny_config), "--set", "train.max_steps=1",
+                 "--set", "train.optimizer_config={ weight_decay = 0.01 }"]) == 0
+
+
+CRASHES_AT_STEP_7 = '''
+from swiftk.contracts import hookimpl
+
+@hookimpl
+def swiftk_step_end(state):
+    if state.step == 7:
+        raise ValueError("metric blew up")
+'''
+
+
+def test_a_crashing_plugin_stops_the_run_naming_itself_and_keeps_checkpoints(tiny_config: Path, tmp_path: Path,
+                                                                              capsys) -> None:
+    cfg = with_plugin(tmp_path, tiny_config, CRASHES_AT_STEP_7, name="crashy.py")
+    assert main(["run", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert "PluginError: plugin 'module:crashy' (hook swiftk_step_end) raised ValueError" in err
+    assert f"{tmp_path / 'crashy.py'}:7: metric blew up" in err
+    assert [p.name for p in (tmp_path / "run/checkpoints").iterdir()] == ["step-000004"]
+    assert json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[-1]) == {
+        "event": "run_end", "step": 7, "status": "failed"}
