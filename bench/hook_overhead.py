@@ -103,9 +103,9 @@ def main() -> None:
     costs = hook_costs(args.calls)
     step_ms = tiny_step_ms(args.steps)
     overhead = costs["pluggy_1_plugin_ns"] - costs["direct_ns"]
-    # Per optimizer step with grad_accum micro-batches the kernel makes 2 calls per micro-batch (batch_start,
-    # loss) and one step_end; grad_accum = 1 here.
-    calls_per_step = 3
+    # Per optimizer step the kernel makes 2 calls per micro-batch (batch_start, loss_compute) and 2 per step
+    # (step_end, metrics_logged); grad_accum = 1 here.
+    calls_per_step = 4
     share = calls_per_step * costs["pluggy_1_plugin_ns"] / (step_ms * 1e6) * 100
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", file=sys.stderr)
     print(json.dumps({

@@ -175,8 +175,11 @@ def plugin_command(args: argparse.Namespace) -> int:
 
 def quiet_libraries() -> None:
     """Keep the console for the run: library warnings that need no action from the user are hidden."""
+    import logging
     import warnings
 
+    # bitsandbytes (imported by peft) offers a hub-downloaded CPU kernel; offline there is nothing to act on.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     warnings.filterwarnings("ignore", category=FutureWarning)
     from transformers.utils import logging as hf_logging
