@@ -151,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     except SwiftkError as exc:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C: the run stops now; a half-written checkpoint is never trusted
+        print("aborted", file=sys.stderr)
+        return 130
     except Exception as exc:
         from swiftk.contracts import PluginError
 

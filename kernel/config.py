@@ -84,8 +84,9 @@ class TrainConfig(Section):
     max_steps: int | None = Field(None, ge=1)
     epochs: float = Field(1.0, gt=0, validation_alias=AliasChoices("epochs", "num_train_epochs"))
     seed: int = 42
-    precision: Literal["bf16", "fp16", "fp32"] = Field(
-        "bf16", validation_alias=AliasChoices("precision", "dtype"), description="autocast; master weights fp32"
+    precision: Literal["bf16", "fp32"] = Field(
+        "bf16", validation_alias=AliasChoices("precision", "dtype"),
+        description="autocast; master weights fp32 (fp16 needs loss scaling, which is not built yet)"
     )
     gradient_checkpointing: bool = False
     max_grad_norm: float | None = Field(1.0, gt=0)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -55,20 +56,27 @@ def read_rows(path: str) -> list[tuple[str, dict[str, Any]]]:
             dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
         return [(f"{path}[#{i}]", dict(row)) for i, row in enumerate(dataset)]
     if p.suffix == ".parquet":
+        import pyarrow
         import pyarrow.parquet as pq
 
-        return [(f"{path}[#{i}]", row) for i, row in enumerate(pq.read_table(p).to_pylist())]
+        try:
+            table = pq.read_table(p)
+        except (pyarrow.ArrowException, OSError) as exc:
+            raise DataError(f"{path}: not a readable parquet file: {exc}") from None
+        return [(f"{path}[#{i}]", row) for i, row in enumerate(table.to_pylist())]
     if p.suffix == ".json":
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
         if not isinstance(data, list):
             raise DataError(f"{path}: a .json dataset must be a list of objects; use .jsonl for one per line.")
         return [(f"{path}[#{i}]", row) for i, row in enumerate(data)]
     rows = []
-    with p.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with p.open("rb") as handle:
+        for number, line in iter_lines(handle, path):
             if not line.strip():
                 continue
             try:
@@ -76,6 +84,24 @@ def read_rows(path: str) -> list[tuple[str, dict[str, Any]]]:
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}).") from None
     return rows
+
+
+def transformed(
+    rows: list[tuple[str, dict[str, Any]]], transform: Callable[[dict[str, Any]], dict[str, Any] | None] | None
+) -> list[tuple[str, dict[str, Any]]]:
+    """Rows after a ``swiftk_data_row`` transform; a None from the transform keeps the row as it is."""
+    if transform is None:
+        return rows
+    return [(where, new if (new := transform(row)) is not None else row) for where, row in rows]
+
+
+def iter_lines(handle: Any, path: str) -> Iterator[tuple[int, str]]:
+    """Numbered lines of a binary file, each decoded on its own so that bad UTF-8 is reported by line."""
+    for number, raw in enumerate(handle, start=1):
+        try:
+            yield number, raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}:{number}: not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
 
 
 def detect_format(rows: list[tuple[str, dict[str, Any]]], requested: str) -> str:
@@ -116,31 +142,32 @@ class Tokenize:
         if missing:
             raise DataError(f"{where}: row has no {', '.join(repr(m) for m in missing)} field ({self.fmt} format).")
         try:
-            segments = self.segments(row)
-        except (TypeError, KeyError, ValueError) as exc:
-            raise DataError(f"{where}: cannot render the row ({self.fmt} format): {exc}") from None
+            segments, templated = self.segments(row)
+        except (TypeError, KeyError, ValueError, AttributeError, jinja2.TemplateError) as exc:
+            raise DataError(f"{where}: cannot render the row ({self.fmt} format): {type(exc).__name__}: {exc}") \
+                from None
         ids: list[int] = []
         labels: list[int] = []
         for index, (text, trained) in enumerate(segments):
-            piece = self.tokenizer(text, add_special_tokens=index == 0 and self.fmt != "messages")["input_ids"]
+            # A chat template writes its own special tokens; raw text gets the tokenizer's (BOS) and an EOS.
+            piece = self.tokenizer(text, add_special_tokens=index == 0 and not templated)["input_ids"]
             ids += piece
             labels += piece if trained else [IGNORE_INDEX] * len(piece)
-        if self.fmt != "messages" and self.tokenizer.eos_token_id is not None:
+        if not templated and self.tokenizer.eos_token_id is not None:
             ids.append(self.tokenizer.eos_token_id)
             labels.append(self.tokenizer.eos_token_id)
         return Sample(ids, labels)
 
-    def segments(self, row: dict[str, Any]) -> list[tuple[str, bool]]:
+    def segments(self, row: dict[str, Any]) -> tuple[list[tuple[str, bool]], bool]:
+        """(text, trained) pieces of the row, and whether they came from the chat template."""
         if self.fmt == "text":
-            return [(str(row["text"]), True)]
+            return [(str(row["text"]), True)], False
         if self.fmt == "prompt_completion":
             prompt, completion = row["prompt"], row["completion"]
             if isinstance(prompt, str) and isinstance(completion, str):
-                return [(prompt, False), (completion, True)]
-            as_messages = (lambda x: [{"role": "user", "content": x}]) if isinstance(prompt, str) else list
-            reply = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
-            return self.chat_segments(as_messages(prompt) + reply)
-        return self.chat_segments(row["messages"])
+                return [(prompt, False), (completion, True)], False
+            return self.chat_segments(as_messages(prompt, "user") + as_messages(completion, "assistant")), True
+        return self.chat_segments(row["messages"]), True
 
     def chat_segments(self, messages: list[dict[str, Any]]) -> list[tuple[str, bool]]:
         if self.tokenizer.chat_template is None:
@@ -162,6 +189,11 @@ class Tokenize:
         if not segments:
             raise ValueError("no assistant turn to train on")
         return [(text, trained) for text, trained in segments if text]
+
+
+def as_messages(value: Any, role: str) -> list[dict[str, Any]]:
+    """A string as one message of ``role``; a list of messages as it is."""
+    return [{"role": role, "content": value}] if isinstance(value, str) else list(value)
 
 
 def truncate(sample: Sample, max_length: int, policy: str) -> Sample | None:
@@ -213,8 +245,7 @@ def build_dataset(
     rows = read_rows(path)
     if not rows:
         raise DataError(f"{path} holds no rows; a dataset needs at least one example.")
-    if transform is not None:
-        rows = [(where, new if (new := transform(row)) is not None else row) for where, row in rows]
+    rows = transformed(rows, transform)
     tokenize = Tokenize(tokenizer, cfg, detect_format(rows, cfg.format))
     full = [tokenize(where, row) for where, row in rows]
     kept = [s for s in (truncate(s, cfg.max_length, cfg.truncation) for s in full) if s is not None]

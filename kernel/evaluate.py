@@ -13,8 +13,8 @@ from transformers import PreTrainedTokenizerBase
 
 from swiftk.contracts import IGNORE_INDEX, Batch, ModelOutputs, StepState
 from swiftk.kernel.config import EvalConfig
-from swiftk.kernel.data import Sample
-from swiftk.kernel.generate import complete
+from swiftk.kernel.data import Sample, as_messages
+from swiftk.kernel.generate import complete, render_prompt
 
 
 @dataclass
@@ -26,21 +26,21 @@ class Reference:
     templated: bool
 
 
-def references(rows: list[tuple[str, dict[str, Any]]], fmt: str, tokenizer: PreTrainedTokenizerBase) -> list[Reference]:
+def references(
+    rows: list[tuple[str, dict[str, Any]]], fmt: str, tokenizer: PreTrainedTokenizerBase,
+    system_prompt: str | None = None,
+) -> list[Reference]:
     refs = []
     for _, row in rows:
         if fmt == "prompt_completion" and isinstance(row["prompt"], str) and isinstance(row["completion"], str):
             refs.append(Reference(row["prompt"], row["completion"].strip(), templated=False))
         elif fmt in ("messages", "prompt_completion"):
-            messages = row["messages"] if fmt == "messages" else [*row["prompt"], *_as_list(row["completion"])]
+            messages = row["messages"] if fmt == "messages" else \
+                [*as_messages(row["prompt"], "user"), *as_messages(row["completion"], "assistant")]
             if messages and messages[-1].get("role") == "assistant":
-                prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-                refs.append(Reference(str(prompt), str(messages[-1]["content"]).strip(), templated=True))
+                prompt = render_prompt(tokenizer, messages[:-1], system_prompt)
+                refs.append(Reference(prompt, str(messages[-1]["content"]).strip(), templated=True))
     return refs
-
-
-def _as_list(completion: Any) -> list[dict[str, Any]]:
-    return [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion)
 
 
 @torch.no_grad()

@@ -10,11 +10,17 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 
-def chat_prompt(tokenizer: PreTrainedTokenizerBase, user_text: str) -> str:
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, user_text: str, system_prompt: str | None = None) -> str:
     """A user message rendered with the chat template (ready for the assistant's turn), or the raw text."""
     if tokenizer.chat_template is None:
         return user_text
-    messages = [{"role": "user", "content": user_text}]
+    return render_prompt(tokenizer, [{"role": "user", "content": user_text}], system_prompt)
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], system_prompt: str | None) -> str:
+    """Messages up to the assistant's turn, as training renders them (``[data] system_prompt`` included)."""
+    if system_prompt and (not messages or messages[0].get("role") != "system"):
+        messages = [{"role": "system", "content": system_prompt}, *messages]
     return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 
 

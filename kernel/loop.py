@@ -62,6 +62,7 @@ class Run:
     step: int = 0
     tokens_seen: int = 0
     elapsed_s: float = 0.0
+    last_saved_step: int | None = None  # the step the newest checkpoint of this process holds
 
     def state(self) -> StepState:
         return StepState(
@@ -113,12 +114,15 @@ def train(run: Run) -> str:
             else:
                 grads = [p.grad.norm() for p in params if p.grad is not None]
                 grad_norm = float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
-            loss_value = sum_across_ranks(float(step_loss)) / run.dist.world_size
-            if not math.isfinite(loss_value):  # before the update: the weights in memory stay finite too
+            # Each micro-batch loss is already divided by the step's global token count: the sum is the mean.
+            loss_value = sum_across_ranks(float(step_loss))
+            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):  # checked before the update
+                what = f"the loss became {loss_value}" if not math.isfinite(loss_value) else \
+                    f"the gradient norm became {grad_norm} (loss {loss_value:.4g})"
                 raise TrainingError(
-                    f"the loss became {loss_value} at step {run.step + 1} (loss_type '{cfg.train.loss_type}'). "
-                    f"Lower [train] lr, keep max_grad_norm set, or check the data; the last good checkpoint "
-                    f"is {checkpoint.latest_checkpoint(run.run_dir) or 'none (save_every is not set)'}."
+                    f"{what} at step {run.step + 1} (loss_type '{cfg.train.loss_type}'); the step was not "
+                    f"applied. Lower [train] lr, keep max_grad_norm set, or check the data and the loss; the last "
+                    f"checkpoint is {checkpoint.latest_checkpoint(run.run_dir) or 'none (save_every is not set)'}."
                 )
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -187,7 +191,7 @@ def save_checkpoint(run: Run) -> Path | None:
     """Write a checkpoint of the current step (the main process writes it)."""
     if not run.dist.is_main:
         return None
-    if checkpoint.latest_checkpoint(run.run_dir) == checkpoint.checkpoint_root(run.run_dir) / f"step-{run.step:06d}":
+    if run.last_saved_step == run.step:
         return None  # this step is already saved (e.g. save_every divides the final step)
     plugin_states = {}
     for name, plugin in run.plugins.by_name.items():
@@ -210,6 +214,7 @@ def save_checkpoint(run: Run) -> Path | None:
         run.run_dir, run.step, trainable_weights(run.model), trainer_state, meta, run.cfg.output.keep_last,
         write_extra=lambda folder: run.plugins.call("swiftk_checkpoint_save", state=run.state(), path=str(folder)),
     )
+    run.last_saved_step = run.step
     run.reporter.event("checkpoint_saved", step=run.step, path=str(path))
     return path
 

@@ -43,11 +43,11 @@ def resolve_source(model_id: str) -> str:
     return str(Path(spec.submodule_search_locations[0], sub))
 
 
-def check_source(model_id: str, source: str, gguf_file: str | None) -> None:
+def check_source(model_id: str, source: str, gguf_file: str | None, key: str = "model_id") -> None:
     """Fail early with a clear message where transformers would fail late or cryptically."""
     looks_local = source.startswith((".", "/", "~")) or os.sep in source.strip("/") and Path(source).exists()
     if looks_local and not Path(source).is_dir():
-        raise ModelLoadError(f"[model] model_id = '{model_id}': folder {source} does not exist.")
+        raise ModelLoadError(f"[model] {key} = '{model_id}': folder {source} does not exist.")
     if gguf_file is not None:
         path = Path(source, gguf_file)
         if not path.is_file():
@@ -62,7 +62,7 @@ def check_source(model_id: str, source: str, gguf_file: str | None) -> None:
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     source = resolve_source(cfg.tokenizer or cfg.model_id)
     gguf = cfg.gguf_file if cfg.tokenizer is None else None
-    check_source(cfg.tokenizer or cfg.model_id, source, gguf)
+    check_source(cfg.tokenizer or cfg.model_id, source, gguf, key="tokenizer" if cfg.tokenizer else "model_id")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -77,7 +77,11 @@ def load_model(cfg: ModelConfig, vocab_size: int, device: torch.device) -> PreTr
     """Load (or build) the causal LM in ``cfg.dtype`` on ``device``."""
     dtype = DTYPES[cfg.dtype]
     if cfg.init == "random":
-        model = build_random(cfg, vocab_size)
+        try:
+            model = build_random(cfg, vocab_size)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelLoadError(f"[model] architecture: cannot build a model from {cfg.architecture}: "
+                                 f"{first_line(exc)}") from exc
     else:
         source = resolve_source(cfg.model_id)
         check_source(cfg.model_id, source, cfg.gguf_file)
@@ -94,7 +98,11 @@ def load_model(cfg: ModelConfig, vocab_size: int, device: torch.device) -> PreTr
             raise ModelLoadError(f"cannot load the model from '{source}': {first_line(exc)}") from exc
         if cfg.gguf_file:
             model = plain_copy(model)
-    return model.to(device=device, dtype=dtype)
+    try:
+        return model.to(device=device, dtype=dtype)
+    except (RuntimeError, AssertionError) as exc:
+        raise ModelLoadError(f"[model] device = '{cfg.device}': cannot place the model on {device}: "
+                             f"{first_line(exc)}") from exc
 
 
 def build_random(cfg: ModelConfig, vocab_size: int) -> PreTrainedModel:

@@ -97,17 +97,6 @@ def import_source(source: str) -> ModuleType:
     return importlib.import_module(source)
 
 
-def load_sources(sources: list[str]) -> tuple[list[ModuleType], list[str]]:
-    """Import every source; returns the modules and one problem line per source that failed."""
-    modules, problems = [], []
-    for source in sources:
-        try:
-            modules.append(import_source(source))
-        except Exception as exc:
-            problems.append(f"plugins: {source!r} failed to load: {describe(exc)}")
-    return modules, problems
-
-
 ENTRY_POINT_GROUP = "swiftk.plugins"
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,21 @@ class MetricsFile:
     def write(self, record: dict[str, Any]) -> None:
         self.handle.write(json.dumps(record, default=_plain) + "\n")
         self.handle.flush()
+
+    def truncate_after(self, step: int) -> int:
+        """Drop the records of steps after ``step`` (a resume from an earlier checkpoint replays them).
+
+        Returns how many were dropped. The file is rewritten beside itself and renamed over it.
+        """
+        self.handle.close()
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            os.replace(tmp, self.path)
+        self.handle = self.path.open("a", encoding="utf-8")
+        return len(lines) - len(kept)
 
     def close(self) -> None:
         self.handle.close()
@@ -65,7 +81,12 @@ class Reporter:
             self.bar.start()
 
     def resume_at(self, step: int) -> None:
-        """A resumed run starts at ``step``: the bar and the ETA count from there."""
+        """A resumed run starts at ``step``: later records of an earlier attempt are dropped from
+        metrics.jsonl, and the bar and the ETA count from there."""
+        if self.metrics:
+            dropped = self.metrics.truncate_after(step)
+            if dropped:
+                self.event("metrics_truncated", step=step, dropped_records=dropped)
         self.start_step = step
         self.started = time.perf_counter()
         if self.bar is not None and self.task is not None:

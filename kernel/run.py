@@ -6,10 +6,10 @@ at once before anything heavy is loaded, and nothing is written before the confi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
+import shlex
 import shutil
 import time
 from contextlib import nullcontext
@@ -22,9 +22,10 @@ import torch
 
 import swiftk
 from swiftk.contracts import PluginError
+from swiftk.contracts.conformance import describe
 from swiftk.kernel import checkpoint
 from swiftk.kernel.config import Locator, RunConfig, load_config
-from swiftk.kernel.data import Loader, Sample, build_dataset, collate, detect_format, read_rows
+from swiftk.kernel.data import Loader, Sample, build_dataset, collate, detect_format, read_rows, transformed
 from swiftk.kernel.dist import DistInfo, from_env
 from swiftk.kernel.errors import CheckpointError, ConfigError, ModelLoadError, RunDirError
 from swiftk.kernel.evaluate import references
@@ -56,19 +57,30 @@ class Options:
     print_config: bool = False
 
 
-def prepare(options: Options) -> tuple[RunConfig, list[Any]]:
-    """Validate the config, its files and its plugins; raise one ``ConfigError`` listing every problem."""
+def prepare(options: Options) -> tuple[RunConfig, Plugins]:
+    """Validate the config, its files and its plugins, and build the plugins (their constructors check
+    their values); raise one ``ConfigError`` listing every problem."""
     cfg = load_config(options.config, options.overrides)
     import swiftk.plugins  # noqa: F401  (registers the built-ins)
 
     loaded, problems = load_configured(cfg.plugins)
     problems += [f"plugins: {entry.name}: {p}" for entry in loaded for p in hookimpl_problems(entry.module)]
-    problems += check_selection(selection(cfg))
+    chosen = selection(cfg)
+    problems += check_selection(chosen)
     problems += check_files(cfg)
-    if problems:
+    if from_env().world_size > 1:
+        problems.append("WORLD_SIZE > 1: this version trains in one process; multi-process training (DDP, FSDP, "
+                        "DeepSpeed) is not built yet, so several processes would train unconnected copies")
+    plugins = None
+    if not problems:
+        try:
+            plugins = build(chosen, loaded)
+        except Exception as exc:
+            problems.append(f"plugins: building the configured plugins failed: {describe(exc)}")
+    if problems or plugins is None:
         locator = Locator(Path(options.config).read_text(encoding="utf-8"), Path(options.config))
         raise ConfigError([locate(p, locator) for p in problems], options.config)
-    return cfg, loaded
+    return cfg, plugins
 
 
 def check_files(cfg: RunConfig) -> list[str]:
@@ -82,6 +94,15 @@ def check_files(cfg: RunConfig) -> list[str]:
             check_source(cfg.model.model_id, resolve_source(cfg.model.model_id), cfg.model.gguf_file)
         except ModelLoadError as exc:
             problems.append(str(exc))
+    device = cfg.model.device
+    if device != "auto":
+        try:
+            torch.device(device)
+        except RuntimeError:
+            problems.append(f"[model] device: '{device}' is not a torch device; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        else:
+            if device.startswith("cuda") and not torch.cuda.is_available():
+                problems.append(f"[model] device: '{device}' but torch sees no CUDA device here; use 'auto' or 'cpu'")
     if cfg.eval.every and not cfg.data.eval_file:
         problems.append("[eval] every: set, but [data] eval_file is not; name an eval file or remove every")
     if cfg.train.tuner_strategy == "full" and cfg.model.dtype != "float32":
@@ -112,31 +133,46 @@ def resolved_toml(cfg: RunConfig) -> str:
     return tomli_w.dumps(drop_none(cfg.model_dump(mode="json")))
 
 
-def prepare_run_dir(cfg: RunConfig, options: Options, dist: DistInfo) -> tuple[Path, Path | None]:
-    """The run folder, and the checkpoint to resume from (None for a fresh run)."""
+def plan_run_dir(cfg: RunConfig, options: Options) -> tuple[Path, Path | None]:
+    """The run folder and the checkpoint to resume from (None for a fresh run); refuses an occupied folder
+    without --resume/--overwrite. Nothing is created or deleted here: see ``make_run_dir``."""
     run_dir = Path(cfg.output.dir)
-    if cfg.output.timestamp and not options.resume:
-        run_dir = run_dir / time.strftime("%Y%m%d-%H%M%S")
     if options.resume:
-        target = run_dir if options.resume == "latest" else Path(options.resume)
+        if options.resume == "latest":
+            target = latest_timestamped(run_dir) if cfg.output.timestamp else run_dir
+        else:
+            target = Path(options.resume)
         ckpt = target if (target / "meta.json").is_file() else checkpoint.latest_checkpoint(target)
         if ckpt is None:
             raise RunDirError(f"--resume: no checkpoint in {target} (looked for {target}/checkpoints/step-*/). "
                               f"Start without --resume, or point it at a run or checkpoint folder.")
-        if dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.output.timestamp and options.resume == "latest":
+            run_dir = target
         return run_dir, ckpt
-    occupied = run_dir.is_dir() and any(run_dir.iterdir())
-    if occupied and not options.overwrite:
+    if cfg.output.timestamp:
+        run_dir = run_dir / time.strftime("%Y%m%d-%H%M%S")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not options.overwrite:
         raise RunDirError(
             f"[output] dir {run_dir} already holds a run. Pass --resume to continue it, --overwrite to delete "
             f"and replace it, or choose another dir (e.g. --set output.dir=runs/new)."
         )
-    if dist.is_main:
-        if occupied:
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir, None
+
+
+def latest_timestamped(root: Path) -> Path:
+    """With ``[output] timestamp``, the newest run folder under ``root`` that holds a checkpoint."""
+    runs = sorted(p for p in root.glob("*") if p.is_dir() and checkpoint.latest_checkpoint(p) is not None)
+    return runs[-1] if runs else root
+
+
+def make_run_dir(run_dir: Path, resuming: bool, dist: DistInfo) -> None:
+    """Create the run folder; with --overwrite, the old run is deleted only now, once the config, data and
+    model have all loaded."""
+    if not dist.is_main:
+        return
+    if not resuming and run_dir.is_dir() and any(run_dir.iterdir()):
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
 
 
 def seed_everything(seed: int) -> None:
@@ -148,8 +184,7 @@ def seed_everything(seed: int) -> None:
 def make_autocast(precision: str, device: torch.device) -> Any:
     if precision == "fp32":
         return nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return lambda: torch.autocast(device.type, dtype=dtype)
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -198,7 +233,7 @@ def sample_prompts(cfg: RunConfig) -> list[str]:
 
 
 def answer_samples(run: Run, prompts: list[str]) -> list[str]:
-    rendered = [chat_prompt(run.tokenizer, p) for p in prompts]
+    rendered = [chat_prompt(run.tokenizer, p, run.cfg.data.system_prompt) for p in prompts]
     templated = run.tokenizer.chat_template is not None
     return complete(run.model, run.tokenizer, rendered, run.cfg.samples.max_new_tokens, templated,
                     autocast=run.autocast)
@@ -206,18 +241,17 @@ def answer_samples(run: Run, prompts: list[str]) -> list[str]:
 
 def execute(options: Options) -> int:
     """``swiftk run``: returns the process exit code (0 done, 130 interrupted)."""
-    cfg, loaded = prepare(options)
+    cfg, plugins = prepare(options)
     if options.print_config:
         print(resolved_toml(cfg), end="")
         return 0
     dist = from_env()
-    run_dir, resume_from = prepare_run_dir(cfg, options, dist)
+    run_dir, resume_from = plan_run_dir(cfg, options)
     seed_everything(cfg.train.seed)
     device = pick_device(cfg.model.device)
     say = print if dist.is_main else (lambda *a, **k: None)
 
     say(f"swiftk {swiftk.__version__} | run dir {run_dir} | device {device} | precision {cfg.train.precision}")
-    plugins = build(selection(cfg), loaded)
     tokenizer = load_tokenizer(cfg.model)
     train_samples = build_dataset(cfg.data.train_file, tokenizer, cfg.data, data_transform(plugins, "train"))
     eval_samples, eval_refs = [], []
@@ -225,10 +259,8 @@ def execute(options: Options) -> int:
         eval_transform = data_transform(plugins, "eval")
         eval_samples = build_dataset(cfg.data.eval_file, tokenizer, cfg.data, eval_transform)
         if cfg.eval.generates:
-            rows = read_rows(cfg.data.eval_file)
-            if eval_transform is not None:
-                rows = [(where, new if (new := eval_transform(row)) is not None else row) for where, row in rows]
-            eval_refs = references(rows, detect_format(rows, cfg.data.format), tokenizer)
+            rows = transformed(read_rows(cfg.data.eval_file), eval_transform)
+            eval_refs = references(rows, detect_format(rows, cfg.data.format), tokenizer, cfg.data.system_prompt)
     say(f"data: {len(train_samples)} training samples from {cfg.data.train_file}"
         + (f", {len(eval_samples)} eval samples" if eval_samples else ""))
 
@@ -253,15 +285,16 @@ def execute(options: Options) -> int:
     scheduler = plugins.call("swiftk_scheduler_build", optimizer=optimizer, total_steps=total_steps,
                              warmup_steps=warmup)
 
+    make_run_dir(run_dir, resume_from is not None, dist)
     reporter = Reporter(run_dir if dist.is_main else None, total_steps, cfg.log.progress, cfg.log.every)
     run = Run(cfg, run_dir, model, tokenizer, plugins, optimizer, scheduler, loader, device, dist, reporter,
               total_steps, make_autocast(cfg.train.precision, device), collate_fn, eval_samples, eval_refs)
     run.meta = {"swiftk_version": swiftk.__version__, "world_size": dist.world_size,
                 "tuner_strategy": cfg.train.tuner_strategy, "base_fingerprint": base_fingerprint(model),
-                "config_sha256": hashlib.sha256(resolved_toml(cfg).encode()).hexdigest()[:16]}
+                "config": cfg.model_dump(mode="json")}
     if resume_from is not None:
         restore(run, resume_from)
-    elif dist.is_main:
+    if dist.is_main:
         (run_dir / "config.toml").write_text(resolved_toml(cfg), encoding="utf-8")
 
     prompts = sample_prompts(cfg)
@@ -276,7 +309,8 @@ def execute(options: Options) -> int:
         reporter.event("run_end", step=run.step, status=status)
         reporter.close()
     if status == "interrupted":
-        say(f"interrupted at step {run.step}; continue with: swiftk run {options.config} --resume")
+        again = " ".join([options.config, *(f"--set {shlex.quote(o)}" for o in options.overrides), "--resume"])
+        say(f"interrupted at step {run.step}; continue with: swiftk run {again}")
         return 130
 
     finish(run, options, prompts, before, say)
@@ -286,6 +320,12 @@ def execute(options: Options) -> int:
 def restore(run: Run, path: Path) -> None:
     """Put the run back exactly where checkpoint ``path`` left it."""
     weights, state, meta = checkpoint.load(path)
+    changed = config_changes(meta.get("config", {}), run.meta["config"])
+    if changed:
+        raise CheckpointError(
+            f"{path} was made with another config: {'; '.join(changed)}. An exact resume needs the same [model], "
+            f"[data] and [train] (only max_steps/epochs may grow); restore those values, or start a new run "
+            f"without --resume.")
     if meta.get("base_fingerprint") != run.meta["base_fingerprint"]:
         raise CheckpointError(
             f"{path} was trained on other base weights (fingerprint {meta.get('base_fingerprint')} vs "
@@ -311,9 +351,24 @@ def restore(run: Run, path: Path) -> None:
             print(f"note: plugin '{name}' code changed since the checkpoint ({old} -> {new})")
             run.reporter.event("plugin_code_changed", step=run.step, plugin=name, old_hash=old, new_hash=new)
     run.plugins.call("swiftk_checkpoint_load", state=run.state(), path=str(path / "plugins"))
+    run.last_saved_step = run.step
     run.reporter.resume_at(run.step)
     run.reporter.event("resumed", step=run.step, path=str(path))
     run.reporter.say(f"resumed from {path} at step {run.step}")
+
+
+RESUMABLE_CHANGES = {("train", "max_steps"), ("train", "epochs")}
+
+
+def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``table.key: old -> new`` for each [model]/[data]/[train] value that differs from the checkpoint's."""
+    changes = []
+    for table in ("model", "data", "train"):
+        old, new = saved.get(table, {}), now.get(table, {})
+        for key in sorted(set(old) | set(new)):
+            if (table, key) not in RESUMABLE_CHANGES and old.get(key) != new.get(key):
+                changes.append(f"{table}.{key} {old.get(key)!r} -> {new.get(key)!r}")
+    return changes
 
 
 def finish(run: Run, options: Options, prompts: list[str], before: list[str], say: Any) -> None:

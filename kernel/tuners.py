@@ -16,7 +16,7 @@ from swiftk.kernel.config import TrainConfig
 def apply_tuner(model: PreTrainedModel, cfg: TrainConfig) -> torch.nn.Module:
     """Wrap or freeze ``model`` as ``[train] tuner_strategy`` says; returns the module to train."""
     if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if cfg.tuner_strategy == "full":
         model.requires_grad_(True)

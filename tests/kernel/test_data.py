@@ -243,3 +243,34 @@ def test_loader_rolls_over_into_a_reshuffled_epoch() -> None:
     assert sorted(first) == sorted(second) == list(range(7))
     assert first != second
     assert loader.state_dict()["epoch"] == 1
+
+
+def test_chat_style_prompt_completion_tokenizes_like_messages(tok: Any) -> None:
+    """Rows rendered by the chat template get no extra BOS or EOS: the template writes its own tokens."""
+    chat = tokenize(tok, "prompt_completion", {"prompt": [{"role": "user", "content": "12+34="}],
+                                               "completion": [{"role": "assistant", "content": "46"}]})
+    same = tokenize(tok, "messages", {"messages": [{"role": "user", "content": "12+34="},
+                                                   {"role": "assistant", "content": "46"}]})
+    assert (chat.input_ids, chat.labels) == (same.input_ids, same.labels)
+    assert tok.decode(chat.input_ids).endswith("46<|im_end|>\n")
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ('{"messages": "hello"}\n', "test.jsonl:1: cannot render the row"),
+    ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": null}]}\n',
+     "test.jsonl:1: cannot render the row"),
+    (b'{"text": "ok"}\n{"text": "\xff\xfe"}\n', "test.jsonl:2: not UTF-8 text"),
+])
+def test_rows_that_cannot_be_rendered_or_decoded_are_data_errors(tmp_path: Path, tok: Any, content: str | bytes,
+                                                                 message: str) -> None:
+    path = tmp_path / "test.jsonl"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(DataError, match=message.replace(".", r"\.")):
+        build_dataset(str(path), tok, DataConfig(train_file=str(path)))
+
+
+def test_a_corrupt_parquet_file_is_a_data_error(tmp_path: Path, tok: Any) -> None:
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(DataError, match="not a readable parquet file"):
+        build_dataset(str(path), tok, DataConfig(train_file=str(path)))

@@ -207,3 +207,90 @@ def test_python_dash_m_and_help(tmp_path: Path) -> None:
     for flag in ("--set", "--resume", "--overwrite", "--merge", "--print-config"):
         assert flag in out.stdout
     assert shutil.which("swiftk") or Path(sys.executable).with_name("swiftk").exists()
+
+
+INF_GRAD_LOSS = '''
+import torch
+import torch.nn.functional as F
+from swiftk.plugin import register_loss
+
+@register_loss("inf_grad")
+def inf_grad(logits, labels):
+    # finite value, infinite gradient: sqrt'(0) = inf
+    return F.cross_entropy(logits, labels, reduction="none") + (logits - logits.detach()).sum(-1).sqrt()
+'''
+
+
+def test_a_non_finite_gradient_stops_the_run_before_the_update(tiny_config: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "inf.py").write_text(INF_GRAD_LOSS)
+    cfg = write_config(tmp_path / "c.toml", f'plugins = ["{tmp_path / "inf.py"}"]\n' + tiny_config.read_text(),
+                       save_every="1")
+    assert main(["run", str(cfg), "--set", "train.loss_type='inf_grad'"]) == 1
+    err = capsys.readouterr().err
+    assert "TrainingError: the gradient norm became nan" in err and "the step was not applied" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing NaN was ever saved
+
+
+def test_resuming_an_earlier_checkpoint_in_place_rewrites_later_ones(tiny_config: Path, tmp_path: Path) -> None:
+    assert main(["run", str(tiny_config), "--set", "output.keep_last=5"]) == 0
+    full = losses(tmp_path / "run")
+    step8 = tmp_path / "run/checkpoints/step-000008/meta.json"
+    before = step8.stat().st_mtime_ns
+    assert main(["run", str(tiny_config), "--set", "output.keep_last=5",
+                 "--resume", str(tmp_path / "run/checkpoints/step-000004")]) == 0
+    steps, events = records(tmp_path / "run")
+    assert [r["step"] for r in steps] == list(range(1, 13))  # the replayed steps 5-12 appear once
+    assert {r["step"]: r["loss"] for r in steps} == full
+    assert step8.stat().st_mtime_ns != before
+    assert any(e["event"] == "metrics_truncated" and e["dropped_records"] > 0 for e in events)
+
+
+def test_resume_with_a_different_config_is_refused_naming_the_keys(tiny_config: Path, tmp_path: Path,
+                                                                    capsys) -> None:
+    assert main(["run", str(tiny_config)]) == 0
+    assert main(["run", str(tiny_config), "--resume", "--set", "train.batch_size=8", "--set", "train.lr=0.5"]) == 1
+    err = capsys.readouterr().err
+    assert "train.batch_size 16 -> 8" in err and "train.lr 0.001 -> 0.5" in err
+    assert main(["run", str(tiny_config), "--resume", "--set", "train.max_steps=14"]) == 0  # growing is fine
+    assert max(losses(tmp_path / "run")) == 14
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_config_is_bad(tiny_config: Path, tmp_path: Path, capsys) -> None:
+    assert main(["run", str(tiny_config), "--set", "train.max_steps=2"]) == 0
+    bad = ["--overwrite", "--set", "train.loss_type='focal'", "--set", "train.loss_config={gamma=-1.0}"]
+    assert main(["run", str(tiny_config), *bad]) == 2
+    assert "focal needs alpha > 0 and gamma >= 0" in capsys.readouterr().err
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()
+
+
+def test_gradient_checkpointing_trains_full_and_lora(tiny_config: Path, tmp_path: Path) -> None:
+    for tuner in ("full", "lora"):
+        assert main(["run", str(tiny_config), "--overwrite", "--set", "train.gradient_checkpointing=true",
+                     "--set", f"train.tuner_strategy='{tuner}'", "--set", "train.max_steps=2"]) == 0
+        assert sorted(losses(tmp_path / "run")) == [1, 2]
+
+
+def test_timestamped_runs_resume_the_newest(tiny_config: Path, tmp_path: Path) -> None:
+    stamped = ["--set", "output.timestamp=true", "--set", "train.max_steps=8"]
+    assert main(["run", str(tiny_config), *stamped]) == 0
+    (run,) = list((tmp_path / "run").iterdir())
+    assert main(["run", str(tiny_config), *stamped[:2], "--set", "train.max_steps=10", "--resume"]) == 0
+    assert max(losses(run)) == 10 and list((tmp_path / "run").iterdir()) == [run]
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("model.device='cuda:0'", "torch sees no CUDA device"),
+    ("model.device='gpu'", "is not a torch device"),
+    ("train.precision='fp16'", "Input should be 'bf16' or 'fp32'"),
+])
+def test_bad_device_and_precision_are_config_errors(tiny_config: Path, capsys, override: str, message: str) -> None:
+    if "cuda" in override and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["run", str(tiny_config), "--set", override]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_several_processes_are_refused_until_distributed_lands(tiny_config: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["run", str(tiny_config)]) == 2
+    assert "WORLD_SIZE > 1" in capsys.readouterr().err

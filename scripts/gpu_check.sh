@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA device, as one script for a lent GPU machine (see the brief: `device`).
+# Prints one PASS/FAIL/SKIP line per check and exits non-zero if any check failed. Later issues add their
+# CUDA paths here (CUDA IPC tensors for [hosts], bitsandbytes on GPU for [tuners], NCCL for [distributed]).
+#
+#   bash scripts/gpu_check.sh            # from the repository root, after `make setup`
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+OUT=${OUT:-/tmp/swiftk-gpu-check}
+failed=0
+
+check() {  # check NAME COMMAND...
+    local name=$1; shift
+    if "$@" >"$OUT/$name.log" 2>&1; then echo "PASS $name"; else echo "FAIL $name (see $OUT/$name.log)"; failed=1; fi
+}
+
+mkdir -p "$OUT"
+if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "SKIP all: torch.cuda.is_available() is False"; exit 0
+fi
+$PY -c "import torch; print('device', torch.cuda.get_device_name(0), 'torch', torch.__version__)"
+
+# The kernel on CUDA: bf16 autocast, fused AdamW on CUDA tensors, checkpoint and exact resume.
+check tiny_sft_cuda .venv/bin/swiftk run configs/tiny_sft.toml --overwrite --set model.device="'cuda'" \
+    --set train.max_steps=60 --set output.save_every=30 --set output.dir="'$OUT/tiny'"
+check tiny_resume_cuda .venv/bin/swiftk run configs/tiny_sft.toml --set model.device="'cuda'" \
+    --set train.max_steps=60 --set output.save_every=30 --set output.dir="'$OUT/tiny_resumed'" \
+    --resume "$OUT/tiny/checkpoints/step-000030"
+check resume_matches $PY - "$OUT" <<'PYEOF'
+import json, sys
+from pathlib import Path
+read = lambda d: {r["step"]: r["loss"] for r in map(json.loads, (Path(sys.argv[1]) / d / "metrics.jsonl").open()) if "event" not in r}
+full, resumed = read("tiny"), read("tiny_resumed")
+bad = {s: (full[s], resumed[s]) for s in resumed if abs(full[s] - resumed[s]) > 1e-5 * abs(full[s])}
+print("max steps compared:", len(resumed), "mismatches:", bad)
+sys.exit(1 if bad or not resumed else 0)
+PYEOF
+# LoRA SFT of the real SmolLM2 on the GPU, a few steps, with a merged export.
+check quickstart_cuda .venv/bin/swiftk run configs/quickstart.toml --overwrite --merge --set model.device="'cuda'" \
+    --set train.max_steps=10 --set output.dir="'$OUT/quickstart'"
+
+exit $failed
