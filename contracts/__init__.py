@@ -19,7 +19,15 @@ from swiftk.contracts.registry import (
     register_scheduler,
     registered,
 )
-from swiftk.contracts.types import IGNORE_INDEX, Batch, LossResult, ModelOutputs, StepState
+from swiftk.contracts.types import (
+    IGNORE_INDEX,
+    Batch,
+    LossResult,
+    ModelOutputs,
+    StepState,
+    shifted_labels,
+    supervised,
+)
 
 __all__ = [
     "CONTRACT_VERSION",
@@ -44,4 +52,6 @@ __all__ = [
     "register_reward",
     "register_scheduler",
     "registered",
+    "shifted_labels",
+    "supervised",
 ]

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import torch
 
 from swiftk.contracts.markers import CONTRACT_VERSION, PROJECT_NAME, hookimpl
-from swiftk.contracts.types import IGNORE_INDEX, Batch, LossResult, ModelOutputs
+from swiftk.contracts.types import Batch, LossResult, ModelOutputs, supervised
 
 KINDS = ("loss", "optimizer", "scheduler", "metric", "callback", "reward")
 T = TypeVar("T", bound=Callable[..., Any])
@@ -199,11 +199,8 @@ class TokenLoss:
 
     @hookimpl
     def swiftk_loss_compute(self, batch: Batch, outputs: ModelOutputs) -> LossResult:
-        labels = batch.labels[:, 1:]  # [B, T-1]: the logits at t-1 score the token at t
-        mask = labels != IGNORE_INDEX
-        logits = outputs.logits[:, :-1][mask].float()  # [N, V]
-        targets = labels[mask]  # [N]
-        per_token = self.fn(logits, targets)
+        logits, targets = supervised(batch, outputs)  # [N, V], [N]
+        per_token = self.fn(logits.float(), targets)
         # A mean over this micro-batch's N tokens is turned back into a sum, so that the step's loss is
         # always the token sum divided by the accumulated count, whatever the module returns.
         total = per_token.sum() if per_token.dim() > 0 else per_token * targets.numel()

@@ -56,6 +56,19 @@ class Batch:
         return int((self.labels[:, 1:] != IGNORE_INDEX).sum().item())
 
 
+def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` labels aligned with the logits that score them: position t holds the token at t+1 (the last
+    position scores nothing). Lets a loss use the logits as they are, without copying a shifted view."""
+    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def supervised(batch: Batch, outputs: ModelOutputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits ``[N, V]`` and labels ``[N]`` of the supervised tokens, after the causal shift."""
+    labels = batch.labels[:, 1:]  # [B, T-1]: the logits at t-1 score the token at t
+    mask = labels != IGNORE_INDEX
+    return outputs.logits[:, :-1][mask], labels[mask]
+
+
 @dataclass
 class ModelOutputs:
     """What the kernel's forward pass produced for a ``Batch``."""

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from swiftk.contracts import IGNORE_INDEX, Batch, ModelOutputs, StepState
+from swiftk.contracts import IGNORE_INDEX, Batch, ModelOutputs, StepState, shifted_labels
 from swiftk.kernel.config import EvalConfig
 from swiftk.kernel.data import Sample, as_messages
 from swiftk.kernel.generate import complete, render_prompt
@@ -71,7 +71,7 @@ def evaluate(
             # use_cache=False: with a cache, transformers ignores the document boundaries of packed rows.
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                            position_ids=batch.position_ids, use_cache=False).logits  # [B, T, V]
-        targets = F.pad(batch.labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        targets = shifted_labels(batch.labels)
         total += float(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                        ignore_index=IGNORE_INDEX, reduction="sum"))
         count += int((targets != IGNORE_INDEX).sum())

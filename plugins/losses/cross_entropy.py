@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from swiftk.contracts import IGNORE_INDEX, Batch, LossResult, ModelOutputs, hookimpl, register_loss
+from swiftk.contracts import IGNORE_INDEX, Batch, LossResult, ModelOutputs, hookimpl, register_loss, shifted_labels
 
 
 @register_loss("cross_entropy")
@@ -27,7 +27,7 @@ class CrossEntropy:
     def swiftk_loss_compute(self, batch: Batch, outputs: ModelOutputs) -> LossResult:
         logits = outputs.logits  # [B, T, V]
         # Shift the labels rather than the logits: the logits stay a view and are never copied.
-        targets = F.pad(batch.labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [B, T]
+        targets = shifted_labels(batch.labels)  # [B, T]
         total = F.cross_entropy(
             logits.flatten(0, 1).float(),
             targets.flatten(),

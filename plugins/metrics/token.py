@@ -14,17 +14,9 @@ from __future__ import annotations
 
 import math
 
-import torch
 import torch.nn.functional as F
 
-from swiftk.contracts import IGNORE_INDEX, Batch, ModelOutputs, StepState, hookimpl, register_metric
-
-
-def scored(batch: Batch, outputs: ModelOutputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """The logits ``[N, V]`` and labels ``[N]`` of the supervised tokens, after the causal shift."""
-    labels = batch.labels[:, 1:]  # [B, T-1]
-    mask = labels != IGNORE_INDEX
-    return outputs.logits[:, :-1][mask], labels[mask]
+from swiftk.contracts import Batch, ModelOutputs, StepState, hookimpl, register_metric, supervised
 
 
 @register_metric("token_accuracy")
@@ -40,7 +32,7 @@ class TokenAccuracy:
 
     @hookimpl
     def swiftk_eval_batch(self, batch: Batch, outputs: ModelOutputs, state: StepState) -> None:
-        logits, labels = scored(batch, outputs)  # [N, V], [N]
+        logits, labels = supervised(batch, outputs)  # [N, V], [N]
         self.correct += int((logits.argmax(dim=-1) == labels).sum())
         self.total += labels.numel()
 
@@ -62,7 +54,7 @@ class Perplexity:
 
     @hookimpl
     def swiftk_eval_batch(self, batch: Batch, outputs: ModelOutputs, state: StepState) -> None:
-        logits, labels = scored(batch, outputs)  # [N, V], [N]
+        logits, labels = supervised(batch, outputs)  # [N, V], [N]
         self.nll += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
         self.tokens += labels.numel()
 
