@@ -11,6 +11,7 @@ import math
 import random
 import shlex
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -305,7 +306,10 @@ def execute(options: Options) -> int:
             f"(batch_size {cfg.train.batch_size} x grad_accum {cfg.train.grad_accum}), from step {run.step}")
         status = train(run)
     finally:
-        plugins.call("swiftk_run_end", state=run.state(), status=status)
+        try:
+            plugins.call("swiftk_run_end", state=run.state(), status=status)
+        except PluginError as exc:  # reported, never allowed to hide the run's own outcome
+            print(f"warning: {exc}", file=sys.stderr)
         reporter.event("run_end", step=run.step, status=status)
         reporter.close()
     if status == "interrupted":
@@ -324,7 +328,8 @@ def restore(run: Run, path: Path) -> None:
     if changed:
         raise CheckpointError(
             f"{path} was made with another config: {'; '.join(changed)}. An exact resume needs the same [model], "
-            f"[data] and [train] (only max_steps/epochs may grow); restore those values, or start a new run "
+            f"[data] and [train] (only max_steps/epochs, the device and the eval file may change); restore those "
+            f"values, or start a new run "
             f"without --resume.")
     if meta.get("base_fingerprint") != run.meta["base_fingerprint"]:
         raise CheckpointError(
@@ -357,7 +362,8 @@ def restore(run: Run, path: Path) -> None:
     run.reporter.say(f"resumed from {path} at step {run.step}")
 
 
-RESUMABLE_CHANGES = {("train", "max_steps"), ("train", "epochs")}
+# Values a resume may change without breaking exactness: the run's length, where it runs, what it evaluates.
+RESUMABLE_CHANGES = {("train", "max_steps"), ("train", "epochs"), ("model", "device"), ("data", "eval_file")}
 
 
 def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
