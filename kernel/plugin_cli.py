@@ -8,7 +8,6 @@ describe every plugin a run could use: built-ins, installed entry points and ext
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
 import json
 import keyword
@@ -16,7 +15,6 @@ import re
 import sys
 from dataclasses import dataclass
 from importlib import resources
-from importlib.metadata import entry_points
 from pathlib import Path
 from string import Template
 from types import ModuleType
@@ -24,7 +22,7 @@ from types import ModuleType
 from swiftk.contracts import CONTRACT_VERSION, PluginSpec, conformance, registered
 from swiftk.contracts.conformance import describe as describe_exception
 from swiftk.contracts.registry import has_hookimpls
-from swiftk.kernel.plugins import ENTRY_POINT_GROUP, dist_name, import_source, load_entry_points
+from swiftk.kernel.plugins import import_source, load_entry_points
 
 # kind -> (what the example does, how a run uses it: Markdown for the README)
 KINDS = {
@@ -102,7 +100,7 @@ def check(source: str, only: str | None, config_json: str | None) -> int:
         return 2
     before = {(s.kind, s.name): s for s in registered()}
     try:
-        module = import_plugin(source)
+        module = import_source(source)
     except Exception as exc:
         print(f"swiftk plugin check: cannot import {source}: {describe_exception(exc)}", file=sys.stderr)
         return 2
@@ -130,14 +128,6 @@ def check(source: str, only: str | None, config_json: str | None) -> int:
         print("".join(f"      {finding}\n" for finding in findings), end="")
     print(f"{len(targets)} plugin(s) checked, {failed} failed")
     return 1 if failed else 0
-
-
-def import_plugin(source: str) -> ModuleType:
-    """``import_source``, except that a module name which is also a folder here (``swiftk plugin new focal``
-    made ./focal) is imported as a module: ``import_source`` would take it for a missing file."""
-    if Path(source).is_dir() and source.isidentifier():
-        return importlib.import_module(source)
-    return import_source(source)
 
 
 def parse_config(text: str | None) -> dict[str, object] | None:
@@ -179,12 +169,11 @@ def discover(extra: list[str]) -> tuple[list[Entry], list[str]]:
     import swiftk.plugins
 
     origins: list[tuple[ModuleType, str]] = [(swiftk.plugins, "built-in")]
-    packages = {ep.module: dist_name(ep) for ep in entry_points(group=ENTRY_POINT_GROUP)}
-    modules, problems = load_entry_points()
-    origins += [(m, f"{packages.get(m.__name__, m.__name__)} (entry point)") for m in modules]
+    installed, problems = load_entry_points()
+    origins += [(entry.module, f"{entry.origin} (entry point)") for entry in installed]
     for source in extra:
         try:
-            origins.append((import_plugin(source), source))
+            origins.append((import_source(source), source))
         except Exception as exc:
             problems.append(f"--plugin {source!r} failed to load: {describe_exception(exc)}")
     entries = []

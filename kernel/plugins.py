@@ -46,6 +46,12 @@ class Plugins:
     by_name: dict[str, object] = field(default_factory=dict)
     code_hashes: dict[str, str] = field(default_factory=dict)
 
+    def register(self, name: str, plugin: object, code: Any) -> None:
+        """Register ``plugin`` under ``name``, recording the hash of the file ``code`` is defined in."""
+        self.manager.register(plugin, name=name)
+        self.by_name[name] = plugin
+        self.code_hashes[name] = source_hash(code)
+
     def call(self, hook: str, **kwargs: Any) -> Any:
         """Call a hook (keywords only); an exception from a plugin becomes a ``PluginError`` naming it."""
         caller = getattr(self.manager.hook, hook)
@@ -100,7 +106,7 @@ def import_source(source: str) -> ModuleType:
 ENTRY_POINT_GROUP = "swiftk.plugins"
 
 
-def load_entry_points() -> tuple[list[ModuleType], list[str]]:
+def load_entry_points() -> tuple[list[Loaded], list[str]]:
     """Import every installed package's ``swiftk.plugins`` entry point (a module or an object in one).
 
     A pip-installed plugin package is found this way with no config line; importing it runs its
@@ -108,16 +114,17 @@ def load_entry_points() -> tuple[list[ModuleType], list[str]]:
     """
     from importlib.metadata import entry_points
 
-    modules, problems = [], []
+    loaded, problems = [], []
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
-            loaded = ep.load()
+            target = ep.load()
         except Exception as exc:
             problems.append(f"entry point '{ep.name}' ({ep.value}, package {dist_name(ep)}) failed to load: "
                             f"{describe(exc)}")
             continue
-        modules.append(loaded if isinstance(loaded, ModuleType) else sys.modules[ep.module])
-    return modules, problems
+        module = target if isinstance(target, ModuleType) else sys.modules[ep.module]
+        loaded.append(Loaded(module.__name__, module, dist_name(ep)))
+    return loaded, problems
 
 
 def dist_name(ep: Any) -> str:
@@ -131,6 +138,7 @@ class Loaded:
 
     name: str
     module: ModuleType
+    origin: str = "config"  # or the distribution that installed it ("NAME VERSION")
 
 
 _FILE_SOURCES: set[str] = set()  # plugin files imported by earlier runs in this process
@@ -155,9 +163,8 @@ def load_configured(items: list[str | PluginSource]) -> tuple[list[Loaded], list
             continue
         name = item.name if isinstance(item, PluginSource) and item.name else Path(source).stem
         loaded.append(Loaded(name, module))
-    modules, ep_problems = load_entry_points()
-    loaded += [Loaded(m.__name__, m) for m in modules]
-    return loaded, problems + ep_problems
+    installed, ep_problems = load_entry_points()
+    return loaded + installed, problems + ep_problems
 
 
 def selection(cfg: RunConfig) -> list[Selected]:
@@ -248,17 +255,10 @@ def build(selected: list[Selected], loaded: list[Loaded]) -> Plugins:
     plugins = Plugins(new_manager())
     for item in selected:
         spec = lookup(item.kind, item.name)
-        name = f"{item.kind}:{item.name}"
-        plugin = spec.build(**item.config)
-        plugins.manager.register(plugin, name=name)
-        plugins.by_name[name] = plugin
-        plugins.code_hashes[name] = source_hash(spec.target)
+        plugins.register(f"{item.kind}:{item.name}", spec.build(**item.config), spec.target)
     for entry in loaded:
         if has_hookimpls(entry.module):
-            name = f"module:{entry.name}"
-            plugins.manager.register(entry.module, name=name)
-            plugins.by_name[name] = entry.module
-            plugins.code_hashes[name] = source_hash(entry.module)
+            plugins.register(f"module:{entry.name}", entry.module, entry.module)
     return plugins
 
 
