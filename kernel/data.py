@@ -242,10 +242,23 @@ def build_dataset(
     transform: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
 ) -> list[Sample]:
     """Read, transform (``swiftk_data_row`` plugins), tokenize, truncate and optionally pack a data file."""
+    return samples_from_rows(path, load_rows(path, transform), tokenizer, cfg)
+
+
+def load_rows(
+    path: str, transform: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """A data file's rows after the ``swiftk_data_row`` transform; an empty file is a DataError."""
     rows = read_rows(path)
     if not rows:
         raise DataError(f"{path} holds no rows; a dataset needs at least one example.")
-    rows = transformed(rows, transform)
+    return transformed(rows, transform)
+
+
+def samples_from_rows(
+    path: str, rows: list[tuple[str, dict[str, Any]]], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig
+) -> list[Sample]:
+    """Tokenize, truncate and optionally pack rows read from ``path``."""
     tokenize = Tokenize(tokenizer, cfg, detect_format(rows, cfg.format))
     full = [tokenize(where, row) for where, row in rows]
     kept = [s for s in (truncate(s, cfg.max_length, cfg.truncation) for s in full) if s is not None]

@@ -26,7 +26,16 @@ from swiftk.contracts import PluginError
 from swiftk.contracts.conformance import describe
 from swiftk.kernel import checkpoint
 from swiftk.kernel.config import Locator, RunConfig, load_config
-from swiftk.kernel.data import Loader, Sample, build_dataset, collate, detect_format, read_rows, transformed
+from swiftk.kernel.data import (
+    Loader,
+    Sample,
+    build_dataset,
+    collate,
+    detect_format,
+    load_rows,
+    read_rows,
+    samples_from_rows,
+)
 from swiftk.kernel.dist import DistInfo, from_env
 from swiftk.kernel.errors import CheckpointError, ConfigError, ModelLoadError, RunDirError
 from swiftk.kernel.evaluate import references
@@ -257,10 +266,9 @@ def execute(options: Options) -> int:
     train_samples = build_dataset(cfg.data.train_file, tokenizer, cfg.data, data_transform(plugins, "train"))
     eval_samples, eval_refs = [], []
     if cfg.data.eval_file:
-        eval_transform = data_transform(plugins, "eval")
-        eval_samples = build_dataset(cfg.data.eval_file, tokenizer, cfg.data, eval_transform)
+        rows = load_rows(cfg.data.eval_file, data_transform(plugins, "eval"))  # read and transformed once
+        eval_samples = samples_from_rows(cfg.data.eval_file, rows, tokenizer, cfg.data)
         if cfg.eval.generates:
-            rows = transformed(read_rows(cfg.data.eval_file), eval_transform)
             eval_refs = references(rows, detect_format(rows, cfg.data.format), tokenizer, cfg.data.system_prompt)
     say(f"data: {len(train_samples)} training samples from {cfg.data.train_file}"
         + (f", {len(eval_samples)} eval samples" if eval_samples else ""))

@@ -193,7 +193,7 @@ def test_data_row_batch_start_and_model_loaded_hooks_are_called(tiny_config: Pat
     assert main(["run", str(cfg), "--set", "train.max_steps=40", "--set", "eval.every=40",
                  "--set", "train.lr=3e-3"]) == 0
     steps, events = records(tmp_path / "run")
-    assert steps[0]["rows"] == 2000 + 100 + 100  # train, eval, and the eval references for exact match
+    assert steps[0]["rows"] == 2000 + 100  # each train and eval row once (the eval references reuse them)
     assert steps[-1]["batch_starts"] == 40 and steps[0]["model_params"] > 3e6
     final = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert final["event"] == "run_end"
