@@ -28,7 +28,7 @@ from typing import Any
 import pluggy
 import torch
 
-from swiftk.contracts import hookspecs
+from swiftk.contracts import hookspecs, registry
 from swiftk.contracts.markers import CONTRACT_VERSION, PROJECT_NAME
 from swiftk.contracts.registry import PluginSpec, contract_problem
 from swiftk.contracts.types import IGNORE_INDEX, Batch, LossResult, ModelOutputs, StepState
@@ -175,13 +175,8 @@ def plugin_label(obj: object) -> str:
 
 
 def declared_contract(obj: object) -> str | None:
-    """``swiftk_contract`` on the plugin, or ``SWIFTK_CONTRACT`` in the module that defines it."""
-    if isinstance(obj, PluginSpec):
-        return obj.contract
-    declared = getattr(obj, "swiftk_contract", None) or getattr(obj, "SWIFTK_CONTRACT", None)
-    if declared is None and not isinstance(obj, ModuleType):
-        declared = getattr(inspect.getmodule(obj if isinstance(obj, type) else type(obj)), "SWIFTK_CONTRACT", None)
-    return None if declared is None else str(declared)
+    """The contract version a plugin or registry entry declares (see ``registry.declared_contract``)."""
+    return obj.contract if isinstance(obj, PluginSpec) else registry.declared_contract(obj)
 
 
 def describe(exc: BaseException) -> str:

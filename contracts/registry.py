@@ -17,6 +17,7 @@ import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, TypeVar
 
 import torch
@@ -45,11 +46,7 @@ class PluginSpec:
     def contract(self) -> str | None:
         """The contract version the plugin declares it was written for (``swiftk_contract = "0.1"`` on the
         class or function, or ``SWIFTK_CONTRACT`` in its module), if any."""
-        declared = getattr(self.target, "swiftk_contract", None)
-        if declared is None:
-            module = inspect.getmodule(self.target)
-            declared = getattr(module, "SWIFTK_CONTRACT", None)
-        return None if declared is None else str(declared)
+        return declared_contract(self.target)
 
     @property
     def is_hook_class(self) -> bool:
@@ -78,6 +75,16 @@ class PluginSpec:
 _REGISTRY: dict[tuple[str, str], PluginSpec] = {}
 # Leading positional arguments a factory of each kind receives from the kernel, not from the config.
 _FIXED_ARGUMENTS = {"loss": 2, "optimizer": 2, "scheduler": 3}
+
+
+def declared_contract(obj: object) -> str | None:
+    """``swiftk_contract`` on a plugin (class, function, instance or module), or ``SWIFTK_CONTRACT`` in the
+    module that defines it."""
+    declared = getattr(obj, "swiftk_contract", None) or getattr(obj, "SWIFTK_CONTRACT", None)
+    if declared is None and not isinstance(obj, ModuleType):
+        owner = obj if isinstance(obj, type) or inspect.isroutine(obj) else type(obj)
+        declared = getattr(inspect.getmodule(owner), "SWIFTK_CONTRACT", None)
+    return None if declared is None else str(declared)
 
 
 def contract_problem(declared: str | None, current: str = CONTRACT_VERSION) -> str | None:
