@@ -1,0 +1,66 @@
+"""Contrastive Preference Optimization (Xu et al. 2024, "Contrastive Preference Optimization: Pushing the
+Boundaries of LLM Performance in Machine Translation", eq. 3) and SimPO (Meng et al. 2024, "SimPO: Simple
+Preference Optimization with a Reference-Free Reward", eq. 6): DPO's losses without a reference model.
+
+For B pairs of a chosen completion y_w and a rejected one y_l, the margin is the policy's own log-prob gap
+
+    h = log pi(y_w|x) - log pi(y_l|x)        # [B]
+
+and, with s the logistic sigmoid and eps = ``label_smoothing``:
+
+    sigmoid  L = -(1 - eps) log s(beta h) - eps log s(-beta h)              CPO eq. 3 (eps = 0)
+    hinge    L = max(0, 1 - beta h)                                         SLiC-HF (Zhao et al. 2023)
+    ipo      L = (h - 1 / (2 beta))^2                                       IPO (Azar et al. 2023, eq. 17)
+    simpo    L = -(1 - eps) log s(beta h - gamma) - eps log s(-(beta h - gamma))     SimPO eq. 6 (eps = 0)
+
+For simpo the caller passes length-normalised log-probs, (1/|y|) log pi(y|x), so beta h is the paper's reward
+margin and gamma = ``simpo_gamma`` the target margin it must clear, on the same (beta-scaled) scale. This is
+TRL's ``CPOTrainer`` convention, written there as beta * (h - gamma / beta); the SimPO authors' own code instead
+takes the ratio gamma / beta as its knob (``gamma_beta_ratio``). log s is ``logsigmoid``, finite for any margin.
+
+CPO proper adds a behaviour-cloning NLL term on the chosen completions; that term, and the stage wiring, land with
+the [preference] stages. The rewards ``beta * log pi`` come back detached, for logging.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
+
+
+def _smoothed_sigmoid(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """-(1 - eps) log s(z) - eps log s(-z): the logistic loss on a label flipped with probability eps."""
+    return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+
+
+def cpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses ``[B]`` and the detached rewards ``beta * logps`` of the chosen and rejected completions
+    ``[B]``, from the policy's log-probs ``[B]`` (completion sums, or per-token means for ipo and simpo)."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"cpo_loss: unknown loss_type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
+    if beta <= 0:
+        raise ValueError(f"cpo_loss: beta must be > 0, got {beta}")
+    if label_smoothing and loss_type not in ("sigmoid", "simpo"):
+        raise ValueError(f"cpo_loss: label_smoothing applies to sigmoid and simpo only, not {loss_type!r}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"cpo_loss: label_smoothing is a flip probability in [0, 0.5), got {label_smoothing}")
+    h = chosen_logps - rejected_logps  # [B]
+    if loss_type == "sigmoid":
+        losses = _smoothed_sigmoid(beta * h, label_smoothing)
+    elif loss_type == "simpo":
+        losses = _smoothed_sigmoid(beta * h - simpo_gamma, label_smoothing)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    else:
+        losses = (h - 1 / (2 * beta)) ** 2
+    return losses, beta * chosen_logps.detach(), beta * rejected_logps.detach()

@@ -1,0 +1,50 @@
+"""Pairwise reward-model loss: the Bradley-Terry model (Bradley & Terry 1952) as used to train reward models from
+human comparisons (Ouyang et al. 2022, "Training language models to follow instructions with human feedback",
+eq. 1), with Llama 2's margin (Touvron et al. 2023, eq. 2) and a centring term (Eisenstein et al. 2023, "Helping
+or Herding? Reward Model Ensembles Mitigate but do not Eliminate Reward Hacking", eq. 2).
+
+The model scores each completion with a scalar r; Bradley-Terry says the chosen one wins with probability
+s(r_c - r_r), s the logistic sigmoid. Over B pairs, with an optional per-pair margin m (how much better the
+chosen one was rated: Llama 2 maps "significantly better" to a larger m than "slightly better") and centring
+coefficient c:
+
+    L = mean_i [-log s(r_c,i - r_r,i - m_i)] + c * mean_i [(r_c,i + r_r,i)^2]        # scalar
+
+The first term only sees differences, so the rewards may drift by any constant; the second pins their mean near
+0 (so that rewards from different runs, or an ensemble, are comparable). ``-log s`` is ``-logsigmoid``: finite
+for any difference. This is TRL's ``RewardTrainer`` loss.
+
+The stage wiring (the rm stage, a loss plugin) lands with the [preference] stages; this module is the maths.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def pairwise_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    *,
+    margin: torch.Tensor | float | None = None,
+    center_rewards_coefficient: float | None = None,
+) -> torch.Tensor:
+    """The mean Bradley-Terry loss (0-dim) of the rewards ``[B]`` of the chosen and rejected completions.
+
+    ``margin`` ``[B]`` (or a scalar) is subtracted from each reward difference; ``center_rewards_coefficient``, if
+    given, weighs the squared sum of each pair's rewards (TRL recommends 0.01)."""
+    if chosen_rewards.shape != rejected_rewards.shape or chosen_rewards.dim() != 1:
+        # A reward head's [B, 1] against a squeezed [B] would broadcast to [B, B] and compare every pair with every
+        # other, silently.
+        raise ValueError(
+            f"pairwise_loss: expected chosen and rejected rewards of one shape [B], got "
+            f"{list(chosen_rewards.shape)} and {list(rejected_rewards.shape)}; squeeze the reward head's last dim"
+        )
+    difference = chosen_rewards - rejected_rewards  # [B]
+    if margin is not None:
+        difference = difference - torch.as_tensor(margin, dtype=difference.dtype, device=difference.device)
+    loss = -F.logsigmoid(difference).mean()
+    if center_rewards_coefficient is not None:
+        loss = loss + center_rewards_coefficient * ((chosen_rewards + rejected_rewards) ** 2).mean()
+    return loss
