@@ -19,14 +19,17 @@ import io
 import math
 import tempfile
 import traceback
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from inspect import Parameter
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pluggy
 import torch
+from pydantic import TypeAdapter, ValidationError
 
 from swiftk.contracts import hookspecs, registry
 from swiftk.contracts.markers import CONTRACT_VERSION, PROJECT_NAME
@@ -572,3 +575,39 @@ def same(a: object, b: object) -> bool:
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
     return bool(a == b)
+
+
+def config_problems(spec: PluginSpec, config: dict[str, Any]) -> list[str]:
+    """Unknown, missing or mistyped arguments of ``config`` for the plugin's constructor or factory."""
+    signature = spec.config_signature()
+    try:
+        bound = signature.bind(**config)
+    except TypeError as exc:
+        accepted = ", ".join(f"{p.name}={p.default!r}" if p.default is not p.empty else p.name
+                             for p in signature.parameters.values()) or "no arguments"
+        return [f"{exc}; it accepts: {accepted}"]
+    try:
+        target = spec.target.__init__ if isinstance(spec.target, type) else spec.target
+        hints = typing.get_type_hints(target)
+    except Exception:  # unresolvable annotations: names and arity were still checked
+        return []
+    problems = []
+    for name, value in bound.arguments.items():
+        if name in hints and signature.parameters[name].kind not in (Parameter.VAR_KEYWORD, Parameter.VAR_POSITIONAL):
+            try:
+                TypeAdapter(hints[name]).validate_python(value)
+            except ValidationError as exc:
+                expected = getattr(hints[name], "__name__", str(hints[name]))
+                problems.append(f"{name} = {value!r} is not a valid {expected} ({exc.errors()[0]['msg']})")
+    return problems
+
+
+def hookimpl_problems(target: object) -> list[str]:
+    """``swiftk_*`` attributes that are not hooks, miss the @hookimpl marker, or take arguments the hook
+    does not pass (the plugin author's conformance checks, run on the class or module itself)."""
+    label = getattr(target, "__name__", type(target).__name__)
+    # A class is checked through a bare instance (no __init__ run), so its methods are bound and `self` is
+    # not mistaken for a hook argument.
+    subject = target.__new__(target) if isinstance(target, type) else target
+    _, findings = validated_hookimpls(label, subject)
+    return [f"{f.hook} {f.message}; fix: {f.fix}" for f in findings]

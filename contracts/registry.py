@@ -14,9 +14,14 @@ in its plugin manager. Three shapes are accepted:
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib
+import importlib.util
 import inspect
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
 
@@ -254,3 +259,39 @@ _ADAPTERS: dict[str, Callable[[PluginSpec, dict[str, Any]], object]] = {
     "optimizer": _optimizer_adapter,
     "scheduler": _scheduler_adapter,
 }
+
+
+imported_files: set[str] = set()  # plugin files imported by import_source, so that a new run can forget them
+
+
+def import_source(source: str) -> ModuleType:
+    """Import a plugin file (under a unique module name) or an importable module."""
+    path = Path(source)
+    if source.endswith(".py") or path.is_file():
+        if not path.is_file():
+            raise FileNotFoundError(f"plugin file {source} does not exist")
+        path = path.resolve()  # registrations then name the absolute file
+        digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
+        name = f"swiftk_user_plugin_{path.stem}_{digest}"
+        imported_files.add(str(path))
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+        return module
+    return importlib.import_module(source)
+
+
+def source_hash(obj: Any) -> str:
+    """Short hash of the file that defines ``obj`` (recorded in checkpoints and metrics, and in host handshakes)."""
+    try:
+        path = inspect.getsourcefile(obj)
+        data = Path(path).read_bytes() if path else repr(obj).encode()
+    except (TypeError, OSError):
+        data = repr(obj).encode()
+    return hashlib.sha256(data).hexdigest()[:12]

@@ -155,26 +155,55 @@ class LogConfig(Section):
     progress: Literal["auto", "rich", "plain", "none"] = "auto"
 
 
+class Fallback(Section):
+    """``on_failure = { fallback = VALUE }``: a failed call returns VALUE (a loss: a constant, no gradient)."""
+
+    fallback: Any = Field(description="what the failed call returns")
+
+
 class PluginSource(Section):
     """[[plugins]] one plugin source, in the long form that also says where it runs."""
 
     path: str | None = Field(None, description="a plugin file")
     module: str | None = Field(None, description="an importable module")
     name: str | None = Field(None, description="name in logs and checkpoints (default: the file or module)")
-    isolation: Literal["inline", "process", "sandbox"] = "inline"
+    isolation: Literal["inline", "process", "sandbox"] = Field(
+        "inline", description="'inline': in the kernel; 'process': in its own host process")
+    group: str | None = Field(None, description="process: sources with the same group share one host")
+    deadline_s: float = Field(30.0, gt=0, description="process: seconds one hook call may take")
+    on_failure: Literal["fail", "skip", "retry"] | Fallback = Field(
+        "fail", description="process: what a failed call does: 'fail', 'skip', 'retry' or { fallback = value }")
+    max_failures: int = Field(3, ge=1, description="process: failures within failure_window_s that quarantine it")
+    failure_window_s: float = Field(300.0, gt=0, description="process: the quarantine window")
+    memory_mb: int | None = Field(None, ge=256, description="process: address-space limit of its host (MiB)")
 
     @model_validator(mode="after")
     def _one_source(self) -> PluginSource:
         if (self.path is None) == (self.module is None):
             raise ValueError("give exactly one of `path` or `module`")
-        if self.isolation != "inline":
-            raise ValueError(f"isolation = '{self.isolation}' runs plugins in host processes, which this version "
-                             f"does not have yet; use 'inline'")
+        if self.isolation == "sandbox":
+            raise ValueError("isolation = 'sandbox' (per-tenant restricted hosts) is not built yet; use 'process' "
+                             "for a plugin in its own host process, or 'inline'")
         return self
 
     @property
     def source(self) -> str:
         return self.path or self.module or ""
+
+    @property
+    def label(self) -> str:
+        return self.name or (Path(self.path).stem if self.path else self.module or "")
+
+
+class HostsConfig(Section):
+    """[hosts] supervision of plugin host processes (plugins with isolation = "process")."""
+
+    heartbeat_interval_s: float = Field(0.5, gt=0, description="how often a host says it is alive")
+    heartbeat_timeout_s: float = Field(10.0, gt=0, description="silence after which a host is killed")
+    start_timeout_s: float = Field(60.0, gt=0, description="seconds a host may take to start and build plugins")
+    restart_backoff_s: float = Field(1.0, ge=0, description="wait before the first restart; doubles per death")
+    max_backoff_s: float = Field(30.0, ge=0, description="the longest wait between restarts")
+    shutdown_timeout_s: float = Field(5.0, gt=0, description="wait after a shutdown request, then SIGTERM, SIGKILL")
 
 
 class RunConfig(Section):
@@ -190,6 +219,7 @@ class RunConfig(Section):
     samples: SamplesConfig = Field(default_factory=SamplesConfig)
     output: OutputConfig
     log: LogConfig = Field(default_factory=LogConfig)
+    hosts: HostsConfig = Field(default_factory=HostsConfig)
 
     def total_batch(self, world_size: int = 1) -> int:
         return self.train.batch_size * self.train.grad_accum * world_size

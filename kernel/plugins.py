@@ -6,25 +6,26 @@ reported together with the config's other problems.
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.util
-import inspect
 import sys
-import typing
 from dataclasses import dataclass, field
-from inspect import Parameter
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pluggy
-from pydantic import TypeAdapter, ValidationError
 
-from swiftk.contracts import PROJECT_NAME, PluginError, PluginRegistryError, PluginSpec, hookspecs, lookup
-from swiftk.contracts.conformance import describe, validated_hookimpls
-from swiftk.contracts.registry import contract_problem, forget, has_hookimpls
-from swiftk.kernel.config import PluginSource, RunConfig, TrainConfig
+from swiftk.contracts import PROJECT_NAME, PluginError, PluginRegistryError, hookspecs, lookup
+from swiftk.contracts.conformance import config_problems, describe, hookimpl_problems
+from swiftk.contracts.registry import (
+    contract_problem,
+    forget,
+    has_hookimpls,
+    import_source,
+    imported_files,
+    source_hash,
+)
+from swiftk.hosts.group import HostGroup, HostSettings, HostSpec, Policy
+from swiftk.kernel.config import Fallback, PluginSource, RunConfig, TrainConfig
 
 
 @dataclass
@@ -45,12 +46,19 @@ class Plugins:
     manager: pluggy.PluginManager
     by_name: dict[str, object] = field(default_factory=dict)
     code_hashes: dict[str, str] = field(default_factory=dict)
+    hosts: HostGroup | None = None  # the processes serving plugins with isolation = "process"
 
-    def register(self, name: str, plugin: object, code: Any) -> None:
+    def register(self, name: str, plugin: object, code: Any, code_hash: str | None = None) -> None:
         """Register ``plugin`` under ``name``, recording the hash of the file ``code`` is defined in."""
         self.manager.register(plugin, name=name)
         self.by_name[name] = plugin
-        self.code_hashes[name] = source_hash(code)
+        self.code_hashes[name] = code_hash or source_hash(code)
+
+    def close(self) -> None:
+        """Shut the plugin hosts down (no process or shared segment is left)."""
+        if self.hosts is not None:
+            self.hosts.close()
+            self.hosts = None
 
     def call(self, hook: str, **kwargs: Any) -> Any:
         """Call a hook (keywords only); an exception from a plugin becomes a ``PluginError`` naming it."""
@@ -78,29 +86,6 @@ def new_manager() -> pluggy.PluginManager:
     manager = pluggy.PluginManager(PROJECT_NAME)
     manager.add_hookspecs(hookspecs)
     return manager
-
-
-def import_source(source: str) -> ModuleType:
-    """Import a plugin file (under a unique module name) or an importable module."""
-    path = Path(source)
-    if source.endswith(".py") or path.is_file():
-        if not path.is_file():
-            raise FileNotFoundError(f"plugin file {source} does not exist")
-        path = path.resolve()  # registrations then name the absolute file
-        digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
-        name = f"swiftk_user_plugin_{path.stem}_{digest}"
-        _FILE_SOURCES.add(str(path))
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[name]
-            raise
-        return module
-    return importlib.import_module(source)
 
 
 ENTRY_POINT_GROUP = "swiftk.plugins"
@@ -141,20 +126,19 @@ class Loaded:
     origin: str = "config"  # or the distribution that installed it ("NAME VERSION")
 
 
-_FILE_SOURCES: set[str] = set()  # plugin files imported by earlier runs in this process
-
-
 def load_configured(items: list[str | PluginSource]) -> tuple[list[Loaded], list[str]]:
     """Import the config's ``plugins`` and every ``swiftk.plugins`` entry point; one problem per failure.
 
     What plugin files registered in an earlier run of this process (a test suite, a notebook) is forgotten
     first: a run sees the built-ins, the entry points and its own config's files, nothing else.
     """
-    for source in _FILE_SOURCES:
+    for source in imported_files:
         forget(source)
-    _FILE_SOURCES.clear()
+    imported_files.clear()
     loaded, problems = [], []
     for item in items:
+        if isinstance(item, PluginSource) and item.isolation != "inline":
+            continue  # imported by its host, never in the kernel
         source = item if isinstance(item, str) else item.source
         try:
             module = import_source(source)
@@ -165,6 +149,35 @@ def load_configured(items: list[str | PluginSource]) -> tuple[list[Loaded], list
         loaded.append(Loaded(name, module))
     installed, ep_problems = load_entry_points()
     return loaded + installed, problems + ep_problems
+
+
+def start_hosts(cfg: RunConfig) -> tuple[HostGroup | None, list[str]]:
+    """Start a host per ``isolation = "process"`` source (or per ``group``) and learn what each provides."""
+    remote = [item for item in cfg.plugins if isinstance(item, PluginSource) and item.isolation == "process"]
+    if not remote:
+        return None, []
+    groups: dict[str, list[PluginSource]] = {}
+    for item in remote:
+        groups.setdefault(item.group or f"{item.label}", []).append(item)
+    problems, specs = [], []
+    for label, items in groups.items():
+        limits = {item.memory_mb for item in items}
+        if len(limits) > 1:
+            problems.append(f"plugins: group '{label}' sets different memory_mb values {sorted(map(str, limits))}; "
+                            f"its plugins share one host, so give them one limit")
+        specs.append(HostSpec(f"process:{label}", [i.source for i in items], [i.label for i in items],
+                              max((i.memory_mb or 0) for i in items) or None))
+    if problems:
+        return None, problems
+    policies = {item.label: policy(item) for item in remote}
+    group = HostGroup(specs, policies, HostSettings(**cfg.hosts.model_dump()))
+    return group, group.start()
+
+
+def policy(item: PluginSource) -> Policy:
+    fallback = item.on_failure.fallback if isinstance(item.on_failure, Fallback) else None
+    on_failure = "fallback" if isinstance(item.on_failure, Fallback) else item.on_failure
+    return Policy(on_failure, fallback, item.deadline_s, item.max_failures, item.failure_window_s)
 
 
 def selection(cfg: RunConfig) -> list[Selected]:
@@ -194,10 +207,15 @@ def weight_decay(train: TrainConfig) -> float:
     return float(train.optimizer_config.get("weight_decay", train.weight_decay))
 
 
-def check_selection(selected: list[Selected]) -> list[str]:
-    """Names exist, config tables bind to the plugin's signature with the right types, contracts match."""
+def check_selection(selected: list[Selected], hosts: HostGroup | None = None) -> list[str]:
+    """Names exist, config tables bind to the plugin's signature with the right types, contracts match.
+    A plugin provided by a host is checked and built there."""
     problems = []
     for item in selected:
+        if hosts is not None and hosts.provides(item.kind, item.name):
+            problems += [f"{item.config_key}: {item.kind} '{item.name}': {p}"
+                         for p in hosts.build(item.kind, item.name, item.config)]
+            continue
         try:
             spec = lookup(item.kind, item.name)
         except PluginRegistryError as exc:
@@ -213,60 +231,21 @@ def check_selection(selected: list[Selected]) -> list[str]:
     return problems
 
 
-def config_problems(spec: PluginSpec, config: dict[str, Any]) -> list[str]:
-    """Unknown, missing or mistyped arguments of ``config`` for the plugin's constructor or factory."""
-    signature = spec.config_signature()
-    try:
-        bound = signature.bind(**config)
-    except TypeError as exc:
-        accepted = ", ".join(f"{p.name}={p.default!r}" if p.default is not p.empty else p.name
-                             for p in signature.parameters.values()) or "no arguments"
-        return [f"{exc}; it accepts: {accepted}"]
-    try:
-        target = spec.target.__init__ if isinstance(spec.target, type) else spec.target
-        hints = typing.get_type_hints(target)
-    except Exception:  # unresolvable annotations: names and arity were still checked
-        return []
-    problems = []
-    for name, value in bound.arguments.items():
-        if name in hints and signature.parameters[name].kind not in (Parameter.VAR_KEYWORD, Parameter.VAR_POSITIONAL):
-            try:
-                TypeAdapter(hints[name]).validate_python(value)
-            except ValidationError as exc:
-                expected = getattr(hints[name], "__name__", str(hints[name]))
-                problems.append(f"{name} = {value!r} is not a valid {expected} "
-                                f"({exc.errors()[0]['msg']})")
-    return problems
-
-
-def hookimpl_problems(target: object) -> list[str]:
-    """``swiftk_*`` attributes that are not hooks, miss the @hookimpl marker, or take arguments the hook
-    does not pass (the plugin author's conformance checks, run on the class or module itself)."""
-    label = getattr(target, "__name__", type(target).__name__)
-    # A class is checked through a bare instance (no __init__ run), so its methods are bound and `self` is
-    # not mistaken for a hook argument.
-    subject = target.__new__(target) if isinstance(target, type) else target
-    _, findings = validated_hookimpls(label, subject)
-    return [f"{f.hook} {f.message}; fix: {f.fix}" for f in findings]
-
-
-def build(selected: list[Selected], loaded: list[Loaded]) -> Plugins:
-    """Instantiate the selected plugins and register them, plus every plugin module with ``@hookimpl``s."""
-    plugins = Plugins(new_manager())
+def build(selected: list[Selected], loaded: list[Loaded], hosts: HostGroup | None = None) -> Plugins:
+    """Instantiate the selected plugins and register them, plus every plugin module with ``@hookimpl``s.
+    Plugins in hosts were built by ``check_selection``; their proxies are registered here."""
+    plugins = Plugins(new_manager(), hosts=hosts)
+    if hosts is not None:
+        for (kind, name), proxy in hosts.proxies.items():
+            plugins.register(f"{kind}:{name}", proxy, None, proxy.code_hash)
+        for name, proxy in hosts.module_proxies:
+            plugins.register(f"module:{name}", proxy, None, proxy.code_hash)
     for item in selected:
+        if hosts is not None and hosts.provides(item.kind, item.name):
+            continue
         spec = lookup(item.kind, item.name)
         plugins.register(f"{item.kind}:{item.name}", spec.build(**item.config), spec.target)
     for entry in loaded:
         if has_hookimpls(entry.module):
             plugins.register(f"module:{entry.name}", entry.module, entry.module)
     return plugins
-
-
-def source_hash(obj: Any) -> str:
-    """Short hash of the file that defines ``obj`` (recorded in checkpoints and metrics)."""
-    try:
-        path = inspect.getsourcefile(obj)
-        data = Path(path).read_bytes() if path else repr(obj).encode()
-    except (TypeError, OSError):
-        data = repr(obj).encode()
-    return hashlib.sha256(data).hexdigest()[:12]

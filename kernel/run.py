@@ -49,6 +49,7 @@ from swiftk.kernel.plugins import (
     hookimpl_problems,
     load_configured,
     selection,
+    start_hosts,
     weight_decay,
 )
 from swiftk.kernel.progress import Reporter
@@ -75,19 +76,23 @@ def prepare(options: Options) -> tuple[RunConfig, Plugins]:
 
     loaded, problems = load_configured(cfg.plugins)
     problems += [f"plugins: {entry.name}: {p}" for entry in loaded for p in hookimpl_problems(entry.module)]
-    chosen = selection(cfg)
-    problems += check_selection(chosen)
     problems += check_files(cfg)
     if from_env().world_size > 1:
         problems.append("WORLD_SIZE > 1: this version trains in one process; multi-process training (DDP, FSDP, "
                         "DeepSpeed) is not built yet, so several processes would train unconnected copies")
+    hosts, host_problems = start_hosts(cfg) if not problems else (None, [])
+    problems += host_problems
+    chosen = selection(cfg)
+    problems += check_selection(chosen, hosts)
     plugins = None
     if not problems:
         try:
-            plugins = build(chosen, loaded)
+            plugins = build(chosen, loaded, hosts)
         except Exception as exc:
             problems.append(f"plugins: building the configured plugins failed: {describe(exc)}")
     if problems or plugins is None:
+        if hosts is not None:
+            hosts.close()
         locator = Locator(Path(options.config).read_text(encoding="utf-8"), Path(options.config))
         raise ConfigError([locate(p, locator) for p in problems], options.config)
     return cfg, plugins
@@ -252,6 +257,13 @@ def answer_samples(run: Run, prompts: list[str]) -> list[str]:
 def execute(options: Options) -> int:
     """``swiftk run``: returns the process exit code (0 done, 130 interrupted)."""
     cfg, plugins = prepare(options)
+    try:
+        return train_and_finish(cfg, plugins, options)
+    finally:
+        plugins.close()  # plugin hosts: no process or shared segment outlives the run
+
+
+def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
     if options.print_config:
         print(resolved_toml(cfg), end="")
         return 0
@@ -298,6 +310,8 @@ def execute(options: Options) -> int:
     reporter = Reporter(run_dir if dist.is_main else None, total_steps, cfg.log.progress, cfg.log.every)
     run = Run(cfg, run_dir, model, tokenizer, plugins, optimizer, scheduler, loader, device, dist, reporter,
               total_steps, make_autocast(cfg.train.precision, device), collate_fn, eval_samples, eval_refs)
+    if plugins.hosts is not None:  # host deaths, restarts and plugin failures go to metrics.jsonl and the console
+        plugins.hosts.sink = lambda event, fields: host_event(run, event, fields)
     run.meta = {"swiftk_version": swiftk.__version__, "world_size": dist.world_size,
                 "tuner_strategy": cfg.train.tuner_strategy, "base_fingerprint": base_fingerprint(model),
                 "config": cfg.model_dump(mode="json")}
@@ -327,6 +341,11 @@ def execute(options: Options) -> int:
 
     finish(run, options, prompts, before, say)
     return 0
+
+
+def host_event(run: Run, event: str, fields: dict[str, Any]) -> None:
+    run.reporter.event(event, step=run.step, **{k: v for k, v in fields.items() if k != "traceback"})
+    run.reporter.say(f"{event} at step {run.step}: " + " ".join(f"{k}={v}" for k, v in fields.items()))
 
 
 def restore(run: Run, path: Path) -> None:

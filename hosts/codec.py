@@ -1,0 +1,77 @@
+"""Python values <-> wire values: tensors become descriptors into shared memory, contract records become
+``Struct``s, everything else must be plain msgpack data (None, bool, int, float, str, bytes, list, dict).
+
+The kernel side (``KernelCodec``) copies tensors into its input arenas and reads results out of its output
+arenas; the host side (``HostCodec``) maps inputs read-only and writes results into the output segments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from swiftk.contracts.types import Batch, LossResult, ModelOutputs, StepState
+from swiftk.hosts.messages import Struct
+from swiftk.shm.refs import BadReference, CudaRef, TensorRef
+
+RECORD_TYPES: dict[str, type[Any]] = {cls.__name__: cls for cls in (Batch, ModelOutputs, LossResult, StepState)}
+PLAIN = (type(None), bool, int, float, str, bytes)
+
+
+class Unsendable(TypeError):
+    """A value that cannot cross a process boundary (a model, an optimizer, an open file...)."""
+
+
+def to_wire(value: Any, tensor: Callable[[torch.Tensor], Any], where: str = "value") -> Any:
+    """``value`` with every tensor replaced by ``tensor(t)`` and every contract record by a ``Struct``."""
+    if isinstance(value, PLAIN):
+        return value
+    if isinstance(value, torch.Tensor):
+        return tensor(value)
+    if isinstance(value, (list, tuple)):
+        return [to_wire(v, tensor, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        if not all(isinstance(k, str) for k in value):
+            raise Unsendable(f"{where} is a mapping with non-string keys")
+        return {k: to_wire(v, tensor, f"{where}.{k}") for k, v in value.items()}
+    if type(value).__name__ in RECORD_TYPES and isinstance(value, RECORD_TYPES[type(value).__name__]):
+        fields = {f.name: to_wire(getattr(value, f.name), tensor, f"{where}.{f.name}")
+                  for f in dataclasses.fields(value)}
+        return Struct(type(value).__name__, fields)
+    raise Unsendable(f"{where} is a {type(value).__module__}.{type(value).__qualname__}, which cannot be sent to "
+                     f"a plugin host (only tensors, the contract's records and plain data cross)")
+
+
+def from_wire(value: Any, tensor: Callable[[TensorRef | CudaRef], torch.Tensor]) -> Any:
+    """The inverse of ``to_wire``; ``BadReference`` for a descriptor or record that does not check out."""
+    if isinstance(value, (TensorRef, CudaRef)):
+        return tensor(value)
+    if isinstance(value, list):
+        return [from_wire(v, tensor) for v in value]
+    if isinstance(value, dict):
+        return {k: from_wire(v, tensor) for k, v in value.items()}
+    if isinstance(value, Struct):
+        cls = RECORD_TYPES.get(value.type)
+        if cls is None:
+            raise BadReference(f"unknown record type {value.type!r}")
+        try:
+            return cls(**{k: from_wire(v, tensor) for k, v in value.fields.items()})
+        except TypeError as exc:
+            raise BadReference(f"malformed {value.type}: {exc}") from None
+    return value
+
+
+def tensor_bytes(value: Any) -> int:
+    """Bytes the tensors in ``value`` occupy (to size the output segments before writing any)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size() + 64
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    if isinstance(value, Mapping):
+        return sum(tensor_bytes(v) for v in value.values())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return sum(tensor_bytes(getattr(value, f.name)) for f in dataclasses.fields(value))
+    return 0

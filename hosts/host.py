@@ -1,0 +1,290 @@
+"""A plugin host process: ``python -m swiftk.hosts.host``. It runs no kernel code.
+
+Lifecycle: ``initialize`` once (handshake, import the plugin sources), ``handle`` many (build, call, state),
+and a control thread that sends heartbeats and obeys ``ShutdownRequest``. It dies with the kernel: the
+parent-death signal is SIGKILL, and the control thread also exits when the kernel's pid is gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import inspect
+import math
+import os
+import resource
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+import torch
+import zmq
+
+from swiftk.contracts.conformance import config_problems, describe, hookimpl_problems
+from swiftk.contracts.markers import CONTRACT_VERSION, PROJECT_NAME
+from swiftk.contracts.registry import (
+    PluginRegistryError,
+    contract_problem,
+    has_hookimpls,
+    import_source,
+    lookup,
+    registered,
+    source_hash,
+)
+from swiftk.contracts.types import LossResult
+from swiftk.hosts import messages as m
+from swiftk.hosts.codec import from_wire, tensor_bytes, to_wire
+from swiftk.shm.cuda import CudaMapping
+from swiftk.shm.refs import CudaRef, TensorRef
+from swiftk.shm.segments import Mapping, OutputFull
+
+PR_SET_PDEATHSIG = 1
+_exit = os._exit  # bound before any plugin is imported
+
+
+def die_with_parent(parent: int) -> None:
+    """SIGKILL this process when the kernel dies, even by ``kill -9``."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the kernel died before prctl took effect
+        _exit(1)
+
+
+def shutdown(reason: str) -> None:
+    """Leave now: the kernel owns every segment, so there is nothing to flush but stdio."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    _exit(0)
+
+
+def hook_infos(obj: object) -> tuple[list[m.HookInfo], list[str]]:
+    """The ``@hookimpl`` methods of ``obj``, with the argument names the kernel must send."""
+    hooks, problems = [], []
+    for attr in sorted(dir(obj)):
+        impl = getattr(obj, attr, None)
+        opts = getattr(impl, f"{PROJECT_NAME}_impl", None)
+        if not attr.startswith("swiftk_") or opts is None:
+            continue
+        if opts.get("hookwrapper") or opts.get("wrapper"):
+            problems.append(f"{attr} is a hook wrapper, which cannot run in a plugin host")
+            continue
+        params = [p for p in inspect.signature(impl).parameters.values()
+                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        hooks.append(m.HookInfo(attr, [p.name for p in params], bool(opts.get("tryfirst")),
+                                bool(opts.get("trylast"))))
+    return hooks, problems
+
+
+class Server:
+    def __init__(self, args: argparse.Namespace, token: str) -> None:
+        self.args, self.token = args, token
+        self.context = zmq.Context()
+        self.calls = self.context.socket(zmq.PAIR)
+        self.calls.connect(args.call)
+        self.fds = socket.socket(fileno=args.fd)
+        self.fds.setblocking(False)
+        self.mapping = Mapping()
+        self.cuda = CudaMapping()
+        self.instances: dict[int, object] = {}
+        self.control = threading.Thread(target=self.watch, name="swiftk-host-control", daemon=True)
+
+    # -- control thread: heartbeats, shutdown, parent watch -------------------------------------------------
+    def watch(self) -> None:
+        beats = self.context.socket(zmq.PUSH)
+        beats.setsockopt(zmq.SNDHWM, 2)
+        beats.setsockopt(zmq.LINGER, 0)
+        beats.connect(self.args.heartbeat)
+        orders = self.context.socket(zmq.PULL)
+        orders.connect(self.args.control)
+        seq = 0
+        while True:
+            if os.getppid() != self.args.parent:
+                _exit(1)
+            try:
+                beats.send(m.encode(m.HeartbeatEvent(os.getpid(), seq, time.monotonic())), zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+            seq += 1
+            if orders.poll(int(self.args.heartbeat_interval * 1000)):
+                try:
+                    order = m.decode(orders.recv())
+                except m.ProtocolError:
+                    continue
+                if isinstance(order, m.ShutdownRequest):
+                    shutdown(order.reason)
+
+    # -- main thread ----------------------------------------------------------------------------------------
+    def serve(self) -> int:
+        self.control.start()
+        hello = m.decode(self.calls.recv())
+        if not isinstance(hello, m.HelloRequest):
+            return 2
+        self.send(self.initialize(hello))
+        while True:
+            request = m.decode(self.calls.recv())
+            self.receive_segments()
+            self.send(self.handle(request))
+
+    def send(self, message: m.Message) -> None:
+        self.calls.send(m.encode(message))
+
+    def receive_segments(self) -> None:
+        """Map every segment the kernel announced; it sends them before the request that uses them."""
+        while True:
+            try:
+                data, fds, _, _ = socket.recv_fds(self.fds, 1024, 1)
+            except BlockingIOError:
+                return
+            if not data:  # the kernel closed its end
+                _exit(1)
+            event = m.decode(data)
+            if isinstance(event, m.SegmentEvent) and fds:
+                self.mapping.attach(event.segment, fds[0], event.size, event.writable)
+
+    def initialize(self, hello: m.HelloRequest) -> m.HelloReply:
+        sources = []
+        for index, (source, name) in enumerate(zip(hello.sources, hello.names, strict=True)):
+            try:
+                module = import_source(source)
+            except BaseException as exc:
+                sources.append(m.SourceInfo(source, name, "", [], [], error=describe(exc)))
+                continue
+            specs = [s for s in registered() if getattr(s.target, "__module__", None) == module.__name__]
+            hooks: list[m.HookInfo] = []
+            if has_hookimpls(module):
+                hooks, _ = hook_infos(module)
+                self.instances[-(index + 1)] = module
+            registrations = [m.Registration(s.kind, s.name, s.contract, getattr(s.target, "__qualname__", "?"))
+                             for s in specs]
+            sources.append(m.SourceInfo(source, name, source_hash(module), registrations, hooks))
+        versions = {"python": sys.version.split()[0], "torch": torch.__version__}
+        return m.HelloReply(CONTRACT_VERSION, self.token if hello.token == self.token else "", os.getpid(),
+                            versions, sources)
+
+    def handle(self, request: m.Message) -> m.Message:
+        if isinstance(request, m.CallRequest):
+            return self.call(request)
+        if isinstance(request, m.BuildRequest):
+            return self.build(request)
+        if isinstance(request, m.StateRequest):
+            return self.state(request)
+        raise m.ProtocolError(f"a host does not handle {type(request).__name__}")
+
+    def build(self, request: m.BuildRequest) -> m.BuildReply:
+        try:
+            spec = lookup(request.kind, request.name)
+        except PluginRegistryError as exc:
+            return m.BuildReply(request.instance, [], False, [str(exc)])
+        problems = config_problems(spec, request.config)
+        problem = contract_problem(spec.contract)
+        if problem:
+            problems.append(problem)
+        if spec.is_hook_class:
+            problems += hookimpl_problems(spec.target)
+        if problems:
+            return m.BuildReply(request.instance, [], False, problems)
+        try:
+            obj = spec.build(**request.config)
+        except Exception as exc:
+            return m.BuildReply(request.instance, [], False, [f"building it failed: {describe(exc)}"])
+        hooks, problems = hook_infos(obj)
+        self.instances[request.instance] = obj
+        stateful = callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
+        return m.BuildReply(request.instance, hooks, stateful, problems)
+
+    def tensor_in(self, leaves: list[torch.Tensor]) -> Any:
+        def make(ref: TensorRef | CudaRef) -> torch.Tensor:
+            tensor = self.cuda.view(ref) if isinstance(ref, CudaRef) else self.mapping.view(ref)
+            if ref.requires_grad:
+                tensor = tensor.detach().requires_grad_()
+                leaves.append(tensor)
+            return tensor
+        return make
+
+    def tensor_out(self, tensor: torch.Tensor) -> TensorRef | CudaRef:
+        return self.cuda.put(tensor) if tensor.is_cuda else self.mapping.put(tensor)
+
+    def call(self, request: m.CallRequest) -> m.CallReply:
+        for buffer in request.cuda_buffers:
+            self.cuda.attach(buffer.buffer, buffer.handle, buffer.writable)
+        leaves: list[torch.Tensor] = []
+        try:
+            kwargs = from_wire(request.kwargs, self.tensor_in(leaves))
+            impl = getattr(self.instances[request.instance], request.hook)
+            result = impl(**kwargs)
+            grads: list[torch.Tensor | None] = []
+            if leaves:
+                loss = checked_loss(result)
+                grads = list(torch.autograd.grad(loss, leaves, allow_unused=True))
+                result = LossResult(loss.detach(), result.metrics)
+        except (Exception, SystemExit) as exc:  # the call failed; the host lives on
+            return m.CallReply(request.call_id, None, [], error=describe(exc),
+                               traceback="".join(traceback.format_exception(exc)[-6:]))
+        return self.reply(request.call_id, result, grads)
+
+    def reply(self, call_id: int, result: Any, grads: list[torch.Tensor | None]) -> m.CallReply:
+        self.mapping.reset_outputs()
+        self.cuda.reset_outputs()
+        try:
+            self.mapping.make_room(tensor_bytes([result, [g for g in grads if g is not None and not g.is_cuda]]))
+            wire = to_wire(result, self.tensor_out, "the result")
+            wire_grads = [None if g is None else self.tensor_out(g) for g in grads]
+        except OutputFull as exc:
+            return m.CallReply(call_id, None, [], needed_bytes=exc.needed)
+        except Exception as exc:
+            return m.CallReply(call_id, None, [], error=f"returned something that cannot be sent back: {exc}")
+        return m.CallReply(call_id, wire, wire_grads)
+
+    def state(self, request: m.StateRequest) -> m.StateReply:
+        obj = self.instances[request.instance]
+        try:
+            if request.load is not None:
+                obj.load_state_dict(from_wire(request.load, self.tensor_in([])))  # type: ignore[attr-defined]
+                return m.StateReply(request.instance, None)
+            self.mapping.reset_outputs()
+            state = obj.state_dict()  # type: ignore[attr-defined]
+            self.mapping.make_room(tensor_bytes(state))
+            return m.StateReply(request.instance, to_wire(state, self.tensor_out, "the state"))
+        except Exception as exc:
+            return m.StateReply(request.instance, None, error=describe(exc))
+
+
+def checked_loss(result: Any) -> torch.Tensor:
+    """The loss contract, checked where the loss ran (the kernel re-checks what arrives)."""
+    loss = getattr(result, "loss", None)
+    if not isinstance(result, LossResult) or not isinstance(loss, torch.Tensor):
+        raise TypeError(f"returned {type(result).__name__}; expected a LossResult")
+    if loss.dim() != 0:
+        raise ValueError(f"returned shape {list(loss.shape)}; expected a 0-dim loss")
+    if not loss.requires_grad:
+        raise ValueError("returned a loss that does not require grad (computed under no_grad or from detached "
+                         "tensors?)")
+    if not math.isfinite(float(loss.detach())):
+        raise ValueError(f"returned a non-finite loss ({float(loss.detach())})")
+    return loss
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="swiftk-host", description="serve one or more plugins for a kernel")
+    parser.add_argument("--call", required=True)
+    parser.add_argument("--heartbeat", required=True)
+    parser.add_argument("--control", required=True)
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--parent", type=int, required=True)
+    parser.add_argument("--heartbeat-interval", type=float, default=0.5)
+    parser.add_argument("--memory-mb", type=int, default=0)
+    args = parser.parse_args(argv)
+    die_with_parent(args.parent)
+    if args.memory_mb:
+        limit = args.memory_mb << 20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    token = os.environ.pop("SWIFTK_HOST_TOKEN", "")
+    return Server(args, token).serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""Every message between the kernel and a plugin host, as typed records, and their msgpack encoding.
+
+A frame is ``[TAG, {field: value}]``. Tensors travel as ``TensorRef`` / ``CudaRef`` descriptors (msgpack
+extension types), never as bytes; the contract's records (``Batch``, ``StepState``...) travel as ``Struct``.
+``decode`` trusts nothing: any frame that is not exactly one of these records, with fields of the declared
+types, raises ``ProtocolError`` (the kernel then treats the host as broken).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Union, get_args, get_origin
+
+import msgpack
+
+from swiftk.shm.refs import CudaRef, TensorRef
+
+MAX_FRAME = 64 << 20  # a control message is small; tensors never travel inside one
+EXT_TENSOR, EXT_CUDA, EXT_STRUCT = 1, 2, 3
+
+
+class ProtocolError(Exception):
+    """A frame that is not a well-formed message (garbage, truncated, wrong types, too large)."""
+
+
+@dataclass(frozen=True)
+class Struct:
+    """One of the contract's records (``Batch``, ``ModelOutputs``, ``LossResult``, ``StepState``) by type name."""
+
+    type: str
+    fields: dict[str, Any]
+
+
+# -- handshake ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HelloRequest:
+    contract_version: str
+    token: str  # secret from the host's environment: proves the peer is the host this kernel spawned
+    sources: list[str]  # plugin files or modules to import
+    names: list[str]  # the config's name for each source
+
+
+@dataclass(frozen=True)
+class Registration:
+    kind: str
+    name: str
+    contract: str | None
+    target: str  # qualified name, for messages
+
+
+@dataclass(frozen=True)
+class HookInfo:
+    name: str
+    argnames: list[str]
+    tryfirst: bool = False
+    trylast: bool = False
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    source: str
+    name: str
+    code_hash: str
+    registrations: list[Registration]
+    module_hooks: list[HookInfo]  # the module's own @hookimpl functions (instance id = its index + 1, negated)
+    error: str | None = None  # the import failed
+
+
+@dataclass(frozen=True)
+class HelloReply:
+    contract_version: str
+    token: str
+    pid: int
+    versions: dict[str, str]  # python, torch
+    sources: list[SourceInfo]
+
+
+# -- plugins -----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BuildRequest:
+    instance: int  # the kernel's id for the built object
+    kind: str
+    name: str
+    config: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class BuildReply:
+    instance: int
+    hooks: list[HookInfo]
+    stateful: bool  # has state_dict / load_state_dict
+    problems: list[str]
+
+
+@dataclass(frozen=True)
+class CudaBufferEvent:
+    buffer: int
+    handle: list[Any]  # see shm.cuda.share_handle
+    writable: bool
+
+
+@dataclass(frozen=True)
+class CallRequest:
+    call_id: int
+    instance: int
+    hook: str
+    kwargs: dict[str, Any]  # wire values: scalars, lists, dicts, TensorRef, CudaRef, Struct
+    cuda_buffers: list[CudaBufferEvent] = field(default_factory=list)  # to open before reading kwargs
+
+
+@dataclass(frozen=True)
+class CallReply:
+    call_id: int  # echoes CallRequest.call_id
+    result: Any  # wire value; tensors written into slots the kernel allocated
+    grads: list[Any]  # TensorRef | CudaRef | None per differentiable input, in the order they were sent
+    error: str | None = None  # set: the call failed, the host lives on
+    traceback: str | None = None
+    needed_bytes: int = 0  # set: the output segments were too small; grow them and call again
+
+
+@dataclass(frozen=True)
+class StateRequest:
+    instance: int
+    load: Any = None  # None: return the state; otherwise the state to load
+
+
+@dataclass(frozen=True)
+class StateReply:
+    instance: int
+    state: Any
+    error: str | None = None
+
+
+# -- control channel ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HeartbeatEvent:
+    pid: int
+    seq: int
+    sent_at: float  # time.monotonic() in the host (one clock per machine)
+
+
+@dataclass(frozen=True)
+class ShutdownRequest:
+    reason: str
+
+
+@dataclass(frozen=True)
+class SegmentEvent:
+    """Sent with a file descriptor (SCM_RIGHTS) on the host's Unix socket: a new shared segment."""
+
+    segment: int
+    size: int
+    writable: bool
+
+
+Message = (HelloRequest | HelloReply | BuildRequest | BuildReply | CallRequest | CallReply | StateRequest
+           | StateReply | HeartbeatEvent | ShutdownRequest | SegmentEvent)
+RECORDS: dict[str, type[Any]] = {cls.__name__: cls for cls in get_args(Message)}
+NESTED: dict[type[Any], str] = {cls: cls.__name__ for cls in (Registration, HookInfo, SourceInfo, CudaBufferEvent)}
+
+
+def encode(message: Message) -> bytes:
+    return msgpack.packb([type(message).__name__, _fields(message)], default=_default, use_bin_type=True)
+
+
+def _fields(record: Any) -> dict[str, Any]:
+    return {f.name: _plain(getattr(record, f.name)) for f in dataclasses.fields(record)}
+
+
+def _plain(value: Any) -> Any:
+    if type(value) in NESTED:
+        return _fields(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, TensorRef):
+        return msgpack.ExtType(EXT_TENSOR, msgpack.packb(
+            [obj.segment, obj.offset, obj.dtype, list(obj.shape), obj.requires_grad]))
+    if isinstance(obj, CudaRef):
+        return msgpack.ExtType(EXT_CUDA, msgpack.packb(
+            [obj.buffer, obj.offset, obj.dtype, list(obj.shape), obj.requires_grad]))
+    if isinstance(obj, Struct):
+        return msgpack.ExtType(EXT_STRUCT, msgpack.packb([obj.type, obj.fields], default=_default,
+                                                          use_bin_type=True))
+    if isinstance(obj, tuple):
+        return list(obj)
+    raise TypeError(f"{type(obj).__name__} cannot be sent to a plugin host")
+
+
+def _unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, ext_hook=_ext, raw=False, strict_map_key=True)
+
+
+def _ext(code: int, data: bytes) -> Any:
+    if code in (EXT_TENSOR, EXT_CUDA):
+        fields = _unpack(data)
+        if not (isinstance(fields, list) and len(fields) == 5):
+            raise ProtocolError("a tensor descriptor is not [segment, offset, dtype, shape, requires_grad]")
+        where, offset, dtype, shape, grad = fields
+        if not (_is_int(where) and _is_int(offset) and isinstance(dtype, str) and isinstance(shape, list)
+                and all(_is_int(d) for d in shape) and isinstance(grad, bool)):
+            raise ProtocolError(f"a tensor descriptor has wrong field types: {fields!r:.200}")
+        cls = TensorRef if code == EXT_TENSOR else CudaRef
+        return cls(where, offset, dtype, tuple(shape), grad)
+    if code == EXT_STRUCT:
+        fields = _unpack(data)
+        if not (isinstance(fields, list) and len(fields) == 2 and isinstance(fields[0], str)
+                and isinstance(fields[1], dict)):
+            raise ProtocolError("a struct is not [type, {fields}]")
+        return Struct(fields[0], fields[1])
+    raise ProtocolError(f"unknown msgpack extension type {code}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def decode(frame: bytes) -> Message:
+    """The record ``frame`` holds; ``ProtocolError`` for anything else."""
+    if len(frame) > MAX_FRAME:
+        raise ProtocolError(f"frame of {len(frame)} bytes exceeds the {MAX_FRAME}-byte limit")
+    try:
+        data = _unpack(frame)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises several types for garbage and truncation
+        raise ProtocolError(f"undecodable frame ({type(exc).__name__}: {exc})") from None
+    if not (isinstance(data, list) and len(data) == 2 and isinstance(data[0], str) and isinstance(data[1], dict)):
+        raise ProtocolError(f"a frame must be [TAG, {{fields}}], got {type(data).__name__}")
+    tag, fields = data
+    if tag not in RECORDS:
+        raise ProtocolError(f"unknown message type {tag!r:.80}")
+    return _record(RECORDS[tag], fields)  # type: ignore[no-any-return]
+
+
+def _record(cls: type[Any], fields: Any) -> Any:
+    if not isinstance(fields, dict):
+        raise ProtocolError(f"{cls.__name__}: expected a map of fields")
+    hints = _hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(fields) - known
+    if unknown:
+        raise ProtocolError(f"{cls.__name__}: unknown fields {sorted(map(str, unknown))}")
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in fields:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ProtocolError(f"{cls.__name__}: missing field {f.name!r}")
+            continue
+        values[f.name] = _typed(fields[f.name], hints[f.name], f"{cls.__name__}.{f.name}")
+    return cls(**values)
+
+
+_HINTS: dict[type[Any], dict[str, Any]] = {}
+
+
+def _hints(cls: type[Any]) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _typed(value: Any, hint: Any, where: str) -> Any:
+    """``value`` checked against ``hint`` (nested records built); ``ProtocolError`` naming ``where``."""
+    if hint is Any:
+        return value
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        for option in get_args(hint):
+            try:
+                return _typed(value, option, where)
+            except ProtocolError:
+                continue
+        raise ProtocolError(f"{where}: {type(value).__name__} is not {hint}")
+    if hint is type(None):
+        if value is None:
+            return None
+    elif origin is list:
+        if isinstance(value, list):
+            (item,) = get_args(hint)
+            return [_typed(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict):
+            _, item = get_args(hint)
+            return {k: _typed(v, item, f"{where}.{k}") for k, v in value.items() if isinstance(k, str)}
+    elif hint in NESTED:
+        return _record(hint, value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is int:
+        if _is_int(value):
+            return value
+    elif isinstance(hint, type) and isinstance(value, hint):
+        return value
+    raise ProtocolError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {type(value).__name__}")

@@ -1,0 +1,172 @@
+"""The stand-in the kernel registers for a plugin that runs in a host: same hooks, same argument names, so
+pluggy (and the step loop) cannot tell it from a local plugin. It applies the plugin's failure policy.
+
+A remote loss returns its value and the gradient with respect to the tensors it was sent; ``RemoteLoss``
+puts that into the autograd graph, so ``loss.backward()`` flows into the model as if the loss were local.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from swiftk.contracts import hookspecs
+from swiftk.contracts.errors import HostDeadError, PluginError
+from swiftk.contracts.markers import hookimpl
+from swiftk.contracts.types import LossResult
+from swiftk.hosts import messages as m
+from swiftk.hosts.supervisor import EventSink, Host
+
+LOSS_HOOK = "swiftk_loss_compute"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a failed call does to the run: ``fail`` (raise), ``skip`` (no result; a loss contributes no
+    gradient), ``retry`` (once more, restarting a dead host, then fail) or ``fallback`` (return ``fallback``).
+    After ``max_failures`` failures within ``window_s`` the plugin is quarantined: it is not called again and
+    every later call gets the policy's outcome."""
+
+    on_failure: str = "fail"
+    fallback: Any = None
+    deadline_s: float = 30.0
+    max_failures: int = 3
+    window_s: float = 300.0
+
+
+class RemoteLoss(torch.autograd.Function):
+    """A loss computed elsewhere: forward returns its value, backward the gradients the host computed."""
+
+    @staticmethod
+    def forward(ctx: Any, value: torch.Tensor, grads: list[torch.Tensor | None], *inputs: torch.Tensor
+                ) -> torch.Tensor:
+        ctx.grads = grads
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grads = [None if g is None else g * grad_output for g in ctx.grads]
+        return (None, None, *grads)
+
+
+class RemotePlugin:
+    """Forwards hook calls to ``instance`` in ``host``; subclassed per plugin with one method per hook."""
+
+    def __init__(self, host: Host, instance: int, label: str, policy: Policy, code_hash: str,
+                 events: EventSink) -> None:
+        self.host, self.instance, self.label, self.policy = host, instance, label, policy
+        self.code_hash, self.events = code_hash, events
+        self.failures: deque[float] = deque()
+        self.quarantined: PluginError | None = None
+
+    def __repr__(self) -> str:
+        return f"<{self.label} in host pid {self.host.pid}>"
+
+    def invoke(self, hook: str, kwargs: dict[str, Any]) -> Any:
+        if self.quarantined is not None:
+            return self.outcome(hook, kwargs, self.quarantined)
+        attempts = 2 if self.policy.on_failure == "retry" else 1
+        error: PluginError | None = None
+        for _ in range(attempts):
+            try:
+                return self.forward(hook, kwargs)
+            except PluginError as exc:
+                error = exc
+                self.failed(hook, exc)
+                if self.quarantined is not None:
+                    break
+        assert error is not None
+        return self.outcome(hook, kwargs, error)
+
+    def forward(self, hook: str, kwargs: dict[str, Any]) -> Any:
+        differentiate = hook == LOSS_HOOK and torch.is_grad_enabled()
+        call = self.host.call(self.instance, hook, kwargs, self.policy.deadline_s, differentiate)
+        if not differentiate:
+            return call.result
+        result = call.result
+        if not isinstance(result, LossResult):
+            raise PluginError(self.label, hook, f"returned {type(result).__name__}; expected a LossResult")
+        if not call.grad_inputs:
+            raise PluginError(self.label, hook, "was given no tensor that requires grad")
+        loss = RemoteLoss.apply(result.loss, call.grads, *call.grad_inputs)
+        return LossResult(loss, result.metrics)
+
+    def failed(self, hook: str, error: PluginError) -> None:
+        now = time.monotonic()
+        self.failures.append(now)
+        while self.failures and now - self.failures[0] > self.policy.window_s:
+            self.failures.popleft()
+        kind = "host_dead" if isinstance(error, HostDeadError) else "error"
+        self.events("plugin_failed", {"plugin": self.label, "hook": hook, "kind": kind, "error": str(error),
+                                      "policy": self.policy.on_failure})
+        if len(self.failures) >= self.policy.max_failures:
+            self.quarantined = PluginError(self.label, hook, f"is quarantined after {len(self.failures)} failures "
+                                           f"within {self.policy.window_s:g} s; last: {error}")
+            self.events("plugin_quarantined", {"plugin": self.label, "hook": hook, "failures": len(self.failures),
+                                               "policy": self.policy.on_failure})
+
+    def outcome(self, hook: str, kwargs: dict[str, Any], error: PluginError) -> Any:
+        """The policy's answer to a call that failed (or was not made: quarantine)."""
+        policy = self.policy.on_failure
+        if policy in ("fail", "retry"):
+            raise error
+        value = self.policy.fallback if policy == "fallback" else None
+        if hook == LOSS_HOOK:  # a loss that cannot be computed contributes nothing to the update
+            outputs = kwargs.get("outputs")
+            device = outputs.logits.device if outputs is not None else torch.device("cpu")
+            loss = torch.tensor(float(value or 0.0), device=device, requires_grad=True)
+            return LossResult(loss, {"loss_skipped": 1.0})
+        return value
+
+
+class StatefulRemotePlugin(RemotePlugin):
+    """A remote plugin with ``state_dict``/``load_state_dict``: its state is saved in the run's checkpoints."""
+
+    def state_dict(self) -> Any:
+        """The remote state; under a policy other than ``fail``, a failure saves None instead of the state
+        (the checkpoint is still written: a plugin failure never costs the run its checkpoint)."""
+        try:
+            return self.host.state(self.instance)
+        except PluginError as exc:
+            if self.policy.on_failure in ("fail", "retry"):
+                raise
+            self.failed("state_dict", exc)
+            return None
+
+    def load_state_dict(self, state: Any) -> None:
+        if state is not None:
+            self.host.state(self.instance, load=state)
+
+
+def make_proxy(host: Host, instance: int, label: str, hooks: list[m.HookInfo], stateful: bool, policy: Policy,
+               code_hash: str, events: EventSink) -> RemotePlugin:
+    """A ``RemotePlugin`` whose class has one ``@hookimpl`` method per remote hook, with the remote argument
+    names (pluggy passes a hook implementation exactly the arguments it names)."""
+    methods: dict[str, Any] = {hook.name: forwarding_method(hook) for hook in hooks}
+    base = StatefulRemotePlugin if stateful else RemotePlugin
+    cls = type(f"Remote_{label.replace(':', '_')}", (base,), methods)
+    proxy: RemotePlugin = cls(host, instance, label, policy, code_hash, events)
+    return proxy
+
+
+def forwarding_method(info: m.HookInfo) -> Any:
+    """A method named like the hook, taking exactly the remote implementation's arguments (pluggy reads the
+    names from the function's code, so it is compiled here, from names checked against the hookspec)."""
+    spec = getattr(hookspecs, info.name, None)
+    if not info.name.startswith("swiftk_") or spec is None:
+        raise PluginError("?", info.name, "is not a swiftk hook (reported by a plugin host)")
+    allowed = set(inspect.signature(spec).parameters)
+    names = list(info.argnames)
+    if not set(names) <= allowed or len(set(names)) != len(names):
+        raise PluginError("?", info.name, f"takes {names}, but the hook passes only {sorted(allowed)}")
+    arguments = ", ".join(names)
+    source = (f"def {info.name}(self{', ' if names else ''}{arguments}):\n"
+              f"    return self.invoke({info.name!r}, {{{', '.join(f'{n!r}: {n}' for n in names)}}})\n")
+    namespace: dict[str, Any] = {}
+    exec(compile(source, f"<swiftk proxy {info.name}>", "exec"), namespace)  # names checked above
+    return hookimpl(tryfirst=info.tryfirst, trylast=info.trylast)(namespace[info.name])

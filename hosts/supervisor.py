@@ -1,0 +1,425 @@
+"""The kernel's side of a plugin host: spawn, handshake, calls with deadlines and heartbeats, restart with
+backoff, and shutdown that escalates request -> SIGTERM -> SIGKILL. No process or segment outlives it.
+
+The host is spawned (``python -m swiftk.hosts.host``, never forked: forking after torch started threads
+deadlocks), in its own session so that a kill reaches whatever the plugin started. It talks over three zmq
+``ipc://`` sockets in the abstract namespace (nothing on disk to leak): calls (PAIR), heartbeats (PULL,
+conflated: only the newest matters) and orders (PUSH); shared-segment descriptors go over a Unix socket.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import zmq
+
+from swiftk.contracts.errors import HostDeadError, PluginError
+from swiftk.contracts.markers import CONTRACT_VERSION
+from swiftk.hosts import messages as m
+from swiftk.hosts.codec import Unsendable, from_wire, to_wire
+from swiftk.shm.cuda import CudaArena
+from swiftk.shm.refs import BadReference, CudaRef, TensorRef
+from swiftk.shm.segments import Arena, Segment
+
+EventSink = Callable[[str, dict[str, Any]], None]
+OUTPUT_IDS = 1 << 20  # output segments and buffers are numbered from here, inputs from 0
+_SPAWNED = itertools.count()
+
+
+@dataclass(frozen=True)
+class HostSettings:
+    """``[hosts]``: supervision timings shared by every host."""
+
+    heartbeat_interval_s: float = 0.5
+    heartbeat_timeout_s: float = 10.0
+    start_timeout_s: float = 60.0
+    restart_backoff_s: float = 1.0
+    max_backoff_s: float = 30.0
+    shutdown_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """One host process: the plugin sources it imports (one, or a config ``group``) and its memory limit."""
+
+    label: str
+    sources: list[str]
+    names: list[str]
+    memory_mb: int | None = None
+
+
+class HostStartError(Exception):
+    """A host did not start or did not complete the handshake."""
+
+
+def console(event: str, fields: dict[str, Any]) -> None:
+    """The default event sink: one line on stderr."""
+    detail = " ".join(f"{k}={v}" for k, v in fields.items() if k not in ("traceback",))
+    print(f"swiftk: {event}: {detail}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Call:
+    """What a call returned: the decoded result, the gradients, and the inputs they belong to."""
+
+    result: Any
+    grads: list[torch.Tensor | None] = field(default_factory=list)
+    grad_inputs: list[torch.Tensor] = field(default_factory=list)
+
+
+class Host:
+    """One plugin host process, as the kernel sees it."""
+
+    def __init__(self, spec: HostSpec, settings: HostSettings, context: zmq.Context[Any],
+                 events: EventSink = console) -> None:
+        self.spec, self.settings, self.context, self.events = spec, settings, context, events
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.hello: m.HelloReply | None = None
+        self.builds: dict[int, m.BuildRequest] = {}
+        self.inputs = Arena(host_writable=False, announce=lambda s: None)
+        self.outputs = Arena(host_writable=True, announce=lambda s: None, first_id=OUTPUT_IDS)
+        self.cuda_inputs: dict[torch.device, CudaArena] = {}
+        self.cuda_outputs: dict[torch.device, CudaArena] = {}
+        self.cuda_handles: dict[int, tuple[list[Any], bool]] = {}
+        self.announced: set[int] = set()
+        self.call_ids = itertools.count(1)
+        self.deaths = 0  # consecutive, reset by a successful call
+        self.dead_at = 0.0
+        self.last_beat = 0.0
+        self.closed = False
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    # -- start ----------------------------------------------------------------------------------------------
+    def spawn(self) -> None:
+        base = f"ipc://@swiftk-{os.getpid()}-{next(_SPAWNED)}-{secrets.token_hex(4)}"
+        self.calls = self.context.socket(zmq.PAIR)
+        self.beats = self.context.socket(zmq.PULL)
+        self.beats.setsockopt(zmq.CONFLATE, 1)
+        self.orders = self.context.socket(zmq.PUSH)
+        for sock, suffix in ((self.calls, "call"), (self.beats, "hb"), (self.orders, "ctl")):
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.bind(f"{base}-{suffix}")
+        self.fds, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.token = secrets.token_hex(16)
+        command = [sys.executable, "-m", "swiftk.hosts.host", "--call", f"{base}-call", "--heartbeat",
+                   f"{base}-hb", "--control", f"{base}-ctl", "--fd", str(child.fileno()), "--parent",
+                   str(os.getpid()), "--heartbeat-interval", str(self.settings.heartbeat_interval_s)]
+        if self.spec.memory_mb:
+            command += ["--memory-mb", str(self.spec.memory_mb)]
+        # Passive OpenMP waits: a host that spins after its call would steal the cores the kernel needs next.
+        env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "SWIFTK_HOST_TOKEN": self.token}
+        self.proc = subprocess.Popen(command, pass_fds=(child.fileno(),), env=env, start_new_session=True)
+        child.close()
+        self.announced.clear()
+        self.last_beat = time.monotonic()
+
+    def handshake(self) -> m.HelloReply:
+        """Send the hello and check the reply: same contract version, the token this kernel gave the host."""
+        self.calls.send(m.encode(m.HelloRequest(CONTRACT_VERSION, self.token, self.spec.sources,
+                                                self.spec.names)))
+        reply = self.receive(self.settings.start_timeout_s, "the handshake", starting=True)
+        if not isinstance(reply, m.HelloReply):
+            raise HostStartError(f"host '{self.spec.label}' answered the handshake with {type(reply).__name__}")
+        if reply.token != self.token:
+            raise HostStartError(f"host '{self.spec.label}' answered with the wrong token: another process is "
+                                 f"on its socket")
+        if reply.contract_version != CONTRACT_VERSION:
+            raise HostStartError(
+                f"host '{self.spec.label}' implements contract {reply.contract_version} but this kernel "
+                f"{CONTRACT_VERSION}: both must run the same swiftk (check the interpreter the host uses)")
+        self.hello = reply
+        return reply
+
+    def start(self) -> m.HelloReply:
+        self.spawn()
+        try:
+            return self.handshake()
+        except (HostStartError, HostDeadError):
+            self.kill("failed to start")
+            raise
+
+    def restart(self, reason: str) -> None:
+        """Start a fresh host after a death, waiting out the backoff, and rebuild its plugins."""
+        delay = min(self.settings.restart_backoff_s * 2 ** max(self.deaths - 1, 0), self.settings.max_backoff_s)
+        wait = self.dead_at + delay - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        self.start()
+        for request in self.builds.values():
+            reply = self.request(request, self.settings.start_timeout_s, "rebuilding its plugins")
+            if not isinstance(reply, m.BuildReply) or reply.problems:
+                self.kill("its plugins no longer build")
+                raise HostDeadError(self.spec.label, "restart", f"could not rebuild '{request.name}' after a "
+                                    f"restart: {getattr(reply, 'problems', reply)}")
+        self.events("host_restart", {"host": self.spec.label, "pid": self.pid, "reason": reason,
+                                     "attempt": self.deaths, "after_s": round(delay, 2)})
+
+    # -- requests -------------------------------------------------------------------------------------------
+    def build(self, request: m.BuildRequest) -> m.BuildReply:
+        reply = self.request(request, self.settings.start_timeout_s, "building a plugin")
+        if not isinstance(reply, m.BuildReply) or reply.instance != request.instance:
+            self.kill("answered a build with the wrong message")
+            raise HostDeadError(self.spec.label, "build", "answered a build request with the wrong message")
+        if not reply.problems:
+            self.builds[request.instance] = request
+        return reply
+
+    def request(self, message: m.Message, timeout_s: float, what: str) -> m.Message:
+        self.ensure_running(what)
+        self.calls.send(m.encode(message))
+        return self.receive(timeout_s, what)
+
+    def ensure_running(self, what: str) -> None:
+        if self.closed:
+            raise HostDeadError(self.spec.label, what, "is shut down")
+        if self.proc is None:
+            try:
+                self.restart(f"{what} needed it")
+            except (HostStartError, HostDeadError) as exc:
+                self.dead_at, self.deaths = time.monotonic(), self.deaths + 1
+                raise HostDeadError(self.spec.label, what, f"could not be restarted: {exc}") from exc
+        self.check_alive(what)
+
+    def call(self, instance: int, hook: str, kwargs: dict[str, Any], deadline_s: float,
+             differentiate: bool = False) -> Call:
+        """Run ``hook`` on ``instance`` in the host; tensors go by reference, results come back copied."""
+        label = self.plugin_label(instance)
+        self.ensure_running(hook)
+        for _ in range(2):  # a second time only when the output segments had to grow
+            wire, grad_inputs, cuda_events = self.encode(kwargs, differentiate, label, hook)
+            call_id = next(self.call_ids)
+            self.sync_segments()
+            self.calls.send(m.encode(m.CallRequest(call_id, instance, hook, wire, cuda_events)))
+            reply = self.receive(deadline_s, hook, label=label, deadline=True)
+            if not isinstance(reply, m.CallReply) or reply.call_id != call_id:
+                self.kill("answered out of turn")
+                raise HostDeadError(label, hook, f"(host pid {self.pid}) answered call {call_id} with "
+                                    f"{type(reply).__name__}; the host was killed")
+            if reply.needed_bytes:
+                self.outputs.reserve(reply.needed_bytes)
+                continue
+            if reply.error is not None:
+                raise RemoteError(label, hook, f"raised {reply.error} (in its host, pid {self.pid})",
+                                  reply.traceback)
+            self.deaths = 0
+            try:
+                result = from_wire(reply.result, self.tensor_out)
+                grads = [None if g is None else self.tensor_out(g) for g in reply.grads]
+            except BadReference as exc:
+                self.kill("sent a bad tensor reference")
+                raise HostDeadError(label, hook, f"sent a bad tensor reference ({exc}); the host was killed") from None
+            if differentiate and len(grads) != len(grad_inputs):
+                raise PluginError(label, hook, f"returned {len(grads)} gradients for {len(grad_inputs)} inputs")
+            return Call(result, grads, grad_inputs)
+        raise PluginError(label, hook, "needed more output space twice in a row")
+
+    def state(self, instance: int, load: Any = None) -> Any:
+        label = self.plugin_label(instance)
+        wire = None if load is None else self.encode(load, False, label, "load_state_dict")[0]
+        self.sync_segments()
+        reply = self.request(m.StateRequest(instance, wire), self.settings.start_timeout_s, "state_dict")
+        if not isinstance(reply, m.StateReply):
+            self.kill("answered a state request with the wrong message")
+            raise HostDeadError(label, "state_dict", "answered a state request with the wrong message")
+        if reply.error is not None:
+            raise PluginError(label, "load_state_dict" if load is not None else "state_dict",
+                              f"raised {reply.error}")
+        try:
+            return from_wire(reply.state, self.tensor_out)
+        except BadReference as exc:
+            raise PluginError(label, "state_dict", f"sent a bad tensor reference ({exc})") from None
+
+    def plugin_label(self, instance: int) -> str:
+        request = self.builds.get(instance)
+        if request is not None:
+            return f"{request.kind}:{request.name}"
+        if self.hello is not None and -instance - 1 < len(self.hello.sources):
+            return f"module:{self.hello.sources[-instance - 1].name}"
+        return self.spec.label
+
+    # -- tensors --------------------------------------------------------------------------------------------
+    def encode(self, value: Any, differentiate: bool, label: str, hook: str
+               ) -> tuple[Any, list[torch.Tensor], list[m.CudaBufferEvent]]:
+        self.inputs.reset()
+        for arena in self.cuda_inputs.values():
+            arena.reset()
+        grad_inputs: list[torch.Tensor] = []
+        grad_bytes: dict[torch.device, int] = {}
+
+        def tensor(t: torch.Tensor) -> TensorRef | Any:
+            needs = differentiate and t.requires_grad and t.is_floating_point()
+            if needs:
+                grad_inputs.append(t)
+                grad_bytes[t.device] = grad_bytes.get(t.device, 0) + t.numel() * t.element_size() + 64
+            if t.is_cuda:
+                return self.cuda_arena(self.cuda_inputs, t.device, 0).put(t, needs)
+            return self.inputs.put(t, needs)
+
+        try:
+            wire = to_wire(value, tensor, "argument")
+        except Unsendable as exc:
+            raise PluginError(label, hook, f"cannot run in a plugin host: {exc}") from None
+        for device, nbytes in grad_bytes.items():  # the gradients come back in output slots sized up front
+            if device.type == "cuda":
+                self.cuda_arena(self.cuda_outputs, device, OUTPUT_IDS).reserve(nbytes + (1 << 20))
+            else:
+                self.outputs.reserve(nbytes + (1 << 20))
+        if not self.outputs.segments:
+            self.outputs.reserve(1 << 20)
+        events = [m.CudaBufferEvent(buffer, handle, writable) for buffer, (handle, writable)
+                  in self.cuda_handles.items() if buffer not in self.announced]
+        self.announced.update(e.buffer for e in events)
+        return wire, grad_inputs, events
+
+    def cuda_arena(self, arenas: dict[torch.device, CudaArena], device: torch.device, first_id: int) -> CudaArena:
+        if device not in arenas:
+            writable = arenas is self.cuda_outputs
+            start = first_id + 1000 * (device.index or 0) + 100_000 * (1 if not writable else 0)
+
+            def announce(buffer: int, handle: list[Any]) -> None:
+                self.cuda_handles[buffer] = (handle, writable)
+
+            arenas[device] = CudaArena(device, announce, start)
+        return arenas[device]
+
+    def tensor_out(self, ref: TensorRef | CudaRef) -> torch.Tensor:
+        if isinstance(ref, CudaRef):
+            for arena in self.cuda_outputs.values():
+                if any(buffer == ref.buffer for buffer, _ in arena.buffers):
+                    return arena.view(ref).clone()
+            raise BadReference(f"CUDA result names buffer {ref.buffer}, which is not an output buffer")
+        if ref.segment < OUTPUT_IDS:
+            raise BadReference(f"result names input segment {ref.segment}")
+        return self.outputs.view(ref).clone()
+
+    def sync_segments(self) -> None:
+        """Send the host every segment it has not seen (all of them after a restart), before the request."""
+        for segment in (*self.inputs.segments, *self.outputs.segments):
+            if segment.id not in self.announced:
+                self.send_segment(segment)
+                self.announced.add(segment.id)
+
+    def send_segment(self, segment: Segment) -> None:
+        fd = segment.host_fd()
+        try:
+            event = m.encode(m.SegmentEvent(segment.id, segment.size, segment.host_writable))
+            socket.send_fds(self.fds, [event], [fd])
+        finally:
+            os.close(fd)
+
+    # -- supervision ----------------------------------------------------------------------------------------
+    def receive(self, timeout_s: float, what: str, label: str | None = None, deadline: bool = False,
+                starting: bool = False) -> m.Message:
+        """The host's next message, watching its process, heartbeats and the deadline while waiting."""
+        label = label or self.spec.label
+        end = time.monotonic() + timeout_s
+        while True:
+            remaining = end - time.monotonic()
+            if self.calls.poll(max(1, int(min(remaining, self.settings.heartbeat_interval_s) * 1000))):
+                frame = self.calls.recv()
+                try:
+                    return m.decode(frame)
+                except m.ProtocolError as exc:
+                    self.kill(f"sent a malformed message: {exc}")
+                    raise HostDeadError(label, what, f"(host pid {self.pid}) sent a malformed message ({exc}); "
+                                        f"the host was killed") from None
+            self.check_alive(what, label, starting)
+            if time.monotonic() >= end:
+                pid = self.pid
+                key = "deadline_s" if deadline else "[hosts] start_timeout_s"
+                self.kill(f"{what} missed its {timeout_s:g} s deadline")
+                raise HostDeadError(label, what, f"did not answer within {timeout_s:g} s (see {key}); its host "
+                                    f"(pid {pid}) was killed and restarts on the next call")
+
+    def check_alive(self, what: str, label: str | None = None, starting: bool = False) -> None:
+        label = label or self.spec.label
+        assert self.proc is not None
+        code = self.proc.poll()
+        if code is not None:
+            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+            pid = self.proc.pid
+            self.kill(how)
+            raise HostDeadError(label, what, f"failed: its host (pid {pid}) {how}")
+        while self.beats.poll(0):
+            try:
+                beat = m.decode(self.beats.recv())
+            except m.ProtocolError:
+                continue
+            if isinstance(beat, m.HeartbeatEvent):
+                self.last_beat = time.monotonic()
+        silent = time.monotonic() - self.last_beat
+        if not starting and silent > self.settings.heartbeat_timeout_s:
+            pid = self.pid
+            self.kill(f"missed heartbeats for {silent:.1f} s")
+            raise HostDeadError(label, what, f"failed: its host (pid {pid}) missed heartbeats for {silent:.1f} s; see "
+                                f"[hosts] heartbeat_timeout_s")
+
+    def kill(self, reason: str) -> None:
+        """SIGKILL the host's whole session now and forget its sockets (segments stay for the next host)."""
+        if self.proc is None:
+            return
+        pid = self.proc.pid
+        self.signal_group(signal.SIGKILL)
+        self.proc.wait()
+        self.proc = None
+        self.close_sockets()
+        self.deaths += 1
+        self.dead_at = time.monotonic()
+        self.events("host_dead", {"host": self.spec.label, "pid": pid, "reason": reason})
+
+    def signal_group(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def close_sockets(self) -> None:
+        for sock in (self.calls, self.beats, self.orders):
+            sock.close(linger=0)
+        self.fds.close()
+
+    def shutdown(self) -> None:
+        """Ask the host to leave, then SIGTERM, then SIGKILL, logging each escalation; free every segment."""
+        self.closed = True
+        if self.proc is not None:
+            proc, pid, wait_s = self.proc, self.proc.pid, self.settings.shutdown_timeout_s
+            self.orders.send(m.encode(m.ShutdownRequest("the run is over")), zmq.NOBLOCK)
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    proc.wait(wait_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    self.events("host_shutdown", {"host": self.spec.label, "pid": pid,
+                                                  "escalation": sig.name, "after_s": wait_s})
+                    self.signal_group(sig)
+            proc.wait()
+            self.signal_group(signal.SIGKILL)  # anything the plugin started in the host's session
+            self.proc = None
+            self.close_sockets()
+        self.inputs.close()
+        self.outputs.close()
+        for arena in (*self.cuda_inputs.values(), *self.cuda_outputs.values()):
+            arena.close()
+
+
+class RemoteError(PluginError):
+    """The plugin raised (or broke its contract) in its host; the host lives on."""
+
+    def __init__(self, plugin: str, hook: str, message: str, traceback: str | None) -> None:
+        super().__init__(plugin, hook, message)
+        self.remote_traceback = traceback
