@@ -1,4 +1,4 @@
-"""A plugin host process: ``python -m swiftk.hosts.host``. It runs no kernel code.
+"""A plugin host process: ``python -m swiftk.hosts``. It runs no kernel code.
 
 Lifecycle: ``initialize`` once (handshake, import the plugin sources), ``handle`` many (build, call, state),
 and a control thread that sends heartbeats and obeys ``ShutdownRequest``. It dies with the kernel: the

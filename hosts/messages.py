@@ -170,7 +170,7 @@ def encode(message: Message) -> bytes:
 
 
 def _fields(record: Any) -> dict[str, Any]:
-    return {f.name: _plain(getattr(record, f.name)) for f in dataclasses.fields(record)}
+    return {name: _plain(getattr(record, name)) for name, _, _ in _layout(type(record))}
 
 
 def _plain(value: Any) -> Any:
@@ -245,34 +245,42 @@ def decode(frame: bytes) -> Message:
 def _record(cls: type[Any], fields: Any) -> Any:
     if not isinstance(fields, dict):
         raise ProtocolError(f"{cls.__name__}: expected a map of fields")
-    hints = _hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(fields) - known
-    if unknown:
-        raise ProtocolError(f"{cls.__name__}: unknown fields {sorted(map(str, unknown))}")
+    layout = _layout(cls)
+    if len(fields) > len(layout) or not fields.keys() <= _NAMES[cls]:
+        unknown = sorted(map(str, set(fields) - _NAMES[cls]))
+        raise ProtocolError(f"{cls.__name__}: unknown fields {unknown}")
     values = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in fields:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ProtocolError(f"{cls.__name__}: missing field {f.name!r}")
+    for name, hint, required in layout:
+        if name not in fields:
+            if required:
+                raise ProtocolError(f"{cls.__name__}: missing field {name!r}")
             continue
-        values[f.name] = _typed(fields[f.name], hints[f.name], f"{cls.__name__}.{f.name}")
+        values[name] = _typed(fields[name], hint, f"{cls.__name__}.{name}")
     return cls(**values)
 
 
-_HINTS: dict[type[Any], dict[str, Any]] = {}
+_LAYOUTS: dict[type[Any], list[tuple[str, Any, bool]]] = {}
+_NAMES: dict[type[Any], set[str]] = {}
 
 
-def _hints(cls: type[Any]) -> dict[str, Any]:
-    if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
-    return _HINTS[cls]
+def _layout(cls: type[Any]) -> list[tuple[str, Any, bool]]:
+    """(name, type hint, required) per field of a record, computed once per class."""
+    if cls not in _LAYOUTS:
+        hints = typing.get_type_hints(cls)
+        _LAYOUTS[cls] = [(f.name, hints[f.name], f.default is dataclasses.MISSING
+                          and f.default_factory is dataclasses.MISSING) for f in dataclasses.fields(cls)]
+        _NAMES[cls] = {name for name, _, _ in _LAYOUTS[cls]}
+    return _LAYOUTS[cls]
 
 
 def _typed(value: Any, hint: Any, where: str) -> Any:
     """``value`` checked against ``hint`` (nested records built); ``ProtocolError`` naming ``where``."""
     if hint is Any:
         return value
+    if hint is int or hint is str:  # the common cases first
+        if type(value) is hint:
+            return value
+        raise ProtocolError(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
     origin = get_origin(hint)
     if origin in (Union, types.UnionType):
         for option in get_args(hint):

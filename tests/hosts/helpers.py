@@ -51,6 +51,7 @@ def host_config(tmp_path: Path, source: str, loss: str = "bad", steps: int = 5, 
         assert old in text, old
         text = text.replace(old, new)
     plugin = f'[[plugins]]\n{key} = "{source}"\nisolation = "process"\n{table}\n'
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "host.toml"
     path.write_text(plugin + text)
     return path
@@ -80,7 +81,7 @@ def host_processes() -> list[int]:
             cmdline = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"swiftk.hosts.host" in cmdline and str(os.getpid()).encode() in cmdline:
+        if b"swiftk.hosts" in cmdline and str(os.getpid()).encode() in cmdline:
             found.append(int(entry.name))
     return found
 

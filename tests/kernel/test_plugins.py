@@ -116,8 +116,11 @@ def test_long_form_plugin_tables(tiny_config: Path, tmp_path: Path, capsys) -> N
     assert main(["run", str(cfg), "--set", "train.max_steps=2"]) == 0
     assert records(tmp_path / "run")[0][0]["double_loss"] == pytest.approx(2 * losses(tmp_path / "run")[1])
     cfg.write_text(cfg.read_text().replace('isolation = "inline"', 'isolation = "process"'))
+    assert main(["run", str(cfg), "--set", "train.max_steps=2", "--overwrite"]) == 0  # the same hook, in a host
+    assert records(tmp_path / "run")[0][0]["double_loss"] == pytest.approx(2 * losses(tmp_path / "run")[1])
+    cfg.write_text(cfg.read_text().replace('isolation = "process"', 'isolation = "sandbox"'))
     assert main(["run", str(cfg), "--overwrite"]) == 2
-    assert "isolation = 'process'" in capsys.readouterr().err
+    assert "isolation = 'sandbox'" in capsys.readouterr().err
 
 
 STEP_METRIC = '''

@@ -1,0 +1,161 @@
+"""What a plugin host costs: a small call, a 64 MiB tensor, and a training step with the loss in a host.
+
+    .venv/bin/python bench/host_overhead.py [--calls 2000] [--steps 30] [--rounds 2]
+
+Prints one JSON line:
+- ``inproc_hook_us``: a trivial hook through the kernel's plugin manager, in-process;
+- ``host_rtt_us``: the same hook served by a host (encode, zmq round trip, decode), median; ``zmq_rtt_us``:
+  a bare zmq round trip of a 4-byte frame between two processes, the transport's floor on this machine;
+- ``tensor64m_shm_ms``: a 64 MiB float32 tensor to a host (copied into a shared segment, mapped read-only
+  there, one element read back), median; ``tensor64m_zmq_ms``: the same bytes sent through zmq to a process
+  that wraps them in a tensor and answers; ``memcpy64m_ms``: an in-process 64 MiB copy;
+- ``remote_loss_step_ratio``: median step time of the tiny-model SFT run with the loss in a host divided by
+  the same run in-process (interleaved rounds, same machine, same data).
+Goals: host_rtt_us <= 60, tensor64m_shm_ms <= 1.5 x memcpy64m_ms, remote_loss_step_ratio <= 1.15.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import zmq
+
+from swiftk.contracts import Batch, ModelOutputs, StepState, hookimpl
+from swiftk.hosts.group import HostGroup, HostSpec, Policy
+from swiftk.kernel.plugins import new_manager
+
+REPO = Path(__file__).resolve().parents[1]
+PLUGIN = '''
+from swiftk.contracts import hookimpl
+
+@hookimpl
+def swiftk_step_end(state, metrics):
+    return None
+
+@hookimpl
+def swiftk_eval_batch(batch, outputs, state):
+    float(outputs.logits[0, 0, 0])  # touches the mapping: the bytes are there, zero-copy
+'''
+ECHO = '''
+import sys, zmq, torch
+s = zmq.Context().socket(zmq.PAIR); s.connect(sys.argv[1])
+while True:
+    frame = s.recv(copy=False)
+    t = torch.frombuffer(frame.buffer, dtype=torch.float32)
+    s.send(str(float(t[0])).encode())
+'''
+
+
+class StepEnd:
+    @hookimpl
+    def swiftk_step_end(self, state: StepState, metrics: dict[str, float]) -> None:
+        return None
+
+
+def median_us(fn, calls: int) -> float:
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter_ns()
+        fn()
+        times.append(time.perf_counter_ns() - start)
+    return statistics.median(times) / 1e3
+
+
+def host_figures(calls: int, tmp: Path) -> dict[str, float]:
+    state = StepState(0, 1, 0, 0.0, 0, 0.0, str(tmp))
+    manager = new_manager()
+    manager.register(StepEnd())
+    inproc = median_us(lambda: manager.hook.swiftk_step_end(state=state, metrics={"loss": 1.0}), calls)
+
+    (tmp / "plugin.py").write_text(PLUGIN)
+    hosts = HostGroup([HostSpec("process:bench", [str(tmp / "plugin.py")], ["bench"])], {"bench": Policy()})
+    assert hosts.start() == []
+    remote = new_manager()
+    remote.register(hosts.module_proxies[0][1])
+    try:
+        rtt = median_us(lambda: remote.hook.swiftk_step_end(state=state, metrics={"loss": 1.0}), calls)
+        logits = torch.randn(16, 1024, 1024)  # 64 MiB
+        ids = torch.zeros(1, 1, dtype=torch.long)
+        batch = Batch(ids, ids, None, 1)
+        outputs = ModelOutputs(logits)
+        shm = median_us(lambda: remote.hook.swiftk_eval_batch(batch=batch, outputs=outputs, state=state), 30) / 1e3
+    finally:
+        hosts.close()
+
+    target = torch.empty_like(logits)
+    memcpy = median_us(lambda: target.copy_(logits), 30) / 1e3
+
+    context = zmq.Context()
+    sock = context.socket(zmq.PAIR)
+    endpoint = f"ipc://@swiftk-bench-{os.getpid()}"
+    sock.bind(endpoint)
+    echo = subprocess.Popen([sys.executable, "-c", ECHO, endpoint])
+    try:
+        sock.send(logits.numpy(), copy=False)
+        sock.recv()  # warm: the echo process has imported torch
+        through_zmq = median_us(lambda: (sock.send(logits.numpy(), copy=False), sock.recv()), 30) / 1e3
+        small = torch.ones(1).numpy()
+        zmq_rtt = median_us(lambda: (sock.send(small), sock.recv()), calls)  # the transport's floor
+    finally:
+        echo.kill()
+        echo.wait()
+        sock.close(linger=0)
+        context.term()
+    return {"inproc_hook_us": round(inproc, 2), "host_rtt_us": round(rtt, 1), "zmq_rtt_us": round(zmq_rtt, 1),
+            "tensor64m_shm_ms": round(shm, 2),
+            "tensor64m_zmq_ms": round(through_zmq, 2), "memcpy64m_ms": round(memcpy, 2),
+            "shm_vs_memcpy": round(shm / memcpy, 2)}
+
+
+def step_time(config: Path) -> float:
+    """Median step time of one ``swiftk run`` (first 5 steps dropped)."""
+    subprocess.run([sys.executable, "-m", "swiftk", "run", str(config), "--overwrite", "--set",
+                    'log.progress="none"'], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    records = [json.loads(line) for line in (config.parent / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "event" not in r][5:]
+    return statistics.median(r["tokens"] / r["tokens_per_s"] for r in steps)
+
+
+def remote_loss_ratio(steps: int, rounds: int, tmp: Path) -> dict[str, float]:
+    text = (REPO / "configs" / "tiny_sft.toml").read_text()
+    text = re.sub(r"(?m)^(eval_file|every) = .*$", "", text)
+    for key, value in (("max_steps", str(steps)), ("save_every", "100000"), ("dir", f'"{tmp / "run"}"')):
+        text = re.sub(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
+    local = tmp / "local.toml"
+    remote = tmp / "remote.toml"
+    local.write_text(text)
+    remote.write_text('[[plugins]]\nmodule = "swiftk.plugins.losses.cross_entropy"\nisolation = "process"\n\n' + text)
+    times: dict[str, list[float]] = {"local": [], "remote": []}
+    for round_ in range(rounds):
+        for name in (("local", "remote") if round_ % 2 == 0 else ("remote", "local")):
+            times[name].append(step_time(local if name == "local" else remote))
+    local_s, remote_s = statistics.median(times["local"]), statistics.median(times["remote"])
+    return {"inproc_step_ms": round(local_s * 1e3, 1), "remote_loss_step_ms": round(remote_s * 1e3, 1),
+            "remote_loss_step_ratio": round(remote_s / local_s, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="swiftk-bench-") as tmp:
+        figures = host_figures(args.calls, Path(tmp))
+        figures.update(remote_loss_ratio(args.steps, args.rounds, Path(tmp)))
+    figures["torch_threads"] = torch.get_num_threads()
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
