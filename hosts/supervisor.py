@@ -92,7 +92,8 @@ class Host:
         self.cuda_inputs: dict[torch.device, CudaArena] = {}
         self.cuda_outputs: dict[torch.device, CudaArena] = {}
         self.cuda_handles: dict[int, tuple[list[Any], bool]] = {}
-        self.announced: set[int] = set()
+        self.announced: set[int] = set()  # segment ids the current host process has mapped
+        self.cuda_announced: set[int] = set()  # CUDA buffer ids it has opened (another id space)
         self.call_ids = itertools.count(1)
         self.deaths = 0  # consecutive, reset by a successful call
         self.dead_at = 0.0
@@ -125,6 +126,7 @@ class Host:
         self.proc = subprocess.Popen(command, pass_fds=(child.fileno(),), env=env, start_new_session=True)
         child.close()
         self.announced.clear()
+        self.cuda_announced.clear()
         self.last_beat = time.monotonic()
 
     def handshake(self) -> m.HelloReply:
@@ -282,8 +284,8 @@ class Host:
         if not self.outputs.segments:
             self.outputs.reserve(1 << 20)
         events = [m.CudaBufferEvent(buffer, handle, writable) for buffer, (handle, writable)
-                  in self.cuda_handles.items() if buffer not in self.announced]
-        self.announced.update(e.buffer for e in events)
+                  in self.cuda_handles.items() if buffer not in self.cuda_announced]
+        self.cuda_announced.update(e.buffer for e in events)
         return wire, grad_inputs, events
 
     def cuda_arena(self, arenas: dict[torch.device, CudaArena], device: torch.device, first_id: int) -> CudaArena:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA device, as one script for a lent GPU machine (see the brief: `device`).
 # Prints one PASS/FAIL/SKIP line per check and exits non-zero if any check failed. Later issues add their
-# CUDA paths here (CUDA IPC tensors for [hosts], bitsandbytes on GPU for [tuners], NCCL for [distributed]).
+# CUDA paths here (bitsandbytes on GPU for [tuners], NCCL for [distributed]).
 #
 #   bash scripts/gpu_check.sh            # from the repository root, after `make setup`
 set -uo pipefail
@@ -37,6 +37,8 @@ bad = {s: (full[s], resumed[s]) for s in resumed if abs(full[s] - resumed[s]) > 
 print("max steps compared:", len(resumed), "mismatches:", bad)
 sys.exit(1 if bad or not resumed else 0)
 PYEOF
+# [hosts]: a loss in a host on CUDA tensors (CUDA IPC), parity with in-process, inputs intact, handles cached.
+check hosts_cuda_ipc $PY scripts/gpu_hosts_check.py
 # LoRA SFT of the real SmolLM2 on the GPU, a few steps, with a merged export.
 check quickstart_cuda .venv/bin/swiftk run configs/quickstart.toml --overwrite --merge --set model.device="'cuda'" \
     --set train.max_steps=10 --set output.dir="'$OUT/quickstart'"
