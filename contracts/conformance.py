@@ -587,7 +587,7 @@ def config_problems(spec: PluginSpec, config: dict[str, Any]) -> list[str]:
                              for p in signature.parameters.values()) or "no arguments"
         return [f"{exc}; it accepts: {accepted}"]
     try:
-        target = spec.target.__init__ if isinstance(spec.target, type) else spec.target
+        target = typing.cast(Any, spec.target).__init__ if isinstance(spec.target, type) else spec.target
         hints = typing.get_type_hints(target)
     except Exception:  # unresolvable annotations: names and arity were still checked
         return []
@@ -608,6 +608,6 @@ def hookimpl_problems(target: object) -> list[str]:
     label = getattr(target, "__name__", type(target).__name__)
     # A class is checked through a bare instance (no __init__ run), so its methods are bound and `self` is
     # not mistaken for a hook argument.
-    subject = target.__new__(target) if isinstance(target, type) else target
+    subject = typing.cast(Any, target).__new__(target) if isinstance(target, type) else target
     _, findings = validated_hookimpls(label, subject)
     return [f"{f.hook} {f.message}; fix: {f.fix}" for f in findings]

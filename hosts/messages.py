@@ -166,7 +166,8 @@ NESTED: dict[type[Any], str] = {cls: cls.__name__ for cls in (Registration, Hook
 
 
 def encode(message: Message) -> bytes:
-    return msgpack.packb([type(message).__name__, _fields(message)], default=_default, use_bin_type=True)
+    frame: bytes = msgpack.packb([type(message).__name__, _fields(message)], default=_default, use_bin_type=True)
+    return frame
 
 
 def _fields(record: Any) -> dict[str, Any]:

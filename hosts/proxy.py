@@ -93,7 +93,7 @@ class RemotePlugin:
             raise PluginError(self.label, hook, f"returned {type(result).__name__}; expected a LossResult")
         if not call.grad_inputs:
             raise PluginError(self.label, hook, "was given no tensor that requires grad")
-        loss = RemoteLoss.apply(result.loss, call.grads, *call.grad_inputs)
+        loss = RemoteLoss.apply(result.loss, call.grads, *call.grad_inputs)  # type: ignore[no-untyped-call]
         return LossResult(loss, result.metrics)
 
     def failed(self, hook: str, error: PluginError) -> None:

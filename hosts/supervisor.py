@@ -47,6 +47,7 @@ class HostSettings:
     restart_backoff_s: float = 1.0
     max_backoff_s: float = 30.0
     shutdown_timeout_s: float = 5.0
+    spin_us: float = 200.0
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,8 @@ class Host:
         self.token = secrets.token_hex(16)
         command = [sys.executable, "-m", "swiftk.hosts", "--call", f"{base}-call", "--heartbeat",
                    f"{base}-hb", "--control", f"{base}-ctl", "--fd", str(child.fileno()), "--parent",
-                   str(os.getpid()), "--heartbeat-interval", str(self.settings.heartbeat_interval_s)]
+                   str(os.getpid()), "--heartbeat-interval", str(self.settings.heartbeat_interval_s),
+                   "--spin-us", str(self.settings.spin_us)]
         if self.spec.memory_mb:
             command += ["--memory-mb", str(self.spec.memory_mb)]
         # Passive OpenMP waits: a host that spins after its call would steal the cores the kernel needs next.
@@ -366,7 +368,7 @@ class Host:
                 self.last_beat = time.monotonic()
         silent = time.monotonic() - self.last_beat
         if not starting and silent > self.settings.heartbeat_timeout_s:
-            pid = self.pid
+            pid = self.proc.pid
             self.kill(f"missed heartbeats for {silent:.1f} s")
             raise HostDeadError(label, what, f"failed: its host (pid {pid}) missed heartbeats for {silent:.1f} s; see "
                                 f"[hosts] heartbeat_timeout_s")

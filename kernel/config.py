@@ -204,6 +204,8 @@ class HostsConfig(Section):
     restart_backoff_s: float = Field(1.0, ge=0, description="wait before the first restart; doubles per death")
     max_backoff_s: float = Field(30.0, ge=0, description="the longest wait between restarts")
     shutdown_timeout_s: float = Field(5.0, gt=0, description="wait after a shutdown request, then SIGTERM, SIGKILL")
+    spin_us: float = Field(200.0, ge=0, description="a host busy-waits this long for the next call after each "
+                           "answer (hook calls come in bursts); 0 sleeps at once")
 
 
 class RunConfig(Section):

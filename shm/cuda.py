@@ -22,7 +22,7 @@ MIN_BUFFER = 1 << 24
 def share_handle(buffer: torch.Tensor) -> list[Any]:
     """The IPC handle of ``buffer``'s storage, as msgpack-able values (see ``open_handle``)."""
     (device, handle, size, offset, ref_handle, ref_offset, event_handle,
-     event_sync) = buffer.untyped_storage()._share_cuda_()  # type: ignore[attr-defined]
+     event_sync) = buffer.untyped_storage()._share_cuda_()  # type: ignore[no-untyped-call]
     return [int(device), bytes(handle), int(size), int(offset), bytes(ref_handle), int(ref_offset),
             bytes(event_handle) if event_handle else b"", bool(event_sync)]
 
@@ -31,7 +31,7 @@ def open_handle(handle: list[Any]) -> torch.Tensor:
     """Open a buffer another process shared; the memory stays valid while the producer keeps it."""
     device, raw, size, offset, ref_handle, ref_offset, event_handle, event_sync = handle
     torch.cuda._lazy_init()  # type: ignore[no-untyped-call]
-    storage = torch.UntypedStorage._new_shared_cuda(  # type: ignore[attr-defined]
+    storage = torch.UntypedStorage._new_shared_cuda(
         device, raw, size, offset, ref_handle, ref_offset, event_handle or None, event_sync)
     return torch.empty(0, dtype=torch.uint8, device=f"cuda:{device}").set_(storage)
 

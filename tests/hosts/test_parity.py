@@ -28,3 +28,13 @@ def test_a_loss_in_a_host_trains_exactly_like_in_process(tmp_path: Path, module:
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
     assert_clean()
+
+
+def test_configs_host_loss_trains_like_configs_custom_loss(tmp_path: Path) -> None:
+    for name in ("custom_loss", "host_loss"):
+        assert run(Path(f"configs/{name}.toml"), "--set", "train.max_steps=4", "--set", "eval.every=100",
+                   "--set", f'output.dir="{tmp_path / name}"') == 0
+    inline, remote = steps(tmp_path / "custom_loss"), steps(tmp_path / "host_loss")
+    assert sorted(remote) == [1, 2, 3, 4]
+    assert all(remote[s] == pytest.approx(inline[s], rel=1e-5) for s in inline)
+    assert_clean()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -57,7 +58,6 @@ def test_callback_and_metric_in_hosts_report_and_resume(tmp_path: Path) -> None:
     assert main(["run", str(cfg), "--set", 'log.progress="none"', "--set", "train.max_steps=3"]) == 0
     assert main(["run", str(cfg), "--set", 'log.progress="none"', "--resume"]) == 0
     lines = [r for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"counted_steps"' in r]
-    import json
     records = [json.loads(line) for line in lines]
     assert [r["counted_steps"] for r in records] == [1, 2, 3, 4, 5, 6]  # state came back from the checkpoint
     assert records[-1]["counted_tokens"] > records[2]["counted_tokens"] > 0
@@ -70,7 +70,8 @@ def test_eval_metric_in_a_host_matches_in_process(tmp_path: Path) -> None:
     cfg = config(tmp_path)
     assert run(cfg) == 0
     remote = events(tmp_path / "run", "eval")[-1]["eval_token_accuracy"]
-    cfg.write_text(cfg.read_text().replace('metrics.token"\nisolation = "process"', 'metrics.token"\nisolation = "inline"'))
+    inline = cfg.read_text().replace('metrics.token"\nisolation = "process"', 'metrics.token"\nisolation = "inline"')
+    cfg.write_text(inline)
     assert run(cfg, "--overwrite") == 0
     assert events(tmp_path / "run", "eval")[-1]["eval_token_accuracy"] == pytest.approx(remote, rel=1e-6)
     assert_clean()

@@ -18,7 +18,7 @@ def test_nbytes_and_bounds() -> None:
     with pytest.raises(BadReference):
         TensorRef(0, -1, "float32", (1,)).check_within(100)
     with pytest.raises(BadReference, match="unknown dtype"):
-        TensorRef(0, 0, "complex64", (1,)).nbytes
+        TensorRef(0, 0, "complex64", (1,)).check_within(100)
 
 
 def test_unsupported_dtypes_are_named() -> None:
