@@ -26,23 +26,45 @@ class Unsendable(TypeError):
 
 
 def to_wire(value: Any, tensor: Callable[[torch.Tensor], Any], where: str = "value") -> Any:
-    """``value`` with every tensor replaced by ``tensor(t)`` and every contract record by a ``Struct``."""
+    """``value`` with every tensor replaced by ``tensor(t)`` and every contract record by a ``Struct``.
+    ``Unsendable`` names ``where`` the offending value was found."""
+    try:
+        return _wire(value, tensor)
+    except Unsendable as exc:
+        raise Unsendable(f"{where}{exc}") from None
+
+
+def _wire(value: Any, tensor: Callable[[torch.Tensor], Any]) -> Any:
     if isinstance(value, PLAIN):
         return value
     if isinstance(value, torch.Tensor):
         return tensor(value)
-    if isinstance(value, (list, tuple)):
-        return [to_wire(v, tensor, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, Mapping):
-        if not all(isinstance(k, str) for k in value):
-            raise Unsendable(f"{where} is a mapping with non-string keys")
-        return {k: to_wire(v, tensor, f"{where}.{k}") for k, v in value.items()}
-    if type(value).__name__ in RECORD_TYPES and isinstance(value, RECORD_TYPES[type(value).__name__]):
-        fields = {f.name: to_wire(getattr(value, f.name), tensor, f"{where}.{f.name}")
-                  for f in dataclasses.fields(value)}
-        return Struct(type(value).__name__, fields)
-    raise Unsendable(f"{where} is a {type(value).__module__}.{type(value).__qualname__}, which cannot be sent to "
-                     f"a plugin host (only tensors, the contract's records and plain data cross)")
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise Unsendable(f" is a mapping with a non-string key {k!r}")
+            try:
+                out[k] = _wire(v, tensor)
+            except Unsendable as exc:
+                raise Unsendable(f".{k}{exc}") from None
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_wire(v, tensor) for v in value]
+    record = RECORD_TYPES.get(type(value).__name__)
+    if record is not None and type(value) is record:
+        return Struct(record.__name__, {name: _wire(getattr(value, name), tensor) for name in _field_names(record)})
+    raise Unsendable(f" is a {type(value).__module__}.{type(value).__qualname__}, which cannot be sent to a "
+                     f"plugin host (only tensors, the contract's records and plain data cross)")
+
+
+_FIELDS: dict[type[Any], tuple[str, ...]] = {}
+
+
+def _field_names(cls: type[Any]) -> tuple[str, ...]:
+    if cls not in _FIELDS:
+        _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return _FIELDS[cls]
 
 
 def from_wire(value: Any, tensor: Callable[[TensorRef | CudaRef], torch.Tensor]) -> Any:

@@ -284,7 +284,10 @@ def _typed(value: Any, hint: Any, where: str) -> Any:
         raise ProtocolError(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
     origin = get_origin(hint)
     if origin in (Union, types.UnionType):
-        for option in get_args(hint):
+        options = get_args(hint)
+        if value is None and type(None) in options:  # the common case, without trying each option
+            return None
+        for option in options:
             try:
                 return _typed(value, option, where)
             except ProtocolError:
