@@ -9,6 +9,7 @@ conflated: only the newest matters) and orders (PUSH); shared-segment descriptor
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import secrets
@@ -19,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,6 +64,15 @@ class HostSpec:
 
 class HostStartError(Exception):
     """A host did not start or did not complete the handshake."""
+
+
+def file_hash(source: str) -> str | None:
+    """The code hash of a plugin file as the kernel reads it (None for a module name: the kernel does not
+    import what a host runs). Same digest as ``contracts.registry.source_hash``."""
+    path = Path(source)
+    if not (source.endswith(".py") or path.is_file()) or not path.is_file():
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
 def console(event: str, fields: dict[str, Any]) -> None:
@@ -145,6 +156,12 @@ class Host:
             raise HostStartError(
                 f"host '{self.spec.label}' implements contract {reply.contract_version} but this kernel "
                 f"{CONTRACT_VERSION}: both must run the same swiftk (check the interpreter the host uses)")
+        for source in reply.sources:
+            expected = file_hash(source.source)
+            if source.error is None and expected is not None and source.code_hash != expected:
+                raise HostStartError(
+                    f"host '{self.spec.label}' loaded {source.source} with code hash {source.code_hash}, but the "
+                    f"file on disk hashes to {expected}: it changed while the host started; start the run again")
         self.hello = reply
         return reply
 
@@ -169,7 +186,8 @@ class Host:
                 self.kill("its plugins no longer build")
                 raise HostDeadError(self.spec.label, "restart", f"could not rebuild '{request.name}' after a "
                                     f"restart: {getattr(reply, 'problems', reply)}")
-        self.events("host_restart", {"host": self.spec.label, "pid": self.pid, "reason": reason,
+        self.events("host_restart", {"host": self.spec.label, "plugin": ",".join(self.spec.names), "pid": self.pid,
+                                     "reason": reason,
                                      "attempt": self.deaths, "after_s": round(delay, 2)})
 
     # -- requests -------------------------------------------------------------------------------------------
@@ -384,7 +402,8 @@ class Host:
         self.close_sockets()
         self.deaths += 1
         self.dead_at = time.monotonic()
-        self.events("host_dead", {"host": self.spec.label, "pid": pid, "reason": reason})
+        self.events("host_dead", {"host": self.spec.label, "plugin": ",".join(self.spec.names), "pid": pid,
+                                  "reason": reason})
 
     def signal_group(self, sig: signal.Signals) -> None:
         assert self.proc is not None

@@ -91,3 +91,19 @@ def test_a_hook_that_needs_the_model_is_refused_before_training(tmp_path: Path,
     assert "swiftk_model_loaded receives kernel objects" in err and "patch.py" in err
     assert not (tmp_path / "run").exists()
     assert_clean()
+
+
+def test_plugins_of_one_group_share_a_host_and_different_limits_are_refused(tmp_path: Path) -> None:
+    from swiftk.kernel.config import load_config
+    from swiftk.kernel.plugins import start_hosts
+
+    cfg_path = config(tmp_path)
+    text = cfg_path.read_text().replace('isolation = "process"\n', 'isolation = "process"\ngroup = "shared"\n')
+    cfg_path.write_text(text)
+    hosts, problems = start_hosts(load_config(cfg_path))
+    assert problems == [] and hosts is not None and [h.spec.names for h in hosts.hosts] == [["counter", "swiftk.plugins.metrics.token"]]
+    hosts.close()
+    cfg_path.write_text(text.replace('group = "shared"\n', 'group = "shared"\nmemory_mb = 4096\n', 1))
+    hosts, problems = start_hosts(load_config(cfg_path))
+    assert hosts is None and "group 'shared' sets different memory_mb values" in problems[0]
+    assert_clean()

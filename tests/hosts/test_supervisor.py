@@ -111,3 +111,44 @@ def test_hosts_die_with_their_kernel_even_on_kill_9(tmp_path: Path) -> None:
     status = Path(f"/proc/{host_pid}/status").read_text() if Path(f"/proc/{host_pid}").exists() else ""
     assert status == "" or "State:\tZ" in status, "the host outlived its kernel"
     assert not list(Path("/dev/shm").glob("*swiftk*"))
+
+
+def test_a_plugin_file_that_changed_during_the_handshake_is_refused(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(supervisor, "file_hash", lambda source: "0123456789ab")  # what the kernel read earlier
+    hosts, _ = group(tmp_path, "x = 1\n")
+    problems = hosts.start()
+    hosts.close()
+    assert len(problems) == 1 and "file on disk hashes to 0123456789ab" in problems[0]
+    assert_clean()
+
+
+REWARD = '''
+from swiftk.contracts import hookimpl, register_reward
+
+@register_reward("length")
+class Length:
+    def __init__(self, target: int = 4) -> None:
+        self.target = target
+
+    @hookimpl
+    def swiftk_reward_compute(self, completions):
+        return {"length": [-abs(len(c) - self.target) / 10 for c in completions]}
+'''
+
+
+def test_a_reward_and_a_second_plugin_share_one_host_by_group(tmp_path: Path) -> None:
+    (tmp_path / "reward.py").write_text(REWARD)
+    (tmp_path / "plugin.py").write_text("from swiftk.contracts import hookimpl\n\n@hookimpl\ndef swiftk_step_end"
+                                        "(state, metrics):\n    return {'seen': metrics['loss'] * 2}\n")
+    hosts = HostGroup([HostSpec("process:shared", [str(tmp_path / "reward.py"), str(tmp_path / "plugin.py")],
+                                ["reward", "plugin"])], {"reward": Policy(), "plugin": Policy()})
+    assert hosts.start() == [] and len(hosts.hosts) == 1
+    assert hosts.build("reward", "length", {"target": 3}) == []
+    reward = hosts.proxies[("reward", "length")]
+    (_, plugin), = hosts.module_proxies
+    assert reward.swiftk_reward_compute(["abc", "a", "abcdef"]) == {"length": [0.0, -0.2, -0.3]}
+    assert plugin.swiftk_step_end(tiny_state(tmp_path), {"loss": 1.5}) == {"seen": 3.0}
+    assert reward.host is plugin.host
+    hosts.close()
+    assert_clean()
