@@ -101,7 +101,8 @@ def test_plugins_of_one_group_share_a_host_and_different_limits_are_refused(tmp_
     text = cfg_path.read_text().replace('isolation = "process"\n', 'isolation = "process"\ngroup = "shared"\n')
     cfg_path.write_text(text)
     hosts, problems = start_hosts(load_config(cfg_path))
-    assert problems == [] and hosts is not None and [h.spec.names for h in hosts.hosts] == [["counter", "swiftk.plugins.metrics.token"]]
+    assert problems == [] and hosts is not None
+    assert [h.spec.names for h in hosts.hosts] == [["counter", "swiftk.plugins.metrics.token"]]
     hosts.close()
     cfg_path.write_text(text.replace('group = "shared"\n', 'group = "shared"\nmemory_mb = 4096\n', 1))
     hosts, problems = start_hosts(load_config(cfg_path))
