@@ -179,6 +179,18 @@ def forget(source: str) -> None:
         del _REGISTRY[key]
 
 
+def registrations_of(source: str) -> list[PluginSpec]:
+    """What ``source`` (a file) registered: a hot reload keeps it, to put it back if the new code is rejected."""
+    return [spec for spec in _REGISTRY.values() if spec.source == source]
+
+
+def reinstate(source: str, specs: list[PluginSpec]) -> None:
+    """Make ``specs`` the registrations of ``source`` again (undoing a rejected reload's import)."""
+    forget(source)
+    for spec in specs:
+        _REGISTRY[(spec.kind, spec.name)] = spec
+
+
 def registered(kind: str | None = None) -> list[PluginSpec]:
     """Every registration (of one kind), sorted by kind then name."""
     return sorted((s for s in _REGISTRY.values() if kind in (None, s.kind)), key=lambda s: (s.kind, s.name))

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="LoRA: also write RUN_DIR/merged, a plain HF model with the adapter folded in")
     run.add_argument("--print-config", action="store_true",
                      help="print the resolved config (defaults filled in, overrides applied) and exit")
+    run.add_argument("--watch", action="store_true",
+                     help="hot-reload plugin files when saved: the next step uses the new code (a broken edit is "
+                          "rejected and the old code keeps running)")
 
     plot = sub.add_parser("plot", help="draw a run's loss and learning-rate curves",
                           description="Write RUN_DIR/curves.png from RUN_DIR/metrics.jsonl.")
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             from swiftk.kernel.run import Options, execute
 
             return execute(Options(args.config, args.overrides, args.resume, args.overwrite, args.merge,
-                                   args.print_config))
+                                   args.print_config, args.watch))
         if args.command == "plot":
             from swiftk.kernel.plot import plot
 

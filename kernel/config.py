@@ -176,6 +176,7 @@ class PluginSource(Section):
     max_failures: int = Field(3, ge=1, description="process: failures within failure_window_s that quarantine it")
     failure_window_s: float = Field(300.0, gt=0, description="process: the quarantine window")
     memory_mb: int | None = Field(None, ge=256, description="process: address-space limit of its host (MiB)")
+    watch: bool = Field(False, description="hot-reload this plugin when its file is saved (see --watch)")
 
     @model_validator(mode="after")
     def _one_source(self) -> PluginSource:
@@ -214,6 +215,7 @@ class RunConfig(Section):
     plugins: list[str | PluginSource] = Field(
         default_factory=list, description="plugin files or importable modules, or [[plugins]] tables"
     )
+    watch: bool = Field(False, description="hot-reload every plugin file when it is saved (as --watch)")
     model: ModelConfig
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -31,6 +31,7 @@ from swiftk.kernel.evaluate import Reference
 from swiftk.kernel.evaluate import evaluate as run_eval
 from swiftk.kernel.plugins import Plugins
 from swiftk.kernel.progress import Reporter
+from swiftk.kernel.reload import Reloader
 from swiftk.kernel.tuners import trainable_weights
 
 
@@ -63,6 +64,7 @@ class Run:
     tokens_seen: int = 0
     elapsed_s: float = 0.0
     last_saved_step: int | None = None  # the step the newest checkpoint of this process holds
+    reloader: Reloader | None = None  # hot reload of plugin files (--watch)
 
     def state(self) -> StepState:
         return StepState(
@@ -84,6 +86,8 @@ def train(run: Run) -> str:
     call("swiftk_run_start", config=cfg.model_dump(), state=run.state())
     try:
         while run.step < run.total_steps and not stop.requested:
+            if run.reloader is not None:  # edited plugin code is swapped in here, between steps
+                run.reloader.apply(run.step, run.reporter.event, run.reporter.say)
             started = time.perf_counter()
             micro = next_window(batches, cfg.train.grad_accum)
             # The loss is normalised by the label tokens of the whole step, on every rank.
@@ -104,6 +108,8 @@ def train(run: Run) -> str:
                 result = call("swiftk_loss_compute", batch=batch, outputs=ModelOutputs(logits), step=run.step,
                               state=run.state())
                 loss = checked_loss(result, run)
+                if run.reloader is not None:  # what a reloaded loss is probed on
+                    run.reloader.remember(batch, logits, run.state())
                 loss.backward()
                 step_loss += loss.detach()
                 for key, value in result.metrics.items():

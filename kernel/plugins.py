@@ -40,12 +40,23 @@ class Selected:
 
 
 @dataclass
+class Origin:
+    """How a registered plugin was made, so that a hot reload can make it again from new code."""
+
+    kind: str  # loss, metric... or "module" (a plugin file's own @hookimpl functions)
+    name: str
+    config: dict[str, Any]
+    source: str  # the file that defines it (absolute), or the module name
+
+
+@dataclass
 class Plugins:
     """The run's plugin manager and what was registered in it, by name."""
 
     manager: pluggy.PluginManager
     by_name: dict[str, object] = field(default_factory=dict)
     code_hashes: dict[str, str] = field(default_factory=dict)
+    origins: dict[str, Origin] = field(default_factory=dict)  # in-process plugins, by registered name
     hosts: HostGroup | None = None  # the processes serving plugins with isolation = "process"
 
     def register(self, name: str, plugin: object, code: Any, code_hash: str | None = None) -> None:
@@ -245,7 +256,10 @@ def build(selected: list[Selected], loaded: list[Loaded], hosts: HostGroup | Non
             continue
         spec = lookup(item.kind, item.name)
         plugins.register(f"{item.kind}:{item.name}", spec.build(**item.config), spec.target)
+        plugins.origins[f"{item.kind}:{item.name}"] = Origin(item.kind, item.name, item.config, spec.source)
     for entry in loaded:
         if has_hookimpls(entry.module):
             plugins.register(f"module:{entry.name}", entry.module, entry.module)
+            source = getattr(entry.module, "__file__", None) or entry.module.__name__
+            plugins.origins[f"module:{entry.name}"] = Origin("module", entry.name, {}, source)
     return plugins

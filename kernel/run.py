@@ -25,7 +25,7 @@ import swiftk
 from swiftk.contracts import PluginError
 from swiftk.contracts.conformance import describe
 from swiftk.kernel import checkpoint
-from swiftk.kernel.config import Locator, RunConfig, load_config
+from swiftk.kernel.config import Locator, PluginSource, RunConfig, load_config
 from swiftk.kernel.data import (
     Loader,
     Sample,
@@ -53,6 +53,7 @@ from swiftk.kernel.plugins import (
     weight_decay,
 )
 from swiftk.kernel.progress import Reporter
+from swiftk.kernel.reload import Reloader
 from swiftk.kernel.tuners import apply_tuner, base_fingerprint, load_trainable, save_final, save_merged
 
 
@@ -66,6 +67,7 @@ class Options:
     overwrite: bool = False
     merge: bool = False
     print_config: bool = False
+    watch: bool = False
 
 
 def prepare(options: Options) -> tuple[RunConfig, Plugins]:
@@ -310,6 +312,11 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
     reporter = Reporter(run_dir if dist.is_main else None, total_steps, cfg.log.progress, cfg.log.every)
     run = Run(cfg, run_dir, model, tokenizer, plugins, optimizer, scheduler, loader, device, dist, reporter,
               total_steps, make_autocast(cfg.train.precision, device), collate_fn, eval_samples, eval_refs)
+    watched = watched_files(cfg, options.watch)
+    if watched and dist.is_main:
+        run.reloader = Reloader(plugins, watched)
+        run.reloader.start()
+        say("watching for edits: " + ", ".join(watched))
     if plugins.hosts is not None:  # host deaths, restarts and plugin failures go to metrics.jsonl and the console
         plugins.hosts.sink = lambda event, fields: host_event(run, event, fields)
     run.meta = {"swiftk_version": swiftk.__version__, "world_size": dist.world_size,
@@ -328,6 +335,8 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
             f"(batch_size {cfg.train.batch_size} x grad_accum {cfg.train.grad_accum}), from step {run.step}")
         status = train(run)
     finally:
+        if run.reloader is not None:
+            run.reloader.stop()
         try:
             plugins.call("swiftk_run_end", state=run.state(), status=status)
         except PluginError as exc:  # reported, never allowed to hide the run's own outcome
@@ -341,6 +350,21 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
 
     finish(run, options, prompts, before, say)
     return 0
+
+
+def watched_files(cfg: RunConfig, watch_all: bool) -> list[str]:
+    """The plugin files to hot-reload: all of the config's with --watch (or ``watch = true`` at the top),
+    else those whose [[plugins]] table says ``watch = true``. Importable modules are watched by their file."""
+    files = []
+    for item in cfg.plugins:
+        source = item if isinstance(item, str) else item.source
+        if not (watch_all or cfg.watch or (isinstance(item, PluginSource) and item.watch)):
+            continue
+        module = sys.modules.get(source)
+        path = Path(getattr(module, "__file__", None) or source)
+        if path.suffix == ".py" and path.is_file():
+            files.append(str(path.resolve()))
+    return files
 
 
 def host_event(run: Run, event: str, fields: dict[str, Any]) -> None:

@@ -1,0 +1,135 @@
+"""Hot reload: a loss edited while training runs is used from the next step; broken edits are rejected."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from swiftk.kernel.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+LOSS = '''
+import time
+import torch.nn.functional as F
+from swiftk.contracts import LossResult, hookimpl, register_loss, supervised
+
+@register_loss("live")
+class Live:
+    @hookimpl
+    def swiftk_loss_compute(self, batch, outputs):
+        time.sleep(0.03)  # a steady step, so that edits land mid-run
+        logits, labels = supervised(batch, outputs)
+        ce = F.cross_entropy(logits.float(), labels, reduction="sum") / batch.num_items_in_batch
+        return LossResult(FACTOR * ce, {"ce": float(ce.detach())})
+'''
+
+
+def config(tmp_path: Path, isolation: str = "inline", steps: int = 40) -> Path:
+    (tmp_path / "live.py").write_text(LOSS.replace("FACTOR", "1.0"))
+    text = (REPO / "configs" / "tiny_sft.toml").read_text()
+    for old, new in (("max_steps = 450", f"max_steps = {steps}"), ("save_every = 150", "save_every = 1000"),
+                     ("every = 150", "every = 1000"), ('dir = "runs/tiny_sft"', f'dir = "{tmp_path / "run"}"'),
+                     ("batch_size = 64", "batch_size = 4"), ("[train]\n", '[train]\nloss_type = "live"\n')):
+        text = text.replace(old, new, 1)
+    head = f'[[plugins]]\npath = "{tmp_path / "live.py"}"\nisolation = "{isolation}"\nwatch = true\n\n'
+    (tmp_path / "c.toml").write_text(head + text)
+    return tmp_path / "c.toml"
+
+
+def records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def edit_at_step(run_dir: Path, step: int, edit: Callable[[], None]) -> threading.Thread:
+    def wait_then_edit() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(r.get("step", 0) >= step for r in records(run_dir)):
+            time.sleep(0.01)
+        edit()
+    thread = threading.Thread(target=wait_then_edit, daemon=True)
+    thread.start()
+    return thread
+
+
+def run(cfg: Path) -> int:
+    return main(["run", str(cfg), "--set", 'log.progress="none"'])
+
+
+@pytest.mark.parametrize("isolation", ["inline", "process"])
+def test_an_edited_loss_is_used_from_the_step_after_the_reload(tmp_path: Path, isolation: str) -> None:
+    cfg = config(tmp_path, isolation)
+    loss_file = tmp_path / "live.py"
+    editor = edit_at_step(tmp_path / "run", 3, lambda: loss_file.write_text(LOSS.replace("FACTOR", "2.0")))
+    assert run(cfg) == 0
+    editor.join()
+    lines = records(tmp_path / "run")
+    [reload] = [r for r in lines if r.get("event") == "plugin_reload"]
+    assert reload["plugin"] == "loss:live" and reload["old_hash"] != reload["new_hash"]
+    steps = [r for r in lines if "event" not in r]
+    assert len(steps) == 40 and 3 <= reload["step"] < 40
+    for r in steps:
+        factor = 2.0 if r["step"] > reload["step"] else 1.0
+        assert r["loss"] == pytest.approx(factor * r["ce"], rel=1e-5), r
+
+
+def test_a_broken_edit_is_rejected_and_the_run_completes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = config(tmp_path)
+    loss_file = tmp_path / "live.py"
+    editor = edit_at_step(tmp_path / "run", 3, lambda: loss_file.write_text(LOSS.replace("FACTOR *", "FACTOR **(")))
+    assert run(cfg) == 0
+    editor.join()
+    lines = records(tmp_path / "run")
+    [failed] = [r for r in lines if r.get("event") == "plugin_reload_failed"]
+    assert "SyntaxError" in failed["error"] and f"{loss_file}:" in failed["error"]
+    assert not [r for r in lines if r.get("event") == "plugin_reload"]
+    assert all(r["loss"] == pytest.approx(r["ce"], rel=1e-5) for r in lines if "event" not in r)
+    assert "the old code keeps running" in capsys.readouterr().out
+
+
+def test_a_loss_that_fails_the_probe_is_rejected(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    loss_file = tmp_path / "live.py"
+    nan = LOSS.replace("FACTOR * ce", "ce * float('nan')")
+    editor = edit_at_step(tmp_path / "run", 3, lambda: loss_file.write_text(nan))
+    assert run(cfg) == 0
+    editor.join()
+    [failed] = [r for r in records(tmp_path / "run") if r.get("event") == "plugin_reload_failed"]
+    assert "non-finite loss" in failed["error"]
+
+
+def test_a_burst_of_saves_is_one_reload_and_an_atomic_rename_is_seen(tmp_path: Path) -> None:
+    cfg = config(tmp_path, steps=60)
+    loss_file = tmp_path / "live.py"
+
+    def burst() -> None:
+        for i in range(5):  # five saves within 50 ms
+            loss_file.write_text(LOSS.replace("FACTOR", f"1.{i + 1}"))
+            time.sleep(0.008)
+        time.sleep(1.0)
+        tmp = tmp_path / ".live.py.swp"  # how vim and many editors save: write aside, then rename over
+        tmp.write_text(LOSS.replace("FACTOR", "3.0"))
+        os.replace(tmp, loss_file)
+
+    editor = edit_at_step(tmp_path / "run", 3, burst)
+    assert run(cfg) == 0
+    editor.join()
+    lines = records(tmp_path / "run")
+    reloads = [r for r in lines if r.get("event") == "plugin_reload"]
+    assert len(reloads) == 2, reloads
+    last = [r for r in lines if "event" not in r][-1]
+    assert last["loss"] == pytest.approx(3.0 * last["ce"], rel=1e-5)
+    middle = [r for r in lines if "event" not in r and reloads[0]["step"] < r["step"] <= reloads[1]["step"]]
+    assert middle and all(r["loss"] == pytest.approx(1.5 * r["ce"], rel=1e-5) for r in middle)
+
+
+def test_configs_live_loss_runs_watching_its_plugin(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["run", "configs/live_loss.toml", "--set", "train.max_steps=5", "--set", "eval.every=1000",
+                 "--set", f'output.dir="{tmp_path / "run"}"', "--set", 'log.progress="none"']) == 0
+    assert f"watching for edits: {REPO / 'configs' / 'plugins' / 'live_loss.py'}" in capsys.readouterr().out
