@@ -286,6 +286,8 @@ def import_source(source: str) -> ModuleType:
         digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
         name = f"swiftk_user_plugin_{path.stem}_{digest}"
         imported_files.add(str(path))
+        if str(path.parent) not in sys.path:  # its local modules import as they would for a script
+            sys.path.append(str(path.parent))
         spec = importlib.util.spec_from_file_location(name, path)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,7 @@ class HostGroup:
 
     def __post_init__(self) -> None:
         self.context: zmq.Context[Any] = zmq.Context()
+        self.retiring: list[threading.Thread] = []
 
     def events(self, event: str, fields: dict[str, Any]) -> None:
         self.sink(event, fields)
@@ -99,13 +101,22 @@ class HostGroup:
                                                 self.events)
         return []
 
+    def replace(self, old: Host, new: Host) -> None:
+        """``new`` serves from now on (a hot reload); ``old`` is shut down in the background."""
+        self.hosts[self.hosts.index(old)] = new
+        retiring = threading.Thread(target=old.shutdown, name="swiftk-retire-host", daemon=True)
+        retiring.start()
+        self.retiring.append(retiring)
+
     def close(self) -> None:
+        for retiring in self.retiring:
+            retiring.join()
         for host in self.hosts:
             try:
                 host.shutdown()
             except Exception as exc:  # keep closing the others
                 console("host_shutdown_failed", {"host": host.spec.label, "error": repr(exc)})
-        self.context.term()
+        self.context.destroy(linger=0)  # every socket of every host, even one a failed start left open
 
 
 __all__ = ["HostGroup", "HostSettings", "HostSpec", "HostStartError", "Policy"]

@@ -46,10 +46,15 @@ PR_SET_PDEATHSIG = 1
 _exit = os._exit  # bound before any plugin is imported
 
 
-def die_with_parent(parent: int) -> None:
-    """SIGKILL this process when the kernel dies, even by ``kill -9``."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+def die_with_parent(parent: int, signal_on_death: bool) -> None:
+    """SIGKILL this process when the kernel dies, even by ``kill -9``.
+
+    The parent-death signal fires when the *thread* that spawned the host exits, so it is asked for only by
+    hosts the kernel's main thread spawned; the control thread's parent watch covers the others (a host
+    started in the background for a hot reload) within one heartbeat interval."""
+    if signal_on_death:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:  # the kernel died before prctl took effect
         _exit(1)
 
@@ -290,8 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heartbeat-interval", type=float, default=0.5)
     parser.add_argument("--memory-mb", type=int, default=0)
     parser.add_argument("--spin-us", type=float, default=0.0)
+    parser.add_argument("--no-death-signal", action="store_true", help="spawned by a kernel thread that may end")
     args = parser.parse_args(argv)
-    die_with_parent(args.parent)
+    die_with_parent(args.parent, not args.no_death_signal)
     if args.memory_mb:
         limit = args.memory_mb << 20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))

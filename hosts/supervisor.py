@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -132,6 +133,8 @@ class Host:
                    f"{base}-hb", "--control", f"{base}-ctl", "--fd", str(child.fileno()), "--parent",
                    str(os.getpid()), "--heartbeat-interval", str(self.settings.heartbeat_interval_s),
                    "--spin-us", str(self.settings.spin_us)]
+        if threading.current_thread() is not threading.main_thread():
+            command.append("--no-death-signal")
         if self.spec.memory_mb:
             command += ["--memory-mb", str(self.spec.memory_mb)]
         # Passive OpenMP waits: a host that spins after its call would steal the cores the kernel needs next.
@@ -422,7 +425,10 @@ class Host:
         self.closed = True
         if self.proc is not None:
             proc, pid, wait_s = self.proc, self.proc.pid, self.settings.shutdown_timeout_s
-            self.orders.send(m.encode(m.ShutdownRequest("the run is over")), zmq.NOBLOCK)
+            try:
+                self.orders.send(m.encode(m.ShutdownRequest("the run is over")), zmq.NOBLOCK)
+            except zmq.ZMQError:  # no peer to take it (the host is gone or never connected): escalate
+                pass
             for sig in (signal.SIGTERM, signal.SIGKILL):
                 try:
                     proc.wait(wait_s)

@@ -80,8 +80,8 @@ class Reloader:
 
     def start(self) -> None:
         for path in self.paths:
-            self.hashes[path] = file_hash(path)
             self.track_helpers(path)
+            self.hashes[path] = self.content_hash(path)
         self.lock = threading.Condition()
         self.stopped = False
         self.observer = Observer()
@@ -98,6 +98,10 @@ class Reloader:
         self.observer.stop()
         self.observer.join()
         self.worker.join()
+        while not self.ready.empty():  # prepared but never swapped in: a new host must not outlive the run
+            item = self.ready.get_nowait()
+            if isinstance(item, Candidate):
+                self.reject(item)
 
     # -- watching (watchdog's thread) -----------------------------------------------------------------------
     def saw(self, path: str) -> None:
@@ -110,12 +114,20 @@ class Reloader:
             self.quiet_since[target] = now
             self.lock.notify()
 
+    def content_hash(self, path: str) -> str:
+        """The plugin file and its local modules, together: saving any of them with a change reloads it."""
+        digest = hashlib.sha256(Path(path).read_bytes())
+        for helper in sorted(f for f, owner in self.helpers.items() if owner == path):
+            if Path(helper).is_file():
+                digest.update(Path(helper).read_bytes())
+        return digest.hexdigest()[:12]
+
     def track_helpers(self, path: str) -> None:
         """Local modules the plugin imported from its own folder: saving one reloads the plugin."""
         folder = Path(path).parent
         for module in list(sys.modules.values()):
             file = getattr(module, "__file__", None)
-            if file and Path(file).parent == folder and file != path and file not in self.hashes:
+            if file and Path(file).parent == folder and file != path and file not in self.paths:
                 self.helpers[str(Path(file))] = path
 
     # -- preparing (the worker thread) ----------------------------------------------------------------------
@@ -138,13 +150,13 @@ class Reloader:
 
     def prepare(self, path: str, saved_at: float) -> None:
         try:
-            new_hash = file_hash(path)
+            content, new_hash = self.content_hash(path), file_hash(path)
         except OSError as exc:  # deleted or mid-rename: wait for the next event
             self.ready.put(Failure(path, f"cannot read {path}: {exc}", saved_at))
             return
-        if new_hash == self.hashes[path]:
+        if content == self.hashes[path]:
             return  # saved without a change
-        self.hashes[path] = new_hash
+        self.hashes[path] = content
         host = self.host_of(path)
         try:
             candidate = self.prepare_host(path, host, new_hash, saved_at) if host is not None else \
@@ -257,8 +269,7 @@ class Reloader:
                 old, new = item.host
                 hosts = self.plugins.hosts
                 assert hosts is not None
-                hosts.hosts[hosts.hosts.index(old)] = new
-                threading.Thread(target=old.shutdown, name="swiftk-old-host", daemon=True).start()
+                hosts.replace(old, new)
 
     def probe(self, candidate: Candidate) -> None:
         """A new loss must give a finite 0-dim loss on the last batch whose gradient reaches the logits."""

@@ -133,3 +133,18 @@ def test_configs_live_loss_runs_watching_its_plugin(tmp_path: Path, capsys: pyte
     assert main(["run", "configs/live_loss.toml", "--set", "train.max_steps=5", "--set", "eval.every=1000",
                  "--set", f'output.dir="{tmp_path / "run"}"', "--set", 'log.progress="none"']) == 0
     assert f"watching for edits: {REPO / 'configs' / 'plugins' / 'live_loss.py'}" in capsys.readouterr().out
+
+
+def test_saving_a_local_module_the_plugin_imports_reloads_the_plugin(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    helper = tmp_path / "live_factor.py"
+    helper.write_text("FACTOR = 1.0\n")
+    (tmp_path / "live.py").write_text(LOSS.replace("import time\n", "import time\nimport live_factor\n")
+                                      .replace("FACTOR *", "live_factor.FACTOR *"))
+    editor = edit_at_step(tmp_path / "run", 3, lambda: helper.write_text("FACTOR = 2.0\n"))
+    assert run(cfg) == 0
+    editor.join()
+    lines = records(tmp_path / "run")
+    [reload] = [r for r in lines if r.get("event") == "plugin_reload"]
+    last = [r for r in lines if "event" not in r][-1]
+    assert last["step"] > reload["step"] and last["loss"] == pytest.approx(2.0 * last["ce"], rel=1e-5)
