@@ -289,7 +289,8 @@ class Reloader:
                 if not isinstance(result, LossResult) or not isinstance(loss, torch.Tensor) or loss.dim() != 0:
                     raise RejectedEdit(f"{name}: the probe on the last batch got {result!r:.200}, not a 0-dim loss")
                 if not torch.isfinite(loss.detach()):
-                    raise RejectedEdit(f"{name}: the probe on the last batch gave a non-finite loss ({float(loss.detach())})")
+                    value = float(loss.detach())
+                    raise RejectedEdit(f"{name}: the probe on the last batch gave a non-finite loss ({value})")
                 loss.backward()
                 if leaf.grad is None or not bool(torch.isfinite(leaf.grad).all()):
                     raise RejectedEdit(f"{name}: on the last batch, no finite gradient reaches the logits")
