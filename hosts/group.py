@@ -8,6 +8,7 @@ from typing import Any
 
 import zmq
 
+from swiftk.contracts.errors import PluginError
 from swiftk.hosts import messages as m
 from swiftk.hosts.proxy import Policy, RemotePlugin, make_proxy
 from swiftk.hosts.supervisor import EventSink, Host, HostSettings, HostSpec, HostStartError, console
@@ -70,13 +71,20 @@ class HostGroup:
                     continue
                 policy = self.policies[source.name]
                 for reg in source.registrations:
+                    other = self.providers.get((reg.kind, reg.name))
+                    if other is not None:
+                        problems.append(f"plugins: {reg.kind} '{reg.name}' is registered by {other.source.source} "
+                                        f"and by {source.source}, both in hosts; rename one of them")
                     self.providers[(reg.kind, reg.name)] = Provider(host, source, policy)
                 module_problems = inline_hook_problems(source.module_hooks)
-                problems += [f"plugins: {source.source!r}: {p}" for p in module_problems]
                 if source.module_hooks and not module_problems:
-                    proxy = make_proxy(host, -(index + 1), f"module:{source.name}", source.module_hooks, False,
-                                       policy, source.code_hash, self.events)
-                    self.module_proxies.append((source.name, proxy))
+                    try:
+                        proxy = make_proxy(host, -(index + 1), f"module:{source.name}", source.module_hooks,
+                                           False, policy, source.code_hash, self.events, source.source)
+                        self.module_proxies.append((source.name, proxy))
+                    except PluginError as exc:
+                        module_problems.append(str(exc))
+                problems += [f"plugins: {source.source!r}: {p}" for p in module_problems]
         return problems
 
     def provides(self, kind: str, name: str) -> bool:
@@ -96,9 +104,12 @@ class HostGroup:
         problems = reply.problems + inline_hook_problems(reply.hooks)
         if problems:
             return [f"(in its host) {p}" for p in problems]
-        self.proxies[(kind, name)] = make_proxy(provider.host, instance, f"{kind}:{name}", reply.hooks,
-                                                reply.stateful, provider.policy, provider.source.code_hash,
-                                                self.events)
+        try:
+            self.proxies[(kind, name)] = make_proxy(provider.host, instance, f"{kind}:{name}", reply.hooks,
+                                                    reply.stateful, provider.policy, provider.source.code_hash,
+                                                    self.events, provider.source.source)
+        except PluginError as exc:
+            return [str(exc)]
         return []
 
     def replace(self, old: Host, new: Host) -> None:

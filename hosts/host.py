@@ -172,12 +172,15 @@ class Server:
                 continue
             specs = [s for s in registered() if getattr(s.target, "__module__", None) == module.__name__]
             hooks: list[m.HookInfo] = []
-            if has_hookimpls(module):
-                hooks, _ = hook_infos(module)
+            problems: list[str] = []
+            if has_hookimpls(module):  # the module's own @hookimpl functions: checked as at a kernel's start
+                hooks, problems = hook_infos(module)
+                problems += hookimpl_problems(module)
                 self.instances[-(index + 1)] = module
             registrations = [m.Registration(s.kind, s.name, s.contract, getattr(s.target, "__qualname__", "?"))
                              for s in specs]
-            sources.append(m.SourceInfo(source, name, source_hash(module), registrations, hooks))
+            sources.append(m.SourceInfo(source, name, source_hash(module), registrations, hooks,
+                                        error="; ".join(problems) or None))
         versions = {"python": sys.version.split()[0], "torch": torch.__version__}
         return m.HelloReply(CONTRACT_VERSION, self.token if hello.token == self.token else "", os.getpid(),
                             versions, sources)
@@ -243,31 +246,66 @@ class Server:
                                traceback="".join(traceback.format_exception(exc)[-6:]))
         return self.reply(request.call_id, result, grads)
 
-    def reply(self, call_id: int, result: Any, grads: list[torch.Tensor | None]) -> m.CallReply:
+    def write(self, value: Any, what: str) -> Any:
+        """``value`` on the wire, its tensors written into the kernel's output slots (``OutputFull`` when they
+        are too small, naming the device); CUDA writes are finished before the reply leaves."""
         self.mapping.reset_outputs()
         self.cuda.reset_outputs()
         try:
-            self.mapping.make_room(tensor_bytes([result, [g for g in grads if g is not None and not g.is_cuda]]))
-            wire = to_wire(result, self.tensor_out, "the result")
-            wire_grads = [None if g is None else self.tensor_out(g) for g in grads]
+            self.mapping.make_room(tensor_bytes(cpu_tensors(value)))
+            wire = to_wire(value, self.tensor_out, what)
         except OutputFull as exc:
-            return m.CallReply(call_id, None, [], needed_bytes=exc.needed)
+            if exc.device >= 0:  # ask for room for every CUDA result at once
+                raise OutputFull(max(exc.needed, tensor_bytes(value)), exc.device) from None
+            raise
+        if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+            torch.cuda.synchronize()
+        return wire
+
+    def reply(self, call_id: int, result: Any, grads: list[torch.Tensor | None]) -> m.CallReply:
+        try:
+            wire, wire_grads = self.write([result, grads], "the result")
+        except OutputFull as exc:
+            return m.CallReply(call_id, None, [], needed_bytes=exc.needed, needed_device=exc.device)
         except Exception as exc:
             return m.CallReply(call_id, None, [], error=f"returned something that cannot be sent back: {exc}")
         return m.CallReply(call_id, wire, wire_grads)
 
     def state(self, request: m.StateRequest) -> m.StateReply:
+        for buffer in request.cuda_buffers:
+            self.cuda.attach(buffer.buffer, buffer.handle, buffer.writable)
         obj = self.instances[request.instance]
         try:
             if request.load is not None:
                 obj.load_state_dict(from_wire(request.load, self.tensor_in([])))  # type: ignore[attr-defined]
                 return m.StateReply(request.instance, None)
-            self.mapping.reset_outputs()
-            state = obj.state_dict()  # type: ignore[attr-defined]
-            self.mapping.make_room(tensor_bytes(state))
-            return m.StateReply(request.instance, to_wire(state, self.tensor_out, "the state"))
+            return m.StateReply(request.instance, self.write(obj.state_dict(), "the state"))  # type: ignore[attr-defined]
+        except OutputFull as exc:
+            return m.StateReply(request.instance, None, needed_bytes=exc.needed, needed_device=exc.device)
         except Exception as exc:
             return m.StateReply(request.instance, None, error=describe(exc))
+
+
+def cpu_tensors(value: Any) -> list[torch.Tensor]:
+    """The CPU tensors in ``value`` (lists, dicts and the contract's records), to size the output segments."""
+    found: list[torch.Tensor] = []
+
+    def visit(v: Any) -> None:
+        if isinstance(v, torch.Tensor):
+            if not v.is_cuda:
+                found.append(v)
+        elif isinstance(v, (list, tuple)):
+            for item in v:
+                visit(item)
+        elif isinstance(v, dict):
+            for item in v.values():
+                visit(item)
+        elif hasattr(v, "__dataclass_fields__"):
+            for name in v.__dataclass_fields__:
+                visit(getattr(v, name))
+
+    visit(value)
+    return found
 
 
 def checked_loss(result: Any) -> torch.Tensor:

@@ -121,12 +121,14 @@ class CallReply:
     error: str | None = None  # set: the call failed, the host lives on
     traceback: str | None = None
     needed_bytes: int = 0  # set: the output segments were too small; grow them and call again
+    needed_device: int = -1  # where: -1 the CPU segments, else the CUDA device index
 
 
 @dataclass(frozen=True)
 class StateRequest:
     instance: int
     load: Any = None  # None: return the state; otherwise the state to load
+    cuda_buffers: list[CudaBufferEvent] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,8 @@ class StateReply:
     instance: int
     state: Any
     error: str | None = None
+    needed_bytes: int = 0  # as in CallReply
+    needed_device: int = -1
 
 
 # -- control channel ---------------------------------------------------------------------------------------

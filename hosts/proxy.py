@@ -58,9 +58,9 @@ class RemotePlugin:
     """Forwards hook calls to ``instance`` in ``host``; subclassed per plugin with one method per hook."""
 
     def __init__(self, host: Host, instance: int, label: str, policy: Policy, code_hash: str,
-                 events: EventSink) -> None:
+                 events: EventSink, source: str = "") -> None:
         self.host, self.instance, self.label, self.policy = host, instance, label, policy
-        self.code_hash, self.events = code_hash, events
+        self.code_hash, self.events, self.source = code_hash, events, source
         self.failures: deque[float] = deque()
         self.quarantined: PluginError | None = None
 
@@ -72,12 +72,12 @@ class RemotePlugin:
             return self.outcome(hook, kwargs, self.quarantined)
         attempts = 2 if self.policy.on_failure == "retry" else 1
         error: PluginError | None = None
-        for _ in range(attempts):
+        for attempt in range(attempts):
             try:
                 return self.forward(hook, kwargs)
             except PluginError as exc:
                 error = exc
-                self.failed(hook, exc)
+                self.failed(hook, exc, counts=attempt == 0)  # a call and its retry are one failure
                 if self.quarantined is not None:
                     break
         assert error is not None
@@ -89,16 +89,22 @@ class RemotePlugin:
         if not differentiate:
             return call.result
         result = call.result
-        if not isinstance(result, LossResult):
-            raise PluginError(self.label, hook, f"returned {type(result).__name__}; expected a LossResult")
+        if not isinstance(result, LossResult) or not isinstance(result.loss, torch.Tensor) or result.loss.dim() \
+                or not result.loss.is_floating_point() or not isinstance(result.metrics, dict):
+            raise PluginError(self.label, hook, f"returned {result!r:.120}; expected a LossResult with a 0-dim loss")
+        try:
+            metrics = {str(k): float(v) for k, v in result.metrics.items()}
+        except (TypeError, ValueError):
+            raise PluginError(self.label, hook, f"returned metrics {result.metrics!r:.120}; expected floats") from None
         if not call.grad_inputs:
             raise PluginError(self.label, hook, "was given no tensor that requires grad")
         loss = RemoteLoss.apply(result.loss, call.grads, *call.grad_inputs)  # type: ignore[no-untyped-call]
-        return LossResult(loss, result.metrics)
+        return LossResult(loss, metrics)
 
-    def failed(self, hook: str, error: PluginError) -> None:
+    def failed(self, hook: str, error: PluginError, counts: bool = True) -> None:
         now = time.monotonic()
-        self.failures.append(now)
+        if counts:
+            self.failures.append(now)
         while self.failures and now - self.failures[0] > self.policy.window_s:
             self.failures.popleft()
         kind = "host_dead" if isinstance(error, HostDeadError) else "error"
@@ -130,6 +136,8 @@ class StatefulRemotePlugin(RemotePlugin):
     def state_dict(self) -> Any:
         """The remote state; under a policy other than ``fail``, a failure saves None instead of the state
         (the checkpoint is still written: a plugin failure never costs the run its checkpoint)."""
+        if self.quarantined is not None:
+            return None  # not called again, not even to save it
         try:
             return self.host.state(self.instance)
         except PluginError as exc:
@@ -144,13 +152,13 @@ class StatefulRemotePlugin(RemotePlugin):
 
 
 def make_proxy(host: Host, instance: int, label: str, hooks: list[m.HookInfo], stateful: bool, policy: Policy,
-               code_hash: str, events: EventSink) -> RemotePlugin:
+               code_hash: str, events: EventSink, source: str = "") -> RemotePlugin:
     """A ``RemotePlugin`` whose class has one ``@hookimpl`` method per remote hook, with the remote argument
     names (pluggy passes a hook implementation exactly the arguments it names)."""
     methods: dict[str, Any] = {hook.name: forwarding_method(hook) for hook in hooks}
     base = StatefulRemotePlugin if stateful else RemotePlugin
     cls = type(f"Remote_{label.replace(':', '_')}", (base,), methods)
-    proxy: RemotePlugin = cls(host, instance, label, policy, code_hash, events)
+    proxy: RemotePlugin = cls(host, instance, label, policy, code_hash, events, source)
     return proxy
 
 
@@ -159,7 +167,7 @@ def forwarding_method(info: m.HookInfo) -> Any:
     names from the function's code, so it is compiled here, from names checked against the hookspec)."""
     spec = getattr(hookspecs, info.name, None)
     if not info.name.startswith("swiftk_") or spec is None:
-        raise PluginError("?", info.name, "is not a swiftk hook (reported by a plugin host)")
+        raise PluginError("?", info.name, "is not a swiftk hook; check its spelling against swiftk.contracts.hookspecs")
     allowed = set(inspect.signature(spec).parameters)
     names = list(info.argnames)
     if not set(names) <= allowed or len(set(names)) != len(names):

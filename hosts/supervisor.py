@@ -37,6 +37,7 @@ from swiftk.shm.segments import Arena, Segment
 
 EventSink = Callable[[str, dict[str, Any]], None]
 OUTPUT_IDS = 1 << 20  # output segments and buffers are numbered from here, inputs from 0
+MAX_OUTPUT = 1 << 36  # a host asking for more output space than this is broken
 _SPAWNED = itertools.count()
 
 
@@ -74,6 +75,17 @@ def file_hash(source: str) -> str | None:
     if not (source.endswith(".py") or path.is_file()) or not path.is_file():
         return None
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
+def check_grads(label: str, hook: str, grads: list[torch.Tensor | None], inputs: list[torch.Tensor]) -> None:
+    """Gradients must match their inputs one for one in shape, dtype and device (else backward would fail
+    far from the cause)."""
+    if len(grads) != len(inputs):
+        raise PluginError(label, hook, f"returned {len(grads)} gradients for {len(inputs)} inputs")
+    for grad, tensor in zip(grads, inputs, strict=True):
+        if grad is not None and (grad.shape != tensor.shape or grad.dtype != tensor.dtype):
+            raise PluginError(label, hook, f"returned a gradient {list(grad.shape)} {grad.dtype} for an input "
+                              f"{list(tensor.shape)} {tensor.dtype}")
 
 
 def console(event: str, fields: dict[str, Any]) -> None:
@@ -139,8 +151,13 @@ class Host:
             command += ["--memory-mb", str(self.spec.memory_mb)]
         # Passive OpenMP waits: a host that spins after its call would steal the cores the kernel needs next.
         env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "SWIFTK_HOST_TOKEN": self.token}
-        self.proc = subprocess.Popen(command, pass_fds=(child.fileno(),), env=env, start_new_session=True)
-        child.close()
+        try:
+            self.proc = subprocess.Popen(command, pass_fds=(child.fileno(),), env=env, start_new_session=True)
+        except BaseException:
+            self.close_sockets()
+            raise
+        finally:
+            child.close()
         self.announced.clear()
         self.cuda_announced.clear()
         self.last_beat = time.monotonic()
@@ -159,6 +176,8 @@ class Host:
             raise HostStartError(
                 f"host '{self.spec.label}' implements contract {reply.contract_version} but this kernel "
                 f"{CONTRACT_VERSION}: both must run the same swiftk (check the interpreter the host uses)")
+        if [(s.source, s.name) for s in reply.sources] != list(zip(self.spec.sources, self.spec.names, strict=True)):
+            raise HostStartError(f"host '{self.spec.label}' answered for other plugin sources than it was given")
         for source in reply.sources:
             expected = file_hash(source.source)
             if source.error is None and expected is not None and source.code_hash != expected:
@@ -215,7 +234,7 @@ class Host:
             try:
                 self.restart(f"{what} needed it")
             except (HostStartError, HostDeadError) as exc:
-                self.dead_at, self.deaths = time.monotonic(), self.deaths + 1
+                self.dead_at = time.monotonic()  # kill() already counted the death
                 raise HostDeadError(self.spec.label, what, f"could not be restarted: {exc}") from exc
         # Liveness is checked while waiting for the answer (process, heartbeats, deadline), not here: a call
         # to a healthy host costs one round trip and nothing else.
@@ -236,38 +255,56 @@ class Host:
                 raise HostDeadError(label, hook, f"(host pid {self.pid}) answered call {call_id} with "
                                     f"{type(reply).__name__}; the host was killed")
             if reply.needed_bytes:
-                self.outputs.reserve(reply.needed_bytes)
+                self.grow_outputs(reply.needed_bytes, reply.needed_device, label, hook)
                 continue
             if reply.error is not None:
                 raise RemoteError(label, hook, f"raised {reply.error} (in its host, pid {self.pid})",
                                   reply.traceback)
             self.deaths = 0
-            try:
-                result = from_wire(reply.result, self.tensor_out)
-                grads = [None if g is None else self.tensor_out(g) for g in reply.grads]
-            except BadReference as exc:
-                self.kill("sent a bad tensor reference")
-                raise HostDeadError(label, hook, f"sent a bad tensor reference ({exc}); the host was killed") from None
-            if differentiate and len(grads) != len(grad_inputs):
-                raise PluginError(label, hook, f"returned {len(grads)} gradients for {len(grad_inputs)} inputs")
+            result, grads = self.decoded(label, hook, [reply.result, reply.grads])
+            if differentiate:
+                check_grads(label, hook, grads, grad_inputs)
             return Call(result, grads, grad_inputs)
         raise PluginError(label, hook, "needed more output space twice in a row")
 
+    def decoded(self, label: str, hook: str, wire: Any) -> Any:
+        """``wire`` as Python values, tensors copied out of the output slots. Whatever goes wrong here (a bad
+        reference, absurd shapes, nesting too deep) means the host sent garbage: it is killed, and the call
+        fails with ``HostDeadError``."""
+        try:
+            return from_wire(wire, self.tensor_out)
+        except Exception as exc:
+            self.kill(f"sent a malformed result: {exc!r:.200}")
+            raise HostDeadError(label, hook, f"sent a malformed result ({exc!r:.200}); the host was killed") from None
+
+    def grow_outputs(self, nbytes: int, device: int, label: str, hook: str) -> None:
+        if not 0 < nbytes <= MAX_OUTPUT:
+            self.kill(f"asked for {nbytes} bytes of output space")
+            raise HostDeadError(label, hook, f"asked for {nbytes} bytes of output space (at most {MAX_OUTPUT}); "
+                                f"the host was killed")
+        if device < 0:
+            self.outputs.reserve(nbytes)
+        else:
+            self.cuda_arena(self.cuda_outputs, torch.device("cuda", device), OUTPUT_IDS).reserve(nbytes)
+
     def state(self, instance: int, load: Any = None) -> Any:
         label = self.plugin_label(instance)
-        wire = None if load is None else self.encode(load, False, label, "load_state_dict")[0]
-        self.sync_segments()
-        reply = self.request(m.StateRequest(instance, wire), self.settings.start_timeout_s, "state_dict")
-        if not isinstance(reply, m.StateReply):
-            self.kill("answered a state request with the wrong message")
-            raise HostDeadError(label, "state_dict", "answered a state request with the wrong message")
-        if reply.error is not None:
-            raise PluginError(label, "load_state_dict" if load is not None else "state_dict",
-                              f"raised {reply.error}")
-        try:
-            return from_wire(reply.state, self.tensor_out)
-        except BadReference as exc:
-            raise PluginError(label, "state_dict", f"sent a bad tensor reference ({exc})") from None
+        what = "load_state_dict" if load is not None else "state_dict"
+        self.ensure_running(what)
+        for _ in range(2):  # a second time only when the output segments had to grow
+            wire, _, cuda_events = self.encode(load, False, label, what)
+            self.sync_segments()
+            reply = self.request(m.StateRequest(instance, wire, cuda_events), self.settings.start_timeout_s, what)
+            if not isinstance(reply, m.StateReply):
+                self.kill("answered a state request with the wrong message")
+                raise HostDeadError(label, what, "answered a state request with the wrong message")
+            if reply.needed_bytes:
+                self.grow_outputs(reply.needed_bytes, reply.needed_device, label, what)
+                continue
+            if reply.error is not None:
+                raise PluginError(label, what, f"raised {reply.error}")
+            return self.decoded(label, what, reply.state)
+        raise PluginError(label, what, "needed more output space twice in a row")
 
     def plugin_label(self, instance: int) -> str:
         request = self.builds.get(instance)
@@ -306,6 +343,8 @@ class Host:
                 self.outputs.reserve(nbytes + (1 << 20))
         if not self.outputs.segments:
             self.outputs.reserve(1 << 20)
+        for device in {d for d in grad_bytes if d.type == "cuda"} | {a.device for a in self.cuda_inputs.values()}:
+            torch.cuda.current_stream(device).synchronize()  # the copies are done before the host reads them
         events = [m.CudaBufferEvent(buffer, handle, writable) for buffer, (handle, writable)
                   in self.cuda_handles.items() if buffer not in self.cuda_announced]
         self.cuda_announced.update(e.buffer for e in events)
@@ -434,9 +473,9 @@ class Host:
                     proc.wait(wait_s)
                     break
                 except subprocess.TimeoutExpired:
+                    self.signal_group(sig)  # first, so that a failing event sink cannot leave the host alive
                     self.events("host_shutdown", {"host": self.spec.label, "pid": pid,
                                                   "escalation": sig.name, "after_s": wait_s})
-                    self.signal_group(sig)
             proc.wait()
             self.signal_group(signal.SIGKILL)  # anything the plugin started in the host's session
             self.proc = None

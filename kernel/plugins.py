@@ -170,7 +170,11 @@ def start_hosts(cfg: RunConfig) -> tuple[HostGroup | None, list[str]]:
     groups: dict[str, list[PluginSource]] = {}
     for item in remote:
         groups.setdefault(item.group or f"{item.label}", []).append(item)
-    problems, specs = [], []
+    labels = [item.label for item in remote]
+    problems = [f"plugins: two [[plugins]] tables with isolation = \"process\" are both named '{label}' (by "
+                f"default, the file's stem); give them distinct `name`s" for label in sorted(set(labels))
+                if labels.count(label) > 1]
+    specs = []
     for label, items in groups.items():
         limits = {item.memory_mb for item in items}
         if len(limits) > 1:

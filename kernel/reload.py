@@ -23,7 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from watchdog.events import FileClosedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 
 from swiftk.contracts import LossResult, ModelOutputs, PluginSpec, lookup
@@ -226,8 +232,9 @@ class Reloader:
                     hooks, stateful = reply.hooks, reply.stateful
                 else:  # a module's own hooks
                     hooks, stateful = hello.sources[-proxy.instance - 1].module_hooks, False
+                edited = str(Path(proxy.source).resolve()) == path
                 built[name] = make_proxy(new, proxy.instance, proxy.label, hooks, stateful, proxy.policy,
-                                         new_hash, proxy.events)
+                                         new_hash if edited else proxy.code_hash, proxy.events, proxy.source)
         except RejectedEdit:
             new.shutdown()
             raise
@@ -260,16 +267,20 @@ class Reloader:
                 say(f"reload of {item.path} rejected at step {step}; the old code keeps running:\n{item.error}")
                 continue
             for name, plugin in item.plugins.items():
-                old_hash = self.swap(name, plugin, item.new_hash)
+                edited = not isinstance(plugin, RemotePlugin) or str(Path(plugin.source).resolve()) == item.path
+                old_hash = self.plugins.code_hashes.get(name, "?")
+                self.swap(name, plugin, item.new_hash if edited else old_hash)
+                if not edited:
+                    continue  # shares the host, not the file: restarted with it, same code
                 event("plugin_reload", step=step, plugin=name, old_hash=old_hash, new_hash=item.new_hash,
                       ready_ms=round((item.ready_at - item.saved_at) * 1e3, 1),  # save -> ready to swap
                       swap_ms=round((time.monotonic() - started) * 1e3, 1))  # what the step boundary waited
                 say(f"reloaded {name} from {item.path} at step {step} ({old_hash} -> {item.new_hash})")
             if item.host is not None:
-                old, new = item.host
                 hosts = self.plugins.hosts
-                assert hosts is not None
-                hosts.replace(old, new)
+                current = self.host_of(item.path)  # not item.host[0] if an earlier edit was swapped in since
+                assert hosts is not None and current is not None
+                hosts.replace(current, item.host[1])
 
     def probe(self, candidate: Candidate) -> None:
         """A new loss must give a finite 0-dim loss on the last batch whose gradient reaches the logits."""
@@ -308,7 +319,7 @@ class Reloader:
         else:
             reinstate(candidate.path, candidate.previous)
 
-    def swap(self, name: str, plugin: object, new_hash: str) -> str:
+    def swap(self, name: str, plugin: object, new_hash: str) -> None:
         """Replace the plugin registered as ``name``, carrying its state over when the new one accepts it."""
         old = self.plugins.by_name[name]
         if hasattr(old, "state_dict") and hasattr(plugin, "load_state_dict") and old is not plugin:
@@ -320,9 +331,7 @@ class Reloader:
         self.plugins.manager.unregister(old)
         self.plugins.manager.register(plugin, name=name)
         self.plugins.by_name[name] = plugin
-        old_hash = self.plugins.code_hashes.get(name, "?")
         self.plugins.code_hashes[name] = new_hash
-        return old_hash
 
 
 class _Events(FileSystemEventHandler):
@@ -332,7 +341,9 @@ class _Events(FileSystemEventHandler):
         self.reloader = reloader
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if isinstance(event, FileClosedEvent):
+        # A file moved in from another folder arrives as "created"; if it is still being written, its
+        # close-after-write follows within the debounce window (or a half file is rejected, then retried).
+        if isinstance(event, (FileClosedEvent, FileCreatedEvent)):
             self.reloader.saw(str(Path(str(event.src_path)).resolve()))
         elif isinstance(event, FileMovedEvent):
             self.reloader.saw(str(Path(str(event.dest_path)).resolve()))

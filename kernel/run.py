@@ -24,6 +24,7 @@ import torch
 import swiftk
 from swiftk.contracts import PluginError
 from swiftk.contracts.conformance import describe
+from swiftk.hosts.supervisor import console
 from swiftk.kernel import checkpoint
 from swiftk.kernel.config import Locator, PluginSource, RunConfig, load_config
 from swiftk.kernel.data import (
@@ -83,18 +84,20 @@ def prepare(options: Options) -> tuple[RunConfig, Plugins]:
         problems.append("WORLD_SIZE > 1: this version trains in one process; multi-process training (DDP, FSDP, "
                         "DeepSpeed) is not built yet, so several processes would train unconnected copies")
     hosts, host_problems = start_hosts(cfg) if not problems else (None, [])
-    problems += host_problems
-    chosen = selection(cfg)
-    problems += check_selection(chosen, hosts)
     plugins = None
-    if not problems:
-        try:
-            plugins = build(chosen, loaded, hosts)
-        except Exception as exc:
-            problems.append(f"plugins: building the configured plugins failed: {describe(exc)}")
+    try:
+        problems += host_problems
+        chosen = selection(cfg)
+        problems += check_selection(chosen, hosts)
+        if not problems:
+            try:
+                plugins = build(chosen, loaded, hosts)
+            except Exception as exc:
+                problems.append(f"plugins: building the configured plugins failed: {describe(exc)}")
+    finally:
+        if (problems or plugins is None) and hosts is not None:
+            hosts.close()  # also when something above raised: no host outlives a failed start
     if problems or plugins is None:
-        if hosts is not None:
-            hosts.close()
         locator = Locator(Path(options.config).read_text(encoding="utf-8"), Path(options.config))
         raise ConfigError([locate(p, locator) for p in problems], options.config)
     return cfg, plugins
@@ -312,11 +315,6 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
     reporter = Reporter(run_dir if dist.is_main else None, total_steps, cfg.log.progress, cfg.log.every)
     run = Run(cfg, run_dir, model, tokenizer, plugins, optimizer, scheduler, loader, device, dist, reporter,
               total_steps, make_autocast(cfg.train.precision, device), collate_fn, eval_samples, eval_refs)
-    watched = watched_files(cfg, options.watch)
-    if watched and dist.is_main:
-        run.reloader = Reloader(plugins, watched)
-        run.reloader.start()
-        say("watching for edits: " + ", ".join(watched))
     if plugins.hosts is not None:  # host deaths, restarts and plugin failures go to metrics.jsonl and the console
         plugins.hosts.sink = lambda event, fields: host_event(run, event, fields)
     run.meta = {"swiftk_version": swiftk.__version__, "world_size": dist.world_size,
@@ -331,6 +329,11 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
     before = answer_samples(run, prompts) if prompts and run.step == 0 else []
     status = "failed"
     try:
+        watched = watched_files(cfg, options.watch)
+        if watched and dist.is_main:
+            run.reloader = Reloader(plugins, watched)
+            run.reloader.start()
+            say("watching for edits: " + ", ".join(watched))
         say(f"training: {total_steps} steps of {cfg.total_batch(dist.world_size)} samples "
             f"(batch_size {cfg.train.batch_size} x grad_accum {cfg.train.grad_accum}), from step {run.step}")
         status = train(run)
@@ -343,6 +346,8 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
             print(f"warning: {exc}", file=sys.stderr)
         reporter.event("run_end", step=run.step, status=status)
         reporter.close()
+        if plugins.hosts is not None:  # metrics.jsonl is closed: the hosts' shutdown events go to the console
+            plugins.hosts.sink = console
     if status == "interrupted":
         again = " ".join([options.config, *(f"--set {shlex.quote(o)}" for o in options.overrides), "--resume"])
         say(f"interrupted at step {run.step}; continue with: swiftk run {again}")

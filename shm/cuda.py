@@ -126,7 +126,7 @@ class CudaMapping:
                     self.view(ref).copy_(tensor.detach())
                 return ref
             self.out_current, self.out_cursor = self.out_current + 1, 0
-        raise OutputFull(nbytes)
+        raise OutputFull(nbytes, tensor.device.index or 0)
 
     def view(self, ref: CudaRef) -> torch.Tensor:
         if ref.buffer not in self.buffers:

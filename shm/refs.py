@@ -72,6 +72,8 @@ class TensorRef:
         """Raise ``BadReference`` unless the tensor's bytes lie inside a segment of ``size`` bytes."""
         if self.offset < 0 or any(d < 0 for d in self.shape) or len(self.shape) > 16:
             raise BadReference(f"bad tensor descriptor {self}")
+        if self.offset % ALIGN:
+            raise BadReference(f"tensor at offset {self.offset} is not {ALIGN}-byte aligned")
         if self.offset + self.nbytes > size:
             raise BadReference(f"tensor {list(self.shape)} {self.dtype} at offset {self.offset} runs past the end "
                                f"of segment {self.segment} ({size} bytes)")

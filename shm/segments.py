@@ -198,8 +198,9 @@ class Mapping:
 
 
 class OutputFull(Exception):
-    """The kernel's output segments cannot hold a result of ``needed`` bytes; it grows them and calls again."""
+    """The kernel's output slots on ``device`` (-1: the CPU segments, else a CUDA index) cannot hold ``needed``
+    bytes; the kernel grows them and calls again."""
 
-    def __init__(self, needed: int) -> None:
-        self.needed = needed
-        super().__init__(f"result of {needed} bytes does not fit the output segments")
+    def __init__(self, needed: int, device: int = -1) -> None:
+        self.needed, self.device = needed, device
+        super().__init__(f"result of {needed} bytes does not fit the output slots (device {device})")

@@ -112,3 +112,34 @@ def test_a_malformed_message_from_the_host_kills_it(tmp_path: Path) -> None:
     assert len(dead) == 1 and "malformed message" in dead[0]["reason"]
     assert sorted(steps(tmp_path / "run")) == [1, 2, 3, 4, 5]
     assert_clean()
+
+
+def test_a_result_pointing_into_the_kernels_input_segment_kills_the_host(tmp_path: Path) -> None:
+    forge = """
+    import swiftk.hosts.host as h
+    from swiftk.hosts import messages as m
+    from swiftk.shm import TensorRef
+    h.Server.reply = lambda self, call_id, result, grads: m.CallReply(
+        call_id, {"loss": TensorRef(0, 0, "float32", ())}, [None])  # the kernel's own input bytes
+    raise RuntimeError("from now on every reply is forged")
+    """
+    config = host_config(tmp_path, str(bad_plugin(tmp_path, forge)), table='on_failure = "skip"')
+    assert run(config, "--set", "hosts.restart_backoff_s=0.1") == 0
+    dead = events(tmp_path / "run", "host_dead")
+    assert len(dead) == 1 and "malformed result" in dead[0]["reason"] and "input segment" in dead[0]["reason"]
+    assert sorted(steps(tmp_path / "run")) == [1, 2, 3, 4, 5]
+    assert_clean()
+
+
+def test_a_host_that_ignores_shutdown_at_the_end_of_a_run_is_killed(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    stubborn = """
+    import swiftk.hosts.host as h
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    h.shutdown = lambda reason: None
+    """
+    config = host_config(tmp_path, str(bad_plugin(tmp_path, stubborn)))
+    assert run(config, "--set", "hosts.shutdown_timeout_s=0.3") == 0
+    err = capsys.readouterr().err
+    assert "host_shutdown" in err and "escalation=SIGKILL" in err
+    assert_clean()

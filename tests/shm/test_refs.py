@@ -24,3 +24,8 @@ def test_nbytes_and_bounds() -> None:
 def test_unsupported_dtypes_are_named() -> None:
     with pytest.raises(BadReference, match="complex64"):
         dtype_name(torch.complex64)
+
+
+def test_unaligned_offsets_are_refused() -> None:
+    with pytest.raises(BadReference, match="aligned"):
+        TensorRef(0, 2, "float32", (1,)).check_within(100)
