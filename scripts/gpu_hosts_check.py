@@ -28,6 +28,11 @@ from swiftk.contracts import hookimpl
 def swiftk_eval_batch(batch, outputs, state):
     outputs.logits.fill_(7.0)  # a misbehaving host: writes to what it was given
     torch.cuda.synchronize()
+
+
+@hookimpl
+def swiftk_reward_compute(completions):
+    return {"big": torch.full((8, 1024, 1024), 3.0, device="cuda")}  # 32 MiB back: the output slots must grow
 '''
 failed = []
 
@@ -64,9 +69,10 @@ def main() -> int:
             ref = local.swiftk_loss_compute(batch=batch, outputs=ModelOutputs(logits))
             ref.loss.backward()
             diff = float((grad_remote.float() - logits.grad.float()).abs().max())
-            same = abs(float(out.loss) - float(ref.loss)) <= 1e-5 * abs(float(ref.loss)) and diff <= 1e-6
+            value, expected = float(out.loss.detach()), float(ref.loss.detach())
+            same = abs(value - expected) <= 1e-5 * abs(expected) and diff <= 1e-6
             check(f"remote_loss_cuda_{dtype}", same and out.loss.device.type == "cuda",
-                  f"loss {float(out.loss):.6f} vs {float(ref.loss):.6f}, max grad diff {diff:.2e}")
+                  f"loss {value:.6f} vs {expected:.6f}, max grad diff {diff:.2e}")
         host = remote.host
         before = len(host.cuda_handles)
         for _ in range(20):
@@ -79,6 +85,10 @@ def main() -> int:
         snapshot = kept.clone()
         writer.swiftk_eval_batch(batch, ModelOutputs(kept), state)
         check("input_intact", torch.equal(kept, snapshot), "the host wrote to its staging copy, not the kernel's")
+
+        got = writer.swiftk_reward_compute(["a"])["big"]
+        check("cuda_result_grows_output", got.is_cuda and got.shape == (8, 1024, 1024) and bool((got == 3).all()),
+              f"a 32 MiB CUDA result came back ({got.device}, all 3.0: {bool((got == 3).all())})")
 
         big = torch.randn(16, 1024, 1024, device=device)  # 64 MiB
         target = torch.empty_like(big)
