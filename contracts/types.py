@@ -30,6 +30,7 @@ class Batch:
     num_items_in_batch: int
     position_ids: torch.Tensor | None = None  # [B, T]; restarts at 0 at each packed document
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # stage data the kernel does not interpret
+    real_tokens: int | None = None  # packed rows (no mask): the tokens that are not padding
 
     def to(self, device: torch.device | str) -> Batch:
         """The same batch with every tensor on ``device`` (``self`` when nothing moves)."""
@@ -41,13 +42,15 @@ class Batch:
 
         return Batch(self.input_ids.to(device), self.labels.to(device), move(self.attention_mask),
                      self.num_items_in_batch, move(self.position_ids),
-                     {k: v.to(device) for k, v in self.extras.items()})
+                     {k: v.to(device) for k, v in self.extras.items()}, self.real_tokens)
 
     @property
     def num_tokens(self) -> int:
         """Real (non-padding) tokens in this micro-batch."""
         if self.attention_mask is not None:
             return int(self.attention_mask.sum().item())
+        if self.real_tokens is not None:
+            return self.real_tokens
         return int(self.input_ids.numel())
 
     @property

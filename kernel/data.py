@@ -348,6 +348,6 @@ def collate(samples: list[Sample], pad_id: int) -> Batch:
         if positions is not None and s.position_ids is not None:
             positions[row, :n] = torch.tensor(s.position_ids)
             positions[row, n:] = torch.arange(width - n)  # padding as one more (ignored) document
-    if packed:
-        return Batch(ids, labels, None, 0, position_ids=positions)
+    if packed:  # no mask (position ids separate the documents), so the real tokens are counted here
+        return Batch(ids, labels, None, 0, position_ids=positions, real_tokens=int(mask.sum()))
     return Batch(ids, labels, mask, 0)

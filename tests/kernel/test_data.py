@@ -184,6 +184,7 @@ def test_packed_documents_do_not_attend_to_each_other(tok: Any) -> None:
     model = transformers.LlamaForCausalLM._from_config(config, attn_implementation="sdpa").eval()
     rows = pack(documents(tok), 24)
     batch = collate(rows, tok.pad_token_id)
+    assert batch.num_tokens == sum(len(row.input_ids) for row in rows) < batch.input_ids.numel()  # no padding
     with torch.no_grad():
         # As the step loop calls it: with a KV cache, transformers ignores the packing in position_ids.
         packed = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
