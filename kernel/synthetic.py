@@ -101,3 +101,25 @@ def write_jsonl(rows: Iterable[Mapping[str, object]], path: str | Path) -> None:
     with path.open("w", encoding="utf-8", newline="\n") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def wrong_answer(rng: random.Random, answer: str) -> str:
+    """A plausible wrong answer: one digit changed, or off by a small amount; never the right one."""
+    while True:
+        if rng.random() < 0.5:
+            i = rng.randrange(len(answer))
+            digit = rng.choice([d for d in string.digits if d != answer[i]])
+            wrong = answer[:i] + digit + answer[i + 1:]
+            if len(wrong) > 1 and wrong[0] == "0":
+                continue
+        else:
+            wrong = str(max(0, int(answer) + rng.choice([-10, -2, -1, 1, 2, 10])))
+        if wrong != answer:
+            return wrong
+
+
+def preference_rows(rows: Iterable[Row], seed: int) -> list[dict[str, str]]:
+    """Pairs for the alignment stages from a verifiable task: the right answer chosen, a near miss rejected."""
+    rng = random.Random(seed)
+    return [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": wrong_answer(rng, r["completion"])}
+            for r in rows]

@@ -231,6 +231,10 @@ def main(out_root: Path = DEFAULT_OUT) -> list[Path]:
             path = out_root / "synthetic" / f"{task}_{split}.jsonl"
             synthetic.write_jsonl(rows, path)
             written.append(path)
+            if task == "addition":  # preference pairs for the alignment stages: right answer vs a near miss
+                path = out_root / "synthetic" / f"{task}_pref_{split}.jsonl"
+                synthetic.write_jsonl(synthetic.preference_rows(rows, SYNTHETIC_SEED), path)
+                written.append(path)
     for name, rows in (("train", quickstart_rows()), ("heldout", HELDOUT)):
         path = out_root / "quickstart" / f"{name}.jsonl"
         synthetic.write_jsonl(rows, path)

@@ -1,0 +1,143 @@
+"""Preference data for the alignment stages: chosen/rejected pairs and unpaired (KTO) examples.
+
+Accepted rows (JSONL, JSON, parquet, or a saved datasets folder, as for SFT):
+
+* pairs, plain: ``{"prompt": "...", "chosen": "...", "rejected": "..."}``;
+* pairs, conversational: ``prompt`` a string or a message list, ``chosen``/``rejected`` strings or lists of
+  assistant messages (rendered with the chat template, like SFT ``prompt``/``completion`` rows);
+* pairs, Anthropic hh-rlhf transcripts: ``{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}``,
+  the prompt being everything up to the last ``\\n\\nAssistant:`` (which both must share);
+* unpaired (KTO): ``{"prompt": ..., "completion": ..., "label": true | false}``.
+
+Each side is tokenized as an SFT prompt/completion sample (so the prompt is masked, templates apply and
+label boundaries are exact). A bad row is reported with its file:line: a missing field, an empty completion,
+identical chosen and rejected, a transcript whose two sides do not share their prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from swiftk.contracts import IGNORE_INDEX, Batch
+from swiftk.kernel.config import DataConfig
+from swiftk.kernel.data import Sample, Tokenize, collate, load_rows, truncate
+from swiftk.kernel.errors import DataError
+
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+@dataclass
+class Pair:
+    chosen: Sample  # prompt + chosen completion, prompt masked
+    rejected: Sample
+
+
+@dataclass
+class Unpaired:
+    sample: Sample
+    desirable: bool
+
+
+def pair_fields(where: str, row: Any) -> tuple[Any, Any, Any]:
+    """(prompt, chosen, rejected) of one pair row, in any accepted shape; ``DataError`` naming ``where``."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a preference row must be an object, got {type(row).__name__}")
+    missing = [f for f in ("chosen", "rejected") if f not in row]
+    if missing:
+        raise DataError(f"{where}: preference row has no {' or '.join(map(repr, missing))} field; expected "
+                        f"'prompt', 'chosen' and 'rejected' (or hh-rlhf 'chosen'/'rejected' transcripts)")
+    prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
+    if prompt is None:
+        prompt, chosen, rejected = split_transcripts(where, chosen, rejected)
+    if is_empty(chosen) or is_empty(rejected):
+        side = "chosen" if is_empty(chosen) else "rejected"
+        raise DataError(f"{where}: the {side} completion is empty")
+    if chosen == rejected:
+        raise DataError(f"{where}: chosen and rejected are identical; such a pair teaches nothing (drop it)")
+    return prompt, chosen, rejected
+
+
+def split_transcripts(where: str, chosen: Any, rejected: Any) -> tuple[str, str, str]:
+    """An hh-rlhf pair: the shared prompt up to the last assistant turn, and the two final answers."""
+    if not (isinstance(chosen, str) and isinstance(rejected, str)):
+        raise DataError(f"{where}: preference row has no 'prompt'; without one, 'chosen' and 'rejected' must be "
+                        f"hh-rlhf transcripts (strings)")
+    cut_c, cut_r = chosen.rfind(HH_ASSISTANT), rejected.rfind(HH_ASSISTANT)
+    if cut_c < 0 or cut_r < 0:
+        raise DataError(f"{where}: preference row has no 'prompt', and its transcripts have no "
+                        f"'{HH_ASSISTANT.strip()}' turn to split at")
+    end_c, end_r = cut_c + len(HH_ASSISTANT), cut_r + len(HH_ASSISTANT)
+    if chosen[:end_c] != rejected[:end_r]:
+        raise DataError(f"{where}: the chosen and rejected transcripts differ before their last assistant turn, so "
+                        f"they do not answer the same prompt")
+    return chosen[:end_c], chosen[end_c:], rejected[end_r:]
+
+
+def is_empty(completion: Any) -> bool:
+    if isinstance(completion, str):
+        return not completion.strip()
+    if isinstance(completion, list):
+        return not completion or all(not str(m.get("content", "")).strip() for m in completion
+                                     if isinstance(m, dict))
+    return completion is None
+
+
+def build_pairs(path: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, transform: Any = None
+                ) -> list[Pair]:
+    """Every pair of ``path``, tokenized and truncated per ``[data]``; a pair whose side is dropped is dropped."""
+    tokenize = Tokenize(tokenizer, cfg, "prompt_completion")
+    pairs = []
+    for where, row in load_rows(path, transform):
+        prompt, chosen, rejected = pair_fields(where, row)
+        sides = [truncate(tokenize(where, {"prompt": prompt, "completion": completion}), cfg.max_length,
+                          cfg.truncation) for completion in (chosen, rejected)]
+        if sides[0] is not None and sides[1] is not None:
+            pairs.append(Pair(sides[0], sides[1]))
+    if not pairs:
+        raise DataError(f"{path}: no preference pair left to train on (all rows too long for "
+                        f"[data] max_length = {cfg.max_length} with truncation = '{cfg.truncation}'?)")
+    return pairs
+
+
+def build_unpaired(path: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, transform: Any = None
+                   ) -> list[Unpaired]:
+    """KTO rows: one completion each, labelled desirable (true) or not (false)."""
+    tokenize = Tokenize(tokenizer, cfg, "prompt_completion")
+    examples = []
+    for where, row in load_rows(path, transform):
+        if not isinstance(row, dict) or not all(f in row for f in ("prompt", "completion", "label")):
+            raise DataError(f"{where}: an unpaired (KTO) row needs 'prompt', 'completion' and 'label' (true/false)")
+        if not isinstance(row["label"], bool):
+            raise DataError(f"{where}: 'label' must be true or false, got {row['label']!r}")
+        if is_empty(row["completion"]):
+            raise DataError(f"{where}: the completion is empty")
+        sample = truncate(tokenize(where, row), cfg.max_length, cfg.truncation)
+        if sample is not None:
+            examples.append(Unpaired(sample, row["label"]))
+    if not examples:
+        raise DataError(f"{path}: no example left to train on")
+    return examples
+
+
+def collate_pairs(pairs: list[Pair], pad_id: int) -> Batch:
+    """One batch for one forward: the B chosen sequences, then the B rejected ones (``[2B, T]``)."""
+    batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    batch.extras["num_pairs"] = torch.tensor(len(pairs))
+    return batch
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probabilities of each row's labelled tokens (after the causal shift), and their counts.
+
+    logits ``[B, T, V]``, labels ``[B, T]`` unshifted (``IGNORE_INDEX`` where not scored)
+    -> (``[B]`` sum of log p(token), ``[B]`` number of scored tokens). Divide for per-token means (IPO,
+    SimPO, ORPO)."""
+    targets = labels[:, 1:]  # [B, T-1]: the logits at t-1 score the token at t
+    mask = targets != IGNORE_INDEX
+    scores = logits[:, :-1].float().log_softmax(-1)  # [B, T-1, V]
+    token_logps = scores.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T-1]
+    return (token_logps * mask).sum(-1), mask.sum(-1)
