@@ -25,6 +25,7 @@ from swiftk.contracts.types import (
     LossResult,
     ModelOutputs,
     StepState,
+    sequence_logps,
     shifted_labels,
     supervised,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "register_reward",
     "register_scheduler",
     "registered",
+    "sequence_logps",
     "shifted_labels",
     "supervised",
 ]

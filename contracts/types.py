@@ -54,6 +54,14 @@ class Batch:
         return int(self.input_ids.numel())
 
     @property
+    def num_items(self) -> int:
+        """What a loss of this batch is normalised over: preference pairs or unpaired examples when the batch
+        carries them (``extras["num_pairs"]``), else the label tokens."""
+        if "num_pairs" in self.extras:
+            return int(self.extras["num_pairs"])
+        return self.num_label_tokens
+
+    @property
     def num_label_tokens(self) -> int:
         """Tokens this micro-batch is scored on (after the causal shift)."""
         return int((self.labels[:, 1:] != IGNORE_INDEX).sum().item())
@@ -70,6 +78,18 @@ def supervised(batch: Batch, outputs: ModelOutputs) -> tuple[torch.Tensor, torch
     labels = batch.labels[:, 1:]  # [B, T-1]: the logits at t-1 score the token at t
     mask = labels != IGNORE_INDEX
     return outputs.logits[:, :-1][mask], labels[mask]
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probabilities of each row's labelled tokens (after the causal shift), and their counts.
+
+    logits ``[B, T, V]``, labels ``[B, T]`` unshifted (``IGNORE_INDEX`` where not scored) -> (``[B]`` sum of
+    log p(token), ``[B]`` scored tokens). Divide the two for per-token means (IPO, SimPO, ORPO)."""
+    targets = labels[:, 1:]  # [B, T-1]: the logits at t-1 score the token at t
+    mask = targets != IGNORE_INDEX
+    scores = logits[:, :-1].float().log_softmax(-1)  # [B, T-1, V]
+    token_logps = scores.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T-1]
+    return (token_logps * mask).sum(-1), mask.sum(-1)
 
 
 @dataclass

@@ -26,6 +26,8 @@ class ModelConfig(Section):
     """[model] what to train and how to load it."""
 
     model_id: str = Field(description="hub id, local folder, or 'package:NAME' (a pip package's folder)")
+    ref_model_id: str | None = Field(None, description="dpo: the frozen reference (default: the base model, i.e. "
+                                     "the adapters disabled with LoRA, or a frozen copy with full fine-tuning)")
     gguf_file: str | None = Field(None, description="GGUF file inside model_id's folder (dequantised on load)")
     tokenizer: str | None = Field(None, description="tokenizer folder or hub id; defaults to model_id")
     init: Literal["pretrained", "random"] = Field("pretrained", description="random: build from `architecture`")
@@ -53,13 +55,24 @@ class DataConfig(Section):
     chat_template: str | None = Field(None, description="Jinja template (or a .jinja file) replacing the tokenizer's")
     system_prompt: str | None = Field(None, description="prepended as a system turn to `messages` rows without one")
     packing: bool = Field(False, description="pack several samples per row (documents never attend to each other)")
+    task_type: Literal["auto", "sft", "preference"] = Field(
+        "auto", description="'preference': prompt/chosen/rejected rows (implied by a preference [train] stage)")
     shuffle: bool = True
+
+
+PAIR_STAGES = ("dpo", "simpo", "orpo", "cpo")  # trained on chosen/rejected pairs, each by the loss of its name
+REFERENCE_STAGES = ("dpo",)  # need the frozen reference model's log-probs
 
 
 class TrainConfig(Section):
     """[train] the optimisation: stage, tuner, loss, optimizer, schedule, batch and precision."""
 
-    stage: Literal["sft"] = "sft"
+    stage: Literal["sft", "dpo", "simpo", "orpo", "cpo", "rm", "kto"] = Field(
+        "sft", description="sft, or a preference stage on prompt/chosen/rejected pairs: dpo, simpo, orpo, cpo")
+    beta: float | None = Field(None, gt=0, description="preference stages: the loss's beta (default: the stage's)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo/cpo: the assumed label-flip probability")
+    precompute_ref_logps: bool = Field(False, description="dpo: score the pairs with the reference once, before "
+                                       "training, instead of a reference forward every step")
     tuner_strategy: Literal["full", "lora"] = "lora"
     lora_rank: int = Field(8, ge=1)
     lora_alpha: float = Field(32.0, gt=0)
@@ -99,6 +112,14 @@ class TrainConfig(Section):
     def _dtype_names(cls, value: Any) -> Any:
         # ms-swift style configs write torch dtype names here.
         return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(value, value)
+
+    @field_validator("stage")
+    @classmethod
+    def _built_stages(cls, value: str) -> str:
+        if value in ("rm", "kto"):
+            raise ValueError(f"stage '{value}' is not built yet; the preference stages today are dpo, simpo, orpo "
+                             f"and cpo (and sft)")
+        return value
 
     @field_validator("quantization_bit", mode="before")
     @classmethod

@@ -23,12 +23,13 @@ import torch
 
 from swiftk.contracts import Batch, LossResult, ModelOutputs, PluginError, StepState
 from swiftk.kernel import checkpoint
-from swiftk.kernel.config import RunConfig
+from swiftk.kernel.config import PAIR_STAGES, RunConfig
 from swiftk.kernel.data import Loader, Sample
 from swiftk.kernel.dist import DistInfo, sum_across_ranks
 from swiftk.kernel.errors import SwiftkError
 from swiftk.kernel.evaluate import Reference
 from swiftk.kernel.evaluate import evaluate as run_eval
+from swiftk.kernel.pairs import ReferenceModel, evaluate_pairs
 from swiftk.kernel.plugins import Plugins
 from swiftk.kernel.progress import Reporter
 from swiftk.kernel.reload import Reloader
@@ -65,6 +66,7 @@ class Run:
     elapsed_s: float = 0.0
     last_saved_step: int | None = None  # the step the newest checkpoint of this process holds
     reloader: Reloader | None = None  # hot reload of plugin files (--watch)
+    reference: ReferenceModel | None = None  # the frozen reference model of a preference stage (dpo)
 
     def state(self) -> StepState:
         return StepState(
@@ -90,8 +92,8 @@ def train(run: Run) -> str:
                 run.reloader.apply(run.step, run.reporter.event, run.reporter.say)
             started = time.perf_counter()
             micro = next_window(batches, cfg.train.grad_accum)
-            # The loss is normalised by the label tokens of the whole step, on every rank.
-            num_items = int(sum_across_ranks(sum(b.num_label_tokens for b in micro)))
+            # The loss is normalised over the whole step, on every rank: its label tokens (or pairs, for a stage).
+            num_items = int(sum_across_ranks(sum(b.num_items for b in micro)))
             step_loss = torch.zeros((), device=run.device)
             plugin_metrics: dict[str, float] = {}
             for batch in micro:
@@ -105,8 +107,9 @@ def train(run: Run) -> str:
                         position_ids=batch.position_ids,
                         use_cache=False,
                     ).logits  # [B, T, V]
-                result = call("swiftk_loss_compute", batch=batch, outputs=ModelOutputs(logits), step=run.step,
-                              state=run.state())
+                extras = run.reference.extras(batch) if run.reference is not None else {}  # reference log-probs
+                result = call("swiftk_loss_compute", batch=batch, outputs=ModelOutputs(logits, extras),
+                              step=run.step, state=run.state())
                 loss = checked_loss(result, run)
                 if run.reloader is not None:  # what a reloaded loss is probed on
                     run.reloader.remember(batch, logits, run.state())
@@ -186,8 +189,12 @@ def checked_loss(result: LossResult | None, run: Run) -> torch.Tensor:
 
 
 def evaluate(run: Run) -> dict[str, float]:
-    metrics = run_eval(run.model, run.tokenizer, run.eval_samples, run.eval_refs, run.cfg.eval, run.collate,
-                       run.autocast, run.plugins.call, run.state())
+    if run.cfg.train.stage in PAIR_STAGES:
+        metrics = evaluate_pairs(run.model, run.eval_samples, run.tokenizer.pad_token_id, run.cfg.eval.batch_size,
+                                 run.device, run.autocast, run.reference, run.plugins.call, run.state())
+    else:
+        metrics = run_eval(run.model, run.tokenizer, run.eval_samples, run.eval_refs, run.cfg.eval, run.collate,
+                           run.autocast, run.plugins.call, run.state())
     run.reporter.event("eval", step=run.step, **metrics)
     run.reporter.say(f"eval @ step {run.step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     return metrics

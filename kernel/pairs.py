@@ -16,13 +16,16 @@ identical chosen and rejected, a transcript whose two sides do not share their p
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from swiftk.contracts import IGNORE_INDEX, Batch
+from swiftk.contracts import Batch, ModelOutputs, sequence_logps
 from swiftk.kernel.config import DataConfig
 from swiftk.kernel.data import Sample, Tokenize, collate, load_rows, truncate
 from swiftk.kernel.errors import DataError
@@ -34,6 +37,7 @@ HH_ASSISTANT = "\n\nAssistant:"
 class Pair:
     chosen: Sample  # prompt + chosen completion, prompt masked
     rejected: Sample
+    ref: tuple[float, float] | None = None  # the reference's summed log-probs, when precomputed
 
 
 @dataclass
@@ -127,17 +131,70 @@ def collate_pairs(pairs: list[Pair], pad_id: int) -> Batch:
     """One batch for one forward: the B chosen sequences, then the B rejected ones (``[2B, T]``)."""
     batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
     batch.extras["num_pairs"] = torch.tensor(len(pairs))
+    if all(p.ref is not None for p in pairs):
+        batch.extras["ref_logps"] = torch.tensor([p.ref[0] for p in pairs] + [p.ref[1] for p in pairs])  # type: ignore[index]
     return batch
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probabilities of each row's labelled tokens (after the causal shift), and their counts.
+class ReferenceModel:
+    """The frozen reference of a preference stage: a batch's summed log-probs ``[2B]``, without gradient and
+    without dropout. Either a model of its own, or the policy itself with its LoRA adapters disabled (no
+    second copy in memory)."""
 
-    logits ``[B, T, V]``, labels ``[B, T]`` unshifted (``IGNORE_INDEX`` where not scored)
-    -> (``[B]`` sum of log p(token), ``[B]`` number of scored tokens). Divide for per-token means (IPO,
-    SimPO, ORPO)."""
-    targets = labels[:, 1:]  # [B, T-1]: the logits at t-1 score the token at t
-    mask = targets != IGNORE_INDEX
-    scores = logits[:, :-1].float().log_softmax(-1)  # [B, T-1, V]
-    token_logps = scores.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T-1]
-    return (token_logps * mask).sum(-1), mask.sum(-1)
+    def __init__(self, model: torch.nn.Module | None, policy: torch.nn.Module,
+                 autocast: Callable[[], AbstractContextManager[Any]]) -> None:
+        self.model, self.policy, self.autocast = model, policy, autocast
+
+    @torch.no_grad()
+    def logps(self, batch: Batch) -> torch.Tensor:
+        model = self.model if self.model is not None else self.policy
+        adapters_off = self.policy.disable_adapter() if self.model is None else contextlib.nullcontext()  # type: ignore[operator]
+        training = model.training
+        model.eval()
+        try:
+            with adapters_off, self.autocast():
+                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                               position_ids=batch.position_ids, use_cache=False).logits  # [2B, T, V]
+        finally:
+            model.train(training)
+        return sequence_logps(logits, batch.labels)[0]  # [2B]
+
+    def extras(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """What the stage's loss reads in ``ModelOutputs.extras``: precomputed with the batch, or computed now."""
+        if "ref_logps" in batch.extras:
+            return {"ref_logps": batch.extras["ref_logps"]}
+        return {"ref_logps": self.logps(batch)}
+
+    def precompute(self, pairs: list[Pair], pad_id: int, batch_size: int, device: torch.device) -> None:
+        """Score every pair once (before training), so that no step needs a reference forward."""
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            logps = self.logps(collate_pairs(chunk, pad_id).to(device)).tolist()
+            for pair, chosen, rejected in zip(chunk, logps[:len(chunk)], logps[len(chunk):], strict=True):
+                pair.ref = (chosen, rejected)
+
+
+@torch.no_grad()
+def evaluate_pairs(model: torch.nn.Module, pairs: list[Pair], pad_id: int, batch_size: int, device: torch.device,
+                   autocast: Callable[[], AbstractContextManager[Any]], reference: ReferenceModel | None,
+                   call: Callable[..., Any], state: Any) -> dict[str, float]:
+    """Held-out pairs through the stage's own loss: ``eval_loss`` and its metrics (``eval_rewards/accuracies``
+    is the held-out preference accuracy), weighted by pairs."""
+    training = model.training
+    model.eval()
+    totals: dict[str, float] = {}
+    try:
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            batch = collate_pairs(chunk, pad_id).to(device)
+            batch.num_items_in_batch = len(chunk)
+            with autocast():
+                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                               position_ids=batch.position_ids, use_cache=False).logits
+            outputs = ModelOutputs(logits, reference.extras(batch) if reference is not None else {})
+            result = call("swiftk_loss_compute", batch=batch, outputs=outputs, step=state.step, state=state)
+            for key, value in {"loss": float(result.loss), **result.metrics}.items():
+                totals[key] = totals.get(key, 0.0) + value * len(chunk)
+    finally:
+        model.train(training)
+    return {f"eval_{key}": value / len(pairs) for key, value in totals.items()}

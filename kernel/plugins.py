@@ -198,18 +198,33 @@ def policy(item: PluginSource) -> Policy:
 def selection(cfg: RunConfig) -> list[Selected]:
     train, evaluation = cfg.train, cfg.eval
     chosen = [
-        Selected("loss", train.loss_type, train.loss_config, "[train] loss_type", "[train] loss_config"),
+        loss_selection(train),
         Selected("optimizer", train.optimizer, optimizer_arguments(train), "[train] optimizer",
                  "[train] optimizer_config"),
         Selected("scheduler", train.scheduler, train.scheduler_config, "[train] scheduler",
                  "[train] scheduler_config"),
     ]
-    if cfg.data.eval_file:
+    if cfg.data.eval_file and train.stage == "sft":  # a preference stage evaluates with its own loss's metrics
         chosen += [Selected("metric", name, evaluation.metric_config.get(name, {}), "[eval] metrics",
                             f"[eval] metric_config.{name}") for name in evaluation.metric_names()]
     chosen += [Selected("callback", name, train.callbacks_config.get(name, {}), "[train] callbacks",
                         f"[train] callbacks_config.{name}") for name in train.callbacks]
     return chosen
+
+
+def loss_selection(train: TrainConfig) -> Selected:
+    """SFT: the ``loss_type`` plugin. A preference stage: the loss named like the stage, built from ``beta``,
+    ``loss_type`` (its variant, e.g. dpo's "ipo"), ``label_smoothing`` and ``loss_config``."""
+    if train.stage == "sft":
+        return Selected("loss", train.loss_type, train.loss_config, "[train] loss_type", "[train] loss_config")
+    arguments: dict[str, Any] = {}
+    if train.beta is not None:
+        arguments["beta"] = train.beta
+    if train.loss_type != "cross_entropy":  # the SFT default means "the stage's own default" here
+        arguments["loss_type"] = train.loss_type
+    if train.label_smoothing:
+        arguments["label_smoothing"] = train.label_smoothing
+    return Selected("loss", train.stage, {**arguments, **train.loss_config}, "[train] stage", "[train] loss_config")
 
 
 def optimizer_arguments(train: TrainConfig) -> dict[str, Any]:

@@ -6,6 +6,8 @@ at once before anything heavy is loaded, and nothing is written before the confi
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import math
 import random
@@ -20,13 +22,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from peft import PeftModel
 
 import swiftk
 from swiftk.contracts import PluginError
 from swiftk.contracts.conformance import describe
 from swiftk.hosts.supervisor import console
 from swiftk.kernel import checkpoint
-from swiftk.kernel.config import Locator, PluginSource, RunConfig, load_config
+from swiftk.kernel.config import PAIR_STAGES, REFERENCE_STAGES, Locator, PluginSource, RunConfig, load_config
 from swiftk.kernel.data import (
     Loader,
     Sample,
@@ -43,6 +46,7 @@ from swiftk.kernel.evaluate import references
 from swiftk.kernel.generate import chat_prompt, complete
 from swiftk.kernel.loop import Run, train
 from swiftk.kernel.model import check_source, load_model, load_tokenizer, pick_device, resolve_source
+from swiftk.kernel.pairs import ReferenceModel, build_pairs, collate_pairs
 from swiftk.kernel.plugins import (
     Plugins,
     build,
@@ -280,15 +284,21 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
 
     say(f"swiftk {swiftk.__version__} | run dir {run_dir} | device {device} | precision {cfg.train.precision}")
     tokenizer = load_tokenizer(cfg.model)
-    train_samples = build_dataset(cfg.data.train_file, tokenizer, cfg.data, data_transform(plugins, "train"))
+    pair_stage = cfg.train.stage in PAIR_STAGES
     eval_samples, eval_refs = [], []
-    if cfg.data.eval_file:
+    if pair_stage:  # chosen/rejected pairs; the held-out pairs are scored by the stage's loss
+        train_samples = build_pairs(cfg.data.train_file, tokenizer, cfg.data, data_transform(plugins, "train"))
+        if cfg.data.eval_file:
+            eval_samples = build_pairs(cfg.data.eval_file, tokenizer, cfg.data, data_transform(plugins, "eval"))
+    else:
+        train_samples = build_dataset(cfg.data.train_file, tokenizer, cfg.data, data_transform(plugins, "train"))
+    if cfg.data.eval_file and not pair_stage:
         rows = load_rows(cfg.data.eval_file, data_transform(plugins, "eval"))  # read and transformed once
         eval_samples = samples_from_rows(cfg.data.eval_file, rows, tokenizer, cfg.data)
         if cfg.eval.generates:
             eval_refs = references(rows, detect_format(rows, cfg.data.format), tokenizer, cfg.data.system_prompt)
-    say(f"data: {len(train_samples)} training samples from {cfg.data.train_file}"
-        + (f", {len(eval_samples)} eval samples" if eval_samples else ""))
+    say(f"data: {len(train_samples)} training {'pairs' if pair_stage else 'samples'} from {cfg.data.train_file}"
+        + (f", {len(eval_samples)} eval {'pairs' if pair_stage else 'samples'}" if eval_samples else ""))
 
     started = time.perf_counter()
     model = load_model(cfg.model, len(tokenizer), device)
@@ -300,7 +310,17 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
 
     optimizer = plugins.call("swiftk_optimizer_build",
         param_groups=param_groups(model, weight_decay(cfg.train)), lr=cfg.train.lr, model=model)
-    collate_fn = make_collate(plugins, tokenizer.pad_token_id)
+    collate_fn = functools.partial(collate_pairs, pad_id=tokenizer.pad_token_id) if pair_stage else \
+        make_collate(plugins, tokenizer.pad_token_id)
+    autocast = make_autocast(cfg.train.precision, device)
+    reference = make_reference(cfg, model, tokenizer, device, autocast)
+    if reference is not None and cfg.train.precompute_ref_logps:
+        started = time.perf_counter()
+        for pairs in (train_samples, eval_samples):
+            reference.precompute(pairs, tokenizer.pad_token_id, cfg.train.batch_size, device)
+        reference.model = None  # every pair carries its reference log-probs: the reference model can go
+        say(f"reference: scored {len(train_samples) + len(eval_samples)} pairs in "
+            f"{time.perf_counter() - started:.1f} s (precompute_ref_logps)")
     loader = Loader(train_samples, cfg.train.batch_size, collate_fn, cfg.train.seed, cfg.data.shuffle,
                     dist.rank, dist.world_size)
     steps_per_epoch = math.ceil(loader.batches_per_epoch / cfg.train.grad_accum)
@@ -314,7 +334,7 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
     make_run_dir(run_dir, resume_from is not None, dist)
     reporter = Reporter(run_dir if dist.is_main else None, total_steps, cfg.log.progress, cfg.log.every)
     run = Run(cfg, run_dir, model, tokenizer, plugins, optimizer, scheduler, loader, device, dist, reporter,
-              total_steps, make_autocast(cfg.train.precision, device), collate_fn, eval_samples, eval_refs)
+              total_steps, autocast, collate_fn, eval_samples, eval_refs, reference=reference)
     if plugins.hosts is not None:  # host deaths, restarts and plugin failures go to metrics.jsonl and the console
         plugins.hosts.sink = lambda event, fields: host_event(run, event, fields)
     run.meta = {"swiftk_version": swiftk.__version__, "world_size": dist.world_size,
@@ -355,6 +375,23 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
 
     finish(run, options, prompts, before, say)
     return 0
+
+
+def make_reference(cfg: RunConfig, model: torch.nn.Module, tokenizer: Any, device: torch.device,
+                   autocast: Any) -> ReferenceModel | None:
+    """The frozen reference of a stage that needs one: ``[model] ref_model_id``; else the policy with its LoRA
+    adapters disabled; else (full fine-tuning) a frozen copy of the model as loaded."""
+    if cfg.train.stage not in REFERENCE_STAGES:
+        return None
+    if cfg.model.ref_model_id is not None:
+        ref_cfg = cfg.model.model_copy(update={"model_id": cfg.model.ref_model_id, "gguf_file": None})
+        ref_model = load_model(ref_cfg, len(tokenizer), device)
+    elif isinstance(model, PeftModel):
+        return ReferenceModel(None, model, autocast)
+    else:
+        ref_model = copy.deepcopy(model)
+    ref_model.requires_grad_(False)
+    return ReferenceModel(ref_model.eval(), model, autocast)
 
 
 def watched_files(cfg: RunConfig, watch_all: bool) -> list[str]:

@@ -18,14 +18,17 @@ margin and gamma = ``simpo_gamma`` the target margin it must clear, on the same 
 TRL's ``CPOTrainer`` convention, written there as beta * (h - gamma / beta); the SimPO authors' own code instead
 takes the ratio gamma / beta as its knob (``gamma_beta_ratio``). log s is ``logsigmoid``, finite for any margin.
 
-CPO proper adds a behaviour-cloning NLL term on the chosen completions; that term, and the stage wiring, land with
-the [preference] stages. The rewards ``beta * log pi`` come back detached, for logging.
+CPO proper adds a behaviour-cloning NLL term on the chosen completions (``cpo_alpha``, the ``cpo`` loss below);
+SimPO has none (the ``simpo`` loss). The rewards ``beta * log pi`` come back detached, for logging.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from swiftk.contracts import Batch, LossResult, ModelOutputs, hookimpl, register_loss
+from swiftk.plugins.losses.preference import pair_metrics, split_logps
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
 
@@ -64,3 +67,41 @@ def cpo_loss(
     else:
         losses = (h - 1 / (2 * beta)) ** 2
     return losses, beta * chosen_logps.detach(), beta * rejected_logps.detach()
+
+
+@register_loss("cpo")
+class CPO:
+    """CPO (Xu et al. 2024, eq. 6): the pairwise loss on summed log-probs (per-token means for ipo and simpo), no
+    reference model, plus ``cpo_alpha`` times the per-token NLL of the chosen completion."""
+
+    average_types = ("ipo", "simpo")
+
+    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+                 simpo_gamma: float = 0.5, cpo_alpha: float = 1.0) -> None:
+        cpo_loss(torch.zeros(1), torch.zeros(1), beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        self.simpo_gamma, self.cpo_alpha = simpo_gamma, cpo_alpha
+
+    @hookimpl
+    def swiftk_loss_compute(self, batch: Batch, outputs: ModelOutputs) -> LossResult:
+        chosen, rejected, counts = split_logps(batch, outputs, self.loss_type in self.average_types)
+        losses, chosen_rewards, rejected_rewards = cpo_loss(
+            chosen, rejected, beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
+            simpo_gamma=self.simpo_gamma)
+        metrics = pair_metrics(chosen_rewards, rejected_rewards, chosen, rejected)
+        if self.cpo_alpha:
+            sums, _, _ = split_logps(batch, outputs, average=False)
+            nll = -sums / counts[: sums.shape[0]].clamp(min=1)  # [B] per-token NLL of each chosen completion
+            losses = losses + self.cpo_alpha * nll
+            metrics["nll_loss"] = float(nll.detach().mean())
+        return LossResult(losses.sum() / batch.num_items_in_batch, metrics)
+
+
+@register_loss("simpo")
+class SimPO(CPO):
+    """SimPO (Meng et al. 2024, eq. 6): length-normalised log-probs, a target margin ``simpo_gamma``, no reference
+    model and no NLL term."""
+
+    def __init__(self, beta: float = 2.0, simpo_gamma: float = 0.5, label_smoothing: float = 0.0) -> None:
+        super().__init__(beta=beta, loss_type="simpo", label_smoothing=label_smoothing, simpo_gamma=simpo_gamma,
+                         cpo_alpha=0.0)

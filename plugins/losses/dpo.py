@@ -24,7 +24,7 @@ below 0: it subtracts the flipped-label term instead of adding it. The log-probs
 passes completion sums, or per-token means for ipo (the IPO authors normalise by length). The implicit rewards
 ``beta * (log pi - log pi_ref)`` come back detached, for logging.
 
-The stage wiring (a loss plugin, the reference forward) lands with the [preference] stages; this module is the maths.
+``[train] stage = "dpo"`` selects the ``dpo`` loss below; the kernel computes the reference log-probs.
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from swiftk.contracts import Batch, LossResult, ModelOutputs, hookimpl, register_loss
+from swiftk.plugins.losses.preference import pair_metrics, reference_logps, split_logps
 
 Loss = Callable[[torch.Tensor, float, float], torch.Tensor]  # (margin h [B], beta, eps) -> losses [B]
 
@@ -82,3 +85,25 @@ def dpo_loss(
     rejected_logratios = rejected_logps - ref_rejected_logps  # [B]
     losses = LOSSES[loss_type](chosen_logratios - rejected_logratios, beta, label_smoothing)  # [B]
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+@register_loss("dpo")
+class DPO:
+    """DPO on a chosen-then-rejected batch: summed completion log-probs (per-token means for ipo), against the
+    frozen reference's; the step's loss is the mean over its pairs."""
+
+    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> None:
+        dpo_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=beta, loss_type=loss_type,
+                 label_smoothing=label_smoothing)  # checks the arguments now, not at the first step
+        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+
+    @hookimpl
+    def swiftk_loss_compute(self, batch: Batch, outputs: ModelOutputs) -> LossResult:
+        average = self.loss_type == "ipo"
+        chosen, rejected, counts = split_logps(batch, outputs, average)  # [B], [B], [2B]
+        ref_chosen, ref_rejected = reference_logps(outputs, counts, average)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            chosen, rejected, ref_chosen, ref_rejected, beta=self.beta, loss_type=self.loss_type,
+            label_smoothing=self.label_smoothing)
+        return LossResult(losses.sum() / batch.num_items_in_batch,
+                          pair_metrics(chosen_rewards, rejected_rewards, chosen, rejected))

@@ -16,7 +16,7 @@ Returned for logging, detached, as TRL's ``ORPOTrainer`` names them: the rewards
 ``log_odds_ratio`` = mean(log s(log_odds)) (a log-probability, despite its name) and ``log_odds_chosen`` =
 mean(log_odds).
 
-The stage wiring (the NLL term, a loss plugin) lands with the [preference] stages; this module is the maths.
+The ``orpo`` loss below adds the penalty to the chosen completion's per-token NLL (ORPO eq. 6); no reference model.
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from swiftk.contracts import Batch, LossResult, ModelOutputs, hookimpl, register_loss
+from swiftk.plugins.losses.preference import pair_metrics, split_logps
 
 LN2 = math.log(2)
 
@@ -61,3 +64,25 @@ def orpo_loss(
         log_sigmoid.detach().mean(),
         log_odds.detach().mean(),
     )
+
+
+@register_loss("orpo")
+class ORPO:
+    """ORPO (Hong et al. 2024, eq. 6): the chosen completion's per-token NLL plus ``beta`` times the odds-ratio
+    penalty, on per-token-mean log-probs."""
+
+    def __init__(self, beta: float = 0.1) -> None:
+        if beta <= 0:
+            raise ValueError(f"orpo: beta must be > 0, got {beta}")
+        self.beta = beta
+
+    @hookimpl
+    def swiftk_loss_compute(self, batch: Batch, outputs: ModelOutputs) -> LossResult:
+        chosen, rejected, _ = split_logps(batch, outputs, average=True)  # [B] per-token means
+        penalty, chosen_rewards, rejected_rewards, log_odds_ratio, log_odds_chosen = orpo_loss(
+            chosen, rejected, beta=self.beta)
+        nll = -chosen  # [B]
+        metrics = pair_metrics(chosen_rewards, rejected_rewards, chosen, rejected)
+        metrics.update({"nll_loss": float(nll.detach().mean()), "log_odds_ratio": float(log_odds_ratio),
+                        "log_odds_chosen": float(log_odds_chosen)})
+        return LossResult((nll + penalty).sum() / batch.num_items_in_batch, metrics)
