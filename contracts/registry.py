@@ -305,7 +305,13 @@ def source_hash(obj: Any) -> str:
     """Short hash of the file that defines ``obj`` (recorded in checkpoints and metrics, and in host handshakes)."""
     try:
         path = inspect.getsourcefile(obj)
-        data = Path(path).read_bytes() if path else repr(obj).encode()
+        if path:
+            return file_hash(path)
     except (TypeError, OSError):
-        data = repr(obj).encode()
-    return hashlib.sha256(data).hexdigest()[:12]
+        pass
+    return hashlib.sha256(repr(obj).encode()).hexdigest()[:12]
+
+
+def file_hash(path: str | Path) -> str:
+    """The code hash of a file: the one digest every component compares (checkpoints, handshakes, reloads)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]

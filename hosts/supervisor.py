@@ -9,7 +9,6 @@ conflated: only the newest matters) and orders (PUSH); shared-segment descriptor
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
 import secrets
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 import zmq
 
+from swiftk.contracts import registry
 from swiftk.contracts.errors import HostDeadError, PluginError
 from swiftk.contracts.markers import CONTRACT_VERSION
 from swiftk.hosts import messages as m
@@ -74,7 +74,7 @@ def file_hash(source: str) -> str | None:
     path = Path(source)
     if not (source.endswith(".py") or path.is_file()) or not path.is_file():
         return None
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    return registry.file_hash(path)
 
 
 def check_grads(label: str, hook: str, grads: list[torch.Tensor | None], inputs: list[torch.Tensor]) -> None:

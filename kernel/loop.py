@@ -108,11 +108,11 @@ def train(run: Run) -> str:
                         use_cache=False,
                     ).logits  # [B, T, V]
                 extras = run.reference.extras(batch) if run.reference is not None else {}  # reference log-probs
-                result = call("swiftk_loss_compute", batch=batch, outputs=ModelOutputs(logits, extras),
-                              step=run.step, state=run.state())
+                outputs = ModelOutputs(logits, extras)
+                result = call("swiftk_loss_compute", batch=batch, outputs=outputs, step=run.step, state=run.state())
                 loss = checked_loss(result, run)
                 if run.reloader is not None:  # what a reloaded loss is probed on
-                    run.reloader.remember(batch, logits, run.state())
+                    run.reloader.remember(batch, outputs, run.state())
                 loss.backward()
                 step_loss += loss.detach()
                 for key, value in result.metrics.items():

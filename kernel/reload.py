@@ -34,7 +34,14 @@ from watchdog.observers import Observer
 
 from swiftk.contracts import LossResult, ModelOutputs, PluginSpec, lookup
 from swiftk.contracts.conformance import config_problems, describe, hookimpl_problems
-from swiftk.contracts.registry import contract_problem, has_hookimpls, import_source, registrations_of, reinstate
+from swiftk.contracts.registry import (
+    contract_problem,
+    file_hash,
+    has_hookimpls,
+    import_source,
+    registrations_of,
+    reinstate,
+)
 from swiftk.hosts.proxy import RemotePlugin, make_proxy
 from swiftk.hosts.supervisor import Host
 from swiftk.kernel.plugins import Plugins, new_manager
@@ -66,10 +73,6 @@ class Failure:
     saved_at: float
 
 
-def file_hash(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
-
-
 @dataclass
 class Reloader:
     """Watches the run's plugin files and swaps new code in at step boundaries (``apply``)."""
@@ -78,7 +81,7 @@ class Reloader:
     paths: list[str]  # plugin files to watch (absolute)
     debounce_s: float = DEBOUNCE_S
     ready: queue.Queue[Candidate | Failure] = field(default_factory=queue.Queue)
-    last: tuple[Any, torch.Tensor, Any] | None = None  # the last batch, its logits (detached) and state
+    last: tuple[Any, torch.Tensor, dict[str, torch.Tensor], Any] | None = None  # batch, logits, extras, state
     touched: dict[str, float] = field(default_factory=dict)  # path -> first event of the current burst
     quiet_since: dict[str, float] = field(default_factory=dict)
     hashes: dict[str, str] = field(default_factory=dict)
@@ -244,8 +247,8 @@ class Reloader:
         return Candidate(path, new_hash, built, [], saved_at, time.monotonic(), host=(old, new))
 
     # -- swapping (the main thread, at a step boundary) -----------------------------------------------------
-    def remember(self, batch: Any, logits: torch.Tensor, state: Any) -> None:
-        self.last = (batch, logits.detach(), state)
+    def remember(self, batch: Any, outputs: ModelOutputs, state: Any) -> None:
+        self.last = (batch, outputs.logits.detach(), outputs.extras, state)
 
     def apply(self, step: int, event: Any, say: Any) -> None:
         """Swap in every candidate that passes its probe; record every swap and rejection."""
@@ -286,7 +289,7 @@ class Reloader:
         """A new loss must give a finite 0-dim loss on the last batch whose gradient reaches the logits."""
         if self.last is None:
             return
-        batch, logits, state = self.last
+        batch, logits, extras, state = self.last
         for name, plugin in candidate.plugins.items():
             if not hasattr(plugin, "swiftk_loss_compute"):
                 continue
@@ -294,8 +297,8 @@ class Reloader:
             manager.register(plugin, name=f"probe:{name}")
             leaf = logits.clone().requires_grad_()
             try:
-                result = manager.hook.swiftk_loss_compute(batch=batch, outputs=ModelOutputs(leaf), step=state.step,
-                                                          state=state)
+                result = manager.hook.swiftk_loss_compute(batch=batch, outputs=ModelOutputs(leaf, extras),
+                                                          step=state.step, state=state)
                 loss = getattr(result, "loss", None)
                 if not isinstance(result, LossResult) or not isinstance(loss, torch.Tensor) or loss.dim() != 0:
                     raise RejectedEdit(f"{name}: the probe on the last batch got {result!r:.200}, not a 0-dim loss")
