@@ -66,3 +66,9 @@ def test_stages_not_built_yet_are_config_errors(tmp_path: Path, capsys: pytest.C
     assert main(["run", "configs/tiny_dpo.toml", "--set", 'train.stage="kto"']) == 2
     assert "stage 'kto' is not built yet" in capsys.readouterr().err
 
+
+
+@pytest.mark.parametrize("stage", ["dpo", "simpo", "orpo", "cpo"])
+def test_each_stage_config_checks(stage: str, capsys: pytest.CaptureFixture) -> None:
+    assert main(["run", f"configs/tiny_{stage}.toml", "--print-config"]) == 0
+    assert f'stage = "{stage}"' in capsys.readouterr().out
