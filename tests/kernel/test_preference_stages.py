@@ -72,3 +72,18 @@ def test_stages_not_built_yet_are_config_errors(tmp_path: Path, capsys: pytest.C
 def test_each_stage_config_checks(stage: str, capsys: pytest.CaptureFixture) -> None:
     assert main(["run", f"configs/tiny_{stage}.toml", "--print-config"]) == 0
     assert f'stage = "{stage}"' in capsys.readouterr().out
+
+
+def test_the_first_dpo_step_matches_trl_on_the_same_batch(tmp_path: Path) -> None:
+    """swiftk's DPO stage and TRL's DPOTrainer, same init, pairs and settings (bench/dpo_vs_trl.py): the first
+    step's loss, rewards and log-probs agree."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dpo_vs_trl", REPO / "bench" / "dpo_vs_trl.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    _, ours = bench.run_swiftk(2, tmp_path, precompute=False)
+    _, theirs = bench.run_trl(2, tmp_path)
+    for key in bench.FIRST:
+        assert float(ours[key]) == pytest.approx(float(theirs[key]), rel=1e-4, abs=1e-6), key
