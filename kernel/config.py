@@ -61,14 +61,15 @@ class DataConfig(Section):
 
 
 PAIR_STAGES = ("dpo", "simpo", "orpo", "cpo")  # trained on chosen/rejected pairs, each by the loss of its name
-REFERENCE_STAGES = ("dpo",)  # need the frozen reference model's log-probs
+PREFERENCE_STAGES = (*PAIR_STAGES, "kto")  # kto: unpaired examples (or pairs, split into good and bad)
+REFERENCE_STAGES = ("dpo", "kto")  # need the frozen reference model's log-probs
 
 
 class TrainConfig(Section):
     """[train] the optimisation: stage, tuner, loss, optimizer, schedule, batch and precision."""
 
     stage: Literal["sft", "dpo", "simpo", "orpo", "cpo", "rm", "kto"] = Field(
-        "sft", description="sft, or a preference stage on prompt/chosen/rejected pairs: dpo, simpo, orpo, cpo")
+        "sft", description="sft, or a preference stage: dpo, simpo, orpo, cpo (pairs), kto (unpaired or pairs)")
     beta: float | None = Field(None, gt=0, description="preference stages: the loss's beta (default: the stage's)")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo/cpo: the assumed label-flip probability")
     precompute_ref_logps: bool = Field(False, description="dpo: score the pairs with the reference once, before "
@@ -116,10 +117,18 @@ class TrainConfig(Section):
     @field_validator("stage")
     @classmethod
     def _built_stages(cls, value: str) -> str:
-        if value in ("rm", "kto"):
-            raise ValueError(f"stage '{value}' is not built yet; the preference stages today are dpo, simpo, orpo "
-                             f"and cpo (and sft)")
+        if value == "rm":
+            raise ValueError("stage 'rm' (reward model) is not built yet; the preference stages today are dpo, "
+                             "simpo, orpo, cpo and kto (and sft)")
         return value
+
+    @model_validator(mode="after")
+    def _precompute_needs_pairs(self) -> TrainConfig:
+        if self.precompute_ref_logps and self.stage not in ("dpo",):
+            raise ValueError(f"precompute_ref_logps: only for stage 'dpo' (stage '{self.stage}' "
+                             + ("scores mismatched rows that depend on the batch)" if self.stage == "kto"
+                                else "has no reference model)"))
+        return self
 
     @field_validator("quantization_bit", mode="before")
     @classmethod

@@ -23,7 +23,7 @@ import torch
 
 from swiftk.contracts import Batch, LossResult, ModelOutputs, PluginError, StepState
 from swiftk.kernel import checkpoint
-from swiftk.kernel.config import PAIR_STAGES, RunConfig
+from swiftk.kernel.config import PREFERENCE_STAGES, RunConfig
 from swiftk.kernel.data import Loader, Sample
 from swiftk.kernel.dist import DistInfo, sum_across_ranks
 from swiftk.kernel.errors import SwiftkError
@@ -189,9 +189,9 @@ def checked_loss(result: LossResult | None, run: Run) -> torch.Tensor:
 
 
 def evaluate(run: Run) -> dict[str, float]:
-    if run.cfg.train.stage in PAIR_STAGES:
-        metrics = evaluate_pairs(run.model, run.eval_samples, run.tokenizer.pad_token_id, run.cfg.eval.batch_size,
-                                 run.device, run.autocast, run.reference, run.plugins.call, run.state())
+    if run.cfg.train.stage in PREFERENCE_STAGES:
+        metrics = evaluate_pairs(run.model, run.eval_samples, run.collate, run.cfg.eval.batch_size, run.device,
+                                 run.autocast, run.reference, run.plugins.call, run.state())
     else:
         metrics = run_eval(run.model, run.tokenizer, run.eval_samples, run.eval_refs, run.cfg.eval, run.collate,
                            run.autocast, run.plugins.call, run.state())

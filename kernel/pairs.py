@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from swiftk.contracts import Batch, ModelOutputs, sequence_logps
+from swiftk.contracts import IGNORE_INDEX, Batch, ModelOutputs, sequence_logps
 from swiftk.kernel.config import DataConfig
 from swiftk.kernel.data import Sample, Tokenize, collate, load_rows, truncate
 from swiftk.kernel.errors import DataError
@@ -93,9 +93,14 @@ def is_empty(completion: Any) -> bool:
 def build_pairs(path: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, transform: Any = None
                 ) -> list[Pair]:
     """Every pair of ``path``, tokenized and truncated per ``[data]``; a pair whose side is dropped is dropped."""
+    return pairs_from_rows(path, load_rows(path, transform), tokenizer, cfg)
+
+
+def pairs_from_rows(path: str, rows: list[tuple[str, Any]], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig
+                    ) -> list[Pair]:
     tokenize = Tokenize(tokenizer, cfg, "prompt_completion")
     pairs = []
-    for where, row in load_rows(path, transform):
+    for where, row in rows:
         prompt, chosen, rejected = pair_fields(where, row)
         sides = [truncate(tokenize(where, {"prompt": prompt, "completion": completion}), cfg.max_length,
                           cfg.truncation) for completion in (chosen, rejected)]
@@ -109,10 +114,14 @@ def build_pairs(path: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, 
 
 def build_unpaired(path: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, transform: Any = None
                    ) -> list[Unpaired]:
-    """KTO rows: one completion each, labelled desirable (true) or not (false)."""
+    """KTO rows: one completion each, labelled desirable (true) or not (false); or pairs, split into a desirable
+    and an undesirable example each."""
+    rows = load_rows(path, transform)
+    if rows and isinstance(rows[0][1], dict) and "label" not in rows[0][1] and "chosen" in rows[0][1]:
+        return unpaired_from(pairs_from_rows(path, rows, tokenizer, cfg))
     tokenize = Tokenize(tokenizer, cfg, "prompt_completion")
     examples = []
-    for where, row in load_rows(path, transform):
+    for where, row in rows:
         if not isinstance(row, dict) or not all(f in row for f in ("prompt", "completion", "label")):
             raise DataError(f"{where}: an unpaired (KTO) row needs 'prompt', 'completion' and 'label' (true/false)")
         if not isinstance(row["label"], bool):
@@ -134,6 +143,35 @@ def collate_pairs(pairs: list[Pair], pad_id: int) -> Batch:
     if all(p.ref is not None for p in pairs):
         batch.extras["ref_logps"] = torch.tensor([p.ref[0] for p in pairs] + [p.ref[1] for p in pairs])  # type: ignore[index]
     return batch
+
+
+def unpaired_from(pairs: list[Pair]) -> list[Unpaired]:
+    """KTO on pair data: each chosen completion is a desirable example, each rejected one an undesirable one."""
+    return [example for p in pairs for example in (Unpaired(p.chosen, True), Unpaired(p.rejected, False))]
+
+
+def collate_unpaired(examples: list[Unpaired], pad_id: int) -> Batch:
+    """N examples, then N mismatched rows (example i's prompt with the completion of example i + N/2, half a
+    batch away, so that the two sides of a split pair never meet), which KTO's KL estimate scores
+    (``[2N, T]``); ``extras["desirable"]`` ``[N]``."""
+    split = [prompt_length(e.sample) for e in examples]
+    shift = max(1, len(examples) // 2)
+    mismatched = []
+    for i, example in enumerate(examples):
+        j = (i + shift) % len(examples)
+        other = examples[j].sample
+        cut, other_cut = split[i], split[j]
+        mismatched.append(Sample(example.sample.input_ids[:cut] + other.input_ids[other_cut:],
+                                 example.sample.labels[:cut] + other.labels[other_cut:]))
+    batch = collate([e.sample for e in examples] + mismatched, pad_id)
+    batch.extras["num_pairs"] = torch.tensor(len(examples))
+    batch.extras["desirable"] = torch.tensor([e.desirable for e in examples])
+    return batch
+
+
+def prompt_length(sample: Sample) -> int:
+    """Where the completion starts: the first labelled position."""
+    return next((i for i, label in enumerate(sample.labels) if label != IGNORE_INDEX), len(sample.labels))
 
 
 class ReferenceModel:
@@ -175,18 +213,18 @@ class ReferenceModel:
 
 
 @torch.no_grad()
-def evaluate_pairs(model: torch.nn.Module, pairs: list[Pair], pad_id: int, batch_size: int, device: torch.device,
-                   autocast: Callable[[], AbstractContextManager[Any]], reference: ReferenceModel | None,
-                   call: Callable[..., Any], state: Any) -> dict[str, float]:
-    """Held-out pairs through the stage's own loss: ``eval_loss`` and its metrics (``eval_rewards/accuracies``
-    is the held-out preference accuracy), weighted by pairs."""
+def evaluate_pairs(model: torch.nn.Module, pairs: list[Any], collate_fn: Callable[[list[Any]], Batch],
+                   batch_size: int, device: torch.device, autocast: Callable[[], AbstractContextManager[Any]],
+                   reference: ReferenceModel | None, call: Callable[..., Any], state: Any) -> dict[str, float]:
+    """Held-out pairs (or KTO examples) through the stage's own loss: ``eval_loss`` and its metrics
+    (``eval_rewards/accuracies`` is the held-out preference accuracy), weighted by pairs."""
     training = model.training
     model.eval()
     totals: dict[str, float] = {}
     try:
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start:start + batch_size]
-            batch = collate_pairs(chunk, pad_id).to(device)
+            batch = collate_fn(chunk).to(device)
             batch.num_items_in_batch = len(chunk)
             with autocast():
                 logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,

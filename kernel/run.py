@@ -29,7 +29,7 @@ from swiftk.contracts import PluginError
 from swiftk.contracts.conformance import describe
 from swiftk.hosts.supervisor import console
 from swiftk.kernel import checkpoint
-from swiftk.kernel.config import PAIR_STAGES, REFERENCE_STAGES, Locator, PluginSource, RunConfig, load_config
+from swiftk.kernel.config import PREFERENCE_STAGES, REFERENCE_STAGES, Locator, PluginSource, RunConfig, load_config
 from swiftk.kernel.data import (
     Loader,
     Sample,
@@ -46,7 +46,7 @@ from swiftk.kernel.evaluate import references
 from swiftk.kernel.generate import chat_prompt, complete
 from swiftk.kernel.loop import Run, train
 from swiftk.kernel.model import check_source, load_model, load_tokenizer, pick_device, resolve_source
-from swiftk.kernel.pairs import ReferenceModel, build_pairs, collate_pairs
+from swiftk.kernel.pairs import ReferenceModel, build_pairs, build_unpaired, collate_pairs, collate_unpaired
 from swiftk.kernel.plugins import (
     Plugins,
     build,
@@ -284,12 +284,13 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
 
     say(f"swiftk {swiftk.__version__} | run dir {run_dir} | device {device} | precision {cfg.train.precision}")
     tokenizer = load_tokenizer(cfg.model)
-    pair_stage = cfg.train.stage in PAIR_STAGES
+    pair_stage = cfg.train.stage in PREFERENCE_STAGES
+    build_examples = build_unpaired if cfg.train.stage == "kto" else build_pairs
     eval_samples, eval_refs = [], []
     if pair_stage:  # chosen/rejected pairs; the held-out pairs are scored by the stage's loss
-        train_samples = build_pairs(cfg.data.train_file, tokenizer, cfg.data, data_transform(plugins, "train"))
+        train_samples = build_examples(cfg.data.train_file, tokenizer, cfg.data, data_transform(plugins, "train"))
         if cfg.data.eval_file:
-            eval_samples = build_pairs(cfg.data.eval_file, tokenizer, cfg.data, data_transform(plugins, "eval"))
+            eval_samples = build_examples(cfg.data.eval_file, tokenizer, cfg.data, data_transform(plugins, "eval"))
     else:
         train_samples = build_dataset(cfg.data.train_file, tokenizer, cfg.data, data_transform(plugins, "train"))
     if cfg.data.eval_file and not pair_stage:
@@ -297,8 +298,9 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
         eval_samples = samples_from_rows(cfg.data.eval_file, rows, tokenizer, cfg.data)
         if cfg.eval.generates:
             eval_refs = references(rows, detect_format(rows, cfg.data.format), tokenizer, cfg.data.system_prompt)
-    say(f"data: {len(train_samples)} training {'pairs' if pair_stage else 'samples'} from {cfg.data.train_file}"
-        + (f", {len(eval_samples)} eval {'pairs' if pair_stage else 'samples'}" if eval_samples else ""))
+    unit = "examples" if cfg.train.stage == "kto" else "pairs" if pair_stage else "samples"
+    say(f"data: {len(train_samples)} training {unit} from {cfg.data.train_file}"
+        + (f", {len(eval_samples)} eval {unit}" if eval_samples else ""))
 
     started = time.perf_counter()
     model = load_model(cfg.model, len(tokenizer), device)
@@ -310,7 +312,8 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
 
     optimizer = plugins.call("swiftk_optimizer_build",
         param_groups=param_groups(model, weight_decay(cfg.train)), lr=cfg.train.lr, model=model)
-    collate_fn = functools.partial(collate_pairs, pad_id=tokenizer.pad_token_id) if pair_stage else \
+    collate_fn = functools.partial(collate_unpaired if cfg.train.stage == "kto" else collate_pairs,
+                                   pad_id=tokenizer.pad_token_id) if pair_stage else \
         make_collate(plugins, tokenizer.pad_token_id)
     autocast = make_autocast(cfg.train.precision, device)
     reference = make_reference(cfg, model, tokenizer, device, autocast)

@@ -21,13 +21,15 @@ clamp at 0 keeps a noisy negative estimate from rewarding a drift. lambda_D, lam
 ``undesirable_weight``) rebalance a data set with unequal counts; the paper keeps lambda_D n_D / (lambda_U n_U)
 in [1, 4/3].
 
-The stage wiring (unpaired data, the mismatched-pair forward) lands with the [preference] stages; this module is
-the maths.
+``[train] stage = "kto"`` selects the ``kto`` loss below; the kernel builds the mismatched rows and computes the
+reference log-probs.
 """
 
 from __future__ import annotations
 
 import torch
+
+from swiftk.contracts import Batch, LossResult, ModelOutputs, hookimpl, register_loss, sequence_logps
 
 
 def kto_loss(
@@ -58,3 +60,34 @@ def kto_loss(
     rejected_losses = undesirable_weight * torch.sigmoid(-beta * (kl - rejected_logratios))  # [Nr]
     losses = torch.cat([chosen_losses, rejected_losses])  # [Nc + Nr]
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach(), kl
+
+
+@register_loss("kto")
+class KTO:
+    """KTO on an unpaired batch: N examples, then the N mismatched rows (prompt i with completion i+1) that
+    estimate the KL term; ``batch.extras["desirable"]`` ``[N]`` marks the good completions."""
+
+    def __init__(self, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> None:
+        if beta <= 0:
+            raise ValueError(f"kto: beta must be > 0, got {beta}")
+        self.beta, self.desirable_weight, self.undesirable_weight = beta, desirable_weight, undesirable_weight
+
+    @hookimpl
+    def swiftk_loss_compute(self, batch: Batch, outputs: ModelOutputs) -> LossResult:
+        logps, _ = sequence_logps(outputs.logits, batch.labels)  # [2N]
+        if "ref_logps" not in outputs.extras:
+            raise ValueError("kto needs the reference model's log-probs; run it with [train] stage = \"kto\"")
+        ref = outputs.extras["ref_logps"].to(logps.device).float()  # [2N]
+        n = logps.shape[0] // 2
+        good = batch.extras["desirable"].to(logps.device).bool()  # [N]
+        losses, chosen_rewards, rejected_rewards, kl = kto_loss(
+            logps[:n][good], logps[:n][~good], logps[n:], ref[:n][good], ref[:n][~good], ref[n:],
+            beta=self.beta, desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight)
+        metrics = {"kl": float(kl)}
+        if chosen_rewards.numel():
+            metrics.update({"rewards/chosen": float(chosen_rewards.mean()),
+                            "logps/chosen": float(logps[:n][good].detach().mean())})
+        if rejected_rewards.numel():
+            metrics.update({"rewards/rejected": float(rejected_rewards.mean()),
+                            "logps/rejected": float(logps[:n][~good].detach().mean())})
+        return LossResult(losses.sum() / batch.num_items_in_batch, metrics)

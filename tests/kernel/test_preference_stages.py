@@ -48,7 +48,8 @@ def test_dpo_starts_at_ln2_and_logs_its_rewards(tmp_path: Path, sets: tuple[str,
 @pytest.mark.parametrize("stage, extra", [("simpo", "logps/chosen"), ("orpo", "log_odds_ratio"),
                                           ("cpo", "nll_loss")])
 def test_reference_free_stages_train(tmp_path: Path, stage: str, extra: str) -> None:
-    lines = run(tmp_path, f'train.stage="{stage}"', 'train.loss_type="cross_entropy"', "train.beta=0.5")
+    lines = run(tmp_path, f'train.stage="{stage}"', 'train.loss_type="cross_entropy"', "train.beta=0.5",
+                "train.precompute_ref_logps=false")
     rows = steps(lines)
     assert len(rows) == 6 and all(math.isfinite(r["loss"]) for r in rows) and extra in rows[0]
     assert all(0 <= r["rewards/accuracies"] <= 1 for r in rows)
@@ -63,12 +64,14 @@ def test_sft_rows_under_a_preference_stage_are_named(tmp_path: Path, capsys: pyt
 
 
 def test_stages_not_built_yet_are_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["run", "configs/tiny_dpo.toml", "--set", 'train.stage="kto"']) == 2
-    assert "stage 'kto' is not built yet" in capsys.readouterr().err
+    assert main(["run", "configs/tiny_dpo.toml", "--set", 'train.stage="rm"']) == 2
+    assert "stage 'rm' (reward model) is not built yet" in capsys.readouterr().err
+    assert main(["run", "configs/tiny_dpo.toml", "--set", 'train.stage="kto"']) == 2  # precompute_ref_logps: dpo only
+    assert "precompute_ref_logps: only for stage 'dpo'" in capsys.readouterr().err
 
 
 
-@pytest.mark.parametrize("stage", ["dpo", "simpo", "orpo", "cpo"])
+@pytest.mark.parametrize("stage", ["dpo", "simpo", "orpo", "cpo", "kto"])
 def test_each_stage_config_checks(stage: str, capsys: pytest.CaptureFixture) -> None:
     assert main(["run", f"configs/tiny_{stage}.toml", "--print-config"]) == 0
     assert f'stage = "{stage}"' in capsys.readouterr().out
@@ -87,3 +90,36 @@ def test_the_first_dpo_step_matches_trl_on_the_same_batch(tmp_path: Path) -> Non
     _, theirs = bench.run_trl(2, tmp_path)
     for key in bench.FIRST:
         assert float(ours[key]) == pytest.approx(float(theirs[key]), rel=1e-4, abs=1e-6), key
+
+
+def test_kto_starts_at_one_half_and_splits_pairs_into_examples(tmp_path: Path) -> None:
+    """At step 1 the policy is the reference: every log-ratio and the KL estimate are 0, so each example's loss is
+    s(0) = 1/2, whichever side it is on."""
+    args = ["run", "configs/tiny_kto.toml", "--set", "train.max_steps=4", "--set", "eval.every=2", "--set",
+            "train.batch_size=8", "--set", f'output.dir="{tmp_path / "run"}"', "--set", 'log.progress="none"']
+    assert main(args) == 0
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first = steps(lines)[0]
+    assert first["loss"] == pytest.approx(0.5, rel=1e-3) and first["kl"] == 0.0
+    assert {"rewards/chosen", "rewards/rejected"} & set(first)
+    assert [r for r in lines if r.get("event") == "eval"][-1]["eval_loss"] > 0
+
+
+def test_collate_unpaired_mismatches_prompts_half_a_batch_away(tmp_path: Path) -> None:
+    from swiftk.kernel.config import ModelConfig
+    from swiftk.kernel.model import load_tokenizer
+    from swiftk.kernel.pairs import build_unpaired, collate_unpaired, prompt_length
+
+    tok = load_tokenizer(ModelConfig(model_id=str(REPO / "data" / "tiny_tokenizer")))
+    path = str(REPO / "data" / "synthetic" / "addition_pref_eval.jsonl")
+    from swiftk.kernel.config import DataConfig
+
+    examples = build_unpaired(path, tok, DataConfig(train_file=path, max_length=32))[:4]
+    assert [e.desirable for e in examples] == [True, False, True, False]
+    batch = collate_unpaired(examples, tok.pad_token_id)
+    assert batch.input_ids.shape[0] == 8 and batch.extras["desirable"].tolist() == [True, False, True, False]
+    cut = prompt_length(examples[0].sample)
+    row = batch.input_ids[4].tolist()
+    assert row[:cut] == examples[0].sample.input_ids[:cut]  # example 0's prompt...
+    other = examples[2].sample  # ...with the completion of example 2 (another prompt), not of example 1
+    assert row[cut:cut + len(other.input_ids) - prompt_length(other)] == other.input_ids[prompt_length(other):]
