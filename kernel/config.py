@@ -60,7 +60,7 @@ class DataConfig(Section):
     shuffle: bool = True
 
 
-PAIR_STAGES = ("dpo", "simpo", "orpo", "cpo")  # trained on chosen/rejected pairs, each by the loss of its name
+PAIR_STAGES = ("dpo", "simpo", "orpo", "cpo", "rm")  # trained on chosen/rejected pairs, by the loss of its name
 PREFERENCE_STAGES = (*PAIR_STAGES, "kto")  # kto: unpaired examples (or pairs, split into good and bad)
 REFERENCE_STAGES = ("dpo", "kto")  # need the frozen reference model's log-probs
 
@@ -69,7 +69,7 @@ class TrainConfig(Section):
     """[train] the optimisation: stage, tuner, loss, optimizer, schedule, batch and precision."""
 
     stage: Literal["sft", "dpo", "simpo", "orpo", "cpo", "rm", "kto"] = Field(
-        "sft", description="sft, or a preference stage: dpo, simpo, orpo, cpo (pairs), kto (unpaired or pairs)")
+        "sft", description="sft; dpo, simpo, orpo, cpo (pairs); kto (unpaired or pairs); rm (a reward model on pairs)")
     beta: float | None = Field(None, gt=0, description="preference stages: the loss's beta (default: the stage's)")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo/cpo: the assumed label-flip probability")
     precompute_ref_logps: bool = Field(False, description="dpo: score the pairs with the reference once, before "
@@ -113,14 +113,6 @@ class TrainConfig(Section):
     def _dtype_names(cls, value: Any) -> Any:
         # ms-swift style configs write torch dtype names here.
         return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(value, value)
-
-    @field_validator("stage")
-    @classmethod
-    def _built_stages(cls, value: str) -> str:
-        if value == "rm":
-            raise ValueError("stage 'rm' (reward model) is not built yet; the preference stages today are dpo, "
-                             "simpo, orpo, cpo and kto (and sft)")
-        return value
 
     @model_validator(mode="after")
     def _precompute_needs_pairs(self) -> TrainConfig:

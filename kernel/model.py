@@ -11,6 +11,7 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -73,10 +74,14 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(cfg: ModelConfig, vocab_size: int, device: torch.device) -> PreTrainedModel:
-    """Load (or build) the causal LM in ``cfg.dtype`` on ``device``."""
+def load_model(cfg: ModelConfig, vocab_size: int, device: torch.device, reward_head_pad_id: int | None = None
+               ) -> PreTrainedModel:
+    """Load (or build) the causal LM in ``cfg.dtype`` on ``device``; with ``reward_head_pad_id`` set, the same
+    backbone with a scalar head read at each row's last token (a reward model; the id marks padding)."""
     dtype = DTYPES[cfg.dtype]
-    if cfg.init == "random":
+    if reward_head_pad_id is not None:
+        model = build_reward_model(cfg, vocab_size, reward_head_pad_id, dtype)
+    elif cfg.init == "random":
         try:
             model = build_random(cfg, vocab_size)
         except (ValueError, KeyError, TypeError) as exc:
@@ -103,6 +108,26 @@ def load_model(cfg: ModelConfig, vocab_size: int, device: torch.device) -> PreTr
     except (RuntimeError, AssertionError) as exc:
         raise ModelLoadError(f"[model] device = '{cfg.device}': cannot place the model on {device}: "
                              f"{first_line(exc)}") from exc
+
+
+def build_reward_model(cfg: ModelConfig, vocab_size: int, pad_id: int, dtype: torch.dtype) -> PreTrainedModel:
+    if cfg.gguf_file:
+        raise ModelLoadError("[model] gguf_file: the rm stage needs the model in HF format (safetensors); a GGUF "
+                             "file holds a causal LM only")
+    if cfg.init == "random":
+        if not cfg.architecture or "model_type" not in cfg.architecture:
+            raise ModelLoadError("[model] init = 'random' needs `architecture` with at least model_type")
+        config = AutoConfig.for_model(**{"vocab_size": vocab_size, **cfg.architecture}, num_labels=1,
+                                      pad_token_id=pad_id)
+        return AutoModelForSequenceClassification.from_config(config, attn_implementation=cfg.attn_implementation)
+    source = resolve_source(cfg.model_id)
+    check_source(cfg.model_id, source, None)
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=1, pad_token_id=pad_id, dtype=dtype, attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load a reward model from '{source}': {first_line(exc)}") from exc
 
 
 def build_random(cfg: ModelConfig, vocab_size: int) -> PreTrainedModel:

@@ -250,6 +250,8 @@ def patched_model(plugins: Plugins, model: Any, tokenizer: Any, cfg: RunConfig) 
 
 
 def sample_prompts(cfg: RunConfig) -> list[str]:
+    if cfg.train.stage == "rm":
+        return []  # a reward model scores text, it does not write any
     prompts = list(cfg.samples.prompts)
     if cfg.samples.prompts_file:
         prompts += [str(row["prompt"]) for _, row in read_rows(cfg.samples.prompts_file) if "prompt" in row]
@@ -303,7 +305,8 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
         + (f", {len(eval_samples)} eval {unit}" if eval_samples else ""))
 
     started = time.perf_counter()
-    model = load_model(cfg.model, len(tokenizer), device)
+    model = load_model(cfg.model, len(tokenizer), device,
+                       reward_head_pad_id=tokenizer.pad_token_id if cfg.train.stage == "rm" else None)
     model = apply_tuner(patched_model(plugins, model, tokenizer, cfg), cfg.train)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

@@ -26,7 +26,7 @@ def apply_tuner(model: PreTrainedModel, cfg: TrainConfig) -> torch.nn.Module:
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=cfg.lora_target_modules,
-        task_type="CAUSAL_LM",
+        task_type="SEQ_CLS" if cfg.stage == "rm" else "CAUSAL_LM",  # SEQ_CLS also trains the new reward head
     )
     # Adapter weights stay float32 whatever the base dtype (peft's autocast_adapter_dtype): fp32 master weights.
     peft_model = get_peft_model(model, lora, autocast_adapter_dtype=True)

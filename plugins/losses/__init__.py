@@ -1,5 +1,5 @@
 """Built-in losses; each file registers one family."""
 
-from swiftk.plugins.losses import cpo, cross_entropy, dpo, focal, kto, label_smoothing, orpo, z_loss
+from swiftk.plugins.losses import cpo, cross_entropy, dpo, focal, kto, label_smoothing, orpo, reward, z_loss
 
-__all__ = ["cpo", "cross_entropy", "dpo", "focal", "kto", "label_smoothing", "orpo", "z_loss"]
+__all__ = ["cpo", "cross_entropy", "dpo", "focal", "kto", "label_smoothing", "orpo", "reward", "z_loss"]

@@ -14,13 +14,15 @@ The first term only sees differences, so the rewards may drift by any constant; 
 0 (so that rewards from different runs, or an ensemble, are comparable). ``-log s`` is ``-logsigmoid``: finite
 for any difference. This is TRL's ``RewardTrainer`` loss.
 
-The stage wiring (the rm stage, a loss plugin) lands with the [preference] stages; this module is the maths.
+``[train] stage = "rm"`` trains a reward model (the backbone with a scalar head) with the ``rm`` loss below.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from swiftk.contracts import Batch, LossResult, ModelOutputs, hookimpl, register_loss
 
 
 def pairwise_loss(
@@ -48,3 +50,24 @@ def pairwise_loss(
     if center_rewards_coefficient is not None:
         loss = loss + center_rewards_coefficient * ((chosen_rewards + rejected_rewards) ** 2).mean()
     return loss
+
+
+@register_loss("rm")
+class RewardModel:
+    """Bradley-Terry on a chosen-then-rejected batch: ``outputs.logits`` ``[2B, 1]`` are the reward head's scores
+    at each sequence's last token; ``margin`` is a constant margin the chosen reward must clear."""
+
+    def __init__(self, margin: float | None = None, center_rewards_coefficient: float | None = None) -> None:
+        self.margin, self.center = margin, center_rewards_coefficient
+
+    @hookimpl
+    def swiftk_loss_compute(self, batch: Batch, outputs: ModelOutputs) -> LossResult:
+        rewards = outputs.logits.float().reshape(-1)  # [2B]
+        half = rewards.shape[0] // 2
+        chosen, rejected = rewards[:half], rewards[half:]
+        margin = None if self.margin is None else torch.full_like(chosen, self.margin)
+        loss = pairwise_loss(chosen, rejected, margin=margin, center_rewards_coefficient=self.center)  # mean
+        metrics = {"rewards/chosen": float(chosen.detach().mean()), "rewards/rejected": float(rejected.detach().mean()),
+                   "rewards/margins": float((chosen - rejected).detach().mean()),
+                   "rewards/accuracies": float((chosen > rejected).float().mean())}
+        return LossResult(loss * half / batch.num_items_in_batch, metrics)  # the pairs' sum over the step's

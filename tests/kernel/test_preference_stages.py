@@ -1,5 +1,5 @@
 """Preference stages end to end on the tiny model: DPO (frozen copy, LoRA with adapters off, precomputed
-reference), SimPO, ORPO and CPO; their metrics; the first DPO step's loss is ln 2; bad data and stages."""
+reference), SimPO, ORPO, CPO, KTO and the reward model; their metrics; the first DPO step's loss is ln 2."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from swiftk.kernel.cli import main
 
@@ -63,15 +64,29 @@ def test_sft_rows_under_a_preference_stage_are_named(tmp_path: Path, capsys: pyt
     assert "addition_train.jsonl:1: preference row has no 'chosen' or 'rejected' field" in capsys.readouterr().err
 
 
-def test_stages_not_built_yet_are_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["run", "configs/tiny_dpo.toml", "--set", 'train.stage="rm"']) == 2
-    assert "stage 'rm' (reward model) is not built yet" in capsys.readouterr().err
-    assert main(["run", "configs/tiny_dpo.toml", "--set", 'train.stage="kto"']) == 2  # precompute_ref_logps: dpo only
+def test_precompute_is_a_dpo_option(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["run", "configs/tiny_dpo.toml", "--set", 'train.stage="kto"']) == 2
     assert "precompute_ref_logps: only for stage 'dpo'" in capsys.readouterr().err
 
 
+def test_a_reward_model_trains_on_pairs_and_saves_its_head(tmp_path: Path) -> None:
+    args = ["run", "configs/tiny_rm.toml", "--set", "train.max_steps=4", "--set", "eval.every=2", "--set",
+            "train.batch_size=8", "--set", f'output.dir="{tmp_path / "run"}"', "--set", 'log.progress="none"']
+    assert main(args) == 0
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first = steps(lines)[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=0.05)  # a fresh head scores everything about alike
+    assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies"} <= set(first)
+    assert "eval_rewards/accuracies" in [r for r in lines if r.get("event") == "eval"][-1]
+    config = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"] and len(config["id2label"]) == 1
+    from transformers import AutoModelForSequenceClassification
 
-@pytest.mark.parametrize("stage", ["dpo", "simpo", "orpo", "cpo", "kto"])
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "final")
+    assert reloaded(input_ids=torch.tensor([[1, 5, 6, 7]])).logits.shape == (1, 1)  # one score per sequence
+
+
+@pytest.mark.parametrize("stage", ["dpo", "simpo", "orpo", "cpo", "kto", "rm"])
 def test_each_stage_config_checks(stage: str, capsys: pytest.CaptureFixture) -> None:
     assert main(["run", f"configs/tiny_{stage}.toml", "--print-config"]) == 0
     assert f'stage = "{stage}"' in capsys.readouterr().out
