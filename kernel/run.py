@@ -127,6 +127,10 @@ def check_files(cfg: RunConfig) -> list[str]:
         else:
             if device.startswith("cuda") and not torch.cuda.is_available():
                 problems.append(f"[model] device: '{device}' but torch sees no CUDA device here; use 'auto' or 'cpu'")
+    preference = cfg.train.stage in PREFERENCE_STAGES
+    if cfg.data.task_type != "auto" and (cfg.data.task_type == "preference") != preference:
+        problems.append(f"[data] task_type: '{cfg.data.task_type}' does not fit [train] stage = '{cfg.train.stage}'; "
+                        f"preference data goes with stage dpo, simpo, orpo, cpo, kto or rm, SFT data with sft")
     if cfg.eval.every and not cfg.data.eval_file:
         problems.append("[eval] every: set, but [data] eval_file is not; name an eval file or remove every")
     if cfg.train.tuner_strategy == "full" and cfg.model.dtype != "float32":

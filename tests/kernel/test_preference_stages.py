@@ -138,3 +138,9 @@ def test_collate_unpaired_mismatches_prompts_half_a_batch_away(tmp_path: Path) -
     assert row[:cut] == examples[0].sample.input_ids[:cut]  # example 0's prompt...
     other = examples[2].sample  # ...with the completion of example 2 (another prompt), not of example 1
     assert row[cut:cut + len(other.input_ids) - prompt_length(other)] == other.input_ids[prompt_length(other):]
+
+
+def test_task_type_must_fit_the_stage(capsys: pytest.CaptureFixture) -> None:
+    assert main(["run", "configs/tiny_sft.toml", "--set", 'data.task_type="preference"']) == 2
+    assert "[data] task_type: 'preference' does not fit [train] stage = 'sft'" in capsys.readouterr().err
+    assert main(["run", "configs/tiny_dpo.toml", "--set", 'data.task_type="preference"', "--print-config"]) == 0
