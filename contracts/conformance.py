@@ -602,6 +602,18 @@ def config_problems(spec: PluginSpec, config: dict[str, Any]) -> list[str]:
     return problems
 
 
+def spec_problems(spec: PluginSpec, config: dict[str, Any]) -> list[str]:
+    """Everything that stops ``spec`` from being built with ``config``: its arguments, the contract version it
+    declares, its hook methods. The checks a kernel, a plugin host and a hot reload run alike."""
+    problems = config_problems(spec, config)
+    problem = contract_problem(spec.contract)
+    if problem:
+        problems.append(problem)
+    if spec.is_hook_class:
+        problems += hookimpl_problems(spec.target)
+    return problems
+
+
 def hookimpl_problems(target: object) -> list[str]:
     """``swiftk_*`` attributes that are not hooks, miss the @hookimpl marker, or take arguments the hook
     does not pass (the plugin author's conformance checks, run on the class or module itself)."""

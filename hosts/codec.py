@@ -86,14 +86,15 @@ def from_wire(value: Any, tensor: Callable[[TensorRef | CudaRef], torch.Tensor])
     return value
 
 
-def tensor_bytes(value: Any) -> int:
-    """Bytes the tensors in ``value`` occupy (to size the output segments before writing any)."""
+def tensor_bytes(value: Any, cuda: bool | None = None) -> int:
+    """Bytes the tensors in ``value`` occupy (to size the output segments before writing any); ``cuda``
+    True or False counts only the tensors on a GPU, or only those on the CPU."""
     if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size() + 64
+        return value.numel() * value.element_size() + 64 if cuda in (None, value.is_cuda) else 0
     if isinstance(value, (list, tuple)):
-        return sum(tensor_bytes(v) for v in value)
+        return sum(tensor_bytes(v, cuda) for v in value)
     if isinstance(value, Mapping):
-        return sum(tensor_bytes(v) for v in value.values())
+        return sum(tensor_bytes(v, cuda) for v in value.values())
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return sum(tensor_bytes(getattr(value, f.name)) for f in dataclasses.fields(value))
+        return sum(tensor_bytes(getattr(value, f.name), cuda) for f in dataclasses.fields(value))
     return 0

@@ -24,11 +24,10 @@ from typing import Any
 import torch
 import zmq
 
-from swiftk.contracts.conformance import config_problems, describe, hookimpl_problems
+from swiftk.contracts.conformance import describe, hookimpl_problems, spec_problems
 from swiftk.contracts.markers import CONTRACT_VERSION, PROJECT_NAME
 from swiftk.contracts.registry import (
     PluginRegistryError,
-    contract_problem,
     has_hookimpls,
     import_source,
     lookup,
@@ -199,12 +198,7 @@ class Server:
             spec = lookup(request.kind, request.name)
         except PluginRegistryError as exc:
             return m.BuildReply(request.instance, [], False, [str(exc)])
-        problems = config_problems(spec, request.config)
-        problem = contract_problem(spec.contract)
-        if problem:
-            problems.append(problem)
-        if spec.is_hook_class:
-            problems += hookimpl_problems(spec.target)
+        problems = spec_problems(spec, request.config)
         if problems:
             return m.BuildReply(request.instance, [], False, problems)
         try:
@@ -252,7 +246,7 @@ class Server:
         self.mapping.reset_outputs()
         self.cuda.reset_outputs()
         try:
-            self.mapping.make_room(tensor_bytes(cpu_tensors(value)))
+            self.mapping.make_room(tensor_bytes(value, cuda=False))
             wire = to_wire(value, self.tensor_out, what)
         except OutputFull as exc:
             if exc.device >= 0:  # ask for room for every CUDA result at once
@@ -284,28 +278,6 @@ class Server:
             return m.StateReply(request.instance, None, needed_bytes=exc.needed, needed_device=exc.device)
         except Exception as exc:
             return m.StateReply(request.instance, None, error=describe(exc))
-
-
-def cpu_tensors(value: Any) -> list[torch.Tensor]:
-    """The CPU tensors in ``value`` (lists, dicts and the contract's records), to size the output segments."""
-    found: list[torch.Tensor] = []
-
-    def visit(v: Any) -> None:
-        if isinstance(v, torch.Tensor):
-            if not v.is_cuda:
-                found.append(v)
-        elif isinstance(v, (list, tuple)):
-            for item in v:
-                visit(item)
-        elif isinstance(v, dict):
-            for item in v.values():
-                visit(item)
-        elif hasattr(v, "__dataclass_fields__"):
-            for name in v.__dataclass_fields__:
-                visit(getattr(v, name))
-
-    visit(value)
-    return found
 
 
 def checked_loss(result: Any) -> torch.Tensor:

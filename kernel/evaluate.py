@@ -15,6 +15,7 @@ from swiftk.contracts import IGNORE_INDEX, Batch, ModelOutputs, StepState, shift
 from swiftk.kernel.config import EvalConfig
 from swiftk.kernel.data import Sample, as_messages
 from swiftk.kernel.generate import complete, render_prompt
+from swiftk.kernel.model import forward_logits
 
 
 @dataclass
@@ -68,9 +69,7 @@ def evaluate(
         batch = collate(samples[start : start + cfg.batch_size]).to(device)
         batch.num_items_in_batch = batch.num_label_tokens
         with autocast():
-            # use_cache=False: with a cache, transformers ignores the document boundaries of packed rows.
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                           position_ids=batch.position_ids, use_cache=False).logits  # [B, T, V]
+            logits = forward_logits(model, batch)  # [B, T, V]
         targets = shifted_labels(batch.labels)
         total += float(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                        ignore_index=IGNORE_INDEX, reduction="sum"))

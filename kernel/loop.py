@@ -29,6 +29,7 @@ from swiftk.kernel.dist import DistInfo, sum_across_ranks
 from swiftk.kernel.errors import SwiftkError
 from swiftk.kernel.evaluate import Reference
 from swiftk.kernel.evaluate import evaluate as run_eval
+from swiftk.kernel.model import forward_logits
 from swiftk.kernel.pairs import ReferenceModel, evaluate_pairs
 from swiftk.kernel.plugins import Plugins
 from swiftk.kernel.progress import Reporter
@@ -101,12 +102,7 @@ def train(run: Run) -> str:
                 batch.num_items_in_batch = num_items
                 call("swiftk_batch_start", batch=batch, step=run.step, state=run.state())
                 with run.autocast():
-                    logits = model(
-                        input_ids=batch.input_ids,
-                        attention_mask=batch.attention_mask,
-                        position_ids=batch.position_ids,
-                        use_cache=False,
-                    ).logits  # [B, T, V]
+                    logits = forward_logits(model, batch)  # [B, T, V]
                 extras = run.reference.extras(batch) if run.reference is not None else {}  # reference log-probs
                 outputs = ModelOutputs(logits, extras)
                 result = call("swiftk_loss_compute", batch=batch, outputs=outputs, step=run.step, state=run.state())

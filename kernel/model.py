@@ -6,6 +6,7 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -108,6 +109,13 @@ def load_model(cfg: ModelConfig, vocab_size: int, device: torch.device, reward_h
     except (RuntimeError, AssertionError) as exc:
         raise ModelLoadError(f"[model] device = '{cfg.device}': cannot place the model on {device}: "
                              f"{first_line(exc)}") from exc
+
+
+def forward_logits(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+    """The model's logits for a ``Batch`` (``[B, T, V]``; ``[B, 1]`` for a reward model). ``use_cache=False``: with
+    a cache, transformers ignores the document boundaries of packed rows."""
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                 use_cache=False).logits
 
 
 def build_reward_model(cfg: ModelConfig, vocab_size: int, pad_id: int, dtype: torch.dtype) -> PreTrainedModel:

@@ -29,6 +29,7 @@ from swiftk.contracts import IGNORE_INDEX, Batch, ModelOutputs, sequence_logps
 from swiftk.kernel.config import DataConfig
 from swiftk.kernel.data import Sample, Tokenize, collate, load_rows, truncate
 from swiftk.kernel.errors import DataError
+from swiftk.kernel.model import forward_logits
 
 HH_ASSISTANT = "\n\nAssistant:"
 
@@ -191,8 +192,7 @@ class ReferenceModel:
         model.eval()
         try:
             with adapters_off, self.autocast():
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                               position_ids=batch.position_ids, use_cache=False).logits  # [2B, T, V]
+                logits = forward_logits(model, batch)  # [2B, T, V]
         finally:
             model.train(training)
         return sequence_logps(logits, batch.labels)[0]  # [2B]
@@ -227,8 +227,7 @@ def evaluate_pairs(model: torch.nn.Module, pairs: list[Any], collate_fn: Callabl
             batch = collate_fn(chunk).to(device)
             batch.num_items_in_batch = len(chunk)
             with autocast():
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                               position_ids=batch.position_ids, use_cache=False).logits
+                logits = forward_logits(model, batch)
             outputs = ModelOutputs(logits, reference.extras(batch) if reference is not None else {})
             result = call("swiftk_loss_compute", batch=batch, outputs=outputs, step=state.step, state=state)
             for key, value in {"loss": float(result.loss), **result.metrics}.items():

@@ -33,9 +33,8 @@ from watchdog.events import (
 from watchdog.observers import Observer
 
 from swiftk.contracts import LossResult, ModelOutputs, PluginSpec, lookup
-from swiftk.contracts.conformance import config_problems, describe, hookimpl_problems
+from swiftk.contracts.conformance import describe, hookimpl_problems, spec_problems
 from swiftk.contracts.registry import (
-    contract_problem,
     file_hash,
     has_hookimpls,
     import_source,
@@ -194,10 +193,7 @@ class Reloader:
                     built[name] = module
                 else:
                     spec = lookup(origin.kind, origin.name)
-                    problems = config_problems(spec, origin.config) + hookimpl_problems(spec.target) \
-                        if spec.is_hook_class else config_problems(spec, origin.config)
-                    problem = contract_problem(spec.contract)
-                    problems += [problem] if problem else []
+                    problems = spec_problems(spec, origin.config)
                     if not problems:
                         built[name] = spec.build(**origin.config)
                 if problems:
