@@ -126,17 +126,18 @@ def _source_of(target: Callable[..., Any]) -> str:
         return getattr(target, "__module__", "?")
 
 
-def register(kind: str, name: str) -> Callable[[T], T]:
+def register(kind: str, name: str, *, source: str | None = None) -> Callable[[T], T]:
     """Record ``target`` as the ``kind`` plugin called ``name``; returns it unchanged.
 
     Registering the same name again from the same file replaces the entry (a re-import or a hot reload);
-    from another file it is an error naming both.
+    from another file it is an error naming both. ``source`` overrides the file the target is defined in
+    (a native plugin is registered by Python glue but comes from its .cpp or .so).
     """
     if kind not in KINDS:
         raise PluginRegistryError(f"unknown plugin kind '{kind}'; expected one of {', '.join(KINDS)}")
 
     def decorate(target: T) -> T:
-        spec = PluginSpec(kind, name, target, _source_of(target))
+        spec = PluginSpec(kind, name, target, source or _source_of(target))
         previous = _REGISTRY.get((kind, name))
         if previous is not None and previous.source != spec.source:
             raise PluginRegistryError(

@@ -18,6 +18,7 @@ from swiftk.contracts import PROJECT_NAME, PluginError, PluginRegistryError, hoo
 from swiftk.contracts.conformance import config_problems, describe, hookimpl_problems
 from swiftk.contracts.registry import (
     contract_problem,
+    file_hash,
     forget,
     has_hookimpls,
     import_source,
@@ -26,6 +27,7 @@ from swiftk.contracts.registry import (
 )
 from swiftk.hosts.group import HostGroup, HostSettings, HostSpec, Policy
 from swiftk.kernel.config import Fallback, PluginSource, RunConfig, TrainConfig
+from swiftk.native import NativeABIError, NativeBuildError, is_native, register_native
 
 
 @dataclass
@@ -151,6 +153,12 @@ def load_configured(items: list[str | PluginSource]) -> tuple[list[Loaded], list
         if isinstance(item, PluginSource) and item.isolation != "inline":
             continue  # imported by its host, never in the kernel
         source = item if isinstance(item, str) else item.source
+        if is_native(source):  # registered under its own name; it has no @hookimpl functions to register
+            try:
+                load_native(source)
+            except (NativeBuildError, NativeABIError, FileNotFoundError) as exc:
+                problems.append(f"plugins: {source!r}: {exc}")
+            continue
         try:
             module = import_source(source)
         except Exception as exc:
@@ -160,6 +168,12 @@ def load_configured(items: list[str | PluginSource]) -> tuple[list[Loaded], list
         loaded.append(Loaded(name, module))
     installed, ep_problems = load_entry_points()
     return loaded + installed, problems + ep_problems
+
+
+def load_native(source: str) -> None:
+    """Build (or take from the cache) and register a native plugin; forgotten by the next run like a file."""
+    plugin = register_native(source)
+    imported_files.add(str(plugin.source))
 
 
 def start_hosts(cfg: RunConfig) -> tuple[HostGroup | None, list[str]]:
@@ -274,7 +288,8 @@ def build(selected: list[Selected], loaded: list[Loaded], hosts: HostGroup | Non
         if hosts is not None and hosts.provides(item.kind, item.name):
             continue
         spec = lookup(item.kind, item.name)
-        plugins.register(f"{item.kind}:{item.name}", spec.build(**item.config), spec.target)
+        native_hash = file_hash(spec.source) if is_native(spec.source) else None  # the .cpp, not its glue
+        plugins.register(f"{item.kind}:{item.name}", spec.build(**item.config), spec.target, native_hash)
         plugins.origins[f"{item.kind}:{item.name}"] = Origin(item.kind, item.name, item.config, spec.source)
     for entry in loaded:
         if has_hookimpls(entry.module):
