@@ -10,8 +10,9 @@ rank-r subspace that is refreshed every ``update_proj_gap`` steps from the gradi
 
 so the optimizer state of W is O(r n) instead of O(m n), while every weight stays trainable (unlike LoRA).
 Only 2-D weights whose parameter name contains one of ``target_modules`` are projected (the attention
-and MLP matrices of a transformer); embeddings, norms and biases get plain AdamW. Wraps
-``galore_torch.GaLoreAdamW`` (pip install galore-torch).
+and MLP matrices of a transformer; "all-linear": every matrix but embeddings and the output head);
+embeddings, norms and biases get plain AdamW. Wraps ``galore_torch.GaLoreAdamW`` (pip install galore-torch).
+``[train] tuner_strategy = "galore"`` selects this optimizer with the ``galore_*`` keys as its arguments.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def galore_adamw(
     update_proj_gap: int = 200,
     scale: float = 0.25,
     proj_type: str = "std",
-    target_modules: tuple[str, ...] = ("attn", "mlp", "self_attn"),
+    target_modules: str | tuple[str, ...] = ("attn", "mlp", "self_attn"),
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-6,
 ) -> torch.optim.Optimizer:
@@ -46,11 +47,13 @@ def galore_adamw(
     if proj_type not in PROJ_TYPES:
         raise ValueError(f"galore_adamw: proj_type {proj_type!r} is not one of {', '.join(PROJ_TYPES)}")
     galore = {"rank": rank, "update_proj_gap": update_proj_gap, "scale": scale, "proj_type": proj_type}
+    targets = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
+    check_targets(param_groups, targets)
     groups = []
     for group in param_groups:
         for projected in (False, True):
             pairs = [(name, p) for name, p in zip(group["names"], group["params"], strict=True)
-                     if is_target(name, p, target_modules) == projected]
+                     if is_target(name, p, targets) == projected]
             if pairs:
                 names, params = zip(*pairs, strict=True)
                 extra = galore if projected else {}
@@ -58,6 +61,24 @@ def galore_adamw(
     return GaLoreAdamW(groups, lr=lr, betas=tuple(betas), eps=eps, no_deprecation_warning=True)
 
 
+# Matrices "all-linear" leaves to plain AdamW: lookup tables and output heads, as peft's "all-linear" does.
+NOT_LINEAR = ("embed", "wte", "wpe", "lm_head", "score", "classifier")
+
+
 def is_target(name: str, param: torch.Tensor, target_modules: tuple[str, ...]) -> bool:
     """GaLore projects matrices of the targeted modules; vectors have no low-rank structure to exploit."""
-    return param.dim() == 2 and any(target in name for target in target_modules)
+    if param.dim() != 2:
+        return False
+    if "all-linear" in target_modules:
+        return not any(part in name for part in NOT_LINEAR)
+    return any(target in name for target in target_modules)
+
+
+def check_targets(param_groups: list[dict[str, Any]], targets: tuple[str, ...]) -> None:
+    """Refuse targets that project nothing: GaLore would silently be plain AdamW with full optimizer state."""
+    pairs = [(name, p) for group in param_groups for name, p in zip(group["names"], group["params"], strict=True)]
+    if any(is_target(name, p, targets) for name, p in pairs):
+        return
+    modules = sorted({name.rsplit(".", 2)[-2] for name, p in pairs if p.dim() == 2 and "." in name})
+    raise ValueError(f"galore_adamw: target_modules {list(targets)} match none of the model's trainable matrices "
+                     f"(module names: {', '.join(modules[:12]) or 'none'}); name some of those, or 'all-linear'")

