@@ -73,11 +73,13 @@ def save(
     meta: dict[str, Any],
     keep_last: int,
     write_extra: Callable[[Path], None] | None = None,
+    rank_files: Path | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically, then prune to the ``keep_last`` newest. Returns its path.
 
     On any failure the partial folder is removed and ``CheckpointError`` raised; earlier checkpoints are
-    untouched.
+    untouched. ``rank_files``: a folder the ranks of a multi-process run wrote their parts into (see
+    ``rank_folder``); its files move into the checkpoint before meta.json is written.
     """
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -91,6 +93,9 @@ def save(
         if write_extra is not None:
             (tmp / "plugins").mkdir()
             write_extra(tmp / "plugins")
+        if rank_files is not None and rank_files.is_dir():
+            for item in rank_files.iterdir():
+                os.rename(item, tmp / item.name)
         (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2, default=str))
         fsync_tree(tmp)
         if final.exists():  # a re-save of the same step (resume then immediate save)
@@ -99,6 +104,8 @@ def save(
         fsync_dir(root)
     except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if rank_files is not None:
+            shutil.rmtree(rank_files, ignore_errors=True)
         free_mib = shutil.disk_usage(root).free / 2**20  # torch.save hides ENOSPC behind a position mismatch
         raise CheckpointError(
             f"writing the checkpoint for step {step} into {root} failed: {type(exc).__name__}: {exc} "
@@ -106,14 +113,21 @@ def save(
             f"({latest_checkpoint(run_dir) or 'none'}) is intact. Free disk space or fix the cause, then "
             f"continue with --resume."
         ) from exc
+    if rank_files is not None:
+        shutil.rmtree(rank_files, ignore_errors=True)
     prune(run_dir, keep_last)
     return final
+
+
+def rank_folder(run_dir: Path, step: int) -> Path:
+    """Where each rank of a multi-process run writes its part of checkpoint ``step`` (a shared filesystem)."""
+    return checkpoint_root(run_dir) / f".ranks-{PREFIX}{step:06d}"
 
 
 def prune(run_dir: Path, keep_last: int) -> None:
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in checkpoint_root(run_dir).glob(".tmp-*"):  # left by a killed process
+    for stale in [*checkpoint_root(run_dir).glob(".tmp-*"), *checkpoint_root(run_dir).glob(".ranks-*")]:  # killed
         shutil.rmtree(stale, ignore_errors=True)
 
 

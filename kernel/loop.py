@@ -25,7 +25,7 @@ from swiftk.contracts import Batch, LossResult, ModelOutputs, PluginError, StepS
 from swiftk.kernel import checkpoint
 from swiftk.kernel.config import PREFERENCE_STAGES, RunConfig
 from swiftk.kernel.data import Loader, Sample
-from swiftk.kernel.dist import DistInfo, sum_across_ranks
+from swiftk.kernel.dist import DistInfo, Parallel, agreed, any_rank, mean_across_ranks, sum_across_ranks
 from swiftk.kernel.errors import SwiftkError
 from swiftk.kernel.evaluate import Reference
 from swiftk.kernel.evaluate import evaluate as run_eval
@@ -34,7 +34,6 @@ from swiftk.kernel.pairs import ReferenceModel, evaluate_pairs
 from swiftk.kernel.plugins import Plugins
 from swiftk.kernel.progress import Reporter
 from swiftk.kernel.reload import Reloader
-from swiftk.kernel.tuners import trainable_weights
 
 
 class TrainingError(SwiftkError):
@@ -68,6 +67,7 @@ class Run:
     last_saved_step: int | None = None  # the step the newest checkpoint of this process holds
     reloader: Reloader | None = None  # hot reload of plugin files (--watch)
     reference: ReferenceModel | None = None  # the frozen reference model of a preference stage (dpo)
+    parallel: Parallel = field(default_factory=Parallel)  # DDP / FSDP2 / DeepSpeed, or one process
 
     def state(self) -> StepState:
         return StepState(
@@ -85,10 +85,11 @@ def train(run: Run) -> str:
     params = [p for p in model.parameters() if p.requires_grad]
     batches = iter(run.loader)
     stop = StopSignal()
+    interrupted = False  # agreed by every rank, like every decision to stop
     model.train()
     call("swiftk_run_start", config=cfg.model_dump(), state=run.state())
     try:
-        while run.step < run.total_steps and not stop.requested:
+        while run.step < run.total_steps and not interrupted:
             if run.reloader is not None:  # edited plugin code is swapped in here, between steps
                 run.reloader.apply(run.step, run.reporter.event, run.reporter.say)
             started = time.perf_counter()
@@ -105,23 +106,21 @@ def train(run: Run) -> str:
                     logits = forward_logits(model, batch)  # [B, T, V]
                 extras = run.reference.extras(batch) if run.reference is not None else {}  # reference log-probs
                 outputs = ModelOutputs(logits, extras)
-                result = call("swiftk_loss_compute", batch=batch, outputs=outputs, step=run.step, state=run.state())
-                loss = checked_loss(result, run)
+                with agreed("swiftk_loss_compute", run.step):  # a failure on one rank stops every rank
+                    result = call("swiftk_loss_compute", batch=batch, outputs=outputs, step=run.step,
+                                  state=run.state())
+                    loss = checked_loss(result, run)
                 if run.reloader is not None:  # what a reloaded loss is probed on
                     run.reloader.remember(batch, outputs, run.state())
-                loss.backward()
+                run.parallel.backward(loss)
                 step_loss += loss.detach()
                 for key, value in result.metrics.items():
                     plugin_metrics[key] = plugin_metrics.get(key, 0.0) + value / len(micro)
 
-            if cfg.train.max_grad_norm is not None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm))
-            else:
-                grads = [p.grad.norm() for p in params if p.grad is not None]
-                grad_norm = float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+            grad_norm = run.parallel.clip_grad_norm(params, cfg.train.max_grad_norm)  # None: DeepSpeed clips in step
             # Each micro-batch loss is already divided by the step's global token count: the sum is the mean.
             loss_value = sum_across_ranks(float(step_loss))
-            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):  # checked before the update
+            if not (math.isfinite(loss_value) and math.isfinite(grad_norm or 0.0)):  # checked before the update
                 what = f"the loss became {loss_value}" if not math.isfinite(loss_value) else \
                     f"the gradient norm became {grad_norm} (loss {loss_value:.4g})"
                 raise TrainingError(
@@ -130,13 +129,14 @@ def train(run: Run) -> str:
                     f"checkpoint is {checkpoint.latest_checkpoint(run.run_dir) or 'none (save_every is not set)'}."
                 )
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
+            grad_norm = run.parallel.step(optimizer, grad_norm)  # DeepSpeed returns the norm it clipped with
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
             run.step += 1
             step_time = time.perf_counter() - started
             tokens = int(sum_across_ranks(sum(b.num_tokens for b in micro)))
+            plugin_metrics = mean_across_ranks(plugin_metrics)
             run.tokens_seen += tokens
             run.elapsed_s += step_time
             record: dict[str, Any] = {
@@ -153,12 +153,13 @@ def train(run: Run) -> str:
             run.reporter.step(record)
             if cfg.output.save_every and run.step % cfg.output.save_every == 0:
                 save_checkpoint(run)
-            if record.get("stop_training"):
+            interrupted, early_stop = any_rank(stop.requested, bool(record.get("stop_training")))
+            if early_stop:
                 run.reporter.event("stop_requested", step=run.step, by="swiftk_step_end")
                 break
     finally:
         stop.restore()
-    status = "interrupted" if stop.requested else "completed"
+    status = "interrupted" if interrupted else "completed"
     if status == "interrupted" or cfg.output.save_final:
         save_checkpoint(run)
     return status
@@ -185,11 +186,12 @@ def checked_loss(result: LossResult | None, run: Run) -> torch.Tensor:
 
 
 def evaluate(run: Run) -> dict[str, float]:
+    model = run.parallel.unwrap(run.model)  # every rank evaluates everything: sharded forwards are collectives
     if run.cfg.train.stage in PREFERENCE_STAGES:
-        metrics = evaluate_pairs(run.model, run.eval_samples, run.collate, run.cfg.eval.batch_size, run.device,
+        metrics = evaluate_pairs(model, run.eval_samples, run.collate, run.cfg.eval.batch_size, run.device,
                                  run.autocast, run.reference, run.plugins.call, run.state())
     else:
-        metrics = run_eval(run.model, run.tokenizer, run.eval_samples, run.eval_refs, run.cfg.eval, run.collate,
+        metrics = run_eval(model, run.tokenizer, run.eval_samples, run.eval_refs, run.cfg.eval, run.collate,
                            run.autocast, run.plugins.call, run.state())
     run.reporter.event("eval", step=run.step, **metrics)
     run.reporter.say(f"eval @ step {run.step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
@@ -197,11 +199,26 @@ def evaluate(run: Run) -> dict[str, float]:
 
 
 def save_checkpoint(run: Run) -> Path | None:
-    """Write a checkpoint of the current step (the main process writes it)."""
-    if not run.dist.is_main:
-        return None
+    """Write a checkpoint of the current step. Every rank hands in its part (sharded weights and optimizer state
+    are gathered, each rank writes its RNG state and DeepSpeed partitions); the main process writes the rest."""
     if run.last_saved_step == run.step:
         return None  # this step is already saved (e.g. save_every divides the final step)
+    weights = run.parallel.full_weights(run.model)
+    optimizer_state = run.parallel.optimizer_state(run.model, run.optimizer)
+    shards = checkpoint.rank_folder(run.run_dir, run.step) if run.dist.world_size > 1 else None
+    path = None
+    with agreed("saving a checkpoint", run.step):
+        if shards is not None:
+            run.parallel.save_shards(shards)
+    with agreed("saving a checkpoint", run.step):
+        if run.dist.is_main:
+            path = write_checkpoint(run, weights, optimizer_state, shards)
+    run.last_saved_step = run.step
+    return path
+
+
+def write_checkpoint(run: Run, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
+                     shards: Path | None) -> Path:
     plugin_states = {}
     for name, plugin in run.plugins.by_name.items():
         if hasattr(plugin, "state_dict"):
@@ -211,7 +228,7 @@ def save_checkpoint(run: Run) -> Path | None:
                 raise PluginError(name, "state_dict", f"failed while checkpointing step {run.step}: {exc!r}; "
                                   f"no checkpoint was written for this step, earlier ones are intact") from exc
     trainer_state = {
-        "optimizer": run.optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "scheduler": run.scheduler.state_dict(),
         "loader": run.loader.state_dict(),
         "rng": checkpoint.rng_state(),
@@ -220,10 +237,10 @@ def save_checkpoint(run: Run) -> Path | None:
     }
     meta = {**run.meta, "plugin_code": run.plugins.code_hashes, "total_steps": run.total_steps}
     path = checkpoint.save(
-        run.run_dir, run.step, trainable_weights(run.model), trainer_state, meta, run.cfg.output.keep_last,
+        run.run_dir, run.step, weights, trainer_state, meta, run.cfg.output.keep_last,
         write_extra=lambda folder: run.plugins.call("swiftk_checkpoint_save", state=run.state(), path=str(folder)),
+        rank_files=shards,
     )
-    run.last_saved_step = run.step
     run.reporter.event("checkpoint_saved", step=run.step, path=str(path))
     return path
 

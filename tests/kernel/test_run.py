@@ -290,7 +290,10 @@ def test_bad_device_and_precision_are_config_errors(tiny_config: Path, capsys, o
     assert message in capsys.readouterr().err
 
 
-def test_several_processes_are_refused_until_distributed_lands(tiny_config: Path, monkeypatch, capsys) -> None:
+def test_a_partial_launcher_environment_is_refused(tiny_config: Path, monkeypatch, capsys) -> None:
+    """WORLD_SIZE without RANK/MASTER_*: not a launcher's rank, so it would train alone (see test_dist.py)."""
     monkeypatch.setenv("WORLD_SIZE", "2")
+    for key in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
     assert main(["run", str(tiny_config)]) == 2
-    assert "WORLD_SIZE > 1" in capsys.readouterr().err
+    assert "WORLD_SIZE=2 is set but RANK, MASTER_ADDR, MASTER_PORT not" in capsys.readouterr().err

@@ -1,0 +1,269 @@
+"""Many processes on CPU (gloo): DDP, FSDP2 and DeepSpeed ZeRO reproduce the one-process run with the same global
+batch; two "nodes" on one machine; a killed rank; the clear errors. The multi-process tests are slow (each
+launch starts 2 Python processes that import torch and transformers on 2 cores)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from swiftk.kernel import dist, launch
+from swiftk.kernel.cli import main
+from swiftk.kernel.config import load_config
+from swiftk.kernel.consolidate import consolidate
+from swiftk.kernel.errors import ConfigError
+
+from ..conftest import REPO
+
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="DeepSpeed is not installed (optional extra: "
+                                     "DS_BUILD_OPS=0 pip install 'swiftk[deepspeed]')")
+STEPS = 10
+
+# The tiny addition model, fp32 (so that ranks and one process agree to rounding), a constant schedule (so that
+# max_steps changes nothing), no eval. Global batch 32 = batch_size x processes.
+CONFIG = """
+[model]
+model_id = "data/tiny_tokenizer"
+init = "random"
+architecture = {{ model_type = "llama", hidden_size = 64, intermediate_size = 128, num_hidden_layers = 2, \
+num_attention_heads = 4, num_key_value_heads = 4, max_position_embeddings = 64, tie_word_embeddings = false }}
+[data]
+train_file = "data/synthetic/addition_train.jsonl"
+max_length = 32
+[train]
+tuner_strategy = "full"
+lr = 3e-3
+scheduler = "constant"
+warmup_steps = 3
+batch_size = {batch}
+max_steps = {steps}
+seed = 0
+precision = "fp32"
+[output]
+dir = "{out}"
+save_every = {save_every}
+keep_last = 5
+[log]
+progress = "plain"
+[distributed]
+{distributed}
+"""
+
+
+def config(path: Path, out: Path, processes: int = 1, steps: int = STEPS, save_every: int = 5, **distributed) -> Path:
+    table = {"num_processes": processes, **distributed}
+    lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in table.items())
+    path.write_text(CONFIG.format(batch=32 // processes, steps=steps, out=out, save_every=save_every,
+                                  distributed=lines))
+    return path
+
+
+def swiftk(*args: str, timeout: float = 240, wait: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+           "TORCH_EXTENSIONS_DIR": str(REPO / "build" / "torch_extensions")}  # DeepSpeed's JIT ops, built once
+    command = [sys.executable, "-m", "swiftk", "run", *args]
+    if not wait:
+        return subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "event" not in r]
+    assert len(steps) == len({r["step"] for r in steps}), "only rank 0 writes metrics.jsonl, once per step"
+    return {r["step"]: r["loss"] for r in steps}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+    """The one-process run: batch 32, in this process."""
+    os.chdir(REPO)
+    tmp = tmp_path_factory.mktemp("single")
+    assert main(["run", str(config(tmp / "c.toml", tmp / "run"))]) == 0
+    return losses(tmp / "run")
+
+
+def assert_matches(got: dict[int, float], reference: dict[int, float]) -> None:
+    assert sorted(got) == sorted(reference)
+    for step in got:
+        assert got[step] == pytest.approx(reference[step], rel=1e-5), (step, got, reference)
+
+
+def two_processes(tmp_path: Path, **distributed) -> dict[int, float]:
+    done = swiftk(str(config(tmp_path / "c.toml", tmp_path / "run", processes=2, **distributed)))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / f"run/checkpoints/step-{STEPS:06d}/meta.json").is_file()
+    return losses(tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_reproduce_one(reference: dict[int, float], tmp_path: Path) -> None:
+    got = two_processes(tmp_path, backend="ddp")
+    assert_matches(got, reference)
+    assert (tmp_path / "run/final/model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_reproduce_one(reference: dict[int, float], tmp_path: Path) -> None:
+    assert_matches(two_processes(tmp_path, backend="fsdp"), reference)
+    final = load_file(tmp_path / "run/final/model.safetensors")  # gathered from the shards
+    hf = consolidate(tmp_path / f"run/checkpoints/step-{STEPS:06d}", tmp_path / "hf")  # the documented path
+    assert all(torch.equal(final[k], v) for k, v in load_file(hf / "model.safetensors").items())
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_zero2_two_processes_reproduce_one(reference: dict[int, float], tmp_path: Path) -> None:
+    assert_matches(two_processes(tmp_path, backend="deepspeed", zero_stage=2), reference)
+    assert (tmp_path / f"run/checkpoints/step-{STEPS:06d}/deepspeed").is_dir()
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_zero3_trains_and_exits_cleanly(reference: dict[int, float], tmp_path: Path) -> None:
+    got = two_processes(tmp_path, backend="deepspeed", zero_stage=3)
+    assert got[STEPS] < got[1] - 0.5
+
+
+@pytest.mark.slow
+def test_two_nodes_on_one_machine_agree_with_one_process(reference: dict[int, float], tmp_path: Path) -> None:
+    """Two `swiftk run` invocations, one process each, meeting at a loopback rendezvous."""
+    port = launch.free_port("127.0.0.1")
+    cfg = config(tmp_path / "c.toml", tmp_path / "run", nnodes=2, master_port=port, join_timeout_s=120)
+    cfg.write_text(cfg.read_text().replace("batch_size = 32", "batch_size = 16"))
+    nodes = [swiftk(str(cfg), f"--set=distributed.node_rank={rank}", wait=False) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert_matches(losses(tmp_path / "run"), reference)
+
+
+@pytest.mark.slow
+def test_a_killed_rank_stops_the_others_and_the_last_checkpoint_resumes(tmp_path: Path) -> None:
+    cfg = config(tmp_path / "c.toml", tmp_path / "run", processes=2, steps=400, save_every=5, timeout_s=60)
+    agent = swiftk(str(cfg), wait=False)
+    metrics = tmp_path / "run/metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('"loss"') >= 7):
+        time.sleep(0.05)
+    rank1 = next(p for p in psutil.Process(agent.pid).children() if p.environ().get("RANK") == "1")
+    rank1.send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    out, _ = agent.communicate(timeout=120)
+    assert time.time() - killed_at < 60, "the other rank should stop within the timeout"
+    assert agent.returncode == 1 and "rank 1" in out and "SIGKILL" in out, out
+    assert "--resume" in out
+    before = losses(tmp_path / "run")
+    cfg.write_text(cfg.read_text().replace("max_steps = 400", "max_steps = 12"))
+    done = swiftk(str(cfg), "--resume")
+    assert done.returncode == 0, done.stdout + done.stderr
+    after = losses(tmp_path / "run")
+    resumed_from = max(s for s in before if s % 5 == 0 and s <= max(before))
+    assert max(after) == 12 and resumed_from >= 5
+    for step in range(resumed_from + 1, min(max(before), 12) + 1):  # the replayed steps match the first attempt
+        assert after[step] == pytest.approx(before[step], rel=1e-6), (step, before, after)
+
+
+def variant(cfg: Path, lora: bool = False, dpo: bool = False) -> Path:
+    """The same run as LoRA (the field's favourite DDP example) or as DPO on preference pairs."""
+    text = cfg.read_text()
+    if lora:
+        # lora_dropout 0: a rank's dropout masks are not the one process's, so the losses would differ
+        text = text.replace('tuner_strategy = "full"',
+                            'tuner_strategy = "lora"\nlora_rank = 8\nlora_alpha = 16\nlora_dropout = 0.0')
+    if dpo:
+        text = text.replace("addition_train.jsonl", "addition_pref_train.jsonl")
+        text = text.replace("[train]\n", '[train]\nstage = "dpo"\nbeta = 0.1\n')
+        text = re.sub(r"batch_size = (\d+)", lambda m: f"batch_size = {int(m[1]) // 2}", text)  # pairs: 2 rows each
+    cfg.write_text(text)
+    return cfg
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["lora", "dpo"])
+def test_lora_and_dpo_under_ddp_reproduce_one_process(kind: str, tmp_path: Path) -> None:
+    options = {"lora": kind == "lora", "dpo": kind == "dpo"}
+    single = variant(config(tmp_path / "one.toml", tmp_path / "one"), **options)
+    assert main(["run", str(single)]) == 0
+    double = variant(config(tmp_path / "two.toml", tmp_path / "two", processes=2, backend="ddp"), **options)
+    done = swiftk(str(double))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_matches(losses(tmp_path / "two"), losses(tmp_path / "one"))
+    if kind == "lora":
+        assert (tmp_path / "two/final/adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_ranks_with_another_config_or_plugin_code_are_refused(tmp_path: Path) -> None:
+    """Two "nodes" given the same config file, but node 1 adds a --set and imports another version of a plugin
+    module (its PYTHONPATH differs): both differences are named, and neither node trains."""
+    port = launch.free_port("127.0.0.1")
+    cfg = config(tmp_path / "c.toml", tmp_path / "run", nnodes=2, master_port=port, join_timeout_s=120)
+    cfg.write_text('plugins = ["swk_rank_plugin"]\n' + cfg.read_text())
+    nodes = []
+    for rank in (0, 1):
+        folder = tmp_path / f"node{rank}"
+        folder.mkdir()
+        (folder / "swk_rank_plugin.py").write_text(f"from swiftk.contracts import hookimpl\n\n@hookimpl\n"
+                                                   f"def swiftk_step_end(state):\n    return {{'v': {rank}.0}}\n")
+        extra = ["--set=train.lr=1e-3"] if rank == 1 else []
+        env = {**os.environ, "PYTHONPATH": str(folder), "HF_HUB_OFFLINE": "1"}
+        nodes.append(subprocess.Popen([sys.executable, "-m", "swiftk", "run", str(cfg),
+                                       f"--set=distributed.node_rank={rank}", *extra],
+                                      env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    assert all(node.returncode != 0 for node in nodes), outputs
+    assert "runs another config than rank 0" in outputs[0], outputs[0]
+    assert "plugin 'module:swk_rank_plugin' has code" in outputs[0], outputs[0]
+    assert not (tmp_path / "run/metrics.jsonl").exists() or '"loss"' not in (tmp_path / "run/metrics.jsonl").read_text()
+
+
+# ------------------------------------------------------------------------------------------ clear errors (fast)
+
+
+def test_a_rank_that_never_joins_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    port = launch.free_port("127.0.0.1")
+    for key, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    with pytest.raises(dist.DistributedError, match=r"rank 1 \(node_rank 1, local rank 0\) did not join within 1 s"):
+        dist.join(dist.from_env(), 1.0)
+
+
+def test_a_port_in_use_is_reported() -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(dist.DistributedError, match=f"master_port {port} on 127.0.0.1 is not free"):
+            launch.check_port("127.0.0.1", port)
+
+
+def test_distributed_config_errors(tmp_path: Path) -> None:
+    cfg = config(tmp_path / "c.toml", tmp_path / "run", processes=2, nnodes=2, node_rank=2)
+    with pytest.raises(ConfigError, match="node_rank 2 must be below nnodes 2"):
+        load_config(cfg)
+    with pytest.raises(ConfigError, match="zero_stage: only for backend = 'deepspeed'"):
+        load_config(config(tmp_path / "d.toml", tmp_path / "run", processes=2, zero_stage=3))
+
+
+def test_deepspeed_asked_for_but_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed -> ImportError
+    cfg = load_config(config(tmp_path / "c.toml", tmp_path / "run", processes=2, backend="deepspeed"))
+    (problem,) = dist.config_problems(cfg.distributed)
+    assert "DeepSpeed is not installed" in problem and "pip install" in problem
