@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import random
+import string
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -221,6 +222,24 @@ def _check_heldout_unseen(pairs: list[Pair]) -> None:
             raise AssertionError(f"training prompt {question!r} leaks held-out fact(s) {leaked}")
 
 
+def corrupted_reversals(rows: list[dict[str, str]], seed: int) -> list[dict[str, str]]:
+    """Preference pairs from reversal rows: the right reversal chosen, a near reversal rejected.
+
+    The rejected answer is the right one with half of its letters (at least one) replaced by other letters, so
+    it has the right length and keeps the other half in place: telling the two apart on a new word takes the rule
+    (the answer spells the prompt's word backwards), not a memorised answer. Several wrong letters per pair give
+    a tiny model enough signal to learn that rule from preferences alone in a few CPU minutes.
+    """
+    rng = random.Random(seed)
+    pairs = []
+    for row in rows:
+        letters = list(row["completion"])
+        for i in rng.sample(range(len(letters)), max(1, len(letters) // 2)):
+            letters[i] = rng.choice([c for c in string.ascii_lowercase if c != letters[i]])
+        pairs.append({"prompt": row["prompt"], "chosen": row["completion"], "rejected": "".join(letters)})
+    return pairs
+
+
 def main(out_root: Path = DEFAULT_OUT) -> list[Path]:
     """Write every data file under ``out_root`` and return their paths."""
     synthetic = _load_kernel_module("synthetic")
@@ -231,10 +250,13 @@ def main(out_root: Path = DEFAULT_OUT) -> list[Path]:
             path = out_root / "synthetic" / f"{task}_{split}.jsonl"
             synthetic.write_jsonl(rows, path)
             written.append(path)
-            if task == "addition":  # preference pairs for the alignment stages: right answer vs a near miss
-                path = out_root / "synthetic" / f"{task}_pref_{split}.jsonl"
-                synthetic.write_jsonl(synthetic.preference_rows(rows, SYNTHETIC_SEED), path)
-                written.append(path)
+            # Preference pairs for the alignment stages, the right answer against a near miss: on addition, one
+            # digit changed or off by a little; on reversal, half the letters wrong (the learning tests' task).
+            pairs = synthetic.preference_rows(rows, SYNTHETIC_SEED) if task == "addition" else \
+                corrupted_reversals(rows, SYNTHETIC_SEED)
+            path = out_root / "synthetic" / f"{task}_pref_{split}.jsonl"
+            synthetic.write_jsonl(pairs, path)
+            written.append(path)
     for name, rows in (("train", quickstart_rows()), ("heldout", HELDOUT)):
         path = out_root / "quickstart" / f"{name}.jsonl"
         synthetic.write_jsonl(rows, path)

@@ -20,6 +20,12 @@ takes the ratio gamma / beta as its knob (``gamma_beta_ratio``). log s is ``logs
 
 CPO proper adds a behaviour-cloning NLL term on the chosen completions (``cpo_alpha``, the ``cpo`` loss below);
 SimPO has none (the ``simpo`` loss). The rewards ``beta * log pi`` come back detached, for logging.
+
+The NLL term is each chosen completion's per-token mean, averaged over pairs, like the pairwise term. TRL's
+``CPOTrainer`` instead takes one token mean over all the micro-batch's chosen tokens, which weighs a pair by its
+length and makes one pair's loss depend on which others share its micro-batch (so on ``batch_size`` and
+``grad_accum``); with equal-length completions the two agree. swiftk keeps the per-pair form, so the loss is a
+plain mean over pairs and accumulates exactly across micro-batches.
 """
 
 from __future__ import annotations

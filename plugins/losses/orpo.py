@@ -17,6 +17,10 @@ Returned for logging, detached, as TRL's ``ORPOTrainer`` names them: the rewards
 mean(log_odds).
 
 The ``orpo`` loss below adds the penalty to the chosen completion's per-token NLL (ORPO eq. 6); no reference model.
+That NLL is the paper's L_SFT (eq. 2: each chosen completion's token mean, then the mean over pairs). TRL's
+``ORPOTrainer`` takes one token mean over all the micro-batch's chosen tokens instead, which weighs long
+completions more and ties a pair's loss to its micro-batch neighbours; the two agree when every completion has
+the same length. swiftk follows the paper, so the loss accumulates exactly across micro-batches.
 """
 
 from __future__ import annotations

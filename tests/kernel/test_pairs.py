@@ -91,3 +91,16 @@ def test_sequence_logps_by_hand() -> None:
     expected = math.log(math.exp(2) / (math.exp(2) + 1)) + math.log(0.5)
     torch.testing.assert_close(logps, torch.tensor([expected, 0.0]))
     assert counts.tolist() == [2, 0]
+
+
+def test_reversal_pairs_are_held_out_near_misses() -> None:
+    """The learning tests' pairs (tests/kernel/test_preference_learning.py): no eval word is trained on, chosen is the
+    reversal, rejected the reversal with half its letters (at least one) wrong."""
+    rows = {split: [json.loads(line) for line in (REPO / "data" / "synthetic" / f"reversal_pref_{split}.jsonl").open()]
+            for split in ("train", "eval")}
+    assert len(rows["train"]) == 2000 and len(rows["eval"]) == 100
+    assert not {r["prompt"] for r in rows["train"]} & {r["prompt"] for r in rows["eval"]}
+    for row in rows["train"] + rows["eval"]:
+        word = row["prompt"].removeprefix("reverse ").removesuffix("=")
+        wrong = sum(a != b for a, b in zip(row["chosen"], row["rejected"], strict=True))
+        assert row["chosen"] == word[::-1] and wrong == max(1, len(word) // 2)
