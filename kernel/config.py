@@ -39,6 +39,9 @@ class ModelConfig(Section):
     )
     device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'")
     attn_implementation: str = Field("sdpa", description="'sdpa', 'eager', 'flash_attention_2'")
+    device_map: str | dict[str, Any] | None = Field(
+        None, description="passed to from_pretrained: 'auto' spreads a model too large for one device over the "
+                          "GPUs (and CPU) accelerate sees; the model then stays where it was placed")
     trust_remote_code: bool = False
 
 
@@ -63,6 +66,7 @@ class DataConfig(Section):
 PAIR_STAGES = ("dpo", "simpo", "orpo", "cpo", "rm")  # trained on chosen/rejected pairs, by the loss of its name
 PREFERENCE_STAGES = (*PAIR_STAGES, "kto")  # kto: unpaired examples (or pairs, split into good and bad)
 REFERENCE_STAGES = ("dpo", "kto")  # need the frozen reference model's log-probs
+ADAPTER_TUNERS = ("lora", "qlora", "dora")  # train a PEFT adapter on a frozen (possibly quantized) base
 
 
 class TrainConfig(Section):
@@ -74,11 +78,39 @@ class TrainConfig(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo/cpo: the assumed label-flip probability")
     precompute_ref_logps: bool = Field(False, description="dpo: score the pairs with the reference once, before "
                                        "training, instead of a reference forward every step")
-    tuner_strategy: Literal["full", "lora"] = "lora"
+    tuner_strategy: Literal["full", "lora", "qlora", "dora", "galore", "freeze"] = Field(
+        "lora", validation_alias=AliasChoices("tuner_strategy", "train_type", "finetuning_type"),
+        description="full; lora, qlora (LoRA on a 4/8-bit base), dora (LoRA + magnitude); galore (all weights, "
+                    "low-rank optimizer state); freeze (only the last freeze_trainable_layers train)")
     lora_rank: int = Field(8, ge=1)
     lora_alpha: float = Field(32.0, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
-    lora_target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    lora_target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", validation_alias=AliasChoices("lora_target_modules", "target_modules", "lora_target"),
+        description="module names (e.g. ['q_proj', 'v_proj']) or 'all-linear' (every linear layer but the head)")
+    use_rslora: bool = Field(False, description="rank-stabilised LoRA: scale by alpha/sqrt(r) instead of alpha/r")
+    use_dora: bool = Field(False, description="DoRA on top of lora/qlora (tuner_strategy = 'dora' sets it)")
+    modules_to_save: list[str] = Field(
+        default_factory=list, validation_alias=AliasChoices("modules_to_save", "additional_target"),
+        description="lora/qlora/dora: modules trained in full and saved with the adapter, e.g. ['lm_head']")
+    freeze_trainable_layers: int = Field(
+        2, validation_alias=AliasChoices("freeze_trainable_layers", "freeze_layers"),
+        description="freeze: the last N decoder layers train (negative: the first N)")
+    freeze_trainable_modules: list[str] | Literal["all"] = Field(
+        "all", description="freeze: within those layers, only these modules train (e.g. ['mlp', 'self_attn'])")
+    freeze_extra_modules: list[str] = Field(
+        default_factory=list, validation_alias=AliasChoices("freeze_extra_modules", "trainable_parameters"),
+        description="freeze: modules outside the decoder layers that train too (e.g. ['embed_tokens', 'norm'])")
+    galore_rank: int = Field(128, ge=1, description="galore: rank of the projected gradients")
+    galore_update_proj_gap: int = Field(
+        200, ge=1, validation_alias=AliasChoices("galore_update_proj_gap", "galore_update_interval"),
+        description="galore: steps between projector refreshes (an SVD of each targeted gradient)")
+    galore_scale: float = Field(0.25, gt=0, description="galore: scale of the projected-back update")
+    galore_proj_type: Literal["std", "reverse_std", "left", "right", "full"] = "std"
+    galore_target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", validation_alias=AliasChoices("galore_target_modules", "galore_target"),
+        description="galore: matrices whose names contain one of these are projected; 'all-linear': every "
+                    "matrix but embeddings and the head")
     loss_type: str = "cross_entropy"
     loss_config: dict[str, Any] = Field(default_factory=dict)
     callbacks: list[str] = Field(default_factory=list, description="callback plugins, by name")
@@ -104,9 +136,15 @@ class TrainConfig(Section):
     )
     gradient_checkpointing: bool = False
     max_grad_norm: float | None = Field(1.0, gt=0)
-    quantization_bit: Literal[0] | None = Field(
-        None, description="4/8-bit QLoRA arrives with tuner_strategy='qlora'; only 0 (off) is accepted today"
-    )
+    quantization_bit: Literal[4, 8] | None = Field(
+        None, description="load the frozen base in 4 or 8 bits (bitsandbytes) under lora/dora; qlora: 4 by default")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field(
+        "nf4", validation_alias=AliasChoices("bnb_4bit_quant_type", "quantization_type", "quant_type"))
+    bnb_4bit_use_double_quant: bool = Field(
+        True, validation_alias=AliasChoices("bnb_4bit_use_double_quant", "double_quantization"),
+        description="also quantize the 4-bit blocks' scales (~0.4 bits per weight saved)")
+    bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="dtype the 4-bit weights are dequantized to for each matmul")
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -124,10 +162,46 @@ class TrainConfig(Section):
 
     @field_validator("quantization_bit", mode="before")
     @classmethod
-    def _no_quantization_yet(cls, value: Any) -> Any:
-        if value not in (None, 0):
-            raise ValueError(f"{value}-bit quantization (QLoRA) is not supported yet; use 0 (off) or remove the key")
+    def _quantization_bits(cls, value: Any) -> Any:
+        if value in (None, 0, "none"):
+            return None  # LLaMA-Factory and ms-swift configs write 0 or none for "not quantized"
+        if value not in (4, 8):
+            raise ValueError(f"bitsandbytes quantizes to 4 or 8 bits; {value} is not supported (GPTQ/AWQ bases "
+                             f"are not loaded for training)")
         return value
+
+    @field_validator("lora_target_modules", "galore_target_modules", mode="before")
+    @classmethod
+    def _target_names(cls, value: Any) -> Any:
+        # LLaMA-Factory writes `lora_target: all` or `q_proj,v_proj`.
+        if isinstance(value, str) and value in ("all", "all-linear", "all_linear"):
+            return "all-linear"
+        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _tuner_options(self) -> TrainConfig:
+        adapter = self.tuner_strategy in ADAPTER_TUNERS
+        if self.tuner_strategy == "dora":
+            self.use_dora = True
+        if self.tuner_strategy == "qlora" and self.quantization_bit is None:
+            self.quantization_bit = 4
+        if self.quantization_bit is not None and not adapter:
+            raise ValueError(f"quantization_bit: a {self.quantization_bit}-bit base cannot be trained directly; use "
+                             f"tuner_strategy 'qlora' (or 'lora'/'dora'), not '{self.tuner_strategy}'")
+        if self.modules_to_save and not adapter:
+            raise ValueError(f"modules_to_save: only for lora, qlora and dora (tuner_strategy '{self.tuner_strategy}'"
+                             + (" trains through freeze_extra_modules)" if self.tuner_strategy == "freeze"
+                                else " already trains every module)"))
+        if self.tuner_strategy == "galore":
+            if self.optimizer not in ("adamw", "galore_adamw"):
+                raise ValueError(f"tuner_strategy 'galore' trains with the galore_adamw optimizer; remove optimizer "
+                                 f"= '{self.optimizer}' (or pick another tuner_strategy)")
+            self.optimizer = "galore_adamw"
+            galore = {"rank": self.galore_rank, "update_proj_gap": self.galore_update_proj_gap,
+                      "scale": self.galore_scale, "proj_type": self.galore_proj_type,
+                      "target_modules": self.galore_target_modules}
+            self.optimizer_config = {**galore, **self.optimizer_config}
+        return self
 
 
 class EvalConfig(Section):
@@ -204,6 +278,9 @@ class PluginSource(Section):
     def _one_source(self) -> PluginSource:
         if (self.path is None) == (self.module is None):
             raise ValueError("give exactly one of `path` or `module`")
+        native = self.path and (self.path.startswith("native:") or self.path.endswith((".cpp", ".cc", ".cxx", ".so")))
+        if self.isolation != "inline" and native:
+            raise ValueError("a native (C++) plugin runs in the kernel process: isolation must be 'inline'")
         if self.isolation == "sandbox":
             raise ValueError("isolation = 'sandbox' (per-tenant restricted hosts) is not built yet; use 'process' "
                              "for a plugin in its own host process, or 'inline'")
@@ -231,11 +308,46 @@ class HostsConfig(Section):
                            "answer (hook calls come in bursts); 0 sleeps at once")
 
 
+class DistributedConfig(Section):
+    """[distributed] several processes, or machines: torchrun DDP, FSDP2 or DeepSpeed ZeRO (see kernel/dist.py)."""
+
+    backend: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp", description="'ddp' (replicas), 'fsdp' (FSDP2, sharded per decoder layer) or 'deepspeed' (ZeRO)")
+    num_processes: int = Field(1, ge=1, description="processes per node; > 1 relaunches `swiftk run` under torchrun")
+    nnodes: int = Field(1, ge=1, description="machines; start `swiftk run` on each with its own node_rank")
+    node_rank: int = Field(0, ge=0, description="this machine's index, 0 .. nnodes-1 (0 hosts the rendezvous)")
+    master_addr: str = Field("127.0.0.1", description="address of node 0, reachable from every node")
+    master_port: int = Field(0, ge=0, le=65535, description="rendezvous port on node 0; 0: a free one (one node)")
+    join_timeout_s: float = Field(300.0, gt=0, description="how long every node and rank may take to join")
+    timeout_s: float = Field(600.0, gt=0, description="a collective waiting longer fails (a hung rank)")
+    zero_stage: Literal[2, 3] | None = Field(None, description="deepspeed: ZeRO stage (default 2)")
+    deepspeed_config: str | None = Field(None, description="deepspeed: a DeepSpeed JSON; the batch and "
+                                         "clipping still come from [train]")
+    offload_optimizer: bool = Field(False, description="deepspeed: optimizer state in CPU memory")
+    offload_param: bool = Field(False, description="deepspeed, zero_stage 3: parameters in CPU memory")
+    fsdp_reshard_after_forward: bool = Field(True, description="fsdp: free gathered layers after forward")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DistributedConfig:
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} must be below nnodes {self.nnodes}")
+        if self.nnodes > 1 and self.master_port == 0:
+            raise ValueError("several nodes need a fixed master_port (the same on every node), e.g. 29500")
+        ds_only = [k for k in ("zero_stage", "deepspeed_config", "offload_optimizer", "offload_param")
+                   if getattr(self, k) not in (None, False)]
+        if ds_only and self.backend != "deepspeed":
+            raise ValueError(f"{', '.join(ds_only)}: only for backend = 'deepspeed' (backend is '{self.backend}')")
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError("offload_param needs zero_stage = 3")
+        return self
+
+
 class RunConfig(Section):
     """The whole run. One table per component."""
 
     plugins: list[str | PluginSource] = Field(
-        default_factory=list, description="plugin files or importable modules, or [[plugins]] tables"
+        default_factory=list,
+        description="plugin files, importable modules, native:FILE.cpp (C++ plugins), or [[plugins]] tables",
     )
     watch: bool = Field(False, description="hot-reload every plugin file when it is saved (as --watch)")
     model: ModelConfig
@@ -246,6 +358,7 @@ class RunConfig(Section):
     output: OutputConfig
     log: LogConfig = Field(default_factory=LogConfig)
     hosts: HostsConfig = Field(default_factory=HostsConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     def total_batch(self, world_size: int = 1) -> int:
         return self.train.batch_size * self.train.grad_accum * world_size

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -75,11 +76,14 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(cfg: ModelConfig, vocab_size: int, device: torch.device, reward_head_pad_id: int | None = None
-               ) -> PreTrainedModel:
+def load_model(cfg: ModelConfig, vocab_size: int, device: torch.device, reward_head_pad_id: int | None = None,
+               quantization: Any = None) -> PreTrainedModel:
     """Load (or build) the causal LM in ``cfg.dtype`` on ``device``; with ``reward_head_pad_id`` set, the same
-    backbone with a scalar head read at each row's last token (a reward model; the id marks padding)."""
+    backbone with a scalar head read at each row's last token (a reward model; the id marks padding).
+    ``quantization`` (a transformers ``BitsAndBytesConfig``) loads the linear layers in 4 or 8 bits."""
     dtype = DTYPES[cfg.dtype]
+    if quantization is not None:
+        return load_quantized(cfg, vocab_size, device, reward_head_pad_id, quantization)
     if reward_head_pad_id is not None:
         model = build_reward_model(cfg, vocab_size, reward_head_pad_id, dtype)
     elif cfg.init == "random":
@@ -99,16 +103,73 @@ def load_model(cfg: ModelConfig, vocab_size: int, device: torch.device, reward_h
                 dtype=torch.float32 if cfg.gguf_file else dtype,
                 attn_implementation=cfg.attn_implementation,
                 trust_remote_code=cfg.trust_remote_code,
+                device_map=cfg.device_map,
             )
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load the model from '{source}': {first_line(exc)}") from exc
         if cfg.gguf_file:
             model = plain_copy(model)
+    if cfg.device_map is not None and getattr(model, "hf_device_map", None):
+        return model  # accelerate placed each layer; moving the whole model would undo that
     try:
         return model.to(device=device, dtype=dtype)
     except (RuntimeError, AssertionError) as exc:
         raise ModelLoadError(f"[model] device = '{cfg.device}': cannot place the model on {device}: "
                              f"{first_line(exc)}") from exc
+
+
+def load_quantized(cfg: ModelConfig, vocab_size: int, device: torch.device, reward_head_pad_id: int | None,
+                   quantization: Any) -> PreTrainedModel:
+    """The model with its linear layers in bitsandbytes 4/8-bit (QLoRA's frozen base).
+
+    A hub id or HF folder is quantized while it loads, so a model larger than memory in 16 bits still fits.
+    A GGUF file or a random init has no such loader: it is built in ``cfg.dtype``, written to a temporary
+    folder, and loaded back quantized.
+    """
+    device_map = cfg.device_map if cfg.device_map is not None else {"": str(device)}
+    kwargs = {"quantization_config": quantization, "device_map": device_map, "dtype": DTYPES[cfg.dtype],
+              "attn_implementation": cfg.attn_implementation, "trust_remote_code": cfg.trust_remote_code}
+    if cfg.init == "pretrained" and not cfg.gguf_file and reward_head_pad_id is None:
+        source = resolve_source(cfg.model_id)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load the model from '{source}' quantized: {first_line(exc)}") from exc
+    else:
+        plain = load_model(cfg.model_copy(update={"device_map": None}), vocab_size, torch.device("cpu"),
+                           reward_head_pad_id)
+        with tempfile.TemporaryDirectory(prefix="swiftk-quantize-") as folder:
+            plain.save_pretrained(folder)
+            del plain
+            try:
+                model = type_for(reward_head_pad_id).from_pretrained(folder, **kwargs)
+            except (OSError, ValueError) as exc:
+                raise ModelLoadError(f"cannot quantize the model: {first_line(exc)}") from exc
+    check_quantized(model, quantization)
+    return model
+
+
+def type_for(reward_head_pad_id: int | None) -> Any:
+    return AutoModelForCausalLM if reward_head_pad_id is None else AutoModelForSequenceClassification
+
+
+def check_quantized(model: torch.nn.Module, quantization: Any) -> None:
+    """At least one layer must really be quantized; and bitsandbytes' packed CPU inference kernel is turned
+    off: it repacks the 4-bit weights in place on the first no-grad forward (so merges and exports would
+    read a different layout) and requires out_features % 32 == 0."""
+    import bitsandbytes as bnb
+
+    bits = 4 if quantization.load_in_4bit else 8
+    layers = [m for m in model.modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
+    if not layers:
+        kinds = sorted({type(m).__name__ for m in model.modules() if not list(m.children())})
+        raise ModelLoadError(
+            f"[train] quantization_bit = {bits}: {type(model).__name__} has no layer bitsandbytes can quantize "
+            f"(it replaces torch.nn.Linear; this model's leaf layers are {', '.join(kinds[:8])}). Train it "
+            f"without quantization_bit (tuner_strategy = 'lora').")
+    for layer in layers:
+        if isinstance(layer, bnb.nn.Linear4bit):
+            layer.support_avx512bf16_for_cpu = False
 
 
 def forward_logits(model: torch.nn.Module, batch: Any) -> torch.Tensor:
@@ -120,8 +181,7 @@ def forward_logits(model: torch.nn.Module, batch: Any) -> torch.Tensor:
 
 def build_reward_model(cfg: ModelConfig, vocab_size: int, pad_id: int, dtype: torch.dtype) -> PreTrainedModel:
     if cfg.gguf_file:
-        raise ModelLoadError("[model] gguf_file: the rm stage needs the model in HF format (safetensors); a GGUF "
-                             "file holds a causal LM only")
+        return reward_model_from_gguf(cfg, pad_id)
     if cfg.init == "random":
         if not cfg.architecture or "model_type" not in cfg.architecture:
             raise ModelLoadError("[model] init = 'random' needs `architecture` with at least model_type")
@@ -136,6 +196,22 @@ def build_reward_model(cfg: ModelConfig, vocab_size: int, pad_id: int, dtype: to
             trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load a reward model from '{source}': {first_line(exc)}") from exc
+
+
+def reward_model_from_gguf(cfg: ModelConfig, pad_id: int) -> PreTrainedModel:
+    """A GGUF file holds a causal LM: its backbone under a fresh scalar head (the LM head is dropped)."""
+    source = resolve_source(cfg.model_id)
+    check_source(cfg.model_id, source, cfg.gguf_file)
+    try:
+        lm = plain_copy(AutoModelForCausalLM.from_pretrained(source, gguf_file=cfg.gguf_file, dtype=torch.float32,
+                                                             attn_implementation=cfg.attn_implementation))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load a reward model from '{source}': {first_line(exc)}") from exc
+    config = lm.config
+    config.num_labels, config.pad_token_id = 1, pad_id
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation=cfg.attn_implementation)
+    setattr(model, model.base_model_prefix, getattr(lm, lm.base_model_prefix))
+    return model
 
 
 def build_random(cfg: ModelConfig, vocab_size: int) -> PreTrainedModel:

@@ -28,7 +28,8 @@ import swiftk
 from swiftk.contracts import PluginError
 from swiftk.contracts.conformance import describe
 from swiftk.hosts.supervisor import console
-from swiftk.kernel import checkpoint
+from swiftk.kernel import checkpoint, launch
+from swiftk.kernel import dist as distributed
 from swiftk.kernel.config import PREFERENCE_STAGES, REFERENCE_STAGES, Locator, PluginSource, RunConfig, load_config
 from swiftk.kernel.data import (
     Loader,
@@ -59,7 +60,13 @@ from swiftk.kernel.plugins import (
 )
 from swiftk.kernel.progress import Reporter
 from swiftk.kernel.reload import Reloader
-from swiftk.kernel.tuners import apply_tuner, base_fingerprint, load_trainable, save_final, save_merged
+from swiftk.kernel.tuners import (
+    apply_tuner,
+    base_fingerprint,
+    quantization_config,
+    save_final,
+    save_merged,
+)
 
 
 @dataclass
@@ -84,9 +91,8 @@ def prepare(options: Options) -> tuple[RunConfig, Plugins]:
     loaded, problems = load_configured(cfg.plugins)
     problems += [f"plugins: {entry.name}: {p}" for entry in loaded for p in hookimpl_problems(entry.module)]
     problems += check_files(cfg)
-    if from_env().world_size > 1:
-        problems.append("WORLD_SIZE > 1: this version trains in one process; multi-process training (DDP, FSDP, "
-                        "DeepSpeed) is not built yet, so several processes would train unconnected copies")
+    problems += distributed.config_problems(cfg.distributed)
+    distributed.setup(cfg.distributed, cfg.model.device)  # under a launcher: join the other ranks
     hosts, host_problems = start_hosts(cfg) if not problems else (None, [])
     plugins = None
     try:
@@ -133,8 +139,9 @@ def check_files(cfg: RunConfig) -> list[str]:
                         f"preference data goes with stage dpo, simpo, orpo, cpo, kto or rm, SFT data with sft")
     if cfg.eval.every and not cfg.data.eval_file:
         problems.append("[eval] every: set, but [data] eval_file is not; name an eval file or remove every")
-    if cfg.train.tuner_strategy == "full" and cfg.model.dtype != "float32":
-        problems.append(f"[model] dtype: '{cfg.model.dtype}' with tuner_strategy = 'full' would train without "
+    if cfg.train.tuner_strategy in ("full", "galore", "freeze") and cfg.model.dtype != "float32":
+        problems.append(f"[model] dtype: '{cfg.model.dtype}' with tuner_strategy = '{cfg.train.tuner_strategy}' "
+                        f"would train without "
                         f"fp32 master weights; keep 'float32' ([train] precision = 'bf16' still computes in bf16)")
     return problems
 
@@ -265,17 +272,40 @@ def sample_prompts(cfg: RunConfig) -> list[str]:
 def answer_samples(run: Run, prompts: list[str]) -> list[str]:
     rendered = [chat_prompt(run.tokenizer, p, run.cfg.data.system_prompt) for p in prompts]
     templated = run.tokenizer.chat_template is not None
-    return complete(run.model, run.tokenizer, rendered, run.cfg.samples.max_new_tokens, templated,
+    return complete(run.parallel.unwrap(run.model), run.tokenizer, rendered, run.cfg.samples.max_new_tokens, templated,
                     autocast=run.autocast)
 
 
 def execute(options: Options) -> int:
     """``swiftk run``: returns the process exit code (0 done, 130 interrupted)."""
-    cfg, plugins = prepare(options)
+    cfg = load_config(options.config, options.overrides)
+    if launch.wanted(cfg.distributed) and not options.print_config:  # this process becomes the ranks' agent
+        return launch.relaunch(cfg.distributed, child_args(options), cfg.output.dir)
+    clean = False
     try:
-        return train_and_finish(cfg, plugins, options)
+        cfg, plugins = prepare(options)
+        try:
+            code = train_and_finish(cfg, plugins, options)
+            clean = True
+            return code
+        except RuntimeError as exc:  # a collective failed: another rank died or hangs
+            lost = distributed.lost_peer(exc)
+            if lost is None:
+                raise
+            raise lost from None
+        finally:
+            plugins.close()  # plugin hosts: no process or shared segment outlives the run
     finally:
-        plugins.close()  # plugin hosts: no process or shared segment outlives the run
+        distributed.shutdown(clean)  # barrier + destroy_process_group, on every path
+
+
+def child_args(options: Options) -> list[str]:
+    """The ``swiftk`` arguments each rank of a relaunched run gets: this command's own."""
+    args = ["run", options.config, *(f"--set={o}" for o in options.overrides)]
+    if options.resume:
+        args.append(f"--resume={options.resume}")
+    flags = {"--overwrite": options.overwrite, "--merge": options.merge, "--watch": options.watch}
+    return args + [flag for flag, on in flags.items() if on]
 
 
 def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
@@ -283,9 +313,13 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
         print(resolved_toml(cfg), end="")
         return 0
     dist = from_env()
+    distributed.check_same(cfg.model_dump(mode="json"), plugins.code_hashes)
     run_dir, resume_from = plan_run_dir(cfg, options)
+    distributed.barrier()  # every rank has looked at the run folder before rank 0 creates it
     seed_everything(cfg.train.seed)
     device = pick_device(cfg.model.device)
+    if device.type == "cuda" and dist.world_size > 1:
+        device = torch.device("cuda", dist.local_rank)
     say = print if dist.is_main else (lambda *a, **k: None)
 
     say(f"swiftk {swiftk.__version__} | run dir {run_dir} | device {device} | precision {cfg.train.precision}")
@@ -310,20 +344,24 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
 
     started = time.perf_counter()
     model = load_model(cfg.model, len(tokenizer), device,
-                       reward_head_pad_id=tokenizer.pad_token_id if cfg.train.stage == "rm" else None)
+                       reward_head_pad_id=tokenizer.pad_token_id if cfg.train.stage == "rm" else None,
+                       quantization=quantization_config(cfg.train))
     model = apply_tuner(patched_model(plugins, model, tokenizer, cfg), cfg.train)
+    fingerprint = base_fingerprint(model)  # before sharding
+    parallel = distributed.create(cfg.distributed, dist)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     say(f"model: {type(model).__name__} {total / 1e6:.1f} M params, {trainable / 1e6:.3f} M trainable "
         f"({cfg.train.tuner_strategy}), loaded in {time.perf_counter() - started:.1f} s")
 
-    optimizer = plugins.call("swiftk_optimizer_build",
-        param_groups=param_groups(model, weight_decay(cfg.train)), lr=cfg.train.lr, model=model)
+    model = parallel.wrap(model, device, cfg.train.precision)  # DDP or FSDP2 (before the optimizer sees params)
+    optimizer = plugins.call("swiftk_optimizer_build", param_groups=param_groups(parallel.unwrap(model),
+                             weight_decay(cfg.train)), lr=cfg.train.lr, model=parallel.unwrap(model))
     collate_fn = functools.partial(collate_unpaired if cfg.train.stage == "kto" else collate_pairs,
                                    pad_id=tokenizer.pad_token_id) if pair_stage else \
         make_collate(plugins, tokenizer.pad_token_id)
     autocast = make_autocast(cfg.train.precision, device)
-    reference = make_reference(cfg, model, tokenizer, device, autocast)
+    reference = make_reference(cfg, parallel.unwrap(model), tokenizer, device, autocast)
     if reference is not None and cfg.train.precompute_ref_logps:
         started = time.perf_counter()
         for pairs in (train_samples, eval_samples):
@@ -340,15 +378,16 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
         warmup = round(cfg.train.warmup_ratio * total_steps)
     scheduler = plugins.call("swiftk_scheduler_build", optimizer=optimizer, total_steps=total_steps,
                              warmup_steps=warmup)
+    model = parallel.attach(model, optimizer, cfg.train)  # DeepSpeed: the engine takes model and optimizer
 
     make_run_dir(run_dir, resume_from is not None, dist)
     reporter = Reporter(run_dir if dist.is_main else None, total_steps, cfg.log.progress, cfg.log.every)
     run = Run(cfg, run_dir, model, tokenizer, plugins, optimizer, scheduler, loader, device, dist, reporter,
-              total_steps, autocast, collate_fn, eval_samples, eval_refs, reference=reference)
+              total_steps, autocast, collate_fn, eval_samples, eval_refs, reference=reference, parallel=parallel)
     if plugins.hosts is not None:  # host deaths, restarts and plugin failures go to metrics.jsonl and the console
         plugins.hosts.sink = lambda event, fields: host_event(run, event, fields)
     run.meta = {"swiftk_version": swiftk.__version__, "world_size": dist.world_size,
-                "tuner_strategy": cfg.train.tuner_strategy, "base_fingerprint": base_fingerprint(model),
+                "tuner_strategy": cfg.train.tuner_strategy, "base_fingerprint": fingerprint,
                 "config": cfg.model_dump(mode="json")}
     if resume_from is not None:
         restore(run, resume_from)
@@ -360,7 +399,9 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
     status = "failed"
     try:
         watched = watched_files(cfg, options.watch)
-        if watched and dist.is_main:
+        if watched and dist.world_size > 1:
+            say("hot reload is off with several processes: every rank must run the same plugin code")
+        elif watched:
             run.reloader = Reloader(plugins, watched)
             run.reloader.start()
             say("watching for edits: " + ", ".join(watched))
@@ -438,11 +479,15 @@ def restore(run: Run, path: Path) -> None:
         raise CheckpointError(
             f"{path} was trained on other base weights (fingerprint {meta.get('base_fingerprint')} vs "
             f"{run.meta['base_fingerprint']} now); resume with the same [model] as the original run.")
+    if meta.get("world_size", 1) != run.dist.world_size:
+        raise CheckpointError(
+            f"{path} was written by {meta.get('world_size', 1)} processes and this run has {run.dist.world_size}; "
+            f"an exact resume needs the same world size (set [distributed] num_processes / nnodes as before), or "
+            f"consolidate it into a model folder (python -m swiftk.kernel.consolidate) and start a new run from it.")
     try:
-        load_trainable(run.model, weights)
+        run.parallel.load(run.model, run.optimizer, weights, state["optimizer"], path)
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-    run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.loader.load_state_dict(state["loader"])
     for name, plugin_state in state["plugins"].items():
@@ -451,7 +496,7 @@ def restore(run: Run, path: Path) -> None:
             plugin.load_state_dict(plugin_state)
     counters = state["counters"]
     run.step, run.tokens_seen, run.elapsed_s = counters["step"], counters["tokens_seen"], counters["elapsed_s"]
-    checkpoint.set_rng_state(state["rng"])
+    checkpoint.set_rng_state(run.parallel.load_rng(path) or state["rng"])  # each rank's own, when it has one
     changed = {k: (v, run.plugins.code_hashes.get(k)) for k, v in meta.get("plugin_code", {}).items()
                if run.plugins.code_hashes.get(k) != v}
     if changed:
@@ -483,21 +528,27 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
 def finish(run: Run, options: Options, prompts: list[str], before: list[str], say: Any) -> None:
     """Final artefacts (adapter or model, merged folder), the after-training samples, and where it all is."""
     cfg = run.cfg
+    model = run.parallel.unwrap(run.model)
+    # Sharded weights are gathered, and sharded models generate, on every rank: both are collectives.
+    weights = run.parallel.full_weights(run.model) if run.parallel.sharded and cfg.output.save_final else None
+    after = answer_samples(run, prompts) if prompts and (run.dist.is_main or run.parallel.sharded) else []
     if not run.dist.is_main:
         return
     outputs = []
     if cfg.output.save_final:
-        final = save_final(run.model, run.tokenizer, run.run_dir / "final")
-        outputs.append(f"{final} ({'PEFT adapter' if cfg.train.tuner_strategy == 'lora' else 'HF model'})")
+        final = save_final(model, run.tokenizer, run.run_dir / "final") if weights is None else \
+            distributed.save_gathered(model, run.tokenizer, run.run_dir / "final", weights)
+        outputs.append(f"{final} ({'PEFT adapter' if isinstance(model, PeftModel) else 'HF model'})")
     if prompts:
-        after = answer_samples(run, prompts)
         show_samples(prompts, before, after, say)
         (run.run_dir / "samples.json").write_text(json.dumps(
             [{"prompt": p, "before": b, "after": a} for p, b, a in
              zip(prompts, before or [None] * len(prompts), after, strict=True)], indent=2))
     if options.merge or cfg.output.merge:
-        if cfg.train.tuner_strategy == "lora":
-            merged = save_merged(run.model, run.tokenizer, run.run_dir / "merged")
+        if isinstance(model, PeftModel) and run.parallel.sharded:
+            say("merge: not with sharded weights; merge final/ into its base with peft's merge_and_unload")
+        elif isinstance(model, PeftModel):
+            merged = save_merged(model, run.tokenizer, run.run_dir / "merged")
             outputs.append(f"{merged} (merged HF model)")
     say(f"done: {run.step} steps in {run.elapsed_s:.0f} s of training. Run directory: {run.run_dir}")
     for line in [*outputs, f"{run.run_dir / 'metrics.jsonl'} (per-step metrics; `swiftk plot {run.run_dir}`)"]:

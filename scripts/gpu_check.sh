@@ -42,5 +42,13 @@ check hosts_cuda_ipc $PY scripts/gpu_hosts_check.py
 # LoRA SFT of the real SmolLM2 on the GPU, a few steps, with a merged export.
 check quickstart_cuda .venv/bin/swiftk run configs/quickstart.toml --overwrite --merge --set model.device="'cuda'" \
     --set train.max_steps=10 --set output.dir="'$OUT/quickstart'"
+# [distributed]: DDP over NCCL at world size 1 (torchrun) against the plain run: the machinery's overhead.
+check ddp_nccl_overhead bash -c "set -o pipefail; $PY bench/ddp_scaling.py --device cuda --processes 1 --steps 40 --warmup 10 \
+    | tee $OUT/ddp_scaling.json"
+# [tuners]: QLoRA with bitsandbytes' CUDA NF4 kernels, a few steps, then a merged and a GGUF export of the run.
+check qlora_cuda .venv/bin/swiftk run configs/qlora.toml --overwrite --set model.device="'cuda'" \
+    --set train.max_steps=6 --set output.save_every=3 --set output.dir="'$OUT/qlora'"
+check qlora_export_merge .venv/bin/swiftk export "$OUT/qlora" --merge --overwrite --out "$OUT/qlora_merged"
+check qlora_export_gguf .venv/bin/swiftk export "$OUT/qlora" --gguf q8_0 --overwrite --out "$OUT/qlora_gguf"
 
 exit $failed

@@ -29,7 +29,7 @@ model_id = "data/tiny_tokenizer"
 [train]
 lora_rnak = 4
 lr = -1.0
-tuner_strategy = "qlora"
+tuner_strategy = "adalora"
 
 [output]
 dir = "runs/never-written"
@@ -41,7 +41,7 @@ model:
 train:
   lora_rnak: 4
   lr: -1.0
-  tuner_strategy: qlora
+  tuner_strategy: adalora
 output:
   dir: runs/never-written
 """
@@ -116,12 +116,12 @@ def test_overrides_apply_and_their_problems_point_at_set(tmp_path: Path) -> None
     assert second.endswith("(--set)")
 
 
-def test_quantization_is_refused_with_a_clear_message(tmp_path: Path) -> None:
-    path = write(tmp_path, MINIMAL + "\n[train]\nquantization_bit = 4\n")
+def test_unsupported_quantization_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "\n[train]\nquantization_bit = 3\n")
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     [problem] = caught.value.problems
-    assert problem.startswith("[train] quantization_bit: 4-bit quantization (QLoRA) is not supported yet")
+    assert problem.startswith("[train] quantization_bit: bitsandbytes quantizes to 4 or 8 bits; 3 is not supported")
     assert problem.endswith(f"({path}:11)")
 
 
