@@ -49,16 +49,24 @@ def galore_adamw(
     galore = {"rank": rank, "update_proj_gap": update_proj_gap, "scale": scale, "proj_type": proj_type}
     targets = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
     check_targets(param_groups, targets)
+    groups = split_groups(param_groups, targets, projected=galore)
+    return GaLoreAdamW(groups, lr=lr, betas=tuple(betas), eps=eps, no_deprecation_warning=True)
+
+
+def split_groups(param_groups: list[dict[str, Any]], targets: tuple[str, ...], projected: dict[str, Any],
+                 plain: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Each param group split in two: its targeted matrices (with the ``projected`` settings added) and the
+    rest (with ``plain``); the group's own settings, weight decay included, stay on both."""
     groups = []
     for group in param_groups:
-        for projected in (False, True):
+        for is_projected in (False, True):
             pairs = [(name, p) for name, p in zip(group["names"], group["params"], strict=True)
-                     if is_target(name, p, targets) == projected]
+                     if is_target(name, p, targets) == is_projected]
             if pairs:
                 names, params = zip(*pairs, strict=True)
-                extra = galore if projected else {}
+                extra = projected if is_projected else (plain or {})
                 groups.append({**group, "params": list(params), "names": list(names), **extra})
-    return GaLoreAdamW(groups, lr=lr, betas=tuple(betas), eps=eps, no_deprecation_warning=True)
+    return groups
 
 
 # Matrices "all-linear" leaves to plain AdamW: lookup tables and output heads, as peft's "all-linear" does.
@@ -74,11 +82,12 @@ def is_target(name: str, param: torch.Tensor, target_modules: tuple[str, ...]) -
     return any(target in name for target in target_modules)
 
 
-def check_targets(param_groups: list[dict[str, Any]], targets: tuple[str, ...]) -> None:
+def check_targets(param_groups: list[dict[str, Any]], targets: tuple[str, ...],
+                  optimizer: str = "galore_adamw") -> None:
     """Refuse targets that project nothing: GaLore would silently be plain AdamW with full optimizer state."""
     pairs = [(name, p) for group in param_groups for name, p in zip(group["names"], group["params"], strict=True)]
     if any(is_target(name, p, targets) for name, p in pairs):
         return
     modules = sorted({name.rsplit(".", 2)[-2] for name, p in pairs if p.dim() == 2 and "." in name})
-    raise ValueError(f"galore_adamw: target_modules {list(targets)} match none of the model's trainable matrices "
+    raise ValueError(f"{optimizer}: target_modules {list(targets)} match none of the model's trainable matrices "
                      f"(module names: {', '.join(modules[:12]) or 'none'}); name some of those, or 'all-linear'")

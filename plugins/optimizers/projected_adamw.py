@@ -24,7 +24,7 @@ import torch
 
 from swiftk.contracts import register_optimizer
 from swiftk.native import NativeOptimizer, builtin
-from swiftk.plugins.optimizers.galore import is_target
+from swiftk.plugins.optimizers.galore import check_targets, split_groups
 
 
 @register_optimizer("native_projected_adamw")
@@ -34,26 +34,19 @@ def native_projected_adamw(
     rank: int = 128,
     update_proj_gap: int = 200,
     scale: float = 0.25,
-    target_modules: tuple[str, ...] = ("attn", "mlp", "self_attn"),
+    target_modules: str | tuple[str, ...] = ("attn", "mlp", "self_attn"),
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
 ) -> torch.optim.Optimizer:
     """AdamW whose targeted matrices are updated in a rank-``rank`` subspace of their gradient, refreshed every
-    ``update_proj_gap`` steps and scaled by ``scale``. Weight decay stays per group."""
+    ``update_proj_gap`` steps and scaled by ``scale``; ``target_modules`` as galore_adamw's (name parts, or
+    "all-linear"). Weight decay stays per group."""
     if rank < 1 or update_proj_gap < 1:
         raise ValueError(f"native_projected_adamw: rank and update_proj_gap must be >= 1, got {rank}, "
                          f"{update_proj_gap}")
-    groups = []
-    for group in param_groups:
-        for projected in (False, True):
-            pairs = [(name, p) for name, p in zip(group["names"], group["params"], strict=True)
-                     if is_target(name, p, tuple(target_modules)) == projected]
-            if pairs:
-                names, params = zip(*pairs, strict=True)
-                groups.append({**group, "params": list(params), "names": list(names), "rank": rank if projected else 0})
-    if not any(group["rank"] for group in groups):
-        raise ValueError(f"native_projected_adamw: no matrix parameter's name contains any of target_modules "
-                         f"{list(target_modules)}; name modules that exist in the model (e.g. 'q_proj', 'mlp')")
+    targets = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
+    check_targets(param_groups, targets, "native_projected_adamw")
+    groups = split_groups(param_groups, targets, projected={"rank": rank}, plain={"rank": 0})
     beta1, beta2 = betas
     return NativeOptimizer(groups, builtin("projected_adamw"), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                            rank=rank, update_proj_gap=update_proj_gap, scale=scale)

@@ -58,6 +58,6 @@ def test_targets_are_projected_and_the_rest_is_plain_adamw(projected) -> None:
 
 def test_targets_that_match_nothing_are_a_clear_error() -> None:
     w = torch.nn.Parameter(torch.randn(4, 4))
-    with pytest.raises(ValueError, match="no matrix parameter's name contains any of target_modules"):
+    with pytest.raises(ValueError, match=r"native_projected_adamw: target_modules \['q_proj'\] match none"):
         native_projected_adamw([{"params": [w], "names": ["lm_head.weight"], "weight_decay": 0.0}], lr=1e-3,
                                target_modules=("q_proj",))
