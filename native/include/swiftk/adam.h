@@ -3,8 +3,8 @@
 //   m = beta1 m + (1 - beta1) g            v = beta2 v + (1 - beta2) g^2        (v_max = max(v_max, v))
 //   d = (lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps)       bc_k = 1 - beta_k^t   (the bias corrections)
 //
-// `adam_apply` then updates the parameter in place: p = p (1 - lr wd) - d (decoupled weight decay);
-// `adam_direction` writes d over the gradient buffer instead, for a caller that projects it first.
+// `adam_update_all` then updates the parameters in place: p = p (1 - lr wd) - d (decoupled weight decay);
+// `adam_direction_inplace` writes d over the gradient buffer instead, for a caller that projects it first.
 // Moments are float32 whatever the parameter's dtype; bfloat16 parameters are widened in small tiles.
 #pragma once
 
