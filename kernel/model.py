@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_model
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -139,7 +140,9 @@ def load_quantized(cfg: ModelConfig, vocab_size: int, device: torch.device, rewa
         plain = load_model(cfg.model_copy(update={"device_map": None}), vocab_size, torch.device("cpu"),
                            reward_head_pad_id)
         with tempfile.TemporaryDirectory(prefix="swiftk-quantize-") as folder:
-            plain.save_pretrained(folder)
+            # Not save_pretrained: under torch.distributed it writes on rank 0 only, and every rank needs its copy.
+            plain.config.save_pretrained(folder)
+            save_model(plain, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
             del plain
             try:
                 model = type_for(reward_head_pad_id).from_pretrained(folder, **kwargs)

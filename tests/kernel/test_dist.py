@@ -178,9 +178,12 @@ def test_a_killed_rank_stops_the_others_and_the_last_checkpoint_resumes(tmp_path
         assert after[step] == pytest.approx(before[step], rel=1e-6), (step, before, after)
 
 
-def variant(cfg: Path, lora: bool = False, dpo: bool = False) -> Path:
-    """The same run as LoRA (the field's favourite DDP example) or as DPO on preference pairs."""
+def variant(cfg: Path, lora: bool = False, dpo: bool = False, qlora: bool = False) -> Path:
+    """The same run as LoRA or QLoRA (the field's favourite DDP examples) or as DPO on preference pairs."""
     text = cfg.read_text()
+    if qlora:
+        text = text.replace('tuner_strategy = "full"',
+                            'tuner_strategy = "qlora"\nquantization_bit = 4\nlora_rank = 8\nlora_dropout = 0.0')
     if lora:
         # lora_dropout 0: a rank's dropout masks are not the one process's, so the losses would differ
         text = text.replace('tuner_strategy = "full"',
@@ -194,16 +197,16 @@ def variant(cfg: Path, lora: bool = False, dpo: bool = False) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["lora", "dpo"])
-def test_lora_and_dpo_under_ddp_reproduce_one_process(kind: str, tmp_path: Path) -> None:
-    options = {"lora": kind == "lora", "dpo": kind == "dpo"}
+@pytest.mark.parametrize("kind", ["lora", "qlora", "dpo"])
+def test_lora_qlora_and_dpo_under_ddp_reproduce_one_process(kind: str, tmp_path: Path) -> None:
+    options = {kind: True}
     single = variant(config(tmp_path / "one.toml", tmp_path / "one"), **options)
     assert main(["run", str(single)]) == 0
     double = variant(config(tmp_path / "two.toml", tmp_path / "two", processes=2, backend="ddp"), **options)
     done = swiftk(str(double))
     assert done.returncode == 0, done.stdout + done.stderr
     assert_matches(losses(tmp_path / "two"), losses(tmp_path / "one"))
-    if kind == "lora":
+    if kind in ("lora", "qlora"):
         assert (tmp_path / "two/final/adapter_model.safetensors").is_file()
 
 
