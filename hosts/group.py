@@ -56,8 +56,14 @@ class HostGroup:
         problems = []
         self.hosts = [Host(spec, self.settings, self.context, self.events) for spec in self.specs]
         for host in self.hosts:
-            host.spawn()
+            try:
+                host.spawn()
+            except Exception as exc:  # its sandbox could not be prepared (folders, cgroups)
+                host.closed = True
+                problems.append(f"plugins: host '{host.spec.label}' did not start: {exc}")
         for host in self.hosts:
+            if host.closed:
+                continue
             try:
                 hello = host.handshake()
             except Exception as exc:
@@ -80,7 +86,7 @@ class HostGroup:
                 if source.module_hooks and not module_problems:
                     try:
                         proxy = make_proxy(host, -(index + 1), f"module:{source.name}", source.module_hooks,
-                                           False, policy, source.code_hash, self.events, source.source)
+                                           False, policy, source.code_hash, host.events, source.source)
                         self.module_proxies.append((source.name, proxy))
                     except PluginError as exc:
                         module_problems.append(str(exc))
@@ -107,7 +113,7 @@ class HostGroup:
         try:
             self.proxies[(kind, name)] = make_proxy(provider.host, instance, f"{kind}:{name}", reply.hooks,
                                                     reply.stateful, provider.policy, provider.source.code_hash,
-                                                    self.events, provider.source.source)
+                                                    provider.host.events, provider.source.source)
         except PluginError as exc:
             return [str(exc)]
         return []

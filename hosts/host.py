@@ -37,6 +37,7 @@ from swiftk.contracts.registry import (
 from swiftk.contracts.types import LossResult
 from swiftk.hosts import messages as m
 from swiftk.hosts.codec import from_wire, tensor_bytes, to_wire
+from swiftk.hosts.sandbox import Policy, confine
 from swiftk.shm.cuda import CudaMapping
 from swiftk.shm.refs import CudaRef, TensorRef
 from swiftk.shm.segments import Mapping, OutputFull
@@ -85,8 +86,8 @@ def hook_infos(obj: object) -> tuple[list[m.HookInfo], list[str]]:
 
 
 class Server:
-    def __init__(self, args: argparse.Namespace, token: str) -> None:
-        self.args, self.token = args, token
+    def __init__(self, args: argparse.Namespace, token: str, sandbox: dict[str, str] | None = None) -> None:
+        self.args, self.token, self.sandbox = args, token, sandbox
         self.context = zmq.Context()
         self.calls = self.context.socket(zmq.PAIR)
         self.calls.connect(args.call)
@@ -107,7 +108,7 @@ class Server:
         orders.connect(self.args.control)
         seq = 0
         while True:
-            if os.getppid() != self.args.parent:
+            if self.args.parent and os.getppid() != self.args.parent:  # 0: a sandbox launcher watches the kernel
                 _exit(1)
             try:
                 beats.send(m.encode(m.HeartbeatEvent(os.getpid(), seq, time.monotonic())), zmq.NOBLOCK)
@@ -182,7 +183,7 @@ class Server:
                                         error="; ".join(problems) or None))
         versions = {"python": sys.version.split()[0], "torch": torch.__version__}
         return m.HelloReply(CONTRACT_VERSION, self.token if hello.token == self.token else "", os.getpid(),
-                            versions, sources)
+                            versions, sources, sandbox=self.sandbox)
 
     def handle(self, request: m.Message) -> m.Message:
         if isinstance(request, m.CallRequest):
@@ -306,13 +307,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-mb", type=int, default=0)
     parser.add_argument("--spin-us", type=float, default=0.0)
     parser.add_argument("--no-death-signal", action="store_true", help="spawned by a kernel thread that may end")
+    parser.add_argument("--sandbox", help="a tenant's sandbox policy (JSON): confine this host before serving")
     args = parser.parse_args(argv)
-    die_with_parent(args.parent, not args.no_death_signal)
+    if args.parent:  # else a sandbox launcher is the parent, and it watches the kernel
+        die_with_parent(args.parent, not args.no_death_signal)
     if args.memory_mb:
         limit = args.memory_mb << 20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     token = os.environ.pop("SWIFTK_HOST_TOKEN", "")
-    return Server(args, token).serve()
+    # Everything the host needs is imported above, as root; the tenant's code is imported only after this.
+    report = confine(Policy.from_json(args.sandbox)) if args.sandbox else None
+    return Server(args, token, report).serve()
 
 
 if __name__ == "__main__":

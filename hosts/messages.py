@@ -77,6 +77,7 @@ class HelloReply:
     pid: int
     versions: dict[str, str]  # python, torch
     sources: list[SourceInfo]
+    sandbox: dict[str, str] | None = None  # a sandboxed host: layer -> what it got, read back from /proc
 
 
 # -- plugins -----------------------------------------------------------------------------------------------

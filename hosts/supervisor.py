@@ -31,6 +31,7 @@ from swiftk.contracts.errors import HostDeadError, PluginError
 from swiftk.contracts.markers import CONTRACT_VERSION
 from swiftk.hosts import messages as m
 from swiftk.hosts.codec import Unsendable, from_wire, to_wire
+from swiftk.hosts.tenants import Sandbox, Tenant
 from swiftk.shm.cuda import CudaArena
 from swiftk.shm.refs import BadReference, CudaRef, TensorRef
 from swiftk.shm.segments import Arena, Segment
@@ -56,12 +57,15 @@ class HostSettings:
 
 @dataclass(frozen=True)
 class HostSpec:
-    """One host process: the plugin sources it imports (one, or a config ``group``) and its memory limit."""
+    """One host process: the plugin sources it imports (one, or a config ``group``) and its memory limit. A
+    tenant's host runs sandboxed (``swiftk.hosts.sandbox``) with ``layers``."""
 
     label: str
     sources: list[str]
     names: list[str]
     memory_mb: int | None = None
+    tenant: Tenant | None = None
+    layers: tuple[str, ...] = ()
 
 
 class HostStartError(Exception):
@@ -94,6 +98,13 @@ def console(event: str, fields: dict[str, Any]) -> None:
     print(f"swiftk: {event}: {detail}", file=sys.stderr, flush=True)
 
 
+def tenant_events(events: EventSink, tenant: str) -> EventSink:
+    """Events of a tenant's host name the tenant: the kernel records them as audit records."""
+    def sink(event: str, fields: dict[str, Any]) -> None:
+        events(event, {"tenant": tenant, **fields})
+    return sink
+
+
 @dataclass
 class Call:
     """What a call returned: the decoded result, the gradients, and the inputs they belong to."""
@@ -108,7 +119,10 @@ class Host:
 
     def __init__(self, spec: HostSpec, settings: HostSettings, context: zmq.Context[Any],
                  events: EventSink = console) -> None:
-        self.spec, self.settings, self.context, self.events = spec, settings, context, events
+        self.spec, self.settings, self.context = spec, settings, context
+        self.events = events if spec.tenant is None else tenant_events(events, spec.tenant.name)
+        self.sandbox: Sandbox | None = None
+        self.oom_kills = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.hello: m.HelloReply | None = None
         self.builds: dict[int, m.BuildRequest] = {}
@@ -131,7 +145,14 @@ class Host:
 
     # -- start ----------------------------------------------------------------------------------------------
     def spawn(self) -> None:
-        base = f"ipc://@swiftk-{os.getpid()}-{next(_SPAWNED)}-{secrets.token_hex(4)}"
+        tenant = self.spec.tenant
+        if tenant is not None and self.sandbox is None:  # kept across restarts: folders, cgroups, policy
+            self.sandbox = Sandbox(tenant, self.spec.sources, list(self.spec.layers),
+                                   f"swiftk-{os.getpid()}-{next(_SPAWNED)}")
+        # A sandboxed host is in another network namespace, where abstract sockets are not the kernel's: its
+        # sockets are files in a folder only the tenant's uid may enter.
+        base = (self.sandbox.endpoint("h") if self.sandbox is not None
+                else f"ipc://@swiftk-{os.getpid()}-{next(_SPAWNED)}-{secrets.token_hex(4)}")
         self.calls = self.context.socket(zmq.PAIR)
         self.beats = self.context.socket(zmq.PULL)
         self.beats.setsockopt(zmq.CONFLATE, 1)
@@ -139,20 +160,27 @@ class Host:
         for sock, suffix in ((self.calls, "call"), (self.beats, "hb"), (self.orders, "ctl")):
             sock.setsockopt(zmq.LINGER, 0)
             sock.bind(f"{base}-{suffix}")
+            if self.sandbox is not None:
+                self.sandbox.own_socket(f"{base}-{suffix}")
         self.fds, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.token = secrets.token_hex(16)
         command = [sys.executable, "-m", "swiftk.hosts", "--call", f"{base}-call", "--heartbeat",
                    f"{base}-hb", "--control", f"{base}-ctl", "--fd", str(child.fileno()), "--parent",
-                   str(os.getpid()), "--heartbeat-interval", str(self.settings.heartbeat_interval_s),
+                   str(os.getpid() if self.sandbox is None else 0),
+                   "--heartbeat-interval", str(self.settings.heartbeat_interval_s),
                    "--spin-us", str(self.settings.spin_us)]
         if threading.current_thread() is not threading.main_thread():
             command.append("--no-death-signal")
-        if self.spec.memory_mb:
+        if self.spec.memory_mb and self.sandbox is None:  # a sandbox sets its own limits
             command += ["--memory-mb", str(self.spec.memory_mb)]
         # Passive OpenMP waits: a host that spins after its call would steal the cores the kernel needs next.
         env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "SWIFTK_HOST_TOKEN": self.token}
+        stdin = None
+        if self.sandbox is not None:  # the launcher builds the namespaces and forks the host inside them
+            command, env, stdin = self.sandbox.command(command), self.sandbox.env(self.token), subprocess.DEVNULL
         try:
-            self.proc = subprocess.Popen(command, pass_fds=(child.fileno(),), env=env, start_new_session=True)
+            self.proc = subprocess.Popen(command, pass_fds=(child.fileno(),), env=env, start_new_session=True,
+                                         stdin=stdin)
         except BaseException:
             self.close_sockets()
             raise
@@ -164,9 +192,19 @@ class Host:
 
     def handshake(self) -> m.HelloReply:
         """Send the hello and check the reply: same contract version, the token this kernel gave the host."""
+        end = time.monotonic() + self.settings.start_timeout_s
+        # A PAIR socket holds a message only once the host has connected: until then, watch the process (a host
+        # that dies before connecting, e.g. a sandbox that could not be built, would block the send forever).
+        while not self.calls.poll(int(self.settings.heartbeat_interval_s * 1000), zmq.POLLOUT):
+            self.check_alive("the handshake", starting=True)
+            if time.monotonic() >= end:
+                pid = self.pid
+                self.kill("did not connect")
+                raise HostStartError(f"host '{self.spec.label}' (pid {pid}) did not connect within "
+                                     f"{self.settings.start_timeout_s:g} s (see [hosts] start_timeout_s)")
         self.calls.send(m.encode(m.HelloRequest(CONTRACT_VERSION, self.token, self.spec.sources,
                                                 self.spec.names)))
-        reply = self.receive(self.settings.start_timeout_s, "the handshake", starting=True)
+        reply = self.receive(max(end - time.monotonic(), 0.001), "the handshake", starting=True)
         if not isinstance(reply, m.HelloReply):
             raise HostStartError(f"host '{self.spec.label}' answered the handshake with {type(reply).__name__}")
         if reply.token != self.token:
@@ -249,7 +287,7 @@ class Host:
             call_id = next(self.call_ids)
             self.sync_segments()
             self.calls.send(m.encode(m.CallRequest(call_id, instance, hook, wire, cuda_events)))
-            reply = self.receive(deadline_s, hook, label=label, deadline=True)
+            reply = self.receive(deadline_s, hook, label=label, deadline=True, cpu_budget=self.cpu_budget())
             if not isinstance(reply, m.CallReply) or reply.call_id != call_id:
                 self.kill("answered out of turn")
                 raise HostDeadError(label, hook, f"(host pid {self.pid}) answered call {call_id} with "
@@ -264,6 +302,8 @@ class Host:
             result, grads = self.decoded(label, hook, [reply.result, reply.grads])
             if differentiate:
                 check_grads(label, hook, grads, grad_inputs)
+                if self.sandbox is not None:  # a sandboxed host computes on CPU copies
+                    grads = [g if g is None else g.to(t.device) for g, t in zip(grads, grad_inputs, strict=True)]
             return Call(result, grads, grad_inputs)
         raise PluginError(label, hook, "needed more output space twice in a row")
 
@@ -328,9 +368,10 @@ class Host:
             if needs:
                 grad_inputs.append(t)
                 grad_bytes[t.device] = grad_bytes.get(t.device, 0) + t.numel() * t.element_size() + 64
-            if t.is_cuda:
+            if t.is_cuda and self.sandbox is None:
                 return self.cuda_arena(self.cuda_inputs, t.device, 0).put(t, needs)
-            return self.inputs.put(t, needs)
+            # A sandboxed host gets CPU copies: CUDA IPC handles cannot be opened from another pid namespace.
+            return self.inputs.put(t.cpu() if t.is_cuda else t, needs)
 
         try:
             wire = to_wire(value, tensor, "argument")
@@ -387,9 +428,18 @@ class Host:
             os.close(fd)
 
     # -- supervision ----------------------------------------------------------------------------------------
+    def cpu_budget(self) -> tuple[float, float] | None:
+        """(CPU seconds the host has used so far, what one call may add): a tenant's ``cpu_seconds_per_call``,
+        counted by its cgroup; None when there is no budget or no cgroup to count it."""
+        tenant, cgroups = self.spec.tenant, self.sandbox.cgroups if self.sandbox else None
+        if tenant is None or tenant.cpu_seconds_per_call is None or cgroups is None:
+            return None
+        used = cgroups.cpu_seconds()
+        return None if used is None else (used, tenant.cpu_seconds_per_call)
+
     def receive(self, timeout_s: float, what: str, label: str | None = None, deadline: bool = False,
-                starting: bool = False) -> m.Message:
-        """The host's next message, watching its process, heartbeats and the deadline while waiting."""
+                starting: bool = False, cpu_budget: tuple[float, float] | None = None) -> m.Message:
+        """The host's next message, watching its process, heartbeats, the deadline and the CPU budget."""
         label = label or self.spec.label
         end = time.monotonic() + timeout_s
         while True:
@@ -403,6 +453,14 @@ class Host:
                     raise HostDeadError(label, what, f"(host pid {self.pid}) sent a malformed message ({exc}); "
                                         f"the host was killed") from None
             self.check_alive(what, label, starting)
+            if cpu_budget is not None and self.sandbox is not None and self.sandbox.cgroups is not None:
+                used = (self.sandbox.cgroups.cpu_seconds() or 0.0) - cpu_budget[0]
+                if used > cpu_budget[1]:
+                    pid = self.pid
+                    self.kill(f"{what} used {used:.1f} CPU-seconds, over its {cpu_budget[1]:g} s budget")
+                    raise HostDeadError(label, what, f"used more than {cpu_budget[1]:g} CPU-seconds in one call "
+                                        f"(see cpu_seconds_per_call); its host (pid {pid}) was killed and restarts "
+                                        f"on the next call")
             if time.monotonic() >= end:
                 pid = self.pid
                 key = "deadline_s" if deadline else "[hosts] start_timeout_s"
@@ -416,6 +474,7 @@ class Host:
         code = self.proc.poll()
         if code is not None:
             how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+            how += self.death_cause(code)
             pid = self.proc.pid
             self.kill(how)
             raise HostDeadError(label, what, f"failed: its host (pid {pid}) {how}")
@@ -432,6 +491,22 @@ class Host:
             self.kill(f"missed heartbeats for {silent:.1f} s")
             raise HostDeadError(label, what, f"failed: its host (pid {pid}) missed heartbeats for {silent:.1f} s; see "
                                 f"[hosts] heartbeat_timeout_s")
+
+    def death_cause(self, code: int) -> str:
+        """What a sandboxed host's death most likely means (the sandbox turns escapes into these)."""
+        if self.sandbox is None:
+            return ""
+        cgroups = self.sandbox.cgroups
+        if code == -signal.SIGKILL and cgroups is not None and cgroups.oom_kills() > self.oom_kills:
+            self.oom_kills = cgroups.oom_kills()
+            return f" (over its memory limit of {self.sandbox.tenant.memory_mb} MiB: the cgroup's OOM killer)"
+        if code == -signal.SIGXCPU:
+            return " (its lifetime CPU limit, cpu_seconds_total)"
+        if code in (-signal.SIGSEGV, -signal.SIGBUS):
+            return " (a memory fault, e.g. writing to a read-only input tensor)"
+        if code == 70:
+            return " (its sandbox could not be built; the launcher printed why)"
+        return ""
 
     def kill(self, reason: str) -> None:
         """SIGKILL the host's whole session now and forget its sockets (segments stay for the next host)."""
@@ -484,6 +559,8 @@ class Host:
         self.outputs.close()
         for arena in (*self.cuda_inputs.values(), *self.cuda_outputs.values()):
             arena.close()
+        if self.sandbox is not None:
+            self.sandbox.close()
 
 
 class RemoteError(PluginError):

@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     add_plugin_commands(sub)
     add_native_commands(sub)
+    add_sandbox_commands(sub)
     return parser
 
 
@@ -175,6 +176,25 @@ def native_command(args: argparse.Namespace) -> int:
     except (NativeBuildError, NativeABIError, FileNotFoundError) as exc:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+
+
+SANDBOX_DOCTOR_HELP = textwrap.dedent("""\
+    Print which sandbox layers this machine supports (uid, namespaces, rlimits, seccomp, landlock, cgroup,
+    no_new_privs), then start an empty sandboxed host per tenant of CONFIG (or one probe tenant) and print what
+    each host actually got, read back from inside it (/proc/self/status, its namespaces, its cgroups). No
+    tenant code is imported. See SECURITY.md for what each layer stops.
+
+    exit codes: 0 every required layer is in effect ([sandbox] require; default uid, namespaces, seccomp,
+    rlimits), 1 a required layer is missing or a host did not get it.""")
+
+
+def add_sandbox_commands(sub: argparse._SubParsersAction) -> None:
+    sandbox = sub.add_parser("sandbox", help="check the multi-tenant sandbox (doctor)",
+                             description="Check what the sandbox for tenants' plugins can do on this machine.")
+    verbs = sandbox.add_subparsers(dest="sandbox_command", metavar="ACTION", required=True)
+    doctor = verbs.add_parser("doctor", help="the layers this machine supports and what a tenant host got",
+                              description=SANDBOX_DOCTOR_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    doctor.add_argument("config", nargs="?", help="a run config: check its [tenants] and [sandbox] require")
 
 
 def add_plugin_commands(sub: argparse._SubParsersAction) -> None:
@@ -245,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
             return plugin_command(args)
         if args.command == "native":
             return native_command(args)
+        if args.command == "sandbox":
+            from swiftk.kernel.sandbox_cli import doctor
+
+            return doctor(args.config)
     except SwiftkError as exc:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return exc.exit_code

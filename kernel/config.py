@@ -264,8 +264,11 @@ class PluginSource(Section):
     module: str | None = Field(None, description="an importable module")
     name: str | None = Field(None, description="name in logs and checkpoints (default: the file or module)")
     isolation: Literal["inline", "process", "sandbox"] = Field(
-        "inline", description="'inline': in the kernel; 'process': in its own host process")
-    group: str | None = Field(None, description="process: sources with the same group share one host")
+        "inline", description="'inline': in the kernel; 'process': in its own host process; 'sandbox': in a "
+        "host confined as its tenant (see [tenants.NAME] and SECURITY.md)")
+    tenant: str | None = Field(None, description="sandbox: the [tenants.NAME] it runs as (default: a tenant of its "
+                               "own, named like the plugin, with the default limits)")
+    group: str | None = Field(None, description="process, sandbox: sources with the same group share one host")
     deadline_s: float = Field(30.0, gt=0, description="process: seconds one hook call may take")
     on_failure: Literal["fail", "skip", "retry"] | Fallback = Field(
         "fail", description="process: what a failed call does: 'fail', 'skip', 'retry' or { fallback = value }")
@@ -281,9 +284,8 @@ class PluginSource(Section):
         native = self.path and (self.path.startswith("native:") or self.path.endswith((".cpp", ".cc", ".cxx", ".so")))
         if self.isolation != "inline" and native:
             raise ValueError("a native (C++) plugin runs in the kernel process: isolation must be 'inline'")
-        if self.isolation == "sandbox":
-            raise ValueError("isolation = 'sandbox' (per-tenant restricted hosts) is not built yet; use 'process' "
-                             "for a plugin in its own host process, or 'inline'")
+        if self.tenant is not None and self.isolation != "sandbox":
+            raise ValueError(f"`tenant` is for isolation = 'sandbox' (isolation is '{self.isolation}')")
         return self
 
     @property
@@ -293,6 +295,47 @@ class PluginSource(Section):
     @property
     def label(self) -> str:
         return self.name or (Path(self.path).stem if self.path else self.module or "")
+
+
+TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+SandboxLayer = Literal["uid", "namespaces", "rlimits", "seccomp", "landlock", "cgroup", "no_new_privs"]
+
+
+class TenantConfig(Section):
+    """[tenants.NAME] one tenant: its plugins run in sandboxed hosts under its own uid, with no network, seeing
+    only the interpreter, swiftk, its plugin files and its `data` (read-only) and its scratch folder."""
+
+    plugins: list[str] = Field(default_factory=list, description="plugin files (or installed modules) that run "
+                               "sandboxed as this tenant, each in its own host")
+    data: list[str] = Field(default_factory=list, description="files and folders its plugins may read")
+    scratch: str | None = Field(None, description="its private read-write folder, kept between runs (default: "
+                                "$TMPDIR/swiftk-tenants/NAME); owned by its uid, mode 0700")
+    uid: int | None = Field(None, ge=1000, lt=2**31 - 1, description="its uid and gid (default: a stable one "
+                            "derived from the name, from [sandbox] uid_base)")
+    memory_mb: int = Field(2048, ge=512, description="per host: address-space limit and memory cgroup limit (MiB)")
+    cpu_seconds_per_call: float | None = Field(None, gt=0, description="CPU time one hook call may use; counted "
+                                               "by the cgroup (without one, only deadline_s applies)")
+    deadline_s: float = Field(30.0, gt=0, description="seconds one hook call may take")
+    cpu_cores: float = Field(1.0, gt=0, description="per host: CPU quota in cores (cgroup)")
+    pids_max: int = Field(64, ge=16, description="per host: tasks (threads) it may have (cgroup)")
+    open_files: int = Field(256, ge=64, description="per host: open file descriptors")
+    file_size_mb: int = Field(1024, ge=1, description="the largest file it may write")
+    cpu_seconds_total: int = Field(0, ge=0, description="per host: CPU seconds over its life (SIGXCPU); 0: none")
+    on_failure: Literal["fail", "skip", "retry"] | Fallback = Field(
+        "skip", description="what a failed call does: 'skip' (default: a tenant cannot stop the run), 'fail', "
+        "'retry' or { fallback = value }")
+    max_failures: int = Field(3, ge=1, description="failures within failure_window_s that quarantine a plugin")
+    failure_window_s: float = Field(300.0, gt=0, description="the quarantine window")
+
+
+class SandboxConfig(Section):
+    """[sandbox] how tenants' hosts are confined (see SECURITY.md and `swiftk sandbox doctor`)."""
+
+    require: list[SandboxLayer] | None = Field(
+        None, description="layers that must be available, else the run does not start (default: the core set "
+        "uid, namespaces, seccomp, rlimits); every available layer is applied either way")
+    uid_base: int = Field(61000, ge=1000, lt=2**31 - 8192, description="tenants' default uids are taken from "
+                          "[uid_base, uid_base + 4096)")
 
 
 class HostsConfig(Section):
@@ -359,6 +402,25 @@ class RunConfig(Section):
     log: LogConfig = Field(default_factory=LogConfig)
     hosts: HostsConfig = Field(default_factory=HostsConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    tenants: dict[str, TenantConfig] = Field(default_factory=dict, description="[tenants.NAME] whose plugins "
+                                             "run sandboxed")
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+
+    @model_validator(mode="after")
+    def _tenants(self) -> RunConfig:
+        bad = [name for name in self.tenants if not TENANT_NAME.match(name)]
+        if bad:
+            raise ValueError(f"tenant names {bad}: use 1-32 lowercase letters, digits, '-' or '_' (they name "
+                             f"folders and cgroups)")
+        for item in self.plugins:
+            if isinstance(item, PluginSource) and item.tenant is not None and item.tenant not in self.tenants:
+                known = ", ".join(sorted(self.tenants)) or "none"
+                raise ValueError(f"[[plugins]] {item.label!r}: tenant '{item.tenant}' has no [tenants."
+                                 f"{item.tenant}] table (tenants: {known})")
+        uids = [t.uid for t in self.tenants.values() if t.uid is not None]
+        if len(uids) != len(set(uids)):
+            raise ValueError("two [tenants] tables set the same uid; each tenant needs its own")
+        return self
 
     def total_batch(self, world_size: int = 1) -> int:
         return self.train.batch_size * self.train.grad_accum * world_size

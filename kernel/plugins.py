@@ -7,6 +7,7 @@ reported together with the config's other problems.
 from __future__ import annotations
 
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -25,8 +26,9 @@ from swiftk.contracts.registry import (
     imported_files,
     source_hash,
 )
+from swiftk.hosts import tenants
 from swiftk.hosts.group import HostGroup, HostSettings, HostSpec, Policy
-from swiftk.kernel.config import Fallback, PluginSource, RunConfig, TrainConfig
+from swiftk.kernel.config import Fallback, PluginSource, RunConfig, TenantConfig, TrainConfig
 from swiftk.native import NativeABIError, NativeBuildError, is_native, register_native
 
 
@@ -177,17 +179,18 @@ def load_native(source: str) -> None:
 
 
 def start_hosts(cfg: RunConfig) -> tuple[HostGroup | None, list[str]]:
-    """Start a host per ``isolation = "process"`` source (or per ``group``) and learn what each provides."""
+    """Start a host per ``isolation = "process"`` source (or per ``group``), and a sandboxed host per tenant's
+    plugin source (or per tenant and ``group``), and learn what each provides."""
     remote = [item for item in cfg.plugins if isinstance(item, PluginSource) and item.isolation == "process"]
-    if not remote:
+    sandboxed = sandboxed_sources(cfg)
+    if not remote and not sandboxed:
         return None, []
     groups: dict[str, list[PluginSource]] = {}
     for item in remote:
         groups.setdefault(item.group or f"{item.label}", []).append(item)
-    labels = [item.label for item in remote]
-    problems = [f"plugins: two [[plugins]] tables with isolation = \"process\" are both named '{label}' (by "
-                f"default, the file's stem); give them distinct `name`s" for label in sorted(set(labels))
-                if labels.count(label) > 1]
+    labels = [item.label for item in remote + [item for _, item in sandboxed]]
+    problems = [f"plugins: two plugins in hosts are both named '{label}' (by default, the file's stem); give "
+                f"them distinct `name`s" for label in sorted(set(labels)) if labels.count(label) > 1]
     specs = []
     for label, items in groups.items():
         limits = {item.memory_mb for item in items}
@@ -196,11 +199,73 @@ def start_hosts(cfg: RunConfig) -> tuple[HostGroup | None, list[str]]:
                             f"its plugins share one host, so give them one limit")
         specs.append(HostSpec(f"process:{label}", [i.source for i in items], [i.label for i in items],
                               max((i.memory_mb or 0) for i in items) or None))
+    if sandboxed:
+        sandbox_specs, sandbox_problems = tenant_specs(cfg, sandboxed)
+        specs += sandbox_specs
+        problems += sandbox_problems
     if problems:
         return None, problems
-    policies = {item.label: policy(item) for item in remote}
+    policies = {item.label: policy(item) for item in remote + [item for _, item in sandboxed]}
     group = HostGroup(specs, policies, HostSettings(**cfg.hosts.model_dump()))
     return group, group.start()
+
+
+def sandboxed_sources(cfg: RunConfig) -> list[tuple[str, PluginSource]]:
+    """(tenant, source) for every plugin that runs sandboxed: those listed in [tenants.NAME] plugins (with the
+    tenant's deadline and failure policy) and [[plugins]] tables with isolation = "sandbox"."""
+    found = []
+    for name, tenant in cfg.tenants.items():
+        for source in tenant.plugins:
+            where = {"path": source} if source.endswith(".py") or Path(source).exists() else {"module": source}
+            found.append((name, PluginSource(**where, isolation="sandbox", tenant=name,
+                                             deadline_s=tenant.deadline_s, on_failure=tenant.on_failure,
+                                             max_failures=tenant.max_failures,
+                                             failure_window_s=tenant.failure_window_s)))
+    found += [(item.tenant or item.label, item) for item in cfg.plugins
+              if isinstance(item, PluginSource) and item.isolation == "sandbox"]
+    return found
+
+
+def tenant_specs(cfg: RunConfig, sandboxed: list[tuple[str, PluginSource]]) -> tuple[list[HostSpec], list[str]]:
+    """A sandboxed host per tenant's source (or per tenant and ``group``), once this machine is known to give
+    hosts the layers [sandbox] requires; the tenants' uids, scratch folders and readable data resolved."""
+    layers, missing, _ = tenants.plan(cfg.sandbox.require)
+    if missing:
+        return [], [tenants.unavailable_message(missing, cfg.sandbox.require)]
+    problems: list[str] = []
+    resolved: dict[str, tenants.Tenant] = {}
+    taken = {t.uid for t in cfg.tenants.values() if t.uid is not None}
+    for name in sorted({tenant for tenant, _ in sandboxed}):
+        settings = cfg.tenants.get(name, TenantConfig())
+        where = f"[tenants.{name}]" if name in cfg.tenants else f"[[plugins]] '{name}' (its own tenant)"
+        uid = settings.uid
+        if uid is not None and tenants.account(uid):
+            problems.append(f"{where} uid = {uid} belongs to the account '{tenants.account(uid)}' of this "
+                            f"machine; a tenant needs a uid nobody else has")
+        if uid is None:
+            uid = tenants.tenant_uid(name, cfg.sandbox.uid_base, taken)
+            taken.add(uid)
+        data = []
+        for path in settings.data:
+            if not Path(path).exists():
+                problems.append(f"{where} data: {path!r} does not exist")
+            data.append(str(Path(path).resolve()))
+        scratch = Path(settings.scratch or Path(tempfile.gettempdir()) / "swiftk-tenants" / name).resolve()
+        resolved[name] = tenants.Tenant(
+            name, uid, str(scratch), data, settings.memory_mb, settings.cpu_seconds_per_call, settings.cpu_cores,
+            settings.pids_max, settings.open_files, settings.file_size_mb, settings.cpu_seconds_total)
+    groups: dict[tuple[str, str], list[PluginSource]] = {}
+    for name, item in sandboxed:
+        if item.module is None and not Path(item.source).is_file():
+            problems.append(f"plugins: tenant '{name}': plugin file {item.source!r} does not exist")
+        groups.setdefault((name, item.group or item.label), []).append(item)
+    specs = []
+    for (name, label), items in groups.items():
+        tenant = resolved[name]
+        sources = [str(Path(i.source).resolve()) if i.path else i.source for i in items]  # the host's cwd differs
+        specs.append(HostSpec(f"sandbox:{name}/{label}", sources, [i.label for i in items], tenant.memory_mb,
+                              tenant, tuple(layers)))
+    return specs, problems
 
 
 def policy(item: PluginSource) -> Policy:

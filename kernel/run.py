@@ -386,6 +386,7 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
               total_steps, autocast, collate_fn, eval_samples, eval_refs, reference=reference, parallel=parallel)
     if plugins.hosts is not None:  # host deaths, restarts and plugin failures go to metrics.jsonl and the console
         plugins.hosts.sink = lambda event, fields: host_event(run, event, fields)
+        sandbox_records(run)
     run.meta = {"swiftk_version": swiftk.__version__, "world_size": dist.world_size,
                 "tuner_strategy": cfg.train.tuner_strategy, "base_fingerprint": fingerprint,
                 "config": cfg.model_dump(mode="json")}
@@ -461,8 +462,23 @@ def watched_files(cfg: RunConfig, watch_all: bool) -> list[str]:
 
 
 def host_event(run: Run, event: str, fields: dict[str, Any]) -> None:
+    """A host's event in metrics.jsonl and on the console; a tenant's is also an ``audit`` record (tenant, plugin,
+    reason), the trail of what the sandbox stopped."""
     run.reporter.event(event, step=run.step, **{k: v for k, v in fields.items() if k != "traceback"})
+    if "tenant" in fields:
+        reason = fields.get("reason") or fields.get("error") or event
+        run.reporter.event("audit", step=run.step, tenant=fields["tenant"], plugin=fields.get("plugin", "?"),
+                           action=event, reason=str(reason))
     run.reporter.say(f"{event} at step {run.step}: " + " ".join(f"{k}={v}" for k, v in fields.items()))
+
+
+def sandbox_records(run: Run) -> None:
+    """What each tenant's host got from its sandbox, as an ``audit`` record when the run starts."""
+    assert run.plugins.hosts is not None
+    for host in run.plugins.hosts.hosts:
+        if host.spec.tenant is not None and host.hello is not None:
+            run.reporter.event("audit", step=run.step, tenant=host.spec.tenant.name, plugin=",".join(host.spec.names),
+                               action="sandbox_started", reason="confined", layers=host.hello.sandbox or {})
 
 
 def restore(run: Run, path: Path) -> None:

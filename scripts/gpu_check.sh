@@ -39,6 +39,8 @@ sys.exit(1 if bad or not resumed else 0)
 PYEOF
 # [hosts]: a loss in a host on CUDA tensors (CUDA IPC), parity with in-process, inputs intact, handles cached.
 check hosts_cuda_ipc $PY scripts/gpu_hosts_check.py
+# [sandbox]: a tenant's sandboxed host gets CPU copies of CUDA tensors; a loss's gradient returns to the GPU.
+check sandbox_cuda_copies .venv/bin/pytest -q -p no:cacheprovider tests/sandbox/test_loss.py
 # LoRA SFT of the real SmolLM2 on the GPU, a few steps, with a merged export.
 check quickstart_cuda .venv/bin/swiftk run configs/quickstart.toml --overwrite --merge --set model.device="'cuda'" \
     --set train.max_steps=10 --set output.dir="'$OUT/quickstart'"

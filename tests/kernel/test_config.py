@@ -152,3 +152,19 @@ def test_print_config_shows_defaults_and_writes_nothing(
     resolved = tomllib.loads(out)
     assert (resolved["train"]["lr"], resolved["train"]["max_steps"], resolved["data"]["max_length"]) == (5e-4, 12, 32)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    ('[[plugins]]\npath = "p.py"\nisolation = "sandbox"\ntenant = "carol"\n[tenants.alice]\nplugins = []\n',
+     "tenant 'carol' has no [tenants.carol] table (tenants: alice)"),
+    ('[[plugins]]\npath = "p.py"\nisolation = "process"\ntenant = "alice"\n',
+     "`tenant` is for isolation = 'sandbox' (isolation is 'process')"),
+    ('[tenants.Alice]\nplugins = ["p.py"]\n', "tenant names ['Alice']: use 1-32 lowercase letters"),
+    ('[tenants.a]\nuid = 62000\n[tenants.b]\nuid = 62000\n', "two [tenants] tables set the same uid"),
+    ('[tenants.a]\nuid = 0\n', "[tenants.a] uid: Input should be greater than or equal to 1000"),
+    ('[sandbox]\nrequire = ["seccomp", "selinux"]\n', "[sandbox] require: Input should be 'uid', 'namespaces'"),
+])
+def test_tenant_and_sandbox_mistakes_are_config_errors(tmp_path: Path, extra: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, extra + MINIMAL))
+    assert message in str(caught.value)
