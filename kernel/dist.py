@@ -267,6 +267,12 @@ class Parallel:
             fully_shard(model, mp_policy=policy, reshard_after_forward=reshard)
         return model
 
+    def wrap_frozen(self, model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
+        """A frozen model beside the trained one (a preference stage's reference): FSDP2 shards it like the
+        trained model, so that no rank holds a whole copy; DDP and DeepSpeed keep a plain copy on each rank (DDP
+        has nothing to synchronise in a model without gradients, and a ZeRO engine needs an optimizer)."""
+        return self.wrap(model, device, precision) if self.backend == "fsdp" else model
+
     def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: Any) -> torch.nn.Module:
         """DeepSpeed: ``deepspeed.initialize`` with the plugin-built optimizer (our scheduler keeps stepping it)."""
         if self.backend != "deepspeed":
@@ -318,6 +324,13 @@ class Parallel:
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else 0.0
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        """Gradients gone before the next step. DeepSpeed's step already zeroed them, and the plugin-built
+        optimizer it wraps holds ZeRO's own fp32 partitions, whose gradient buffers must stay (with optimizer
+        offload, ZeRO copies each step's gradients into them)."""
+        if self.engine is None:
+            optimizer.zero_grad(set_to_none=True)
 
     # --- checkpoints
 

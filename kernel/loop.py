@@ -130,8 +130,14 @@ def train(run: Run) -> str:
                 )
             lr = scheduler.get_last_lr()[0]
             grad_norm = run.parallel.step(optimizer, grad_norm)  # DeepSpeed returns the norm it clipped with
+            if not math.isfinite(grad_norm):  # DeepSpeed measures inside its step, and skips a non-finite one
+                raise TrainingError(
+                    f"the gradient norm became {grad_norm} (loss {loss_value:.4g}) at step {run.step + 1} (loss_type "
+                    f"'{cfg.train.loss_type}'); DeepSpeed skipped the update. Lower [train] lr, or check the data "
+                    f"and the loss; the last checkpoint is "
+                    f"{checkpoint.latest_checkpoint(run.run_dir) or 'none (save_every is not set)'}.")
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            run.parallel.zero_grad(optimizer)
 
             run.step += 1
             step_time = time.perf_counter() - started

@@ -354,14 +354,18 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
     say(f"model: {type(model).__name__} {total / 1e6:.1f} M params, {trainable / 1e6:.3f} M trainable "
         f"({cfg.train.tuner_strategy}), loaded in {time.perf_counter() - started:.1f} s")
 
+    autocast = make_autocast(cfg.train.precision, device)
+    # The reference is copied from the model before sharding (a copy of an FSDP2 module is not a model), then
+    # sharded like it.
+    reference = make_reference(cfg, model, tokenizer, device, autocast)
     model = parallel.wrap(model, device, cfg.train.precision)  # DDP or FSDP2 (before the optimizer sees params)
+    if reference is not None and reference.model is not None:
+        reference.model = parallel.wrap_frozen(reference.model, device, cfg.train.precision)
     optimizer = plugins.call("swiftk_optimizer_build", param_groups=param_groups(parallel.unwrap(model),
                              weight_decay(cfg.train)), lr=cfg.train.lr, model=parallel.unwrap(model))
     collate_fn = functools.partial(collate_unpaired if cfg.train.stage == "kto" else collate_pairs,
                                    pad_id=tokenizer.pad_token_id) if pair_stage else \
         make_collate(plugins, tokenizer.pad_token_id)
-    autocast = make_autocast(cfg.train.precision, device)
-    reference = make_reference(cfg, parallel.unwrap(model), tokenizer, device, autocast)
     if reference is not None and cfg.train.precompute_ref_logps:
         started = time.perf_counter()
         for pairs in (train_samples, eval_samples):
@@ -561,8 +565,14 @@ def finish(run: Run, options: Options, prompts: list[str], before: list[str], sa
             [{"prompt": p, "before": b, "after": a} for p, b, a in
              zip(prompts, before or [None] * len(prompts), after, strict=True)], indent=2))
     if options.merge or cfg.output.merge:
-        if isinstance(model, PeftModel) and run.parallel.sharded:
-            say("merge: not with sharded weights; merge final/ into its base with peft's merge_and_unload")
+        if isinstance(model, PeftModel) and run.parallel.sharded and not cfg.output.save_final:
+            say("merge: sharded weights are merged from final/, which [output] save_final = false did not write")
+        elif isinstance(model, PeftModel) and run.parallel.sharded:  # the adapter on a rebuilt whole base
+            from swiftk.kernel.export import export
+
+            for line in export(run.run_dir, run.run_dir / "merged", merge=True):
+                say(f"merge: {line}")
+            outputs.append(f"{run.run_dir / 'merged'} (merged HF model)")
         elif isinstance(model, PeftModel):
             merged = save_merged(model, run.tokenizer, run.run_dir / "merged")
             outputs.append(f"{merged} (merged HF model)")

@@ -105,6 +105,7 @@ def assert_matches(got: dict[int, float], reference: dict[int, float]) -> None:
 
 
 def two_processes(tmp_path: Path, **distributed) -> dict[int, float]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     done = swiftk(str(config(tmp_path / "c.toml", tmp_path / "run", processes=2, **distributed)))
     assert done.returncode == 0, done.stdout + done.stderr
     assert (tmp_path / f"run/checkpoints/step-{STEPS:06d}/meta.json").is_file()
@@ -208,6 +209,71 @@ def test_lora_qlora_and_dpo_under_ddp_reproduce_one_process(kind: str, tmp_path:
     assert_matches(losses(tmp_path / "two"), losses(tmp_path / "one"))
     if kind in ("lora", "qlora"):
         assert (tmp_path / "two/final/adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["lora", "dpo"])
+def test_lora_and_full_dpo_under_fsdp2_reproduce_one_process(kind: str, tmp_path: Path) -> None:
+    """FSDP2 shards the model per decoder layer; DPO's frozen reference (full fine-tuning: a copy of the model) is
+    copied before sharding and sharded like it; a LoRA run's --merge rebuilds the base and merges final/."""
+    options = {kind: True}
+    single = variant(config(tmp_path / "one.toml", tmp_path / "one"), **options)
+    assert main(["run", str(single), "--merge"]) == 0
+    double = variant(config(tmp_path / "two.toml", tmp_path / "two", processes=2, backend="fsdp"), **options)
+    done = swiftk(str(double), "--merge")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_matches(losses(tmp_path / "two"), losses(tmp_path / "one"))
+    if kind == "lora":
+        one, two = (load_file(tmp_path / run / "merged/model.safetensors") for run in ("one", "two"))
+        assert one.keys() == two.keys() and not any("lora" in k for k in two)
+        for name in one:
+            torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_zero_offload_reproduces_one_process(reference: dict[int, float], tmp_path: Path) -> None:
+    """ZeRO-2 with the optimizer state in CPU memory, and ZeRO-3 with parameters offloaded too (a torch optimizer
+    steps the offloaded fp32 partitions: no cpu_adam build is needed)."""
+    assert_matches(two_processes(tmp_path / "z2", backend="deepspeed", zero_stage=2, offload_optimizer=True),
+                   reference)
+    assert_matches(two_processes(tmp_path / "z3", backend="deepspeed", zero_stage=3, offload_optimizer=True,
+                                 offload_param=True), reference)
+
+
+NAN_GRAD = """
+import torch
+import torch.nn.functional as F
+from swiftk.contracts import LossResult, hookimpl, register_loss, supervised
+
+@register_loss("nan_grad")
+class NanGrad:
+    @hookimpl
+    def swiftk_loss_compute(self, batch, outputs, step):
+        logits, labels = supervised(batch, outputs)
+        loss = F.cross_entropy(logits.float(), labels, reduction="sum") / batch.num_items_in_batch
+        if step == 2:  # a finite loss whose gradient is NaN: d sqrt(x) / dx at 0 is inf, times 0
+            loss = loss + 0.0 * (outputs.logits[..., :1] * 0.0).sqrt().sum()
+        return LossResult(loss)
+"""
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_a_non_finite_gradient_under_deepspeed_stops_before_any_bad_update(tmp_path: Path) -> None:
+    """DeepSpeed measures the gradient norm inside its step and skips a non-finite one; the run stops there with
+    the reason, and the last checkpoint holds finite weights."""
+    (tmp_path / "nan_grad.py").write_text(NAN_GRAD)
+    cfg = config(tmp_path / "c.toml", tmp_path / "run", processes=2, save_every=2, backend="deepspeed", zero_stage=2)
+    text = cfg.read_text().replace("[train]\n", '[train]\nloss_type = "nan_grad"\n')
+    cfg.write_text(f'plugins = ["{tmp_path / "nan_grad.py"}"]\n' + text)
+    done = swiftk(str(cfg))
+    assert done.returncode != 0
+    out = done.stdout + done.stderr
+    assert "the gradient norm became inf" in out and "DeepSpeed skipped the update" in out, out
+    assert sorted(losses(tmp_path / "run")) == [1, 2]
+    weights = load_file(tmp_path / "run/checkpoints/step-000002/model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
 
 
 @pytest.mark.slow
