@@ -181,6 +181,19 @@ def outcome(failed: bool, what: str, step: int) -> None:
                                f"every rank stops (see that rank's error above).")
 
 
+def gather_problems(problems: list[str]) -> list[str]:
+    """This rank's config and plugin problems, then every other rank's, named by rank: a problem that only one
+    node has (a missing file, a plugin not installed there) stops every rank with the same message."""
+    if not active():
+        return problems
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, problems)
+    info = from_env()
+    others = [f"{info.where(rank)}: {p}" for rank, theirs in enumerate(gathered) if rank != info.rank
+              for p in theirs if p not in problems]
+    return problems + others
+
+
 def check_same(config: dict[str, Any], code_hashes: dict[str, str]) -> None:
     """Every rank runs the same config (but for node_rank) and the same plugin code; raise naming what differs."""
     if not active():

@@ -107,6 +107,9 @@ def prepare(options: Options) -> tuple[RunConfig, Plugins]:
     finally:
         if (problems or plugins is None) and hosts is not None:
             hosts.close()  # also when something above raised: no host outlives a failed start
+    problems = distributed.gather_problems(problems)  # every rank stops, and says why, if one rank must
+    if problems and plugins is not None and hosts is not None:  # only another rank had problems
+        hosts.close()
     if problems or plugins is None:
         locator = Locator(Path(options.config).read_text(encoding="utf-8"), Path(options.config))
         raise ConfigError([locate(p, locator) for p in problems], options.config)

@@ -301,6 +301,28 @@ def test_ranks_with_another_config_or_plugin_code_are_refused(tmp_path: Path) ->
     assert not (tmp_path / "run/metrics.jsonl").exists() or '"loss"' not in (tmp_path / "run/metrics.jsonl").read_text()
 
 
+@pytest.mark.slow
+def test_a_problem_on_one_node_only_stops_every_node_with_its_reason(tmp_path: Path) -> None:
+    """Node 1 lacks a plugin module that node 0 has: both nodes stop before training, and node 0's output names
+    node 1's problem (it would otherwise wait for node 1 in the next collective)."""
+    port = launch.free_port("127.0.0.1")
+    cfg = config(tmp_path / "c.toml", tmp_path / "run", nnodes=2, master_port=port, join_timeout_s=120)
+    cfg.write_text('plugins = ["swk_node0_plugin"]\n' + cfg.read_text())
+    (tmp_path / "node0").mkdir()
+    (tmp_path / "node0" / "swk_node0_plugin.py").write_text("from swiftk.contracts import hookimpl\n\n@hookimpl\n"
+                                                          "def swiftk_step_end(state):\n    return None\n")
+    nodes = []
+    for rank in (0, 1):
+        env = {**os.environ, "PYTHONPATH": str(tmp_path / "node0") if rank == 0 else "", "HF_HUB_OFFLINE": "1"}
+        nodes.append(subprocess.Popen([sys.executable, "-m", "swiftk", "run", str(cfg),
+                                       f"--set=distributed.node_rank={rank}"],
+                                      env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    assert [node.returncode for node in nodes] != [0, 0], outputs
+    assert "rank 1 (node_rank 1, local rank 0): plugins: 'swk_node0_plugin' failed to load" in outputs[0], outputs[0]
+    assert "did not join" not in outputs[0] + outputs[1]
+
+
 # ------------------------------------------------------------------------------------------ clear errors (fast)
 
 
