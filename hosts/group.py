@@ -11,7 +11,16 @@ import zmq
 from swiftk.contracts.errors import PluginError
 from swiftk.hosts import messages as m
 from swiftk.hosts.proxy import Policy, RemotePlugin, make_proxy
-from swiftk.hosts.supervisor import EventSink, Host, HostSettings, HostSpec, HostStartError, console
+from swiftk.hosts.supervisor import (
+    EventSink,
+    GuestHost,
+    Host,
+    HostSettings,
+    HostSpec,
+    HostStartError,
+    SharedSlot,
+    console,
+)
 
 INLINE_ONLY = {"optimizer", "scheduler"}  # they update the kernel's tensors in place
 # Hooks whose arguments are kernel objects (the model, the optimizer), which cannot cross a process boundary.
@@ -54,7 +63,8 @@ class HostGroup:
     def start(self) -> list[str]:
         """Spawn every host, then shake hands with each (they import torch in parallel); one problem per failure."""
         problems = []
-        self.hosts = [Host(spec, self.settings, self.context, self.events) for spec in self.specs]
+        self.hosts = [(GuestHost if spec.shared is not None and spec.shared.local_rank > 0 else Host)(
+            spec, self.settings, self.context, self.events) for spec in self.specs]
         for host in self.hosts:
             try:
                 host.spawn()
@@ -136,4 +146,4 @@ class HostGroup:
         self.context.destroy(linger=0)  # every socket of every host, even one a failed start left open
 
 
-__all__ = ["HostGroup", "HostSettings", "HostSpec", "HostStartError", "Policy"]
+__all__ = ["HostGroup", "HostSettings", "HostSpec", "HostStartError", "Policy", "SharedSlot"]

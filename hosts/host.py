@@ -85,66 +85,136 @@ def hook_infos(obj: object) -> tuple[list[m.HookInfo], list[str]]:
     return hooks, problems
 
 
-class Server:
-    def __init__(self, args: argparse.Namespace, token: str, sandbox: dict[str, str] | None = None) -> None:
-        self.args, self.token, self.sandbox = args, token, sandbox
-        self.context = zmq.Context()
-        self.calls = self.context.socket(zmq.PAIR)
-        self.calls.connect(args.call)
-        self.fds = socket.socket(fileno=args.fd)
+class Session:
+    """One kernel this host serves: its sockets, the segments it sent, the plugins it built. A host serves one
+    kernel, or (a shared host) every rank of a node: the first rank's session, then one per other rank."""
+
+    def __init__(self, context: zmq.Context[Any], call: str, heartbeat: str, control: str, fds: socket.socket,
+                 primary: bool) -> None:
+        self.calls = context.socket(zmq.PAIR)
+        self.calls.connect(call)
+        self.heartbeat, self.control, self.fds, self.primary = heartbeat, control, fds, primary
         self.fds.setblocking(False)
         self.mapping = Mapping()
         self.cuda = CudaMapping()
         self.instances: dict[int, object] = {}
+        self.greeted = False
+        self.closed = False
+
+
+def guest_channel(name: str, timeout_s: float = 60.0) -> socket.socket:
+    """Connect to the segment channel a rank of the node listens on (abstract Unix socket ``name``)."""
+    end = time.monotonic() + timeout_s
+    while True:
+        channel = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            channel.connect("\0" + name)
+            return channel
+        except OSError:  # that rank has not started listening yet
+            channel.close()
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.05)
+
+
+class Server:
+    def __init__(self, args: argparse.Namespace, token: str, sandbox: dict[str, str] | None = None) -> None:
+        self.args, self.token, self.sandbox = args, token, sandbox
+        self.context = zmq.Context()
+        self.sessions = [Session(self.context, args.call, args.heartbeat, args.control, socket.socket(fileno=args.fd),
+                                 primary=True)]
+        for call, heartbeat, control, channel in args.guest or []:  # the node's other ranks (a shared host)
+            self.sessions.append(Session(self.context, call, heartbeat, control, guest_channel(channel), False))
+        self.imported: dict[str, Any] = {}  # source -> module, or the exception importing it raised
+        self.use(self.sessions[0])
         self.control = threading.Thread(target=self.watch, name="swiftk-host-control", daemon=True)
+
+    def use(self, session: Session) -> None:
+        """Serve ``session``'s request: its socket, segments and plugins."""
+        self.session = session
+        self.calls, self.fds, self.mapping, self.cuda = session.calls, session.fds, session.mapping, session.cuda
+        self.instances = session.instances
 
     # -- control thread: heartbeats, shutdown, parent watch -------------------------------------------------
     def watch(self) -> None:
-        beats = self.context.socket(zmq.PUSH)
-        beats.setsockopt(zmq.SNDHWM, 2)
-        beats.setsockopt(zmq.LINGER, 0)
-        beats.connect(self.args.heartbeat)
-        orders = self.context.socket(zmq.PULL)
-        orders.connect(self.args.control)
+        """Heartbeats to every session; a shutdown order closes its session, and the host leaves once every
+        session is closed."""
+        links = []
+        poller = zmq.Poller()
+        for session in self.sessions:
+            beats = self.context.socket(zmq.PUSH)
+            beats.setsockopt(zmq.SNDHWM, 2)
+            beats.setsockopt(zmq.LINGER, 0)
+            beats.connect(session.heartbeat)
+            orders = self.context.socket(zmq.PULL)
+            orders.connect(session.control)
+            poller.register(orders, zmq.POLLIN)
+            links.append((session, beats, orders))
         seq = 0
         while True:
             if self.args.parent and os.getppid() != self.args.parent:  # 0: a sandbox launcher watches the kernel
                 _exit(1)
-            try:
-                beats.send(m.encode(m.HeartbeatEvent(os.getpid(), seq, time.monotonic())), zmq.NOBLOCK)
-            except zmq.Again:
-                pass
+            for _, beats, _ in links:
+                try:
+                    beats.send(m.encode(m.HeartbeatEvent(os.getpid(), seq, time.monotonic())), zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
             seq += 1
-            if orders.poll(int(self.args.heartbeat_interval * 1000)):
+            ready = dict(poller.poll(int(self.args.heartbeat_interval * 1000)))
+            for session, _, orders in links:
+                if orders not in ready:
+                    continue
                 try:
                     order = m.decode(orders.recv())
                 except m.ProtocolError:
                     continue
                 if isinstance(order, m.ShutdownRequest):
-                    shutdown(order.reason)
+                    session.closed = True
+            if all(session.closed for session in self.sessions):
+                shutdown("every kernel it served is done")
 
     # -- main thread ----------------------------------------------------------------------------------------
     def serve(self) -> int:
         self.control.start()
-        hello = m.decode(self.calls.recv())
-        if not isinstance(hello, m.HelloRequest):
-            return 2
-        self.send(self.initialize(hello))
         while True:
-            request = m.decode(self.next_frame())
+            frame = self.next_frame()  # also selects the session it came from
+            request = m.decode(frame)
+            if not self.session.greeted:  # a kernel's first message is its hello
+                if not isinstance(request, m.HelloRequest):
+                    return 2
+                self.session.greeted = True
+                self.send(self.initialize(request))
+                continue
             self.receive_segments()
             self.send(self.handle(request))
 
     def next_frame(self) -> bytes:
-        """The next request; busy-waits ``--spin-us`` first, since hook calls come in bursts (batch start,
-        loss, step end...) and a sleeping process takes tens of microseconds to wake."""
+        """The next request, from whichever session sends one; busy-waits ``--spin-us`` first, since hook calls
+        come in bursts (batch start, loss, step end...) and a sleeping process takes tens of microseconds to
+        wake."""
         end = time.perf_counter() + self.args.spin_us / 1e6
-        while time.perf_counter() < end:
-            try:
-                return self.calls.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                continue
-        return self.calls.recv()
+        while True:
+            for session in self.sessions:
+                try:
+                    frame: bytes = session.calls.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    continue
+                self.use(session)
+                return frame
+            if time.perf_counter() >= end:
+                break
+        if len(self.sessions) == 1:
+            self.use(self.sessions[0])
+            return self.calls.recv()  # type: ignore[no-any-return]
+        poller = zmq.Poller()
+        for session in self.sessions:
+            poller.register(session.calls, zmq.POLLIN)
+        while True:
+            ready = dict(poller.poll())
+            for session in self.sessions:
+                if session.calls in ready:
+                    self.use(session)
+                    return session.calls.recv()  # type: ignore[no-any-return]
 
     def send(self, message: m.Message) -> None:
         self.calls.send(m.encode(message))
@@ -157,7 +227,10 @@ class Server:
             except BlockingIOError:
                 return
             if not data:  # the kernel closed its end
-                _exit(1)
+                if self.session.primary:
+                    _exit(1)
+                self.session.closed = True
+                return
             event = m.decode(data)
             if isinstance(event, m.SegmentEvent) and fds:
                 self.mapping.attach(event.segment, fds[0], event.size, event.writable)
@@ -165,10 +238,14 @@ class Server:
     def initialize(self, hello: m.HelloRequest) -> m.HelloReply:
         sources = []
         for index, (source, name) in enumerate(zip(hello.sources, hello.names, strict=True)):
-            try:
-                module = import_source(source)
-            except BaseException as exc:
-                sources.append(m.SourceInfo(source, name, "", [], [], error=describe(exc)))
+            if source not in self.imported:  # a shared host imports each source once, for every session
+                try:
+                    self.imported[source] = import_source(source)
+                except BaseException as exc:
+                    self.imported[source] = exc
+            module = self.imported[source]
+            if isinstance(module, BaseException):
+                sources.append(m.SourceInfo(source, name, "", [], [], error=describe(module)))
                 continue
             specs = [s for s in registered() if getattr(s.target, "__module__", None) == module.__name__]
             hooks: list[m.HookInfo] = []
@@ -308,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spin-us", type=float, default=0.0)
     parser.add_argument("--no-death-signal", action="store_true", help="spawned by a kernel thread that may end")
     parser.add_argument("--sandbox", help="a tenant's sandbox policy (JSON): confine this host before serving")
+    parser.add_argument("--guest", nargs=4, action="append", metavar=("CALL", "HEARTBEAT", "CONTROL", "CHANNEL"),
+                        help="a shared host: also serve another rank of the node (its endpoints)")
     args = parser.parse_args(argv)
     if args.parent:  # else a sandbox launcher is the parent, and it watches the kernel
         die_with_parent(args.parent, not args.no_death_signal)

@@ -56,6 +56,29 @@ class HostSettings:
 
 
 @dataclass(frozen=True)
+class SharedSlot:
+    """A host shared by the ranks of a node (``shared = "node"``): the node's first rank starts it, and every
+    other rank is one more session of it, on endpoints named after ``base`` and its local rank. The token the
+    host answers with travels through the process group's store (``publish`` / ``fetch``)."""
+
+    base: str
+    local_rank: int
+    local_world_size: int
+    publish: Callable[[str, str], None]
+    fetch: Callable[[str, float], str]
+
+    def endpoint(self, rank: int, suffix: str) -> str:
+        return f"ipc://@{self.base}-{rank}-{suffix}"
+
+    def channel(self, rank: int) -> str:
+        return f"{self.base}-{rank}-fd"
+
+    @property
+    def token_key(self) -> str:
+        return f"swiftk/shared/{self.base}/token"
+
+
+@dataclass(frozen=True)
 class HostSpec:
     """One host process: the plugin sources it imports (one, or a config ``group``) and its memory limit. A
     tenant's host runs sandboxed (``swiftk.hosts.sandbox``) with ``layers``."""
@@ -66,6 +89,7 @@ class HostSpec:
     memory_mb: int | None = None
     tenant: Tenant | None = None
     layers: tuple[str, ...] = ()
+    shared: SharedSlot | None = None
 
 
 class HostStartError(Exception):
@@ -173,6 +197,12 @@ class Host:
             command.append("--no-death-signal")
         if self.spec.memory_mb and self.sandbox is None:  # a sandbox sets its own limits
             command += ["--memory-mb", str(self.spec.memory_mb)]
+        shared = self.spec.shared
+        if shared is not None:  # the node's other ranks: one more session each
+            for rank in range(1, shared.local_world_size):
+                command += ["--guest", shared.endpoint(rank, "call"), shared.endpoint(rank, "hb"),
+                            shared.endpoint(rank, "ctl"), shared.channel(rank)]
+            shared.publish(shared.token_key, self.token)
         # Passive OpenMP waits: a host that spins after its call would steal the cores the kernel needs next.
         env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "SWIFTK_HOST_TOKEN": self.token}
         stdin = None
@@ -268,6 +298,8 @@ class Host:
     def ensure_running(self, what: str) -> None:
         if self.closed:
             raise HostDeadError(self.spec.label, what, "is shut down")
+        if self.proc is None and self.spec.shared is not None:
+            raise HostDeadError(self.spec.label, what, SHARED_DEAD)
         if self.proc is None:
             try:
                 self.restart(f"{what} needed it")
@@ -470,14 +502,7 @@ class Host:
 
     def check_alive(self, what: str, label: str | None = None, starting: bool = False) -> None:
         label = label or self.spec.label
-        assert self.proc is not None
-        code = self.proc.poll()
-        if code is not None:
-            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-            how += self.death_cause(code)
-            pid = self.proc.pid
-            self.kill(how)
-            raise HostDeadError(label, what, f"failed: its host (pid {pid}) {how}")
+        self.check_process(what, label)
         while self.beats.poll(0):
             try:
                 beat = m.decode(self.beats.recv())
@@ -487,10 +512,21 @@ class Host:
                 self.last_beat = time.monotonic()
         silent = time.monotonic() - self.last_beat
         if not starting and silent > self.settings.heartbeat_timeout_s:
-            pid = self.proc.pid
+            pid = self.pid
             self.kill(f"missed heartbeats for {silent:.1f} s")
             raise HostDeadError(label, what, f"failed: its host (pid {pid}) missed heartbeats for {silent:.1f} s; see "
                                 f"[hosts] heartbeat_timeout_s")
+
+    def check_process(self, what: str, label: str) -> None:
+        """``HostDeadError`` when the host process has exited (it is reaped, and the reason logged)."""
+        assert self.proc is not None
+        code = self.proc.poll()
+        if code is not None:
+            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+            how += self.death_cause(code)
+            pid = self.proc.pid
+            self.kill(how)
+            raise HostDeadError(label, what, f"failed: its host (pid {pid}) {how}")
 
     def death_cause(self, code: int) -> str:
         """What a sandboxed host's death most likely means (the sandbox turns escapes into these)."""
@@ -561,6 +597,106 @@ class Host:
             arena.close()
         if self.sandbox is not None:
             self.sandbox.close()
+
+
+SHARED_DEAD = ("its shared host is gone: a host shared by a node's ranks is not restarted (the node's other ranks "
+               "hold sessions with the dead one); its plugin's failure policy applies from now on. Use shared = "
+               "\"rank\" (one host per rank) for plugins that must come back")
+
+
+class GuestHost(Host):
+    """A rank's session with the host its node's first rank started (``shared = "node"``): the same calls,
+    segments and supervision, but no process of its own. The host connects to this rank's endpoints; a death
+    is seen through the host's pid and heartbeats, and the host is not restarted (``SHARED_DEAD``)."""
+
+    def __init__(self, spec: HostSpec, settings: HostSettings, context: zmq.Context[Any],
+                 events: EventSink = console) -> None:
+        super().__init__(spec, settings, context, events)
+        assert spec.shared is not None
+        self.shared = spec.shared
+        self.host_pid: int | None = None
+        self.gone = False
+
+    @property
+    def pid(self) -> int | None:
+        return self.host_pid
+
+    def spawn(self) -> None:
+        rank = self.shared.local_rank
+        self.calls = self.context.socket(zmq.PAIR)
+        self.beats = self.context.socket(zmq.PULL)
+        self.beats.setsockopt(zmq.CONFLATE, 1)
+        self.orders = self.context.socket(zmq.PUSH)
+        for sock, suffix in ((self.calls, "call"), (self.beats, "hb"), (self.orders, "ctl")):
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.bind(self.shared.endpoint(rank, suffix))
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.listener.bind("\0" + self.shared.channel(rank))
+        self.listener.listen(1)
+        self.fds = self.listener  # until the host connects its segment channel
+        self.token = self.shared.fetch(self.shared.token_key, self.settings.start_timeout_s)
+        self.last_beat = time.monotonic()
+
+    def handshake(self) -> m.HelloReply:
+        self.listener.settimeout(self.settings.start_timeout_s)
+        try:
+            self.fds, _ = self.listener.accept()
+        except TimeoutError:
+            raise HostStartError(f"the shared host '{self.spec.label}' of this node did not connect within "
+                                 f"{self.settings.start_timeout_s:g} s (local rank 0 starts it)") from None
+        finally:
+            self.listener.close()
+        reply = super().handshake()
+        self.host_pid = reply.pid
+        return reply
+
+    def ensure_running(self, what: str) -> None:
+        if self.closed:
+            raise HostDeadError(self.spec.label, what, "is shut down")
+        if self.gone:
+            raise HostDeadError(self.spec.label, what, SHARED_DEAD)
+
+    def check_process(self, what: str, label: str) -> None:
+        if self.host_pid is None:
+            return
+        try:
+            state = Path(f"/proc/{self.host_pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            state = "gone"
+        if state in ("Z", "X", "gone"):
+            pid = self.host_pid
+            self.kill("exited")
+            raise HostDeadError(label, what, f"failed: its shared host (pid {pid}, started by local rank 0) exited")
+
+    def kill(self, reason: str) -> None:
+        """Kill the shared host (a hung host hangs every rank of the node) and leave it for good."""
+        if self.gone:
+            return
+        pid, self.gone, self.host_pid = self.host_pid, True, None
+        if pid is not None:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self.close_sockets()
+        self.deaths += 1
+        self.dead_at = time.monotonic()
+        self.events("host_dead", {"host": self.spec.label, "plugin": ",".join(self.spec.names), "pid": pid,
+                                  "reason": reason})
+
+    def shutdown(self) -> None:
+        """Tell the host this rank is done (it leaves when every rank is); free this rank's segments."""
+        self.closed = True
+        if not self.gone:
+            try:
+                self.orders.send(m.encode(m.ShutdownRequest("this rank is done")), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            self.close_sockets()
+        self.inputs.close()
+        self.outputs.close()
+        for arena in (*self.cuda_inputs.values(), *self.cuda_outputs.values()):
+            arena.close()
 
 
 class RemoteError(PluginError):

@@ -269,6 +269,9 @@ class PluginSource(Section):
     tenant: str | None = Field(None, description="sandbox: the [tenants.NAME] it runs as (default: a tenant of its "
                                "own, named like the plugin, with the default limits)")
     group: str | None = Field(None, description="process, sandbox: sources with the same group share one host")
+    shared: Literal["rank", "node"] = Field(
+        "rank", description="process, several processes: one host per rank, or one per node that the node's ranks "
+        "share (its module-level state, e.g. a reward model, loaded once; not restarted after a death)")
     deadline_s: float = Field(30.0, gt=0, description="process: seconds one hook call may take")
     on_failure: Literal["fail", "skip", "retry"] | Fallback = Field(
         "fail", description="process: what a failed call does: 'fail', 'skip', 'retry' or { fallback = value }")
@@ -284,6 +287,8 @@ class PluginSource(Section):
         native = self.path and (self.path.startswith("native:") or self.path.endswith((".cpp", ".cc", ".cxx", ".so")))
         if self.isolation != "inline" and native:
             raise ValueError("a native (C++) plugin runs in the kernel process: isolation must be 'inline'")
+        if self.shared == "node" and self.isolation != "process":
+            raise ValueError(f"shared = 'node' is for isolation = 'process' (isolation is '{self.isolation}')")
         if self.tenant is not None and self.isolation != "sandbox":
             raise ValueError(f"`tenant` is for isolation = 'sandbox' (isolation is '{self.isolation}')")
         return self

@@ -72,6 +72,24 @@ def active() -> bool:
 # ------------------------------------------------------------------------------------------ setup and teardown
 
 
+STORE: dist.Store | None = None  # the rendezvous store, once this rank has joined
+
+
+def store_publish(key: str, value: str) -> None:
+    assert STORE is not None
+    STORE.set(key, value)
+
+
+def store_fetch(key: str, timeout_s: float) -> str:
+    """``key``'s value, waiting up to ``timeout_s`` for another rank to set it."""
+    assert STORE is not None
+    try:
+        STORE.wait([key], timedelta(seconds=timeout_s))
+    except (RuntimeError, dist.DistStoreError):
+        raise DistributedError(f"no rank set {key} within {timeout_s:g} s") from None
+    return bytes(STORE.get(key)).decode()
+
+
 def setup(options: Any, device: str) -> DistInfo:
     """Join the other ranks and start the process group (nccl on CUDA, gloo on CPU); a no-op outside a launcher."""
     info = from_env()
@@ -80,7 +98,8 @@ def setup(options: Any, device: str) -> DistInfo:
     cuda = device != "cpu" and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(info.local_rank)
-    store = join(info, options.join_timeout_s)
+    global STORE
+    store = STORE = join(info, options.join_timeout_s)
     dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore("swiftk/pg", store), rank=info.rank,
                             world_size=info.world_size, timeout=timedelta(seconds=options.timeout_s))
     return info

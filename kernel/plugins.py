@@ -6,6 +6,7 @@ reported together with the config's other problems.
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -27,7 +28,8 @@ from swiftk.contracts.registry import (
     source_hash,
 )
 from swiftk.hosts import tenants
-from swiftk.hosts.group import HostGroup, HostSettings, HostSpec, Policy
+from swiftk.hosts.group import HostGroup, HostSettings, HostSpec, Policy, SharedSlot
+from swiftk.kernel import dist as distributed
 from swiftk.kernel.config import Fallback, PluginSource, RunConfig, TenantConfig, TrainConfig
 from swiftk.native import NativeABIError, NativeBuildError, is_native, register_native
 
@@ -197,8 +199,11 @@ def start_hosts(cfg: RunConfig) -> tuple[HostGroup | None, list[str]]:
         if len(limits) > 1:
             problems.append(f"plugins: group '{label}' sets different memory_mb values {sorted(map(str, limits))}; "
                             f"its plugins share one host, so give them one limit")
+        if len({item.shared for item in items}) > 1:
+            problems.append(f"plugins: group '{label}' mixes shared = 'rank' and 'node'; its plugins share one host")
+        shared = node_slot(label) if items[0].shared == "node" else None
         specs.append(HostSpec(f"process:{label}", [i.source for i in items], [i.label for i in items],
-                              max((i.memory_mb or 0) for i in items) or None))
+                              max((i.memory_mb or 0) for i in items) or None, shared=shared))
     if sandboxed:
         sandbox_specs, sandbox_problems = tenant_specs(cfg, sandboxed)
         specs += sandbox_specs
@@ -208,6 +213,18 @@ def start_hosts(cfg: RunConfig) -> tuple[HostGroup | None, list[str]]:
     policies = {item.label: policy(item) for item in remote + [item for _, item in sandboxed]}
     group = HostGroup(specs, policies, HostSettings(**cfg.hosts.model_dump()))
     return group, group.start()
+
+
+def node_slot(label: str) -> SharedSlot | None:
+    """Where this rank stands in the host its node's ranks share; None in a single process per node (a shared
+    host would have one session: an ordinary host)."""
+    info = distributed.from_env()
+    if not distributed.active() or info.local_world_size < 2:
+        return None
+    node = info.rank // info.local_world_size
+    base = f"swiftk-shared-{os.environ.get('MASTER_PORT', '0')}-{node}-{label}"
+    return SharedSlot(base, info.local_rank, info.local_world_size, distributed.store_publish,
+                      distributed.store_fetch)
 
 
 def sandboxed_sources(cfg: RunConfig) -> list[tuple[str, PluginSource]]:

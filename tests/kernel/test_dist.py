@@ -301,6 +301,54 @@ def test_ranks_with_another_config_or_plugin_code_are_refused(tmp_path: Path) ->
     assert not (tmp_path / "run/metrics.jsonl").exists() or '"loss"' not in (tmp_path / "run/metrics.jsonl").read_text()
 
 
+PID_LOG = """
+import os
+from swiftk.contracts import hookimpl
+
+@hookimpl
+def swiftk_step_end(state, metrics):
+    with open({log!r}, "a") as log:
+        log.write(f"{{os.getpid()}}\\n")
+    return {{"host_calls": 1.0}}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shared", ["node", "rank"])
+def test_a_host_shared_by_the_ranks_of_a_node(shared: str, tmp_path: Path) -> None:
+    """shared = "node": one host process serves both ranks' calls (each rank a session of it); "rank" (the
+    default, the control): one host per rank."""
+    log = tmp_path / "calls.log"
+    (tmp_path / "pid_log.py").write_text(PID_LOG.format(log=str(log)))
+    cfg = config(tmp_path / "c.toml", tmp_path / "run", processes=2, backend="ddp")
+    cfg.write_text(f'[[plugins]]\npath = "{tmp_path / "pid_log.py"}"\nisolation = "process"\nshared = "{shared}"\n\n'
+                   + cfg.read_text())
+    done = swiftk(str(cfg))
+    assert done.returncode == 0, done.stdout + done.stderr
+    pids = log.read_text().split()
+    assert len(pids) == 2 * STEPS  # every rank's call, every step
+    assert len(set(pids)) == (1 if shared == "node" else 2)
+    assert len(losses(tmp_path / "run")) == STEPS
+
+
+@pytest.mark.slow
+def test_a_shared_host_that_dies_fails_its_calls_on_every_rank_and_the_run_goes_on(tmp_path: Path) -> None:
+    (tmp_path / "dies.py").write_text("import os\nfrom swiftk.contracts import hookimpl\n\n@hookimpl\n"
+                                      "def swiftk_step_end(state, metrics):\n    if state.step == 4:\n"
+                                      "        os._exit(3)\n    return {'alive': 1.0}\n")
+    cfg = config(tmp_path / "c.toml", tmp_path / "run", processes=2, backend="ddp")
+    cfg.write_text(f'[[plugins]]\npath = "{tmp_path / "dies.py"}"\nisolation = "process"\nshared = "node"\n'
+                   f'on_failure = "skip"\n\n' + cfg.read_text())
+    done = swiftk(str(cfg))
+    assert done.returncode == 0, done.stdout + done.stderr
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r for r in records if "event" not in r}
+    assert sorted(steps) == list(range(1, STEPS + 1))
+    assert [s for s, r in steps.items() if "alive" in r] == [1, 2, 3]
+    failed = [r for r in records if r.get("event") == "plugin_failed"]
+    assert failed and "shared host" in (done.stdout + done.stderr)
+
+
 @pytest.mark.slow
 def test_a_problem_on_one_node_only_stops_every_node_with_its_reason(tmp_path: Path) -> None:
     """Node 1 lacks a plugin module that node 0 has: both nodes stop before training, and node 0's output names
