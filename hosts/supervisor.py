@@ -177,15 +177,7 @@ class Host:
         # sockets are files in a folder only the tenant's uid may enter.
         base = (self.sandbox.endpoint("h") if self.sandbox is not None
                 else f"ipc://@swiftk-{os.getpid()}-{next(_SPAWNED)}-{secrets.token_hex(4)}")
-        self.calls = self.context.socket(zmq.PAIR)
-        self.beats = self.context.socket(zmq.PULL)
-        self.beats.setsockopt(zmq.CONFLATE, 1)
-        self.orders = self.context.socket(zmq.PUSH)
-        for sock, suffix in ((self.calls, "call"), (self.beats, "hb"), (self.orders, "ctl")):
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.bind(f"{base}-{suffix}")
-            if self.sandbox is not None:
-                self.sandbox.own_socket(f"{base}-{suffix}")
+        self.bind_sockets(lambda suffix: f"{base}-{suffix}")
         self.fds, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.token = secrets.token_hex(16)
         command = [sys.executable, "-m", "swiftk.hosts", "--call", f"{base}-call", "--heartbeat",
@@ -219,6 +211,19 @@ class Host:
         self.announced.clear()
         self.cuda_announced.clear()
         self.last_beat = time.monotonic()
+
+    def bind_sockets(self, endpoint: Callable[[str], str]) -> None:
+        """Bind the calls (PAIR), heartbeats (PULL, conflated: only the newest matters) and orders (PUSH)
+        sockets at ``endpoint("call" | "hb" | "ctl")``; the host connects to them."""
+        self.calls = self.context.socket(zmq.PAIR)
+        self.beats = self.context.socket(zmq.PULL)
+        self.beats.setsockopt(zmq.CONFLATE, 1)
+        self.orders = self.context.socket(zmq.PUSH)
+        for sock, suffix in ((self.calls, "call"), (self.beats, "hb"), (self.orders, "ctl")):
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.bind(endpoint(suffix))
+            if self.sandbox is not None:
+                self.sandbox.own_socket(endpoint(suffix))
 
     def handshake(self) -> m.HelloReply:
         """Send the hello and check the reply: same contract version, the token this kernel gave the host."""
@@ -591,12 +596,15 @@ class Host:
             self.signal_group(signal.SIGKILL)  # anything the plugin started in the host's session
             self.proc = None
             self.close_sockets()
+        self.free_segments()
+        if self.sandbox is not None:
+            self.sandbox.close()
+
+    def free_segments(self) -> None:
         self.inputs.close()
         self.outputs.close()
         for arena in (*self.cuda_inputs.values(), *self.cuda_outputs.values()):
             arena.close()
-        if self.sandbox is not None:
-            self.sandbox.close()
 
 
 SHARED_DEAD = ("its shared host is gone: a host shared by a node's ranks is not restarted (the node's other ranks "
@@ -623,13 +631,7 @@ class GuestHost(Host):
 
     def spawn(self) -> None:
         rank = self.shared.local_rank
-        self.calls = self.context.socket(zmq.PAIR)
-        self.beats = self.context.socket(zmq.PULL)
-        self.beats.setsockopt(zmq.CONFLATE, 1)
-        self.orders = self.context.socket(zmq.PUSH)
-        for sock, suffix in ((self.calls, "call"), (self.beats, "hb"), (self.orders, "ctl")):
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.bind(self.shared.endpoint(rank, suffix))
+        self.bind_sockets(lambda suffix: self.shared.endpoint(rank, suffix))
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.listener.bind("\0" + self.shared.channel(rank))
         self.listener.listen(1)
@@ -693,10 +695,7 @@ class GuestHost(Host):
             except zmq.ZMQError:
                 pass
             self.close_sockets()
-        self.inputs.close()
-        self.outputs.close()
-        for arena in (*self.cuda_inputs.values(), *self.cuda_outputs.values()):
-            arena.close()
+        self.free_segments()
 
 
 class RemoteError(PluginError):

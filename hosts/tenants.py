@@ -221,8 +221,18 @@ class Cgroups:
             pass
         return 0
 
-    def remove(self) -> None:
-        """Remove the folders once their processes are gone (a killed host takes a moment to be reaped)."""
+    def remove(self, timeout_s: float = 5.0) -> None:
+        """Remove the folders once their processes are gone: a killed host takes a moment to exit, and until it
+        has, it is listed in ``cgroup.procs``."""
+        end = time.monotonic() + timeout_s
+        for folder in self.folders.values():
+            while time.monotonic() < end:
+                try:
+                    if not (folder / "cgroup.procs").read_text().strip():
+                        break
+                except OSError:
+                    break
+                time.sleep(0.01)
         for folder in self.folders.values():
             for _ in range(50):
                 try:

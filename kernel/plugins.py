@@ -246,9 +246,11 @@ def sandboxed_sources(cfg: RunConfig) -> list[tuple[str, PluginSource]]:
 def tenant_specs(cfg: RunConfig, sandboxed: list[tuple[str, PluginSource]]) -> tuple[list[HostSpec], list[str]]:
     """A sandboxed host per tenant's source (or per tenant and ``group``), once this machine is known to give
     hosts the layers [sandbox] requires; the tenants' uids, scratch folders and readable data resolved."""
-    layers, missing, _ = tenants.plan(cfg.sandbox.require)
+    layers, missing, optional = tenants.plan(cfg.sandbox.require)
     if missing:
         return [], [tenants.unavailable_message(missing, cfg.sandbox.require)]
+    for layer in optional:  # not required, not available: said once, and the hosts' audit records show it
+        print(f"sandbox: tenant hosts run without {layer}", file=sys.stderr)
     problems: list[str] = []
     resolved: dict[str, tenants.Tenant] = {}
     taken = {t.uid for t in cfg.tenants.values() if t.uid is not None}
@@ -260,7 +262,11 @@ def tenant_specs(cfg: RunConfig, sandboxed: list[tuple[str, PluginSource]]) -> t
             problems.append(f"{where} uid = {uid} belongs to the account '{tenants.account(uid)}' of this "
                             f"machine; a tenant needs a uid nobody else has")
         if uid is None:
-            uid = tenants.tenant_uid(name, cfg.sandbox.uid_base, taken)
+            try:
+                uid = tenants.tenant_uid(name, cfg.sandbox.uid_base, taken)
+            except tenants.SandboxUnavailable as exc:
+                problems.append(f"{where}: {exc}; set its uid, or another [sandbox] uid_base")
+                continue
             taken.add(uid)
         data = []
         for path in settings.data:
@@ -276,6 +282,8 @@ def tenant_specs(cfg: RunConfig, sandboxed: list[tuple[str, PluginSource]]) -> t
         if item.module is None and not Path(item.source).is_file():
             problems.append(f"plugins: tenant '{name}': plugin file {item.source!r} does not exist")
         groups.setdefault((name, item.group or item.label), []).append(item)
+    if problems:
+        return [], problems
     specs = []
     for (name, label), items in groups.items():
         tenant = resolved[name]

@@ -93,7 +93,8 @@ def prepare(options: Options) -> tuple[RunConfig, Plugins]:
     problems += check_files(cfg)
     problems += distributed.config_problems(cfg.distributed)
     distributed.setup(cfg.distributed, cfg.model.device)  # under a launcher: join the other ranks
-    hosts, host_problems = start_hosts(cfg) if not problems else (None, [])
+    # Hosts start on every rank or on none (a shared host's ranks wait for each other).
+    hosts, host_problems = start_hosts(cfg) if not distributed.any_rank(bool(problems))[0] else (None, [])
     plugins = None
     try:
         problems += host_problems

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def sandbox_leftovers() -> list[str]:
-    """Sandbox launchers or hosts still alive, sandbox folders and cgroups still present."""
+def sandbox_leftovers(settle_s: float = 2.0) -> list[str]:
+    """Sandbox launchers or hosts still alive, sandbox folders and cgroups still present (after ``settle_s`` for
+    killed processes to finish exiting)."""
+    end = time.monotonic() + settle_s
+    while True:
+        found = leftovers()
+        if not found or time.monotonic() > end:
+            return found
+        time.sleep(0.05)
+
+
+def leftovers() -> list[str]:
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
