@@ -19,7 +19,9 @@ RUN_HELP = textwrap.dedent("""\
     Every config problem is reported at once (key, file:line, a suggestion) with exit code 2, before
     any model is loaded or anything written. The run directory ([output] dir) receives config.toml
     (the resolved config), metrics.jsonl (one record per step, plus events), checkpoints/step-N/,
-    final/ (the LoRA adapter in PEFT format, or the full model) and samples.json.
+    final/ (the LoRA adapter in PEFT format, or the full model) and samples.json. With [tenants.NAME]
+    tables, each tenant's plugins run in sandboxed hosts (SECURITY.md) and metrics.jsonl holds "audit"
+    records of what each host got and of every failure the kernel saw.
 
     exit codes: 0 done, 1 run error (data, model, checkpoint, plugin), 2 config error, 130 interrupted
     (a checkpoint was saved: continue with --resume).""")

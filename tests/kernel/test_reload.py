@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from swiftk.hosts import tenants
 from swiftk.kernel.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,7 +63,11 @@ def run(cfg: Path) -> int:
     return main(["run", str(cfg), "--set", 'log.progress="none"'])
 
 
-@pytest.mark.parametrize("isolation", ["inline", "process"])
+SANDBOX = pytest.param("sandbox", marks=pytest.mark.skipif(bool(tenants.plan(None)[1]),
+                                                          reason="the sandbox's core layers need root"))
+
+
+@pytest.mark.parametrize("isolation", ["inline", "process", SANDBOX])
 def test_an_edited_loss_is_used_from_the_step_after_the_reload(tmp_path: Path, isolation: str) -> None:
     cfg = config(tmp_path, isolation)
     loss_file = tmp_path / "live.py"
