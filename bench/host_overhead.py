@@ -126,20 +126,32 @@ def step_time(config: Path) -> float:
     return statistics.median(r["tokens"] / r["tokens_per_s"] for r in steps)
 
 
-def remote_loss_ratio(steps: int, rounds: int, tmp: Path) -> dict[str, float]:
+def tiny_config(steps: int, tmp: Path) -> str:
+    """The tiny-model SFT config for ``steps`` steps into ``tmp/run``, without eval or checkpoints."""
     text = (REPO / "configs" / "tiny_sft.toml").read_text()
     text = re.sub(r"(?m)^(eval_file|every) = .*$", "", text)
     for key, value in (("max_steps", str(steps)), ("save_every", "100000"), ("dir", f'"{tmp / "run"}"')):
         text = re.sub(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
+    return text
+
+
+def interleaved(configs: dict[str, Path], rounds: int) -> dict[str, float]:
+    """Median step time of each config's run over ``rounds``, the order alternating round by round."""
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for round_ in range(rounds):
+        for name in (list(configs) if round_ % 2 == 0 else list(reversed(configs))):
+            times[name].append(step_time(configs[name]))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def remote_loss_ratio(steps: int, rounds: int, tmp: Path) -> dict[str, float]:
+    text = tiny_config(steps, tmp)
     local = tmp / "local.toml"
     remote = tmp / "remote.toml"
     local.write_text(text)
     remote.write_text('[[plugins]]\nmodule = "swiftk.plugins.losses.cross_entropy"\nisolation = "process"\n\n' + text)
-    times: dict[str, list[float]] = {"local": [], "remote": []}
-    for round_ in range(rounds):
-        for name in (("local", "remote") if round_ % 2 == 0 else ("remote", "local")):
-            times[name].append(step_time(local if name == "local" else remote))
-    local_s, remote_s = statistics.median(times["local"]), statistics.median(times["remote"])
+    median = interleaved({"local": local, "remote": remote}, rounds)
+    local_s, remote_s = median["local"], median["remote"]
     return {"inproc_step_ms": round(local_s * 1e3, 1), "remote_loss_step_ms": round(remote_s * 1e3, 1),
             "remote_loss_step_ratio": round(remote_s / local_s, 3)}
 

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from host_overhead import PLUGIN, median_us, step_time  # bench/ is on sys.path when this file runs
+from host_overhead import PLUGIN, interleaved, median_us, tiny_config  # bench/ is on sys.path when run
 
 from swiftk.contracts import Batch, ModelOutputs, StepState
 from swiftk.hosts import tenants
@@ -94,19 +93,13 @@ def call_figures(calls: int, starts: int, tmp: Path) -> dict[str, float]:
 
 
 def step_ratio(steps: int, rounds: int, tmp: Path) -> dict[str, float]:
-    text = (REPO / "configs" / "tiny_sft.toml").read_text()
-    text = re.sub(r"(?m)^(eval_file|every) = .*$", "", text)
-    for key, value in (("max_steps", str(steps)), ("save_every", "100000"), ("dir", f'"{tmp / "run"}"')):
-        text = re.sub(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
+    text = tiny_config(steps, tmp)
     plain, sandboxed = tmp / "plain.toml", tmp / "sandboxed.toml"
     plain.write_text(text)
     sandboxed.write_text(f'[tenants.bench]\nplugins = ["{tmp / "plugin.py"}"]\nscratch = "{tmp / "scratch"}"\n\n'
                          + text)
-    times: dict[str, list[float]] = {"plain": [], "sandboxed": []}
-    for round_ in range(rounds):
-        for name in (("plain", "sandboxed") if round_ % 2 == 0 else ("sandboxed", "plain")):
-            times[name].append(step_time(plain if name == "plain" else sandboxed))
-    plain_s, sandboxed_s = statistics.median(times["plain"]), statistics.median(times["sandboxed"])
+    median = interleaved({"plain": plain, "sandboxed": sandboxed}, rounds)
+    plain_s, sandboxed_s = median["plain"], median["sandboxed"]
     return {"plain_step_ms": round(plain_s * 1e3, 1), "sandboxed_step_ms": round(sandboxed_s * 1e3, 1),
             "sandbox_step_ratio": round(sandboxed_s / plain_s, 3)}
 
