@@ -43,6 +43,7 @@ from swiftk.shm.refs import CudaRef, TensorRef
 from swiftk.shm.segments import Mapping, OutputFull
 
 PR_SET_PDEATHSIG = 1
+REPLY_DEADLINE_S = 30.0  # a kernel session that takes no reply for this long is gone
 _exit = os._exit  # bound before any plugin is imported
 
 
@@ -195,6 +196,8 @@ class Server:
         end = time.perf_counter() + self.args.spin_us / 1e6
         while True:
             for session in self.sessions:
+                if session.closed:
+                    continue
                 try:
                     frame: bytes = session.calls.recv(zmq.NOBLOCK)
                 except zmq.Again:
@@ -208,7 +211,8 @@ class Server:
             return self.calls.recv()  # type: ignore[no-any-return]
         poller = zmq.Poller()
         for session in self.sessions:
-            poller.register(session.calls, zmq.POLLIN)
+            if not session.closed:
+                poller.register(session.calls, zmq.POLLIN)
         while True:
             ready = dict(poller.poll())
             for session in self.sessions:
@@ -217,7 +221,23 @@ class Server:
                     return session.calls.recv()  # type: ignore[no-any-return]
 
     def send(self, message: m.Message) -> None:
-        self.calls.send(m.encode(message))
+        """Reply to the session that asked. A kernel that takes no reply for ``REPLY_DEADLINE_S`` is gone: a host
+        leaves with its only kernel, and a shared host closes that rank's session and serves the others."""
+        frame, end = m.encode(message), time.monotonic() + REPLY_DEADLINE_S
+        while True:
+            try:
+                self.calls.send(frame, zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                pass
+            if time.monotonic() >= end:
+                if self.session.primary:
+                    shutdown("its kernel takes no replies")
+                self.session.closed = True
+                if all(session.closed for session in self.sessions):
+                    shutdown("every kernel it served is gone")
+                return
+            self.calls.poll(100, zmq.POLLOUT)
 
     def receive_segments(self) -> None:
         """Map every segment the kernel announced; it sends them before the request that uses them."""

@@ -237,8 +237,8 @@ class Host:
                 self.kill("did not connect")
                 raise HostStartError(f"host '{self.spec.label}' (pid {pid}) did not connect within "
                                      f"{self.settings.start_timeout_s:g} s (see [hosts] start_timeout_s)")
-        self.calls.send(m.encode(m.HelloRequest(CONTRACT_VERSION, self.token, self.spec.sources,
-                                                self.spec.names)))
+        self.send(m.encode(m.HelloRequest(CONTRACT_VERSION, self.token, self.spec.sources, self.spec.names)),
+                  max(end - time.monotonic(), 0.001), "the handshake", starting=True)
         reply = self.receive(max(end - time.monotonic(), 0.001), "the handshake", starting=True)
         if not isinstance(reply, m.HelloReply):
             raise HostStartError(f"host '{self.spec.label}' answered the handshake with {type(reply).__name__}")
@@ -297,7 +297,7 @@ class Host:
 
     def request(self, message: m.Message, timeout_s: float, what: str) -> m.Message:
         self.ensure_running(what)
-        self.calls.send(m.encode(message))
+        self.send(m.encode(message), timeout_s, what)
         return self.receive(timeout_s, what)
 
     def ensure_running(self, what: str) -> None:
@@ -322,8 +322,9 @@ class Host:
         for _ in range(2):  # a second time only when the output segments had to grow
             wire, grad_inputs, cuda_events = self.encode(kwargs, differentiate, label, hook)
             call_id = next(self.call_ids)
-            self.sync_segments()
-            self.calls.send(m.encode(m.CallRequest(call_id, instance, hook, wire, cuda_events)))
+            self.sync_segments(hook, label)
+            self.send(m.encode(m.CallRequest(call_id, instance, hook, wire, cuda_events)), deadline_s, hook, label,
+                      deadline=True)
             reply = self.receive(deadline_s, hook, label=label, deadline=True, cpu_budget=self.cpu_budget())
             if not isinstance(reply, m.CallReply) or reply.call_id != call_id:
                 self.kill("answered out of turn")
@@ -370,7 +371,7 @@ class Host:
         self.ensure_running(what)
         for _ in range(2):  # a second time only when the output segments had to grow
             wire, _, cuda_events = self.encode(load, False, label, what)
-            self.sync_segments()
+            self.sync_segments(what, label)
             reply = self.request(m.StateRequest(instance, wire, cuda_events), self.settings.start_timeout_s, what)
             if not isinstance(reply, m.StateReply):
                 self.kill("answered a state request with the wrong message")
@@ -449,18 +450,27 @@ class Host:
             raise BadReference(f"result names input segment {ref.segment}")
         return self.outputs.view(ref).clone()
 
-    def sync_segments(self) -> None:
+    def sync_segments(self, what: str, label: str) -> None:
         """Send the host every segment it has not seen (all of them after a restart), before the request."""
         for segment in (*self.inputs.segments, *self.outputs.segments):
             if segment.id not in self.announced:
-                self.send_segment(segment)
+                self.send_segment(segment, what, label)
                 self.announced.add(segment.id)
 
-    def send_segment(self, segment: Segment) -> None:
+    def send_segment(self, segment: Segment, what: str, label: str) -> None:
+        """One segment's descriptor and fd over the Unix channel: a host that is gone (a broken pipe) or stuck (a
+        full channel) is a ``HostDeadError``, never an ``OSError`` that ends the run or a send that never returns."""
         fd = segment.host_fd()
         try:
             event = m.encode(m.SegmentEvent(segment.id, segment.size, segment.host_writable))
+            self.fds.settimeout(self.settings.heartbeat_timeout_s)
             socket.send_fds(self.fds, [event], [fd])
+        except OSError as exc:  # TimeoutError included
+            self.check_process(what, label)  # a death explains itself
+            pid = self.pid
+            self.kill(f"its segment channel failed: {exc!r}")
+            raise HostDeadError(label, what, f"failed: its host (pid {pid}) did not take a shared segment "
+                                f"({exc!r}); the host was killed and restarts on the next call") from None
         finally:
             os.close(fd)
 
@@ -473,6 +483,29 @@ class Host:
             return None
         used = cgroups.cpu_seconds()
         return None if used is None else (used, tenant.cpu_seconds_per_call)
+
+    def send(self, frame: bytes, timeout_s: float, what: str, label: str | None = None, deadline: bool = False,
+             starting: bool = False) -> None:
+        """Queue ``frame`` for the host, watching its process and heartbeats while it cannot be queued: a PAIR
+        socket whose peer is gone blocks a plain send forever (a host that died between two calls)."""
+        label = label or self.spec.label
+        end = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.calls.send(frame, zmq.NOBLOCK)
+                return
+            except zmq.Again:  # no peer (it left, or has not connected yet), or its queue is full
+                pass
+            if self.calls.poll(max(1, int(min(end - time.monotonic(), self.settings.heartbeat_interval_s) * 1000)),
+                               zmq.POLLOUT):
+                continue
+            self.check_alive(what, label, starting)
+            if time.monotonic() >= end:
+                pid = self.pid
+                key = "deadline_s" if deadline else "[hosts] start_timeout_s"
+                self.kill(f"did not take {what} within {timeout_s:g} s")
+                raise HostDeadError(label, what, f"did not take the request within {timeout_s:g} s (see {key}); "
+                                    f"its host (pid {pid}) was killed and restarts on the next call")
 
     def receive(self, timeout_s: float, what: str, label: str | None = None, deadline: bool = False,
                 starting: bool = False, cpu_budget: tuple[float, float] | None = None) -> m.Message:

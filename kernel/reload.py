@@ -221,11 +221,13 @@ class Reloader:
             if errors:
                 raise RejectedEdit("; ".join(errors))
             built: dict[str, object] = {}
-            for name, proxy in self.plugins.by_name.items():
-                if not isinstance(proxy, RemotePlugin) or proxy.host is not old:
+            # The plugins of this host's line (its spec), whichever generation serves them now: an earlier edit
+            # may be swapped in by the main thread while this one starts. The instances are the same in each.
+            for name, proxy in list(self.plugins.by_name.items()):
+                if not isinstance(proxy, RemotePlugin) or proxy.host.spec is not old.spec:
                     continue
-                if proxy.instance in old.builds:
-                    reply = new.build(old.builds[proxy.instance])
+                if proxy.instance in proxy.host.builds:
+                    reply = new.build(proxy.host.builds[proxy.instance])
                     if reply.problems:
                         raise RejectedEdit(f"{name}: " + "; ".join(reply.problems))
                     hooks, stateful = reply.hooks, reply.stateful
@@ -256,6 +258,7 @@ class Reloader:
             started = time.monotonic()
             if isinstance(item, Candidate):
                 try:
+                    self.covers(item)
                     self.probe(item)
                 except RejectedEdit as exc:
                     self.reject(item)
@@ -280,6 +283,18 @@ class Reloader:
                 current = self.host_of(item.path)  # not item.host[0] if an earlier edit was swapped in since
                 assert hosts is not None and current is not None
                 hosts.replace(current, item.host[1])
+
+    def covers(self, candidate: Candidate) -> None:
+        """A new host replaces the current one only if it serves every plugin the current one serves: after the
+        swap, no registered plugin may call the host that is being shut down."""
+        if candidate.host is None:
+            return
+        current = self.host_of(candidate.path)
+        served = {name for name, plugin in self.plugins.by_name.items()
+                  if isinstance(plugin, RemotePlugin) and plugin.host is current}
+        missing = sorted(served - set(candidate.plugins))
+        if missing:
+            raise RejectedEdit(f"the new host does not serve {', '.join(missing)}, which its host serves now")
 
     def probe(self, candidate: Candidate) -> None:
         """A new loss must give a finite 0-dim loss on the last batch whose gradient reaches the logits."""

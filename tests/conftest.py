@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import os
 import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,3 +51,95 @@ def tiny_config(tmp_path: Path) -> Path:
         tmp_path / "tiny.toml", text,
         max_steps="12", batch_size="16", save_every="4", every="6", dir=f'"{tmp_path / "run"}"',
     )
+
+
+# -- a hang fails its test in minutes, with the stacks of every process of the test ------------------------------
+TIMEOUT_S = 300.0  # per phase (setup, call, teardown); a test may say more with @pytest.mark.timeout(seconds)
+SLOW_TIMEOUT_S = 600.0  # tests marked slow
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "timeout(seconds): this test's per-phase limit (default 300 s, slow 600 s)")
+
+
+def descendants(root: int) -> list[int]:
+    """Every live process below ``root`` (plugin hosts, torchrun agents and ranks, sandbox launchers...)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
+
+
+def stacks_of_every_process() -> str:
+    """This process's threads (faulthandler), then each descendant's Python stacks (py-spy, as root) or at least
+    its command line."""
+    with tempfile.TemporaryFile("w+") as own:
+        faulthandler.dump_traceback(own, all_threads=True)
+        own.seek(0)
+        parts = [f"== this test process (pid {os.getpid()}), every thread:\n{own.read()}"]
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    for pid in descendants(os.getpid()):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        text = "(py-spy is not installed: no stack)"
+        if Path(spy).is_file():
+            try:
+                done = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30)
+                text = done.stdout or done.stderr
+            except subprocess.TimeoutExpired:
+                text = "(py-spy took too long)"
+        parts.append(f"== pid {pid}: {cmdline[:300]}\n{text}")
+    return "\n".join(parts)
+
+
+@contextlib.contextmanager
+def deadline(item: pytest.Item, phase: str) -> Iterator[None]:
+    marker = item.get_closest_marker("timeout")
+    limit = float(marker.args[0]) if marker else SLOW_TIMEOUT_S if item.get_closest_marker("slow") else TIMEOUT_S
+
+    def expired(signum: int, frame: object) -> None:
+        report = stacks_of_every_process()
+        for pid in descendants(os.getpid()):  # whatever the test waits on returns, and nothing outlives it
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        pytest.fail(f"{item.nodeid}: {phase} took longer than {limit:g} s (a hang?); the stacks of every process "
+                    f"of the test when it was stopped:\n{report}", pytrace=False)
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, limit)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    with deadline(item, "setup"):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    with deadline(item, "the test"):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    with deadline(item, "teardown"):
+        yield

@@ -153,3 +153,30 @@ def test_saving_a_local_module_the_plugin_imports_reloads_the_plugin(tmp_path: P
     [reload] = [r for r in lines if r.get("event") == "plugin_reload"]
     last = [r for r in lines if "event" not in r][-1]
     assert last["step"] > reload["step"] and last["loss"] == pytest.approx(2.0 * last["ce"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_ten_edits_in_a_row_of_a_host_loss_are_swapped_in_and_the_run_completes(tmp_path: Path) -> None:
+    """Edits 0.3 s apart, faster than a host starts (~1 s): the next edit's host is prepared while the last one is
+    swapped in, and edits land while the old host is computing a loss (the loss sleeps half of each step). Every
+    swap is recorded, no call reaches a retired host, and the last edit is what trains at the end."""
+    cfg = config(tmp_path, "process", steps=400)
+    loss_file = tmp_path / "live.py"
+
+    def edits() -> None:
+        for i in range(10):
+            loss_file.write_text(LOSS.replace("FACTOR", f"{1.0 + (i + 1) / 10:.1f}"))
+            time.sleep(0.3)
+
+    editor = edit_at_step(tmp_path / "run", 3, edits)
+    assert run(cfg) == 0
+    editor.join()
+    lines = records(tmp_path / "run")
+    assert not [r for r in lines if r.get("event") in ("plugin_failed", "plugin_reload_failed", "host_dead")]
+    steps = [r for r in lines if "event" not in r]
+    assert [r["step"] for r in steps] == list(range(1, 401))
+    reloads = [r for r in lines if r.get("event") == "plugin_reload"]
+    assert len(reloads) >= 3, reloads
+    assert all(a["new_hash"] == b["old_hash"] for a, b in zip(reloads, reloads[1:], strict=False))  # one chain
+    after = [r for r in steps if r["step"] > reloads[-1]["step"]]
+    assert after and all(r["loss"] == pytest.approx(2.0 * r["ce"], rel=1e-5) for r in after)

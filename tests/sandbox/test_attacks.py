@@ -5,9 +5,9 @@ got) and from outside (the listener saw nothing, the files are unchanged, the ke
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,10 +38,11 @@ class Reader:
 
 
 class Listener:
-    """TCP, UDP, a pathname Unix socket (mode 0666) and an abstract one on the kernel's side; records contacts."""
+    """TCP, UDP, a pathname Unix socket (mode 0666) and an abstract one on the kernel's side. An attack is judged by
+    what reached it (``received``), not by the error the attacker saw: nothing accepts or closes a connection while
+    an attack runs, so an attacker cannot get a broken pipe from a connection that in fact succeeded."""
 
     def __init__(self, folder: Path) -> None:
-        self.contacts: list[str] = []
         self.tcp = socket.create_server(("127.0.0.1", 0))
         self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.udp.bind(("127.0.0.1", 0))
@@ -54,26 +55,29 @@ class Listener:
         self.abstract = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.abstract.bind("\0" + self.abstract_name)
         self.abstract.listen()
-        for sock in (self.tcp, self.unix, self.abstract):
-            threading.Thread(target=self.accept, args=(sock,), daemon=True).start()
-        threading.Thread(target=self.receive, daemon=True).start()
 
-    def accept(self, sock: socket.socket) -> None:
+    def received(self) -> list[tuple[str, bytes]]:
+        """Every contact since the last call, with the bytes it sent. A connection an attacker made is complete
+        (in the listening socket's queue) and its bytes are buffered before its connect and send return, and a
+        datagram is queued before its sendto returns, so what an attack did is all here when the attack has
+        answered."""
+        contacts = []
         while True:
-            try:
+            ready, _, _ = select.select([self.tcp, self.unix, self.abstract, self.udp], [], [], 0.05)
+            if not ready:
+                return contacts
+            for sock in ready:
+                if sock is self.udp:
+                    data, _ = self.udp.recvfrom(100)
+                    contacts.append(("udp", data))
+                    continue
                 conn, _ = sock.accept()
-            except OSError:
-                return
-            self.contacts.append(repr(sock.getsockname()))
-            conn.close()
-
-    def receive(self) -> None:
-        while True:
-            try:
-                data, _ = self.udp.recvfrom(100)
-            except OSError:
-                return
-            self.contacts.append(f"udp {data!r}")
+                conn.settimeout(5)
+                with conn:
+                    data = b""
+                    while chunk := conn.recv(100):  # the attacker has closed its end: EOF follows its bytes
+                        data += chunk
+                contacts.append((repr(sock.getsockname()), data))
 
     def close(self) -> None:
         for sock in (self.tcp, self.udp, self.unix, self.abstract):
@@ -165,8 +169,8 @@ def test_no_network_and_no_host_sockets(world: World, action: str) -> None:
             "unix_socket": (world.listener.path,), "abstract_socket": (world.listener.abstract_name,),
             "dns": ("example.com",)}[action]
     outcome = world.attack(action, *args)
+    assert world.listener.received() == [], outcome  # what counts: nothing reached the other side
     assert outcome.startswith("blocked"), outcome
-    assert world.listener.contacts == []
 
 
 def test_files_of_the_machine_other_tenants_and_the_kernel_are_invisible(world: World) -> None:
@@ -276,8 +280,11 @@ def test_without_the_sandbox_the_same_attacks_succeed(tmp_path: Path) -> None:
             return str(proxy.swiftk_reward_compute(prompts=[action, *map(str, args)], completions=[], references=[],
                                                    state=None)["outcome"])
 
-        assert attack("tcp", "127.0.0.1", listener.tcp.getsockname()[1]).startswith("done")
-        assert attack("unix_socket", listener.path).startswith("done")
+        for action, address in (("tcp", ("127.0.0.1", listener.tcp.getsockname()[1])), ("udp", ("127.0.0.1",
+                                listener.udp.getsockname()[1])), ("unix_socket", (listener.path,)),
+                                ("abstract_socket", (listener.abstract_name,))):
+            outcome = attack(action, *address)
+            assert [data for _, data in listener.received()] == [b"escaped"], (action, outcome)
         assert attack("read", secret).startswith("done")
         assert attack("environment", SECRET).startswith("done")
         assert attack("write", tmp_path / "escaped").startswith("done")
