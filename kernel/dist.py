@@ -1,7 +1,7 @@
 """Many processes on PyTorch's and DeepSpeed's engines: process-group setup and teardown, the agreements ranks
 make with collectives, and ``Parallel``, the one object the loop asks to wrap, backward, step and checkpoint.
 
-    setup()      join (a rank that never joins is named), init_process_group (gloo on CPU, nccl on CUDA)
+    setup()      join (a rank that never joins is named), init_process_group (gloo for CPU tensors, nccl for CUDA)
     Parallel     single process | DDP | FSDP2 (fully_shard per decoder layer) | DeepSpeed ZeRO-2/3
     agreements   sum/mean of metrics, "any rank asked to stop", "did any rank's plugin fail", same config/code
     shutdown()   barrier + destroy_process_group on every path (ZeRO-3 aborts at exit without them)
@@ -91,7 +91,7 @@ def store_fetch(key: str, timeout_s: float) -> str:
 
 
 def setup(options: Any, device: str) -> DistInfo:
-    """Join the other ranks and start the process group (nccl on CUDA, gloo on CPU); a no-op outside a launcher."""
+    """Join the other ranks and start the process group (``backend_spec``); a no-op outside a launcher."""
     info = from_env()
     if not launched() or active():
         return info
@@ -100,9 +100,15 @@ def setup(options: Any, device: str) -> DistInfo:
         torch.cuda.set_device(info.local_rank)
     global STORE
     store = STORE = join(info, options.join_timeout_s)
-    dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore("swiftk/pg", store), rank=info.rank,
+    dist.init_process_group(backend_spec(cuda), store=dist.PrefixStore("swiftk/pg", store), rank=info.rank,
                             world_size=info.world_size, timeout=timedelta(seconds=options.timeout_s))
     return info
+
+
+def backend_spec(cuda: bool) -> str:
+    """The process group's backend per device type. The ranks' agreements (stops, failures, metrics) all-reduce
+    CPU tensors even on GPUs, and NCCL has no CPU backend: gloo carries those, NCCL the model's CUDA tensors."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
 
 
 def join(info: DistInfo, timeout_s: float) -> dist.Store:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -15,7 +16,7 @@ import pytest
 from swiftk.contracts.errors import HostDeadError
 from swiftk.hosts.group import HostGroup, HostSettings, HostSpec, Policy
 
-from .helpers import assert_clean
+from .helpers import assert_clean, events, host_config, run
 
 # Answers, then leaves 50 ms later while the kernel is idle (the kernel's next send finds no peer).
 LEAVES_WHEN_IDLE = '''
@@ -115,4 +116,34 @@ def test_a_host_that_stops_reading_does_not_block_the_segment_channel(tmp_path: 
         assert call(hosts)["pid"] > 0  # restarted
     finally:
         hosts.close()
+    assert_clean()
+
+
+IDLE_EXIT_PLUGIN = '''
+import os, threading
+from swiftk.contracts import hookimpl
+
+@hookimpl
+def swiftk_step_end(state, metrics):
+    if state.step == 4:  # answer, then leave while the kernel trains step 5
+        threading.Timer(0.05, os._exit, args=(3,)).start()
+    return {"alive": 1.0}
+'''
+
+
+def test_a_run_whose_host_exits_between_steps_goes_on(tmp_path: Path) -> None:
+    """The single-process form of the shared-host hang: the host answers step 4's step_end and exits 50 ms later;
+    step 5's call fails (policy skip) instead of blocking in a send for ever, and step 6 restarts the host."""
+    (tmp_path / "leaves.py").write_text(IDLE_EXIT_PLUGIN)
+    cfg = host_config(tmp_path, str(tmp_path / "leaves.py"), loss="cross_entropy", steps=8, save_every=100,
+                      table='on_failure = "skip"\nmax_failures = 5')
+    started = time.monotonic()
+    assert run(cfg) == 0
+    assert time.monotonic() - started < 120
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    alive = [r["step"] for r in records if "event" not in r and "alive" in r]
+    assert [r["step"] for r in records if "event" not in r] == list(range(1, 9))
+    assert 5 not in alive and {1, 2, 3, 4, 6, 7, 8} <= set(alive), alive
+    [failed] = [r for r in events(tmp_path / "run", "plugin_failed")]
+    assert failed["step"] == 5 and "exited with code 3" in failed["error"], failed
     assert_clean()

@@ -374,6 +374,29 @@ def test_a_problem_on_one_node_only_stops_every_node_with_its_reason(tmp_path: P
 # ------------------------------------------------------------------------------------------ clear errors (fast)
 
 
+CUDA = pytest.param(True, marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                      reason="needs a CUDA device")])
+
+
+@pytest.mark.parametrize("cuda", [False, CUDA])
+def test_the_process_group_carries_cpu_agreements_and_cuda_tensors(cuda: bool, tmp_path: Path) -> None:
+    """The ranks' agreements all-reduce CPU tensors on GPUs too: a plain "nccl" group fails them ("No backend type
+    associated with device type cpu"), so CUDA runs start one backend per device type."""
+    spec = dist.backend_spec(cuda)
+    assert spec == ("cpu:gloo,cuda:nccl" if cuda else "gloo")
+    torch.distributed.init_process_group(spec, store=torch.distributed.FileStore(str(tmp_path / "store"), 1),
+                                         rank=0, world_size=1)
+    try:
+        assert dist.any_rank(True, False) == [True, False]
+        assert dist.sum_across_ranks(2.5) == 2.5
+        if cuda:
+            tensor = torch.ones(3, device="cuda")
+            torch.distributed.all_reduce(tensor)
+            assert tensor.tolist() == [1.0, 1.0, 1.0]
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def test_a_rank_that_never_joins_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     port = launch.free_port("127.0.0.1")
     for key, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
