@@ -37,7 +37,7 @@ from swiftk.contracts.registry import (
 from swiftk.contracts.types import LossResult
 from swiftk.hosts import messages as m
 from swiftk.hosts.codec import from_wire, tensor_bytes, to_wire
-from swiftk.hosts.sandbox import Policy, confine
+from swiftk.hosts.sandbox import Policy, address_space_limit, confine
 from swiftk.shm.cuda import CudaMapping
 from swiftk.shm.refs import CudaRef, TensorRef
 from swiftk.shm.segments import Mapping, OutputFull
@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.parent:  # else a sandbox launcher is the parent, and it watches the kernel
         die_with_parent(args.parent, not args.no_death_signal)
     if args.memory_mb:
-        limit = args.memory_mb << 20
+        limit = address_space_limit(args.memory_mb)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     token = os.environ.pop("SWIFTK_HOST_TOKEN", "")
     # Everything the host needs is imported above, as root; the tenant's code is imported only after this.

@@ -93,7 +93,7 @@ class Policy:
     root: str  # an empty folder the launcher mounts the new root on (in its own mount namespace)
     readable: list[str] = field(default_factory=list)  # bound read-only at the same path
     writable: list[str] = field(default_factory=list)  # bound read-write (scratch, the socket folder)
-    memory_mb: int = 0  # RLIMIT_AS; 0: none
+    memory_mb: int = 0  # RLIMIT_AS beyond what the host mapped before the tenant's code (address_space_limit); 0: none
     open_files: int = 256
     file_size_mb: int = 1024
     cpu_seconds_total: int = 0  # RLIMIT_CPU over the host's life; 0: none
@@ -344,7 +344,7 @@ def confine(policy: Policy) -> dict[str, str]:
         limits = {resource.RLIMIT_NOFILE: policy.open_files, resource.RLIMIT_FSIZE: policy.file_size_mb << 20,
                   resource.RLIMIT_CORE: 0}
         if policy.memory_mb:
-            limits[resource.RLIMIT_AS] = policy.memory_mb << 20
+            limits[resource.RLIMIT_AS] = address_space_limit(policy.memory_mb)
         if policy.cpu_seconds_total:
             limits[resource.RLIMIT_CPU] = policy.cpu_seconds_total
         for which, value in limits.items():
@@ -366,6 +366,22 @@ def confine(policy: Policy) -> dict[str, str]:
     if rules is not None:
         rules.load()
     return report(policy, abi)
+
+
+def mapped_bytes() -> int:
+    """The address space this process has mapped so far (``VmSize``): the interpreter, torch and, with a CUDA
+    build, its CUDA libraries, which map gigabytes before any tensor exists."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) << 10
+    return 0
+
+
+def address_space_limit(memory_mb: int) -> int:
+    """``RLIMIT_AS`` for a host whose plugins may map ``memory_mb`` MiB: beyond what the host mapped before any
+    plugin code ran. An absolute limit would depend on the torch build: a CUDA build's libraries alone map more
+    than a typical limit, and its threads then cannot get stacks (seen on an H200: zmq could not start)."""
+    return mapped_bytes() + (memory_mb << 20)
 
 
 def report(policy: Policy, landlock: int) -> dict[str, str]:

@@ -277,7 +277,8 @@ class PluginSource(Section):
         "fail", description="process: what a failed call does: 'fail', 'skip', 'retry' or { fallback = value }")
     max_failures: int = Field(3, ge=1, description="process: failures within failure_window_s that quarantine it")
     failure_window_s: float = Field(300.0, gt=0, description="process: the quarantine window")
-    memory_mb: int | None = Field(None, ge=256, description="process: address-space limit of its host (MiB)")
+    memory_mb: int | None = Field(None, ge=256, description="process: address space its plugins may map, beyond "
+                                  "what the host itself mapped at start (MiB)")
     watch: bool = Field(False, description="hot-reload this plugin when its file is saved (see --watch)")
 
     @model_validator(mode="after")
@@ -317,7 +318,8 @@ class TenantConfig(Section):
                                 "$TMPDIR/swiftk-tenants/NAME); owned by its uid, mode 0700")
     uid: int | None = Field(None, ge=1000, lt=2**31 - 1, description="its uid and gid (default: a stable one "
                             "derived from the name, from [sandbox] uid_base)")
-    memory_mb: int = Field(2048, ge=512, description="per host: address-space limit and memory cgroup limit (MiB)")
+    memory_mb: int = Field(2048, ge=512, description="per host: address space beyond the host's own at start, and "
+                           "memory cgroup limit (MiB)")
     cpu_seconds_per_call: float | None = Field(None, gt=0, description="CPU time one hook call may use; counted "
                                                "by the cgroup (without one, only deadline_s applies)")
     deadline_s: float = Field(30.0, gt=0, description="seconds one hook call may take")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from swiftk.contracts.conformance import tiny_batch, tiny_state
+from swiftk.contracts.errors import PluginError
 from swiftk.hosts import supervisor
 from swiftk.hosts.group import HostGroup, HostSettings, HostSpec, Policy
 
@@ -151,4 +152,33 @@ def test_a_reward_and_a_second_plugin_share_one_host_by_group(tmp_path: Path) ->
     assert plugin.swiftk_step_end(tiny_state(tmp_path), {"loss": 1.5}) == {"seen": 3.0}
     assert reward.host is plugin.host
     hosts.close()
+    assert_clean()
+
+
+ALLOCATES = '''
+from swiftk.contracts import hookimpl
+
+@hookimpl
+def swiftk_step_end(state, metrics):
+    return {"mib": float(len(bytearray(int(metrics["mib"]) << 20)) >> 20)}
+'''
+
+
+def test_memory_mb_counts_what_the_plugin_maps_not_the_host_itself(tmp_path: Path) -> None:
+    """512 MiB is less than torch alone maps (gigabytes with a CUDA build): the limit applies beyond what the host
+    mapped before it started serving (its own threads' stacks and arenas come out of it), so the host starts and
+    its plugin gets 200 MiB, not 1 GiB."""
+    (tmp_path / "plugin.py").write_text(ALLOCATES)
+    hosts = HostGroup([HostSpec("process:plugin", [str(tmp_path / "plugin.py")], ["plugin"], memory_mb=512)],
+                      {"plugin": Policy()}, HostSettings())
+    hosts.sink = lambda event, fields: None
+    try:
+        assert hosts.start() == []
+        (_, proxy), = hosts.module_proxies
+        assert proxy.swiftk_step_end(state=None, metrics={"mib": 200.0}) == {"mib": 200.0}
+        with pytest.raises(PluginError, match="MemoryError"):
+            proxy.swiftk_step_end(state=None, metrics={"mib": 1024.0})
+        assert proxy.swiftk_step_end(state=None, metrics={"mib": 1.0}) == {"mib": 1.0}  # the host lives on
+    finally:
+        hosts.close()
     assert_clean()
