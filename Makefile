@@ -1,5 +1,6 @@
 # `make run`: set up .venv if needed, then LoRA-fine-tune SmolLM2-135M-Instruct (configs/quickstart.toml).
-# `make test`: set up .venv if needed, then ruff, mypy --strict (contracts/, hosts/, shm/, native/) and the tests.
+# `make test`: set up .venv if needed, then ruff, mypy --strict (contracts/, hosts/, shm/, native/) and the tests
+# (the 15 slowest are listed at the end; a hanging test fails after its limit with every process's stacks).
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -41,7 +42,7 @@ typecheck: $(STAMP)
 	MYPYPATH=build/mypy $(VENV)/bin/mypy --strict -p swiftk.contracts -p swiftk.hosts -p swiftk.shm -p swiftk.native
 
 pytest: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test: lint typecheck pytest
 
