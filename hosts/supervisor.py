@@ -500,12 +500,7 @@ class Host:
                                zmq.POLLOUT):
                 continue
             self.check_alive(what, label, starting)
-            if time.monotonic() >= end:
-                pid = self.pid
-                key = "deadline_s" if deadline else "[hosts] start_timeout_s"
-                self.kill(f"did not take {what} within {timeout_s:g} s")
-                raise HostDeadError(label, what, f"did not take the request within {timeout_s:g} s (see {key}); "
-                                    f"its host (pid {pid}) was killed and restarts on the next call")
+            self.check_deadline(end, timeout_s, what, label, deadline, "take the request")
 
     def receive(self, timeout_s: float, what: str, label: str | None = None, deadline: bool = False,
                 starting: bool = False, cpu_budget: tuple[float, float] | None = None) -> m.Message:
@@ -531,12 +526,17 @@ class Host:
                     raise HostDeadError(label, what, f"used more than {cpu_budget[1]:g} CPU-seconds in one call "
                                         f"(see cpu_seconds_per_call); its host (pid {pid}) was killed and restarts "
                                         f"on the next call")
-            if time.monotonic() >= end:
-                pid = self.pid
-                key = "deadline_s" if deadline else "[hosts] start_timeout_s"
-                self.kill(f"{what} missed its {timeout_s:g} s deadline")
-                raise HostDeadError(label, what, f"did not answer within {timeout_s:g} s (see {key}); its host "
-                                    f"(pid {pid}) was killed and restarts on the next call")
+            self.check_deadline(end, timeout_s, what, label, deadline, "answer")
+
+    def check_deadline(self, end: float, timeout_s: float, what: str, label: str, deadline: bool, doing: str) -> None:
+        """Past ``end``, the host is killed and ``what`` fails: it did not ``doing`` within ``timeout_s``."""
+        if time.monotonic() < end:
+            return
+        pid = self.pid
+        key = "deadline_s" if deadline else "[hosts] start_timeout_s"
+        self.kill(f"{what} missed its {timeout_s:g} s deadline (did not {doing})")
+        raise HostDeadError(label, what, f"did not {doing} within {timeout_s:g} s (see {key}); its host (pid {pid}) "
+                            f"was killed and restarts on the next call")
 
     def check_alive(self, what: str, label: str | None = None, starting: bool = False) -> None:
         label = label or self.spec.label
