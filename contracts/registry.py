@@ -277,6 +277,9 @@ _ADAPTERS: dict[str, Callable[[PluginSpec, dict[str, Any]], object]] = {
 imported_files: set[str] = set()  # plugin files imported by import_source, so that a new run can forget them
 
 
+CODE_HASH = "__swiftk_code_hash__"  # set on a plugin file's module: the hash of the bytes it ran
+
+
 def import_source(source: str) -> ModuleType:
     """Import a plugin file (under a unique module name) or an importable module."""
     path = Path(source)
@@ -292,9 +295,12 @@ def import_source(source: str) -> ModuleType:
         spec = importlib.util.spec_from_file_location(name, path)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
+        # The bytes are read once: the code hash is of what runs, even if the file is saved again meanwhile.
+        code = path.read_bytes()
+        setattr(module, CODE_HASH, hashlib.sha256(code).hexdigest()[:12])
         sys.modules[name] = module
         try:
-            spec.loader.exec_module(module)
+            exec(compile(code, str(path), "exec", dont_inherit=True), module.__dict__)
         except BaseException:
             del sys.modules[name]
             raise
@@ -303,7 +309,12 @@ def import_source(source: str) -> ModuleType:
 
 
 def source_hash(obj: Any) -> str:
-    """Short hash of the file that defines ``obj`` (recorded in checkpoints and metrics, and in host handshakes)."""
+    """Short hash of the file that defines ``obj`` (recorded in checkpoints and metrics, and in host handshakes): of
+    the bytes ``import_source`` executed for a plugin file, else of the file as it is now."""
+    module = obj if isinstance(obj, ModuleType) else sys.modules.get(getattr(obj, "__module__", None) or "")
+    imported = getattr(module, CODE_HASH, None)
+    if isinstance(imported, str):
+        return imported
     try:
         path = inspect.getsourcefile(obj)
         if path:

@@ -225,8 +225,11 @@ class Host:
             if self.sandbox is not None:
                 self.sandbox.own_socket(endpoint(suffix))
 
-    def handshake(self) -> m.HelloReply:
-        """Send the hello and check the reply: same contract version, the token this kernel gave the host."""
+    def handshake(self, same_code: bool = True) -> m.HelloReply:
+        """Send the hello and check the reply: same contract version, the token this kernel gave the host, and
+        (``same_code``) the code hash of each file as the kernel reads it. A host started for a hot reload skips
+        that check: it runs what the file holds when it imports it, which a save during its start may change, and
+        the reloader records the hash the host reports."""
         end = time.monotonic() + self.settings.start_timeout_s
         # A PAIR socket holds a message only once the host has connected: until then, watch the process (a host
         # that dies before connecting, e.g. a sandbox that could not be built, would block the send forever).
@@ -253,17 +256,17 @@ class Host:
             raise HostStartError(f"host '{self.spec.label}' answered for other plugin sources than it was given")
         for source in reply.sources:
             expected = file_hash(source.source)
-            if source.error is None and expected is not None and source.code_hash != expected:
+            if same_code and source.error is None and expected is not None and source.code_hash != expected:
                 raise HostStartError(
                     f"host '{self.spec.label}' loaded {source.source} with code hash {source.code_hash}, but the "
                     f"file on disk hashes to {expected}: it changed while the host started; start the run again")
         self.hello = reply
         return reply
 
-    def start(self) -> m.HelloReply:
+    def start(self, same_code: bool = True) -> m.HelloReply:
         self.spawn()
         try:
-            return self.handshake()
+            return self.handshake(same_code)
         except (HostStartError, HostDeadError):
             self.kill("failed to start")
             raise
@@ -672,7 +675,7 @@ class GuestHost(Host):
         self.token = self.shared.fetch(self.shared.token_key, self.settings.start_timeout_s)
         self.last_beat = time.monotonic()
 
-    def handshake(self) -> m.HelloReply:
+    def handshake(self, same_code: bool = True) -> m.HelloReply:
         self.listener.settimeout(self.settings.start_timeout_s)
         try:
             self.fds, _ = self.listener.accept()
@@ -681,7 +684,7 @@ class GuestHost(Host):
                                  f"{self.settings.start_timeout_s:g} s (local rank 0 starts it)") from None
         finally:
             self.listener.close()
-        reply = super().handshake()
+        reply = super().handshake(same_code)
         self.host_pid = reply.pid
         return reply
 

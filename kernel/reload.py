@@ -216,10 +216,13 @@ class Reloader:
         """A fresh host with the new code, started and built beside the old one (training goes on)."""
         new = Host(old.spec, old.settings, old.context, old.events)
         try:
-            hello = new.start()
+            hello = new.start(same_code=False)
             errors = [f"{s.source}: {s.error}" for s in hello.sources if s.error]
             if errors:
                 raise RejectedEdit("; ".join(errors))
+            # What the host imported: a save while it started (edits faster than a host starts) is newer than
+            # what this edit hashed, and is reloaded again after this one.
+            new_hash = next((s.code_hash for s in hello.sources if str(Path(s.source).resolve()) == path), new_hash)
             built: dict[str, object] = {}
             # The plugins of this host's line (its spec), whichever generation serves them now: an earlier edit
             # may be swapped in by the main thread while this one starts. The instances are the same in each.

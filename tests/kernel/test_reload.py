@@ -180,3 +180,24 @@ def test_ten_edits_in_a_row_of_a_host_loss_are_swapped_in_and_the_run_completes(
     assert all(a["new_hash"] == b["old_hash"] for a, b in zip(reloads, reloads[1:], strict=False))  # one chain
     after = [r for r in steps if r["step"] > reloads[-1]["step"]]
     assert after and all(r["loss"] == pytest.approx(2.0 * r["ce"], rel=1e-5) for r in after)
+
+
+def test_a_save_while_the_new_host_starts_is_reloaded_after_it(tmp_path: Path) -> None:
+    """The file changes between the new host importing it and the kernel reading it (an edit faster than a host
+    starts; here the edited file rewrites itself when imported). The reload records the code the host runs, not
+    what the kernel hashed, and the later save is reloaded next: no rejection, no host killed."""
+    cfg = config(tmp_path, "process", steps=120)
+    loss_file = tmp_path / "live.py"
+    final = LOSS.replace("FACTOR", "3.0")
+    rewrites = LOSS.replace("FACTOR", "2.0") + f"\nfrom pathlib import Path\nPath(__file__).write_text({final!r})\n"
+    editor = edit_at_step(tmp_path / "run", 3, lambda: loss_file.write_text(rewrites))
+    assert run(cfg) == 0
+    editor.join()
+    lines = records(tmp_path / "run")
+    assert not [r for r in lines if r.get("event") in ("plugin_failed", "plugin_reload_failed", "host_dead")], lines
+    first, second = [r for r in lines if r.get("event") == "plugin_reload"]
+    assert first["new_hash"] == second["old_hash"] != second["new_hash"]
+    steps = {r["step"]: r for r in lines if "event" not in r}
+    between = [r for s, r in steps.items() if first["step"] < s <= second["step"]]
+    assert all(r["loss"] == pytest.approx(2.0 * r["ce"], rel=1e-5) for r in between), between
+    assert steps[120]["loss"] == pytest.approx(3.0 * steps[120]["ce"], rel=1e-5)
