@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,23 +63,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "timeout(seconds): this test's per-phase limit (default 300 s, slow 600 s)")
 
 
-def descendants(root: int) -> list[int]:
-    """Every live process below ``root`` (plugin hosts, torchrun agents and ranks, sandbox launchers...)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], list(children.get(root, []))
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo += children.get(pid, [])
-    return found
+def descendants() -> list[int]:
+    """Every live process below this one (plugin hosts, torchrun agents and ranks, sandbox launchers...)."""
+    return [child.pid for child in psutil.Process().children(recursive=True)]
 
 
 def stacks_of_every_process() -> str:
@@ -89,7 +76,7 @@ def stacks_of_every_process() -> str:
         own.seek(0)
         parts = [f"== this test process (pid {os.getpid()}), every thread:\n{own.read()}"]
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    for pid in descendants(os.getpid()):
+    for pid in descendants():
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
@@ -112,7 +99,7 @@ def deadline(item: pytest.Item, phase: str) -> Iterator[None]:
 
     def expired(signum: int, frame: object) -> None:
         report = stacks_of_every_process()
-        for pid in descendants(os.getpid()):  # whatever the test waits on returns, and nothing outlives it
+        for pid in descendants():  # whatever the test waits on returns, and nothing outlives it
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         pytest.fail(f"{item.nodeid}: {phase} took longer than {limit:g} s (a hang?); the stacks of every process "
