@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from swiftk.kernel.cli import main
-from swiftk.kernel.plugin_cli import KINDS
+from swiftk.kernel.cli.plugin import KINDS
 
 SWIFTK = [sys.executable, "-c", "import sys; from swiftk.kernel.cli import main; sys.exit(main())"]
 

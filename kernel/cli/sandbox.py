@@ -2,18 +2,41 @@
 
 from __future__ import annotations
 
+import argparse
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
-from swiftk.hosts import tenants
-from swiftk.hosts.group import HostGroup, HostSettings, HostSpec
-from swiftk.hosts.sandbox import CORE, LAYERS
+DOCTOR_HELP = textwrap.dedent("""\
+    Print which sandbox layers this machine supports (uid, namespaces, rlimits, seccomp, landlock, cgroup,
+    no_new_privs), then start an empty sandboxed host per tenant of CONFIG (or one probe tenant) and print what
+    each host actually got, read back from inside it (/proc/self/status, its namespaces, its cgroups). No
+    tenant code is imported. See SECURITY.md for what each layer stops.
+
+    exit codes: 0 every required layer is in effect ([sandbox] require; default uid, namespaces, seccomp,
+    rlimits), 1 a required layer is missing or a host did not get it.""")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = "Check what the sandbox for tenants' plugins can do on this machine."
+    verbs = parser.add_subparsers(dest="sandbox_command", metavar="ACTION", required=True)
+    doctor = verbs.add_parser("doctor", help="the layers this machine supports and what a tenant host got",
+                              description=DOCTOR_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    doctor.add_argument("config", nargs="?", help="a run config: check its [tenants] and [sandbox] require")
+
+
+def main(args: argparse.Namespace) -> int:
+    return doctor(args.config)
 
 
 def doctor(config: str | None) -> int:
     """Print the machine's layers, start one empty host per tenant (the config's, or a probe tenant) and print
     what each got, read back from inside it. Exit 1 when a required layer is missing or was not applied."""
+    from swiftk.hosts import tenants
+    from swiftk.hosts.group import HostGroup, HostSettings, HostSpec
+    from swiftk.hosts.sandbox import CORE, LAYERS
+
     require: list[str] | None = None
     specs: list[HostSpec] = []
     available = tenants.machine_layers()
