@@ -1,9 +1,10 @@
 """Built-in plugins, written exactly as an outside author writes one: they import only swiftk.contracts.
 
 Importing this package registers every built-in under its name (``loss_type = "cross_entropy"``,
-``optimizer = "adamw"``, ``scheduler = "cosine"``, ``metrics = ["perplexity"]``, ``callbacks = ["early_stopping"]``...).
+``optimizer = "adamw"``, ``scheduler = "cosine"``, ``metrics = ["perplexity"]``, ``callbacks = ["early_stopping"]``,
+``tuner_strategy = "lora"``...).
 """
 
-from swiftk.plugins import callbacks, losses, metrics, optimizers, schedulers
+from swiftk.plugins import callbacks, losses, metrics, optimizers, schedulers, tuners
 
-__all__ = ["callbacks", "losses", "metrics", "optimizers", "schedulers"]
+__all__ = ["callbacks", "losses", "metrics", "optimizers", "schedulers", "tuners"]
