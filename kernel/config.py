@@ -16,6 +16,7 @@ import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from swiftk.kernel.errors import ConfigError
+from swiftk.kernel.parallel.config import DeviceConfig
 
 
 class Section(BaseModel):
@@ -409,6 +410,7 @@ class RunConfig(Section):
     log: LogConfig = Field(default_factory=LogConfig)
     hosts: HostsConfig = Field(default_factory=HostsConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    device: DeviceConfig = Field(default_factory=DeviceConfig)
     tenants: dict[str, TenantConfig] = Field(default_factory=dict, description="[tenants.NAME] whose plugins "
                                              "run sandboxed")
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)

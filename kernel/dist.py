@@ -1,8 +1,8 @@
-"""Many processes on PyTorch's and DeepSpeed's engines: process-group setup and teardown, the agreements ranks
-make with collectives, and ``Parallel``, the one object the loop asks to wrap, backward, step and checkpoint.
+"""Many processes: process-group setup and teardown, and the agreements ranks make with collectives. What the
+loop asks to wrap, backward, step and checkpoint is a parallel engine (``kernel.parallel``: none, DDP, FSDP2,
+DeepSpeed ZeRO).
 
     setup()      join (a rank that never joins is named), init_process_group (gloo for CPU tensors, nccl for CUDA)
-    Parallel     single process | DDP | FSDP2 (fully_shard per decoder layer) | DeepSpeed ZeRO-2/3
     agreements   sum/mean of metrics, "any rank asked to stop", "did any rank's plugin fail", same config/code
     shutdown()   barrier + destroy_process_group on every path (ZeRO-3 aborts at exit without them)
 
@@ -16,9 +16,8 @@ import contextlib
 import hashlib
 import json
 import os
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -264,178 +263,7 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-# ------------------------------------------------------------------------------------------ the engines
-
-
-@dataclass
-class Parallel:
-    """How the model trains across ranks. The default is one process: every call is the plain PyTorch one."""
-
-    backend: str = "single"  # "single" | "ddp" | "fsdp" | "deepspeed"
-    info: DistInfo = field(default_factory=DistInfo)
-    options: Any = None  # the [distributed] table
-    engine: Any = None  # the DeepSpeed engine
-    micro_steps: int = 0
-
-    @property
-    def sharded(self) -> bool:
-        """Parameters live in pieces across ranks: forward passes (eval, generation) run on every rank."""
-        return self.backend == "fsdp" or (self.backend == "deepspeed" and self.zero_stage == 3)
-
-    @property
-    def zero_stage(self) -> int:
-        return int(self.engine.zero_optimization_stage()) if self.engine is not None else 0
-
-    def wrap(self, model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
-        """DDP or FSDP2 around the model (before the optimizer is built: FSDP2 replaces the parameters)."""
-        if self.backend == "ddp":
-            from torch.nn.parallel import DistributedDataParallel
-
-            cuda = device.type == "cuda"
-            return DistributedDataParallel(model, device_ids=[device.index or self.info.local_rank] if cuda else None)
-        if self.backend == "fsdp":
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-            bf16 = precision == "bf16"
-            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
-                                          reduce_dtype=torch.float32 if bf16 else None)
-            reshard = self.options.fsdp_reshard_after_forward
-            for layer in decoder_layers(model):
-                fully_shard(layer, mp_policy=policy, reshard_after_forward=reshard)
-            fully_shard(model, mp_policy=policy, reshard_after_forward=reshard)
-        return model
-
-    def wrap_frozen(self, model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
-        """A frozen model beside the trained one (a preference stage's reference): FSDP2 shards it like the
-        trained model, so that no rank holds a whole copy; DDP and DeepSpeed keep a plain copy on each rank (DDP
-        has nothing to synchronise in a model without gradients, and a ZeRO engine needs an optimizer)."""
-        return self.wrap(model, device, precision) if self.backend == "fsdp" else model
-
-    def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: Any) -> torch.nn.Module:
-        """DeepSpeed: ``deepspeed.initialize`` with the plugin-built optimizer (our scheduler keeps stepping it)."""
-        if self.backend != "deepspeed":
-            return model
-        import deepspeed
-
-        config = deepspeed_config(self.options, train, self.info.world_size)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
-                                                    dist_init_required=False)
-        return self.engine  # type: ignore[no-any-return]
-
-    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The model itself (for generation, saving, the reference of a preference stage)."""
-        return getattr(model, "module", model) if self.backend in ("ddp", "deepspeed") else model
-
-    # --- one optimizer step
-
-    def backward(self, loss: torch.Tensor) -> None:
-        """The loss is already divided by the step's global token count; DDP, FSDP and DeepSpeed average
-        gradients over ranks, so it is scaled back by the world size to give the global sum's gradient."""
-        if self.info.world_size > 1:
-            loss = loss * self.info.world_size
-        if self.engine is None:
-            loss.backward()
-            return
-        self.engine.backward(loss, scale_wrt_gas=False)
-        self.micro_steps += 1
-        if self.micro_steps % self.engine.gradient_accumulation_steps():
-            self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
-
-    def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float | None) -> float | None:
-        """Clip and return the global gradient norm; None under DeepSpeed, which clips inside its step."""
-        if self.engine is not None:
-            return None
-        grads = [p.grad for p in params if p.grad is not None]
-        if max_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        elif grads:
-            norm = torch.nn.utils.get_total_norm(grads)
-        else:
-            return 0.0
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-
-    def step(self, optimizer: torch.optim.Optimizer, grad_norm: float | None) -> float:
-        """The optimizer step; returns the step's gradient norm (under DeepSpeed, the one its step measured)."""
-        if self.engine is None:
-            optimizer.step()
-            return grad_norm or 0.0
-        self.engine.step()
-        norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else 0.0
-
-    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
-        """Gradients gone before the next step. DeepSpeed's step already zeroed them, and the plugin-built
-        optimizer it wraps holds ZeRO's own fp32 partitions, whose gradient buffers must stay (with optimizer
-        offload, ZeRO copies each step's gradients into them)."""
-        if self.engine is None:
-            optimizer.zero_grad(set_to_none=True)
-
-    # --- checkpoints
-
-    def full_weights(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """Every trainable tensor, whole, on CPU. A collective for sharded models; rank 0's copy is the one to write."""
-        base = self.unwrap(model)
-        names = [n for n, p in base.named_parameters() if p.requires_grad]
-        if self.backend == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            full = get_model_state_dict(base, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            return {n: full[n] for n in names if n in full}
-        if self.sharded:
-            import deepspeed
-
-            params = [p for p in base.parameters() if p.requires_grad]
-            with deepspeed.zero.GatheredParameters(params):
-                return {n: p.detach().cpu().clone() for n, p in base.named_parameters() if p.requires_grad}
-        return {n: p.detach().cpu() for n, p in base.named_parameters() if p.requires_grad}
-
-    def optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """FSDP: the optimizer state gathered whole (a collective); DeepSpeed keeps its own (``save_shards``)."""
-        if self.backend == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-            return get_optimizer_state_dict(model, optimizer,  # type: ignore[no-any-return]
-                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.engine is not None:
-            return {}
-        return optimizer.state_dict()
-
-    def save_shards(self, folder: Path) -> None:
-        """What each rank writes itself: its RNG state, and DeepSpeed's ZeRO partitions (``deepspeed/``)."""
-        from swiftk.kernel.checkpoint import rng_state
-
-        folder.mkdir(parents=True, exist_ok=True)
-        if self.info.world_size > 1:
-            torch.save(rng_state(), folder / f"rng.rank-{self.info.rank}.pt")
-        if self.engine is not None:
-            self.engine.save_checkpoint(str(folder), tag="deepspeed", save_latest=False)
-
-    def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
-             optimizer_state: dict[str, Any], path: Path) -> None:
-        """Restore weights and optimizer state written by the same backend at the same world size."""
-        from swiftk.kernel.tuners import load_trainable
-
-        if self.backend == "fsdp":
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                set_model_state_dict,
-                set_optimizer_state_dict,
-            )
-
-            full = StateDictOptions(full_state_dict=True, strict=False)
-            set_model_state_dict(model, weights, options=full)
-            set_optimizer_state_dict(model, optimizer, optimizer_state, options=full)
-        elif self.engine is not None:
-            self.engine.load_checkpoint(str(path), tag="deepspeed", load_module_strict=False,
-                                        load_lr_scheduler_states=False)
-        else:
-            load_trainable(self.unwrap(model), weights)
-            optimizer.load_state_dict(optimizer_state)
-
-    def load_rng(self, path: Path) -> dict[str, Any] | None:
-        """This rank's RNG state from a multi-process checkpoint (None: use the shared one)."""
-        own = path / f"rng.rank-{self.info.rank}.pt"
-        return torch.load(own, weights_only=False) if own.is_file() else None
+# ------------------------------------------------------------------------------------------ saving
 
 
 def save_gathered(model: torch.nn.Module, tokenizer: Any, out_dir: Path, weights: dict[str, torch.Tensor]) -> Path:
@@ -446,72 +274,15 @@ def save_gathered(model: torch.nn.Module, tokenizer: Any, out_dir: Path, weights
     return out_dir
 
 
-def create(options: Any, info: DistInfo) -> Parallel:
-    """The engine ``[distributed] backend`` names, when several processes run; else the single-process one."""
-    if not active():
-        return Parallel("single", info, options)
-    return Parallel(options.backend, info, options)
-
-
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks FSDP2 shards one by one: the classes transformers marks ``_no_split_modules``."""
-    names: set[str] = set()
-    for module in model.modules():
-        names.update(getattr(module, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    if not layers:
-        raise DistributedError(f"[distributed] backend = 'fsdp': no decoder layers found in {type(model).__name__} "
-                               f"(no _no_split_modules); use backend = 'ddp'")
-    return layers
-
-
-def deepspeed_config(options: Any, train: Any, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config: ``deepspeed_config``'s JSON if given, with the batch and clipping from [train]
-    (one source of truth); else built from ``zero_stage`` and the offload switches. Precision stays ours
-    (autocast over fp32 master weights), so DeepSpeed's own bf16/fp16 stay off unless the JSON turns them on."""
-    config: dict[str, Any] = {}
-    if options.deepspeed_config:
-        config = json.loads(Path(options.deepspeed_config).read_text(encoding="utf-8"))
-    zero = config.setdefault("zero_optimization", {})
-    if options.zero_stage is not None or "stage" not in zero:
-        zero["stage"] = options.zero_stage or 2
-    if options.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    if options.offload_param:
-        zero["offload_param"] = {"device": "cpu"}
-    config.update({
-        "train_micro_batch_size_per_gpu": train.batch_size,
-        "gradient_accumulation_steps": train.grad_accum,
-        "train_batch_size": train.batch_size * train.grad_accum * world_size,
-        "gradient_clipping": train.max_grad_norm or 0.0,
-    })
-    config.setdefault("zero_allow_untested_optimizer", True)  # the optimizer is a plugin's
-    config.setdefault("zero_force_ds_cpu_optimizer", False)  # offload with a torch optimizer: slower, but allowed
-    config.setdefault("steps_per_print", sys.maxsize)
-    return config
-
-
 def config_problems(options: Any) -> list[str]:
-    """What can be known about [distributed] before anything starts."""
+    """What can be known about [distributed] before anything starts: how this process was started, and what the
+    chosen engine needs (DeepSpeed installed, its JSON readable)."""
+    from swiftk.kernel.parallel import engine_class
+
     problems = []
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not launched():
         missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
         problems.append(f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set but {', '.join(missing)} not: this process "
                         f"would train alone. Start it through torchrun or the DeepSpeed launcher, or set "
                         f"[distributed] num_processes and let `swiftk run` launch the ranks")
-    if options.backend == "deepspeed":
-        try:
-            import deepspeed  # noqa: F401
-        except ImportError as exc:
-            problems.append(f"[distributed] backend: 'deepspeed' but DeepSpeed is not installed here ({exc}); "
-                            f"install it with `DS_BUILD_OPS=0 pip install 'swiftk[deepspeed]'`, or use "
-                            f"backend = 'ddp' or 'fsdp'")
-        if options.deepspeed_config:
-            path = Path(options.deepspeed_config)
-            try:
-                json.loads(path.read_text(encoding="utf-8"))
-            except OSError:
-                problems.append(f"[distributed] deepspeed_config: {path} does not exist")
-            except json.JSONDecodeError as exc:
-                problems.append(f"[distributed] deepspeed_config: {path}:{exc.lineno}: not valid JSON: {exc.msg}")
-    return problems
+    return problems + engine_class(options.backend).problems(options)

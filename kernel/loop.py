@@ -25,11 +25,12 @@ from swiftk.contracts import Batch, LossResult, ModelOutputs, PluginError, StepS
 from swiftk.kernel import checkpoint
 from swiftk.kernel.config import PREFERENCE_STAGES, RunConfig
 from swiftk.kernel.data import Loader, Sample
-from swiftk.kernel.dist import DistInfo, Parallel, agreed, any_rank, mean_across_ranks, sum_across_ranks
+from swiftk.kernel.dist import DistInfo, agreed, any_rank, mean_across_ranks, sum_across_ranks
 from swiftk.kernel.errors import SwiftkError
 from swiftk.kernel.evaluate import Reference
 from swiftk.kernel.evaluate import evaluate as run_eval
 from swiftk.kernel.model import forward_logits
+from swiftk.kernel.parallel.none import OneProcess as Parallel  # every engine extends it
 from swiftk.kernel.pairs import ReferenceModel, evaluate_pairs
 from swiftk.kernel.plugins import Plugins
 from swiftk.kernel.progress import Reporter

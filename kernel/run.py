@@ -30,6 +30,7 @@ from swiftk.contracts.conformance import describe
 from swiftk.hosts.supervisor import console
 from swiftk.kernel import checkpoint, launch
 from swiftk.kernel import dist as distributed
+from swiftk.kernel import parallel as engines
 from swiftk.kernel.config import PREFERENCE_STAGES, REFERENCE_STAGES, Locator, PluginSource, RunConfig, load_config
 from swiftk.kernel.data import (
     Loader,
@@ -91,7 +92,7 @@ def prepare(options: Options) -> tuple[RunConfig, Plugins]:
     loaded, problems = load_configured(cfg.plugins)
     problems += [f"plugins: {entry.name}: {p}" for entry in loaded for p in hookimpl_problems(entry.module)]
     problems += check_files(cfg)
-    problems += distributed.config_problems(cfg.distributed)
+    problems += engines.config_problems(cfg)  # [device] written onto [distributed] first
     distributed.setup(cfg.distributed, cfg.model.device)  # under a launcher: join the other ranks
     # Hosts start on every rank or on none (a shared host's ranks wait for each other).
     hosts, host_problems = start_hosts(cfg) if not distributed.any_rank(bool(problems))[0] else (None, [])
@@ -283,7 +284,8 @@ def answer_samples(run: Run, prompts: list[str]) -> list[str]:
 def execute(options: Options) -> int:
     """``swiftk run``: returns the process exit code (0 done, 130 interrupted)."""
     cfg = load_config(options.config, options.overrides)
-    if launch.wanted(cfg.distributed) and not options.print_config:  # this process becomes the ranks' agent
+    relaunch = not engines.apply_device(cfg) and launch.wanted(cfg.distributed)  # else prepare() says why
+    if relaunch and not options.print_config:  # this process becomes the ranks' agent
         return launch.relaunch(cfg.distributed, child_args(options), cfg.output.dir)
     clean = False
     try:
@@ -352,7 +354,7 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
                        quantization=quantization_config(cfg.train))
     model = apply_tuner(patched_model(plugins, model, tokenizer, cfg), cfg.train)
     fingerprint = base_fingerprint(model)  # before sharding
-    parallel = distributed.create(cfg.distributed, dist)
+    parallel = engines.create(cfg.distributed, dist)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     say(f"model: {type(model).__name__} {total / 1e6:.1f} M params, {trainable / 1e6:.3f} M trainable "

@@ -1,0 +1,94 @@
+"""The parallel engine: what the kernel asks of whatever spreads a model over ranks (DDP, FSDP2, DeepSpeed ZeRO,
+later tensor and pipeline parallelism), and nothing more.
+
+The kernel's run assembly calls, in this order: ``wrap`` (and ``wrap_frozen`` for a reference model) before the
+optimizer is built, ``attach`` after; the step loop then calls ``backward`` per micro-batch and ``clip_grad_norm``,
+``step``, ``zero_grad`` per optimizer step; checkpoints go through ``full_weights``, ``optimizer_state`` and
+``save_shards``, a resume through ``load`` and ``load_rng``. Every rank makes the same calls in the same order:
+several are collectives.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+
+
+class TrainPlan(Protocol):
+    """The part of the ``[train]`` table an engine may read (an engine that batches itself, like DeepSpeed)."""
+
+    @property
+    def batch_size(self) -> int: ...
+
+    @property
+    def grad_accum(self) -> int: ...
+
+    @property
+    def max_grad_norm(self) -> float | None: ...
+
+
+@runtime_checkable
+class ParallelEngine(Protocol):
+    """How the model trains across ranks. One process is an engine too: every call is the plain PyTorch one."""
+
+    name: ClassVar[str]  # the name ``[distributed] backend`` gives it
+
+    @property
+    def sharded(self) -> bool:
+        """Parameters live in pieces across ranks: forward passes (eval, generation) must run on every rank."""
+        ...
+
+    def wrap(self, model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
+        """The model made ready for the ranks, before the optimizer sees its parameters (FSDP2 replaces them)."""
+        ...
+
+    def wrap_frozen(self, model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
+        """A frozen model beside the trained one (a preference stage's reference)."""
+        ...
+
+    def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: TrainPlan) -> torch.nn.Module:
+        """Called once the plugin-built optimizer exists; returns the module the loop runs forward on."""
+        ...
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model itself (for generation, saving, building the optimizer's parameter groups)."""
+        ...
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Back-propagate one micro-batch's loss, already divided by the step's global item count."""
+        ...
+
+    def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float | None) -> float | None:
+        """Clip (when ``max_norm`` is set) and return the global gradient norm; None if ``step`` measures it."""
+        ...
+
+    def step(self, optimizer: torch.optim.Optimizer, grad_norm: float | None) -> float:
+        """The optimizer step; returns the step's gradient norm."""
+        ...
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        """Gradients gone before the next step."""
+        ...
+
+    def full_weights(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Every trainable tensor, whole, on CPU; rank 0's copy is the one written (a collective when sharded)."""
+        ...
+
+    def optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The optimizer state rank 0 writes into the checkpoint ({} when the engine saves its own shards)."""
+        ...
+
+    def save_shards(self, folder: Path) -> None:
+        """What each rank writes itself into the checkpoint ``folder`` (its RNG state, an engine's partitions)."""
+        ...
+
+    def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
+             optimizer_state: dict[str, Any], path: Path) -> None:
+        """Restore weights and optimizer state written by the same engine at the same world size."""
+        ...
+
+    def load_rng(self, path: Path) -> dict[str, Any] | None:
+        """This rank's RNG state from the checkpoint at ``path`` (None: use the shared one)."""
+        ...

@@ -1,0 +1,97 @@
+"""One process: every call is the plain PyTorch one. The other engines extend this one where they differ."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from swiftk.contracts.engines import TrainPlan
+from swiftk.kernel.dist import DistInfo
+
+
+class OneProcess:
+    """The model, the optimizer and the gradients whole on this rank (also each rank's part under DDP)."""
+
+    name: ClassVar[str] = "none"
+
+    def __init__(self, info: DistInfo | None = None, options: Any = None) -> None:
+        self.info = info or DistInfo()
+        self.options = options  # the [distributed] table (None in one process)
+
+    @classmethod
+    def problems(cls, options: Any) -> list[str]:
+        """What is wrong with ``options`` for this engine, found before anything starts."""
+        return []
+
+    @property
+    def sharded(self) -> bool:
+        return False
+
+    def wrap(self, model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
+        return model
+
+    def wrap_frozen(self, model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
+        return model
+
+    def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: TrainPlan) -> torch.nn.Module:
+        return model
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    # --- one optimizer step
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaled(loss).backward()
+
+    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss is already divided by the step's global token count; DDP, FSDP and DeepSpeed average
+        gradients over ranks, so it is scaled back by the world size to give the global sum's gradient."""
+        return loss * self.info.world_size if self.info.world_size > 1 else loss
+
+    def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float | None) -> float | None:
+        """Clip and return the global gradient norm (a DTensor's norm is gathered whole)."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if max_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        elif grads:
+            norm = torch.nn.utils.get_total_norm(grads)
+        else:
+            return 0.0
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def step(self, optimizer: torch.optim.Optimizer, grad_norm: float | None) -> float:
+        optimizer.step()
+        return grad_norm or 0.0
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
+
+    # --- checkpoints
+
+    def full_weights(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu() for n, p in self.unwrap(model).named_parameters() if p.requires_grad}
+
+    def optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return optimizer.state_dict()
+
+    def save_shards(self, folder: Path) -> None:
+        """Each rank of a multi-process run writes its own RNG state."""
+        from swiftk.kernel.checkpoint import rng_state
+
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.info.world_size > 1:
+            torch.save(rng_state(), folder / f"rng.rank-{self.info.rank}.pt")
+
+    def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
+             optimizer_state: dict[str, Any], path: Path) -> None:
+        from swiftk.kernel.tuners import load_trainable
+
+        load_trainable(self.unwrap(model), weights)
+        optimizer.load_state_dict(optimizer_state)
+
+    def load_rng(self, path: Path) -> dict[str, Any] | None:
+        own = path / f"rng.rank-{self.info.rank}.pt"
+        return torch.load(own, weights_only=False) if own.is_file() else None
