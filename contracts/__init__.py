@@ -5,6 +5,15 @@ hosts and built-in plugins meet here and nowhere else.
 """
 
 from swiftk.contracts.errors import HostDeadError, PluginError
+from swiftk.contracts.generation import (
+    Adapter,
+    Completion,
+    Generator,
+    Message,
+    SamplingParams,
+    build_generator,
+    register_generator,
+)
 from swiftk.contracts.markers import CONTRACT_VERSION, PROJECT_NAME, hookimpl, hookspec
 from swiftk.contracts.registry import (
     PluginRegistryError,
@@ -34,19 +43,26 @@ __all__ = [
     "CONTRACT_VERSION",
     "IGNORE_INDEX",
     "PROJECT_NAME",
+    "Adapter",
     "Batch",
+    "Completion",
+    "Generator",
     "HostDeadError",
     "LossResult",
+    "Message",
     "ModelOutputs",
     "PluginError",
     "PluginRegistryError",
     "PluginSpec",
+    "SamplingParams",
     "StepState",
+    "build_generator",
     "hookimpl",
     "hookspec",
     "lookup",
     "register",
     "register_callback",
+    "register_generator",
     "register_loss",
     "register_metric",
     "register_optimizer",

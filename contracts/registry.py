@@ -30,7 +30,7 @@ import torch
 from swiftk.contracts.markers import CONTRACT_VERSION, PROJECT_NAME, hookimpl
 from swiftk.contracts.types import Batch, LossResult, ModelOutputs, supervised
 
-KINDS = ("loss", "optimizer", "scheduler", "metric", "callback", "reward", "tuner")
+KINDS = ("loss", "optimizer", "scheduler", "metric", "callback", "reward", "tuner", "generator")
 T = TypeVar("T", bound=Callable[..., Any])
 
 
@@ -60,7 +60,8 @@ class PluginSpec:
     def config_signature(self) -> inspect.Signature:
         """The arguments a config table may set: the constructor's, or the factory's after its fixed ones."""
         signature = inspect.signature(self.target)
-        fixed = _FIXED_ARGUMENTS.get(self.kind, 0) if not isinstance(self.target, type) else 0
+        factory = self.kind == "generator" or not isinstance(self.target, type)  # a generator class is one too
+        fixed = _FIXED_ARGUMENTS.get(self.kind, 0) if factory else 0
         params = list(signature.parameters.values())[fixed:]
         return signature.replace(parameters=params)
 
@@ -79,7 +80,7 @@ class PluginSpec:
 
 _REGISTRY: dict[tuple[str, str], PluginSpec] = {}
 # Leading positional arguments a factory of each kind receives from the kernel, not from the config.
-_FIXED_ARGUMENTS = {"loss": 2, "optimizer": 2, "scheduler": 3}
+_FIXED_ARGUMENTS = {"loss": 2, "optimizer": 2, "scheduler": 3, "generator": 2}  # a generator class's (model, tokenizer)
 
 
 def declared_contract(obj: object) -> str | None:

@@ -11,11 +11,13 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from swiftk.contracts import IGNORE_INDEX, Batch, ModelOutputs, StepState, shifted_labels
+from swiftk.contracts import IGNORE_INDEX, Batch, Generator, ModelOutputs, SamplingParams, StepState, shifted_labels
 from swiftk.kernel.config import EvalConfig
 from swiftk.kernel.data import Sample, as_messages
-from swiftk.kernel.generate import complete, render_prompt
 from swiftk.kernel.model import forward_logits
+
+# swiftk.plugins.generators.hf is imported where it is used: importing it imports every built-in plugin, and the
+# built-in stages import this module.
 
 
 @dataclass
@@ -31,6 +33,8 @@ def references(
     rows: list[tuple[str, dict[str, Any]]], fmt: str, tokenizer: PreTrainedTokenizerBase,
     system_prompt: str | None = None,
 ) -> list[Reference]:
+    from swiftk.plugins.generators.hf import render_prompt
+
     refs = []
     for _, row in rows:
         if fmt == "prompt_completion" and isinstance(row["prompt"], str) and isinstance(row["completion"], str):
@@ -92,13 +96,18 @@ def generate_answers(
     refs: list[Reference],
     cfg: EvalConfig,
     autocast: Callable[[], AbstractContextManager[Any]],
+    generator: Generator | None = None,
 ) -> list[str]:
-    """Greedy answers in the order of ``refs`` (raw and chat-templated prompts are batched apart)."""
+    """Greedy answers in the order of ``refs`` (raw and chat-templated prompts are batched apart), from
+    ``generator`` (default: the in-process ``hf`` generator over ``model``)."""
+    from swiftk.plugins.generators.hf import HFGenerator
+
+    generator = generator or HFGenerator(model, tokenizer, batch_size=cfg.batch_size, autocast=autocast)
+    sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens)
     answers: dict[int, str] = {}
     for templated in (False, True):
         index = [i for i, r in enumerate(refs) if r.templated == templated]
         if index:
-            out = complete(model, tokenizer, [refs[i].prompt for i in index], cfg.max_new_tokens, templated,
-                           cfg.batch_size, autocast)
-            answers.update(zip(index, out, strict=True))
+            out = generator.generate([refs[i].prompt for i in index], sampling, templated=templated)
+            answers.update(zip(index, (c.text.strip() for c in out), strict=True))
     return [answers[i] for i in range(len(refs))]

@@ -2,9 +2,9 @@
 
 Importing this package registers every built-in under its name (``loss_type = "cross_entropy"``,
 ``optimizer = "adamw"``, ``scheduler = "cosine"``, ``metrics = ["perplexity"]``, ``callbacks = ["early_stopping"]``,
-``tuner_strategy = "lora"``...).
+``tuner_strategy = "lora"``, the ``hf`` generator...).
 """
 
-from swiftk.plugins import callbacks, losses, metrics, optimizers, schedulers, tuners
+from swiftk.plugins import callbacks, generators, losses, metrics, optimizers, schedulers, tuners
 
-__all__ = ["callbacks", "losses", "metrics", "optimizers", "schedulers", "tuners"]
+__all__ = ["callbacks", "generators", "losses", "metrics", "optimizers", "schedulers", "tuners"]

@@ -1,0 +1,230 @@
+"""The in-process generator: ``model.generate`` over the live model and tokenizer the trainer holds.
+
+Batched with left padding (generation appends on the right) and the KV cache; prompts are tokenized as in
+training (chat messages through the tokenizer's template, raw text with the tokenizer's special tokens); it
+stops at EOS and at the template's end of turn, and at stop strings. Log-probabilities are those of the
+model's raw logits (before temperature, top-k/p), as a re-forward of prompt + completion computes them.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedTokenizerBase, TextIteratorStreamer
+
+from swiftk.contracts import Adapter, Completion, Message, SamplingParams, register_generator
+from swiftk.contracts.generation import FinishReason
+
+Autocast = Callable[[], AbstractContextManager[Any]]
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message], system_prompt: str | None) -> str:
+    """Messages up to the assistant's turn, as training renders them (``[data] system_prompt`` included)."""
+    if system_prompt and (not messages or messages[0].get("role") != "system"):
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
+
+def stop_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """End of sequence, and end of a chat turn where the template has one distinct from EOS."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id and end_of_turn not in ids:
+        ids.append(end_of_turn)
+    return ids
+
+
+@register_generator("hf")
+class HFGenerator:
+    """Generates with the model the trainer holds. It shares the live weights, so a weights sync records the
+    version (and copies in the tensors it is given)."""
+
+    def __init__(self, model: Any, tokenizer: PreTrainedTokenizerBase, *, system_prompt: str | None = None,
+                 batch_size: int = 8, autocast: Autocast | None = None) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.system_prompt, self.batch_size, self.autocast = system_prompt, batch_size, autocast
+        self.stops = stop_ids(tokenizer)
+        self._version = 0
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def generate(self, prompts: Sequence[str] | Sequence[list[Message]], sampling: SamplingParams, *,
+                 templated: bool = False) -> list[Completion]:
+        texts, special = self._render(prompts, templated)
+        per_batch = max(1, self.batch_size // sampling.n)  # a batch holds batch_size sequences
+        completions: list[Completion] = []
+        with self._generating(), _seeded(sampling.seed, self.model):
+            for start in range(0, len(texts), per_batch):
+                completions += self._batch(texts[start : start + per_batch], start, special, sampling)
+        return completions
+
+    def stream(self, prompt: str | list[Message], sampling: SamplingParams, *,
+               templated: bool = False) -> Iterator[str]:
+        """The text of one completion as it is generated, cut before a stop string."""
+        texts, special = self._render([prompt], templated)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        hold = max((len(s) for s in sampling.stop), default=1) - 1  # may be the start of a stop string
+        failed: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                self._run(self._encode(texts, special, 1), sampling, streamer=streamer)
+            except BaseException as exc:  # the consumer would wait for text for ever
+                failed.append(exc)
+                streamer.end()  # type: ignore[no-untyped-call]
+
+        with self._generating(), _seeded(sampling.seed, self.model):
+            worker = threading.Thread(target=work, name="swiftk-hf-stream")
+            worker.start()
+            text, sent = "", 0
+            for piece in streamer:
+                text += piece
+                cut = _first_stop(text, sampling.stop)
+                end = cut if cut is not None else len(text) - hold
+                if end > sent:
+                    yield text[sent:end]
+                    sent = end
+                if cut is not None:
+                    for _ in streamer:  # the worker stops at the stop string too: let it finish
+                        pass
+                    break
+            worker.join()
+            if failed:
+                raise failed[0]
+            if _first_stop(text, sampling.stop) is None and len(text) > sent:
+                yield text[sent:]
+
+    def load_weights(self, version: int, tensors: Mapping[str, torch.Tensor] | None = None,
+                     adapter: Adapter | None = None) -> int:
+        """Copy ``tensors`` (by state-dict name) and the adapter's into the live model; serve ``version``."""
+        live = self.model.state_dict(keep_vars=True)
+        unknown = sorted(set(tensors or {}) - set(live))
+        if unknown:
+            raise KeyError(f"load_weights: the model has no tensors named {', '.join(unknown[:5])}")
+        with torch.no_grad():
+            for name, tensor in (tensors or {}).items():
+                live[name].copy_(tensor)
+            if adapter is not None:
+                if not hasattr(self.model, "peft_config"):
+                    raise ValueError("load_weights: an adapter needs a PEFT model; this one has no adapters")
+                from peft import set_peft_model_state_dict
+
+                set_peft_model_state_dict(self.model, dict(adapter.tensors), adapter_name=adapter.name)
+        self._version = version
+        return version
+
+    def close(self) -> None:
+        """Nothing to release: the model and tokenizer belong to the run."""
+
+    # ------------------------------------------------------------------------------------------- internals
+
+    def _render(self, prompts: Sequence[str | list[Message]], templated: bool) -> tuple[list[str], bool]:
+        """The prompts as text, and whether the tokenizer adds its special tokens (raw text only)."""
+        texts = [p for p in prompts if isinstance(p, str)]
+        if len(texts) == len(prompts):
+            return texts, not templated
+        if texts:
+            raise TypeError("generate: prompts must be all strings or all chats (lists of messages), not a mix")
+        if self.tokenizer.chat_template is None:
+            raise ValueError("generate: chat prompts need a tokenizer with a chat template; this one has none")
+        chats = [p for p in prompts if not isinstance(p, str)]
+        return [render_prompt(self.tokenizer, chat, self.system_prompt) for chat in chats], False
+
+    @contextmanager
+    def _generating(self) -> Iterator[None]:
+        was_training, side, pad = self.model.training, self.tokenizer.padding_side, self.tokenizer.pad_token
+        self.model.eval()
+        self.tokenizer.padding_side = "left"  # generation appends on the right
+        if pad is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.tokenizer.padding_side, self.tokenizer.pad_token = side, pad
+            self.model.train(was_training)
+
+    def _encode(self, texts: list[str], special: bool, n: int) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=special)
+        device = next(self.model.parameters()).device
+        return {k: v.repeat_interleave(n, dim=0).to(device) for k, v in enc.items()}  # n rows per prompt
+
+    def _run(self, enc: dict[str, torch.Tensor], sampling: SamplingParams, **extra: Any) -> Any:
+        kwargs: dict[str, Any] = {"max_new_tokens": sampling.max_new_tokens, "do_sample": not sampling.greedy,
+                                  "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": self.stops}
+        if not sampling.greedy:
+            kwargs |= {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k}
+        if sampling.stop:
+            kwargs |= {"stop_strings": list(sampling.stop), "tokenizer": self.tokenizer}
+        device = enc["input_ids"].device
+        # no_grad is per thread: a streaming worker needs its own
+        with torch.no_grad(), self.autocast() if self.autocast else torch.autocast(device.type, enabled=False):
+            return self.model.generate(**enc, **kwargs, **extra)
+
+    def _batch(self, texts: list[str], first: int, special: bool, sampling: SamplingParams) -> list[Completion]:
+        enc = self._encode(texts, special, sampling.n)
+        out = self._run(enc, sampling, return_dict_in_generate=True, output_logits=sampling.logprobs)
+        new = out.sequences[:, enc["input_ids"].shape[1] :]  # [B * n, S]
+        logprobs = None
+        if sampling.logprobs:  # raw logits, step by step: [B * n, V] each
+            logprobs = torch.stack([F.log_softmax(step.float(), -1).gather(1, new[:, i, None])[:, 0]
+                                    for i, step in enumerate(out.logits)], 1).tolist()  # [B * n, S]
+        return [self._completion(row, None if logprobs is None else logprobs[r], first + r // sampling.n, sampling)
+                for r, row in enumerate(new.tolist())]
+
+    def _completion(self, ids: list[int], logprobs: list[float] | None, index: int,
+                    sampling: SamplingParams) -> Completion:
+        end = next((i + 1 for i, t in enumerate(ids) if t in self.stops), None)
+        reason: FinishReason = "length" if end is None else "stop"
+        ids = ids[:end]
+        pad = self.tokenizer.pad_token_id
+        if sampling.stop and (hit := self._stop_token(ids, sampling.stop)) is not None:
+            ids, reason = ids[:hit], "stop"
+        elif sampling.stop and end is None and ids and ids[-1] == pad:
+            while ids and ids[-1] == pad:  # generate stopped on a stop string begun in the prompt: padding follows
+                ids.pop()
+            reason = "stop"
+        text = self._decode(ids)
+        text = text[: _first_stop(text, sampling.stop)]
+        return Completion(text, ids, None if logprobs is None else logprobs[: len(ids)], reason, index)
+
+    def _stop_token(self, ids: list[int], stops: tuple[str, ...]) -> int | None:
+        """How many tokens it takes for the text to contain a stop string (binary search), or None."""
+        def contains(k: int) -> bool:
+            return _first_stop(self._decode(ids[:k]), stops) is not None
+
+        if not contains(len(ids)):
+            return None
+        low, high = 1, len(ids)
+        while low < high:
+            mid = (low + high) // 2
+            low, high = (low, mid) if contains(mid) else (mid + 1, high)
+        return low
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    """Where the earliest stop string starts in ``text``, or None."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+@contextmanager
+def _seeded(seed: int | None, model: Any) -> Iterator[None]:
+    """Sample from ``seed`` without moving the run's own random state."""
+    if seed is None:
+        yield
+        return
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
