@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from swiftk.contracts import events
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = """
 [model]
@@ -68,11 +70,9 @@ def run(name: str, tmp: Path, args: argparse.Namespace, processes: int, launcher
     if done.returncode != 0:
         sys.stderr.write(done.stdout + done.stderr)
         raise SystemExit(f"{name}: swiftk run failed ({done.returncode})")
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "event" not in r][args.warmup:]
+    steps = events.steps(events.read(out / "metrics.jsonl"))[args.warmup:]
     print(f"{name}: {len(steps)} steps timed, wall {wall:.1f} s", file=sys.stderr)
-    return {"tok_s": statistics.median(r["tokens_per_s"] for r in steps), "wall_s": wall,
-            "loss": steps[-1]["loss"]}
+    return {"tok_s": statistics.median(r.tokens_per_s for r in steps), "wall_s": wall, "loss": steps[-1].loss}
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ from datasets import Dataset  # noqa: E402
 from torch.utils.data import SequentialSampler  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
+from swiftk.contracts import events  # noqa: E402
 from swiftk.kernel.cli import main as swiftk  # noqa: E402
 from swiftk.kernel.config import load_config  # noqa: E402
 from swiftk.kernel.model import load_model, load_tokenizer  # noqa: E402
@@ -51,9 +52,9 @@ def run_swiftk(steps: int, tmp: Path, precompute: bool) -> tuple[float, dict[str
             f'output.dir="{tmp / "swiftk"}"', 'log.progress="none"']
     with contextlib.redirect_stdout(sys.stderr):
         assert swiftk(["run", str(CONFIG), "--overwrite", *[a for s in sets for a in ("--set", s)]]) == 0
-    lines = [json.loads(line) for line in (tmp / "swiftk" / "metrics.jsonl").read_text().splitlines()]
-    steps_ = [r for r in lines if "event" not in r]
-    return statistics.median(r["tokens"] / r["tokens_per_s"] for r in steps_[5:] or steps_), steps_[0]
+    steps_ = events.steps(events.read(tmp / "swiftk" / "metrics.jsonl"))
+    first = {"loss": steps_[0].loss, **steps_[0].metrics}
+    return statistics.median(r.tokens / r.tokens_per_s for r in steps_[5:] or steps_), first
 
 
 class InOrder(DPOTrainer):  # type: ignore[misc]

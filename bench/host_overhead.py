@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import zmq
 
-from swiftk.contracts import Batch, ModelOutputs, StepState, hookimpl
+from swiftk.contracts import Batch, ModelOutputs, StepState, events, hookimpl
 from swiftk.hosts.group import HostGroup, HostSpec, Policy
 from swiftk.kernel.plugins import new_manager
 
@@ -121,9 +121,8 @@ def step_time(config: Path) -> float:
     """Median step time of one ``swiftk run`` (first 5 steps dropped)."""
     subprocess.run([sys.executable, "-m", "swiftk", "run", str(config), "--overwrite", "--set",
                     'log.progress="none"'], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
-    records = [json.loads(line) for line in (config.parent / "run" / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "event" not in r][5:]
-    return statistics.median(r["tokens"] / r["tokens_per_s"] for r in steps)
+    steps = events.steps(events.read(config.parent / "run" / "metrics.jsonl"))[5:]
+    return statistics.median(r.tokens / r.tokens_per_s for r in steps)
 
 
 def tiny_config(steps: int, tmp: Path) -> str:

@@ -158,13 +158,14 @@ def run_swiftk(work: Path, steps: int) -> dict[str, Any]:
     with contextlib.redirect_stdout(sys.stderr):
         code = execute(Options(config=str(config), overrides=[], overwrite=True))
     assert code == 0, f"swiftk run exited with {code}"
-    lines = (work / "swiftk_run" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    records = [r for r in map(json.loads, lines) if "step" in r and "event" not in r]
+    from swiftk.contracts import events
+
+    records = events.steps(events.read(work / "swiftk_run" / "metrics.jsonl"))
     assert len(records) == steps, f"swiftk logged {len(records)} steps, expected {steps}"
     return {
-        "step_s": [r["tokens"] / r["tokens_per_s"] for r in records],
-        "ends": [r["bench_step_end_s"] for r in records],
-        "losses": [r["loss"] for r in records],
+        "step_s": [r.tokens / r.tokens_per_s for r in records],
+        "ends": [r.metrics["bench_step_end_s"] for r in records],
+        "losses": [r.loss for r in records],
     }
 
 

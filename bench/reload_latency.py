@@ -25,6 +25,7 @@ import threading
 import time
 from pathlib import Path
 
+from swiftk.contracts import events
 from swiftk.kernel.cli import main as swiftk
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +43,7 @@ class Live:
 '''
 
 
-def run_with_edits(tmp: Path, isolation: str, edits: int, gap_s: float) -> list[dict]:
+def run_with_edits(tmp: Path, isolation: str, edits: int, gap_s: float) -> list[events.Event]:
     (tmp / "live.py").write_text(LOSS.replace("FACTOR", "1.0"))
     text = (REPO / "configs" / "tiny_sft.toml").read_text()
     text = re.sub(r"(?m)^(eval_file|every) = .*$", "", text)
@@ -56,8 +57,8 @@ def run_with_edits(tmp: Path, isolation: str, edits: int, gap_s: float) -> list[
     done = threading.Event()
 
     def editor() -> None:
-        while not (tmp / "run" / "metrics.jsonl").exists() or '"step": 3,' not in \
-                (tmp / "run" / "metrics.jsonl").read_text():
+        while not (tmp / "run" / "metrics.jsonl").exists() or \
+                not any(r.step >= 3 for r in events.read(tmp / "run" / "metrics.jsonl")):
             time.sleep(0.01)
         for i in range(edits):
             (tmp / "live.py").write_text(LOSS.replace("FACTOR", f"1.0 + {i + 1} * 1e-3"))
@@ -69,7 +70,7 @@ def run_with_edits(tmp: Path, isolation: str, edits: int, gap_s: float) -> list[
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON line only
         assert swiftk(["run", str(config), "--overwrite", "--set", 'log.progress="none"']) == 0
     thread.join()
-    return [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+    return events.read(tmp / "run" / "metrics.jsonl")
 
 
 def main() -> None:
@@ -80,18 +81,18 @@ def main() -> None:
     figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="swiftk-reload-") as tmp:
         lines = run_with_edits(Path(tmp), "inline", args.edits, 0.6)
-        reloads = [r for r in lines if r.get("event") == "plugin_reload"]
+        reloads = events.of_kind(lines, events.PluginReloadedEvent)
         figures["reloads"] = len(reloads)
-        figures["reload_ms_median"] = statistics.median(r["ready_ms"] for r in reloads)
-        figures["swap_ms_median"] = statistics.median(r["swap_ms"] for r in reloads)
+        figures["reload_ms_median"] = statistics.median(r.ready_ms for r in reloads)
+        figures["swap_ms_median"] = statistics.median(r.swap_ms for r in reloads)
     with tempfile.TemporaryDirectory(prefix="swiftk-reload-") as tmp:
         lines = run_with_edits(Path(tmp), "process", args.host_edits, 2.5)
-        reloads = [r for r in lines if r.get("event") == "plugin_reload"]
-        steps = {r["step"]: r["tokens"] / r["tokens_per_s"] * 1e3 for r in lines if "event" not in r}
+        reloads = events.of_kind(lines, events.PluginReloadedEvent)
+        steps = {r.step: r.tokens / r.tokens_per_s * 1e3 for r in events.steps(lines)}
         typical = statistics.median(steps.values())
-        stalls = [r["swap_ms"] + max(0.0, steps.get(r["step"] + 1, typical) - typical) for r in reloads]
+        stalls = [r.swap_ms + max(0.0, steps.get(r.step + 1, typical) - typical) for r in reloads]
         figures["host_reloads"] = len(reloads)
-        figures["host_reload_ms_median"] = statistics.median(r["ready_ms"] for r in reloads)
+        figures["host_reload_ms_median"] = statistics.median(r.ready_ms for r in reloads)
         figures["host_swap_stall_ms"] = round(statistics.median(stalls), 1)
         figures["step_ms_median"] = round(typical, 1)
     print(json.dumps(figures))

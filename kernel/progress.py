@@ -1,6 +1,7 @@
 """What a run reports: ``metrics.jsonl`` records and the console (a rich bar on a TTY, plain lines otherwise).
 
-Only the main process writes; every other rank gets a ``Reporter`` that does nothing.
+Every record is a typed event of ``swiftk.contracts.events``, built on every rank (a writer that passes an
+unknown event or field fails everywhere at once); only the main process writes them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from swiftk.contracts import events
+
 
 class MetricsFile:
     """Append-only JSON lines, flushed per record so a crash loses at most the line being written."""
@@ -24,18 +27,20 @@ class MetricsFile:
         self.path = path
         self.handle: TextIO = path.open("a", encoding="utf-8")
 
-    def write(self, record: dict[str, Any]) -> None:
-        self.handle.write(json.dumps(record, default=_plain) + "\n")
+    def write(self, event: events.Event) -> None:
+        self.handle.write(events.to_line(event))
         self.handle.flush()
 
     def truncate_after(self, step: int) -> int:
-        """Drop the records of steps after ``step`` (a resume from an earlier checkpoint replays them).
+        """Drop the records of steps after ``step`` (a resume from an earlier checkpoint replays them), and a last
+        line a crash left half-written.
 
         Returns how many were dropped. The file is rewritten beside itself and renamed over it.
         """
         self.handle.close()
         lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = [line for line in lines if line.endswith("\n") and line.strip()
+                and events.from_record(json.loads(line)).step <= step]
         if len(kept) != len(lines):
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(kept), encoding="utf-8")
@@ -45,10 +50,6 @@ class MetricsFile:
 
     def close(self) -> None:
         self.handle.close()
-
-
-def _plain(value: Any) -> Any:
-    return float(value) if hasattr(value, "__float__") else str(value)
 
 
 class Reporter:
@@ -93,25 +94,29 @@ class Reporter:
             self.bar.update(self.task, completed=step)
 
     def step(self, record: dict[str, Any]) -> None:
+        """The loop's flat step record (kernel fields and plugin metrics), written as a ``StepEvent``."""
+        event = events.step_event(record)
         if self.metrics:
-            self.metrics.write(record)
-        step = record["step"]
+            self.metrics.write(event)
+        step = event.step
         if self.bar is not None and self.task is not None:
-            self.bar.update(self.task, completed=step, loss=f"{record['loss']:.4f}",
-                            tok_s=f"{record['tokens_per_s']:,.0f}", lr=f"{record['lr']:.2e}")
+            self.bar.update(self.task, completed=step, loss=f"{event.loss:.4f}",
+                            tok_s=f"{event.tokens_per_s:,.0f}", lr=f"{event.lr:.2e}")
         elif self.mode == "plain" and (step % self.every == 0 or step == self.total):
             done = step - self.start_step
             elapsed = time.perf_counter() - self.started
             eta = elapsed / done * (self.total - step) if done else math.nan
             print(
-                f"step {step}/{self.total}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-                f"grad_norm {record['grad_norm']:.3f}  {record['tokens_per_s']:,.0f} tok/s  ETA {format_eta(eta)}",
+                f"step {step}/{self.total}  loss {event.loss:.4f}  lr {event.lr:.2e}  "
+                f"grad_norm {event.grad_norm:.3f}  {event.tokens_per_s:,.0f} tok/s  ETA {format_eta(eta)}",
                 flush=True,
             )
 
     def event(self, name: str, **fields: Any) -> None:
+        """The typed event ``name`` (``contracts.events.EVENTS``); an unknown name or field raises here."""
+        event = events.make(name, fields)
         if self.metrics:
-            self.metrics.write({"event": name, **fields})
+            self.metrics.write(event)
 
     def say(self, text: str) -> None:
         if self.quiet:

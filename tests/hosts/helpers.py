@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import gc
-import json
 import os
 import re
 import textwrap
 from pathlib import Path
+from typing import TypeVar
 
+from swiftk.contracts.events import Event, StepEvent, of_kind, read
 from swiftk.kernel.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,14 +62,15 @@ def run(config: Path, *extra: str) -> int:
     return main(["run", str(config), "--set", 'log.progress="none"', *extra])
 
 
-def events(run_dir: Path, name: str | None = None) -> list[dict]:
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in lines if "event" in r and (name is None or r["event"] == name)]
+E = TypeVar("E", bound=Event)
+
+
+def events(run_dir: Path, kind: type[E]) -> list[E]:
+    return of_kind(read(run_dir / "metrics.jsonl"), kind)
 
 
 def steps(run_dir: Path) -> dict[int, float]:
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in lines if "event" not in r}
+    return {r.step: r.loss for r in events(run_dir, StepEvent)}
 
 
 def host_processes() -> list[int]:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from swiftk.contracts.errors import HostDeadError
+from swiftk.contracts.events import PluginFailedEvent, StepEvent
 from swiftk.hosts.group import HostGroup, HostSettings, HostSpec, Policy
 
 from .helpers import assert_clean, events, host_config, run
@@ -158,10 +158,10 @@ def test_a_run_whose_host_exits_between_steps_goes_on(tmp_path: Path) -> None:
     started = time.monotonic()
     assert run(cfg) == 0
     assert time.monotonic() - started < 120
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    alive = [r["step"] for r in records if "event" not in r and "alive" in r]
-    assert [r["step"] for r in records if "event" not in r] == list(range(1, 9))
+    records = events(tmp_path / "run", StepEvent)
+    alive = [r.step for r in records if "alive" in r.metrics]
+    assert [r.step for r in records] == list(range(1, 9))
     assert alive == [1, 2, 3, 4, 6, 7, 8], alive
-    [failed] = [r for r in events(tmp_path / "run", "plugin_failed")]
-    assert failed["step"] == 5 and "exited with code 3" in failed["error"], failed
+    [failed] = events(tmp_path / "run", PluginFailedEvent)
+    assert failed.step == 5 and "exited with code 3" in failed.error, failed
     assert_clean()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from swiftk.contracts.events import HostDiedEvent, HostRestartedEvent, PluginFailedEvent, PluginQuarantinedEvent
 from swiftk.kernel import checkpoint
 
 from .helpers import assert_clean, bad_plugin, events, host_config, run, steps
@@ -16,9 +17,9 @@ def test_raises_at_step_3_with_skip_the_run_goes_on(tmp_path: Path) -> None:
     config = host_config(tmp_path, str(bad_plugin(tmp_path, "raise RuntimeError('boom at step 3')")),
                          table='on_failure = "skip"')
     assert run(config) == 0
-    failed = events(tmp_path / "run", "plugin_failed")
-    assert [(e["step"], e["kind"]) for e in failed] == [(2, "error")]
-    assert "RuntimeError" in failed[0]["error"] and "boom at step 3" in failed[0]["error"]
+    failed = events(tmp_path / "run", PluginFailedEvent)
+    assert [(e.step, e.kind) for e in failed] == [(2, "error")]
+    assert "RuntimeError" in failed[0].error and "boom at step 3" in failed[0].error
     assert sorted(steps(tmp_path / "run")) == [1, 2, 3, 4, 5]
     assert steps(tmp_path / "run")[3] == 0.0  # the skipped step contributed no loss and no gradient
     assert_clean()
@@ -43,10 +44,10 @@ def test_host_death_with_retry_restarts_the_host(tmp_path: Path, action: str, re
     once = f"if not os.path.exists(__file__ + '.died'):\n    open(__file__ + '.died', 'w').close()\n    {action}"
     config = host_config(tmp_path, str(bad_plugin(tmp_path, once)), table='on_failure = "retry"')
     assert run(config, "--set", "hosts.restart_backoff_s=0.1") == 0
-    dead = events(tmp_path / "run", "host_dead")
-    assert len(dead) == 1 and reason in dead[0]["reason"] and dead[0]["step"] == 2
-    restarts = events(tmp_path / "run", "host_restart")
-    assert len(restarts) == 1 and restarts[0]["pid"] != dead[0]["pid"]
+    dead = events(tmp_path / "run", HostDiedEvent)
+    assert len(dead) == 1 and reason in dead[0].reason and dead[0].step == 2
+    restarts = events(tmp_path / "run", HostRestartedEvent)
+    assert len(restarts) == 1 and restarts[0].pid != dead[0].pid
     assert sorted(steps(tmp_path / "run")) == [1, 2, 3, 4, 5] and steps(tmp_path / "run")[3] > 0
     assert_clean()
 
@@ -55,9 +56,9 @@ def test_sleeping_past_the_deadline_kills_the_host_and_skips(tmp_path: Path) -> 
     config = host_config(tmp_path, str(bad_plugin(tmp_path, "time.sleep(60)")),
                          table='on_failure = "skip"\ndeadline_s = 1.5')
     assert run(config, "--set", "hosts.restart_backoff_s=0.1") == 0
-    failed = events(tmp_path / "run", "plugin_failed")
-    assert len(failed) == 1 and "did not answer within 1.5 s" in failed[0]["error"]
-    assert len(events(tmp_path / "run", "host_restart")) == 1
+    failed = events(tmp_path / "run", PluginFailedEvent)
+    assert len(failed) == 1 and "did not answer within 1.5 s" in failed[0].error
+    assert len(events(tmp_path / "run", HostRestartedEvent)) == 1
     assert sorted(steps(tmp_path / "run")) == [1, 2, 3, 4, 5]
     assert_clean()
 
@@ -71,9 +72,9 @@ def test_sleeping_past_the_deadline_kills_the_host_and_skips(tmp_path: Path) -> 
 def test_a_loss_that_breaks_its_contract_is_a_plugin_error(tmp_path: Path, action: str, message: str) -> None:
     config = host_config(tmp_path, str(bad_plugin(tmp_path, action)), table='on_failure = "skip"')
     assert run(config) == 0
-    failed = events(tmp_path / "run", "plugin_failed")
-    assert len(failed) == 1 and message in failed[0]["error"] and failed[0]["kind"] == "error"
-    assert events(tmp_path / "run", "host_dead") == []  # the host lived on
+    failed = events(tmp_path / "run", PluginFailedEvent)
+    assert len(failed) == 1 and message in failed[0].error and failed[0].kind == "error"
+    assert events(tmp_path / "run", HostDiedEvent) == []  # the host lived on
     assert_clean()
 
 
@@ -81,9 +82,9 @@ def test_repeated_failures_quarantine_the_plugin(tmp_path: Path) -> None:
     plugin = bad_plugin(tmp_path, "raise ValueError('always')")
     config = host_config(tmp_path, str(plugin), steps=6, table='on_failure = { fallback = 0.5 }\nmax_failures = 2')
     assert run(config, "--set", "train.loss_config={ at_step = [2, 3, 4, 5, 6] }") == 0
-    assert len(events(tmp_path / "run", "plugin_failed")) == 2  # steps 2 and 3; then no more calls
-    quarantined = events(tmp_path / "run", "plugin_quarantined")
-    assert len(quarantined) == 1 and quarantined[0]["step"] == 2
+    assert len(events(tmp_path / "run", PluginFailedEvent)) == 2  # steps 2 and 3; then no more calls
+    quarantined = events(tmp_path / "run", PluginQuarantinedEvent)
+    assert len(quarantined) == 1 and quarantined[0].step == 2
     losses = steps(tmp_path / "run")
     assert losses[1] > 1 and all(losses[s] == 0.5 for s in (2, 3, 4, 5, 6))
     assert_clean()
@@ -93,8 +94,8 @@ def test_unbounded_allocation_hits_the_memory_limit_and_the_host_lives(tmp_path:
     hog = "chunks = []\nwhile True:\n    chunks.append(bytearray(64 << 20))"
     config = host_config(tmp_path, str(bad_plugin(tmp_path, hog)), table='on_failure = "skip"\nmemory_mb = 2048')
     assert run(config) == 0
-    failed = events(tmp_path / "run", "plugin_failed")
-    assert len(failed) == 1 and "MemoryError" in failed[0]["error"]
+    failed = events(tmp_path / "run", PluginFailedEvent)
+    assert len(failed) == 1 and "MemoryError" in failed[0].error
     assert sorted(steps(tmp_path / "run")) == [1, 2, 3, 4, 5]
     assert_clean()
 
@@ -108,8 +109,8 @@ def test_a_malformed_message_from_the_host_kills_it(tmp_path: Path) -> None:
     """
     config = host_config(tmp_path, str(bad_plugin(tmp_path, forge)), table='on_failure = "skip"')
     assert run(config, "--set", "hosts.restart_backoff_s=0.1") == 0
-    dead = events(tmp_path / "run", "host_dead")
-    assert len(dead) == 1 and "malformed message" in dead[0]["reason"]
+    dead = events(tmp_path / "run", HostDiedEvent)
+    assert len(dead) == 1 and "malformed message" in dead[0].reason
     assert sorted(steps(tmp_path / "run")) == [1, 2, 3, 4, 5]
     assert_clean()
 
@@ -125,8 +126,8 @@ def test_a_result_pointing_into_the_kernels_input_segment_kills_the_host(tmp_pat
     """
     config = host_config(tmp_path, str(bad_plugin(tmp_path, forge)), table='on_failure = "skip"')
     assert run(config, "--set", "hosts.restart_backoff_s=0.1") == 0
-    dead = events(tmp_path / "run", "host_dead")
-    assert len(dead) == 1 and "malformed result" in dead[0]["reason"] and "input segment" in dead[0]["reason"]
+    dead = events(tmp_path / "run", HostDiedEvent)
+    assert len(dead) == 1 and "malformed result" in dead[0].reason and "input segment" in dead[0].reason
     assert sorted(steps(tmp_path / "run")) == [1, 2, 3, 4, 5]
     assert_clean()
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
+from swiftk.contracts.events import EvalEvent, StepEvent
 from swiftk.kernel.cli import main
 
 from .helpers import REPO, assert_clean, events, run
@@ -57,23 +57,22 @@ def test_callback_and_metric_in_hosts_report_and_resume(tmp_path: Path) -> None:
     cfg = config(tmp_path)
     assert main(["run", str(cfg), "--set", 'log.progress="none"', "--set", "train.max_steps=3"]) == 0
     assert main(["run", str(cfg), "--set", 'log.progress="none"', "--resume"]) == 0
-    lines = [r for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"counted_steps"' in r]
-    records = [json.loads(line) for line in lines]
+    records = [r.metrics for r in events(tmp_path / "run", StepEvent) if "counted_steps" in r.metrics]
     assert [r["counted_steps"] for r in records] == [1, 2, 3, 4, 5, 6]  # state came back from the checkpoint
     assert records[-1]["counted_tokens"] > records[2]["counted_tokens"] > 0
-    evals = events(tmp_path / "run", "eval")
-    assert evals and 0 <= evals[-1]["eval_token_accuracy"] <= 1
+    evals = events(tmp_path / "run", EvalEvent)
+    assert evals and 0 <= evals[-1].metrics["eval_token_accuracy"] <= 1
     assert_clean()
 
 
 def test_eval_metric_in_a_host_matches_in_process(tmp_path: Path) -> None:
     cfg = config(tmp_path)
     assert run(cfg) == 0
-    remote = events(tmp_path / "run", "eval")[-1]["eval_token_accuracy"]
+    remote = events(tmp_path / "run", EvalEvent)[-1].metrics["eval_token_accuracy"]
     inline = cfg.read_text().replace('metrics.token"\nisolation = "process"', 'metrics.token"\nisolation = "inline"')
     cfg.write_text(inline)
     assert run(cfg, "--overwrite") == 0
-    assert events(tmp_path / "run", "eval")[-1]["eval_token_accuracy"] == pytest.approx(remote, rel=1e-6)
+    assert events(tmp_path / "run", EvalEvent)[-1].metrics["eval_token_accuracy"] == pytest.approx(remote, rel=1e-6)
     assert_clean()
 
 

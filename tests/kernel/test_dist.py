@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from swiftk.contracts.events import PluginFailedEvent, of_kind, read, steps
 from swiftk.kernel import dist, launch
 from swiftk.kernel.cli import main
 from swiftk.kernel.config import load_config
@@ -83,10 +84,9 @@ def swiftk(*args: str, timeout: float = 240, wait: bool = True) -> subprocess.Co
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "event" not in r]
-    assert len(steps) == len({r["step"] for r in steps}), "only rank 0 writes metrics.jsonl, once per step"
-    return {r["step"]: r["loss"] for r in steps}
+    records = steps(read(run_dir / "metrics.jsonl"))
+    assert len(records) == len({r.step for r in records}), "only rank 0 writes metrics.jsonl, once per step"
+    return {r.step: r.loss for r in records}
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,7 @@ def test_a_killed_rank_stops_the_others_and_the_last_checkpoint_resumes(tmp_path
     agent = swiftk(str(cfg), wait=False)
     metrics = tmp_path / "run/metrics.jsonl"
     deadline = time.time() + 180
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('"loss"') >= 7):
+    while time.time() < deadline and not (metrics.exists() and len(steps(read(metrics))) >= 7):
         time.sleep(0.05)
     rank1 = next(p for p in psutil.Process(agent.pid).children() if p.environ().get("RANK") == "1")
     rank1.send_signal(signal.SIGKILL)
@@ -298,7 +298,7 @@ def test_ranks_with_another_config_or_plugin_code_are_refused(tmp_path: Path) ->
     assert all(node.returncode != 0 for node in nodes), outputs
     assert "runs another config than rank 0" in outputs[0], outputs[0]
     assert "plugin 'module:swk_rank_plugin' has code" in outputs[0], outputs[0]
-    assert not (tmp_path / "run/metrics.jsonl").exists() or '"loss"' not in (tmp_path / "run/metrics.jsonl").read_text()
+    assert not (tmp_path / "run/metrics.jsonl").exists() or not steps(read(tmp_path / "run/metrics.jsonl"))
 
 
 PID_LOG = """
@@ -341,11 +341,11 @@ def test_a_shared_host_that_dies_fails_its_calls_on_every_rank_and_the_run_goes_
                    f'on_failure = "skip"\n\n' + cfg.read_text())
     done = swiftk(str(cfg))
     assert done.returncode == 0, done.stdout + done.stderr
-    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
-    steps = {r["step"]: r for r in records if "event" not in r}
-    assert sorted(steps) == list(range(1, STEPS + 1))
-    assert [s for s, r in steps.items() if "alive" in r] == [1, 2, 3]
-    failed = [r for r in records if r.get("event") == "plugin_failed"]
+    records = read(tmp_path / "run/metrics.jsonl")
+    by_step = {r.step: r for r in steps(records)}
+    assert sorted(by_step) == list(range(1, STEPS + 1))
+    assert [s for s, r in by_step.items() if "alive" in r.metrics] == [1, 2, 3]
+    failed = of_kind(records, PluginFailedEvent)
     assert failed and "shared host" in (done.stdout + done.stderr)
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import yaml
 
+from swiftk.contracts.events import RunEndEvent, read
 from swiftk.hosts import tenants
 from swiftk.kernel.cli import main
 
@@ -115,10 +115,10 @@ def test_long_form_plugin_tables(tiny_config: Path, tmp_path: Path, capsys) -> N
     table = f'[[plugins]]\npath = "{tmp_path / "m.py"}"\nname = "my-metric"\nisolation = "inline"\n\n'
     cfg = write_config(tmp_path / "c.toml", table + tiny_config.read_text())
     assert main(["run", str(cfg), "--set", "train.max_steps=2"]) == 0
-    assert records(tmp_path / "run")[0][0]["double_loss"] == pytest.approx(2 * losses(tmp_path / "run")[1])
+    assert records(tmp_path / "run")[0][0].metrics["double_loss"] == pytest.approx(2 * losses(tmp_path / "run")[1])
     cfg.write_text(cfg.read_text().replace('isolation = "inline"', 'isolation = "process"'))
     assert main(["run", str(cfg), "--set", "train.max_steps=2", "--overwrite"]) == 0  # the same hook, in a host
-    assert records(tmp_path / "run")[0][0]["double_loss"] == pytest.approx(2 * losses(tmp_path / "run")[1])
+    assert records(tmp_path / "run")[0][0].metrics["double_loss"] == pytest.approx(2 * losses(tmp_path / "run")[1])
     cfg.write_text(cfg.read_text().replace('isolation = "process"', 'isolation = "sandbox"'))
     _, missing, _ = tenants.plan(None)
     if missing:  # not root: the sandbox refuses to start and says which layers are missing
@@ -126,7 +126,7 @@ def test_long_form_plugin_tables(tiny_config: Path, tmp_path: Path, capsys) -> N
         assert "cannot give tenant hosts the core layers" in capsys.readouterr().err
         return
     assert main(["run", str(cfg), "--set", "train.max_steps=2", "--overwrite"]) == 0  # a tenant of its own
-    assert records(tmp_path / "run")[0][0]["double_loss"] == pytest.approx(2 * losses(tmp_path / "run")[1])
+    assert records(tmp_path / "run")[0][0].metrics["double_loss"] == pytest.approx(2 * losses(tmp_path / "run")[1])
 
 
 STEP_METRIC = '''
@@ -166,7 +166,7 @@ def test_plugin_state_is_checkpointed_and_restored(tiny_config: Path, tmp_path: 
     assert main(["run", str(cfg), "--set", f"output.dir='{resumed}'",
                  "--resume", str(tmp_path / "run/checkpoints/step-000004")]) == 0
     steps = records(resumed)[0]
-    assert [r["seen"] for r in steps] == [float(s) for s in range(5, 13)]
+    assert [r.metrics["seen"] for r in steps] == [float(s) for s in range(5, 13)]
 
 
 DATA_HOOKS = '''
@@ -202,11 +202,10 @@ def test_data_row_batch_start_and_model_loaded_hooks_are_called(tiny_config: Pat
     assert main(["run", str(cfg), "--set", "train.max_steps=40", "--set", "eval.every=40",
                  "--set", "train.lr=3e-3"]) == 0
     steps, events = records(tmp_path / "run")
-    assert steps[0]["rows"] == 2000 + 100  # each train and eval row once (the eval references reuse them)
-    assert steps[-1]["batch_starts"] == 40 and steps[0]["model_params"] > 3e6
-    final = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert final["event"] == "run_end"
-    assert steps[-1]["loss"] < 0.3  # "always 7" is learnt quickly; real sums would not be
+    assert steps[0].metrics["rows"] == 2000 + 100  # each train and eval row once (the eval references reuse them)
+    assert steps[-1].metrics["batch_starts"] == 40 and steps[0].metrics["model_params"] > 3e6
+    assert isinstance(events[-1], RunEndEvent)
+    assert steps[-1].loss < 0.3  # "always 7" is learnt quickly; real sums would not be
 
 
 def test_weight_decay_in_optimizer_config_applies_to_the_decayed_group(tiny_config: Path, tmp_path: Path) -> None:
@@ -238,5 +237,4 @@ def test_a_crashing_plugin_stops_the_run_naming_itself_and_keeps_checkpoints(tin
     assert "PluginError: plugin 'module:crashy' (hook swiftk_step_end) raised ValueError" in err
     assert f"{tmp_path / 'crashy.py'}:7: metric blew up" in err
     assert [p.name for p in (tmp_path / "run/checkpoints").iterdir()] == ["step-000004"]
-    assert json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[-1]) == {
-        "event": "run_end", "step": 7, "status": "failed"}
+    assert read(tmp_path / "run/metrics.jsonl")[-1] == RunEndEvent(step=7, status="failed")

@@ -25,11 +25,11 @@ The file took 94 s on 2 idle CPU cores (the stages 12-23 s each); on cores share
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
+from swiftk.contracts.events import EvalEvent, of_kind, read
 from swiftk.kernel.cli import main
 
 pytestmark = pytest.mark.slow
@@ -50,11 +50,10 @@ def held_out(tmp_path: Path, stage: str, *sets: str) -> dict[str, float]:
                  "output.save_final=false", "output.save_every=100000", *sets):
         args += ["--set", item]
     assert main(args) == 0
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    last = [r for r in lines if r.get("event") == "eval"][-1]
-    print(f"held-out {stage} after {last['step']} steps:", {k: round(v, 3) for k, v in last.items()
-                                                             if k.startswith("eval_rewards/")})
-    return last
+    last = of_kind(read(run_dir / "metrics.jsonl"), EvalEvent)[-1]
+    print(f"held-out {stage} after {last.step} steps:", {k: round(v, 3) for k, v in last.metrics.items()
+                                                         if k.startswith("eval_rewards/")})
+    return last.metrics
 
 
 def untrained(tmp_path: Path, stage: str) -> dict[str, float]:

@@ -10,23 +10,24 @@ from pathlib import Path
 import pytest
 import torch
 
+from swiftk.contracts.events import EvalEvent, Event, StepEvent, of_kind, read
 from swiftk.kernel.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run(tmp_path: Path, *sets: str, steps: int = 6) -> list[dict]:
+def run(tmp_path: Path, *sets: str, steps: int = 6) -> list[Event]:
     args = ["run", "configs/tiny_dpo.toml", "--set", f"train.max_steps={steps}", "--set", "eval.every=3",
             "--set", f'output.dir="{tmp_path / "run"}"', "--set", 'log.progress="none"', "--set", "train.batch_size=8",
             "--overwrite"]
     for item in sets:
         args += ["--set", item]
     assert main(args) == 0
-    return [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    return read(tmp_path / "run" / "metrics.jsonl")
 
 
-def steps(lines: list[dict]) -> list[dict]:
-    return [r for r in lines if "event" not in r]
+def steps(lines: list[Event]) -> list[StepEvent]:
+    return of_kind(lines, StepEvent)
 
 
 @pytest.mark.parametrize("sets", [
@@ -38,12 +39,12 @@ def test_dpo_starts_at_ln2_and_logs_its_rewards(tmp_path: Path, sets: tuple[str,
     """At step 1 the policy is the reference, so every margin is 0 and the sigmoid loss is -log s(0) = ln 2."""
     lines = run(tmp_path, *sets)
     first = steps(lines)[0]
-    assert first["loss"] == pytest.approx(math.log(2), rel=2e-3)
+    assert first.loss == pytest.approx(math.log(2), rel=2e-3)
     assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-            "logps/rejected"} <= set(first)
-    assert abs(first["rewards/margins"]) < 1e-2
-    evals = [r for r in lines if r.get("event") == "eval"]
-    assert evals and 0 <= evals[-1]["eval_rewards/accuracies"] <= 1 and "eval_loss" in evals[-1]
+            "logps/rejected"} <= set(first.metrics)
+    assert abs(first.metrics["rewards/margins"]) < 1e-2
+    evals = of_kind(lines, EvalEvent)
+    assert evals and 0 <= evals[-1].metrics["eval_rewards/accuracies"] <= 1 and "eval_loss" in evals[-1].metrics
 
 
 @pytest.mark.parametrize("stage, extra", [("simpo", "logps/chosen"), ("orpo", "log_odds_ratio"),
@@ -52,9 +53,9 @@ def test_reference_free_stages_train(tmp_path: Path, stage: str, extra: str) -> 
     lines = run(tmp_path, f'train.stage="{stage}"', 'train.loss_type="cross_entropy"', "train.beta=0.5",
                 "train.precompute_ref_logps=false")
     rows = steps(lines)
-    assert len(rows) == 6 and all(math.isfinite(r["loss"]) for r in rows) and extra in rows[0]
-    assert all(0 <= r["rewards/accuracies"] <= 1 for r in rows)
-    assert [r for r in lines if r.get("event") == "eval"][-1]["eval_loss"] > 0
+    assert len(rows) == 6 and all(math.isfinite(r.loss) for r in rows) and extra in rows[0].metrics
+    assert all(0 <= r.metrics["rewards/accuracies"] <= 1 for r in rows)
+    assert of_kind(lines, EvalEvent)[-1].metrics["eval_loss"] > 0
 
 
 def test_sft_rows_under_a_preference_stage_are_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -73,11 +74,11 @@ def test_a_reward_model_trains_on_pairs_and_saves_its_head(tmp_path: Path) -> No
     args = ["run", "configs/tiny_rm.toml", "--set", "train.max_steps=4", "--set", "eval.every=2", "--set",
             "train.batch_size=8", "--set", f'output.dir="{tmp_path / "run"}"', "--set", 'log.progress="none"']
     assert main(args) == 0
-    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lines = read(tmp_path / "run" / "metrics.jsonl")
     first = steps(lines)[0]
-    assert first["loss"] == pytest.approx(math.log(2), abs=0.05)  # a fresh head scores everything about alike
-    assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies"} <= set(first)
-    assert "eval_rewards/accuracies" in [r for r in lines if r.get("event") == "eval"][-1]
+    assert first.loss == pytest.approx(math.log(2), abs=0.05)  # a fresh head scores everything about alike
+    assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies"} <= set(first.metrics)
+    assert "eval_rewards/accuracies" in of_kind(lines, EvalEvent)[-1].metrics
     config = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForSequenceClassification"] and len(config["id2label"]) == 1
     from transformers import AutoModelForSequenceClassification
@@ -113,11 +114,11 @@ def test_kto_starts_at_one_half_and_splits_pairs_into_examples(tmp_path: Path) -
     args = ["run", "configs/tiny_kto.toml", "--set", "train.max_steps=4", "--set", "eval.every=2", "--set",
             "train.batch_size=8", "--set", f'output.dir="{tmp_path / "run"}"', "--set", 'log.progress="none"']
     assert main(args) == 0
-    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lines = read(tmp_path / "run" / "metrics.jsonl")
     first = steps(lines)[0]
-    assert first["loss"] == pytest.approx(0.5, rel=1e-3) and first["kl"] == 0.0
-    assert {"rewards/chosen", "rewards/rejected"} & set(first)
-    assert [r for r in lines if r.get("event") == "eval"][-1]["eval_loss"] > 0
+    assert first.loss == pytest.approx(0.5, rel=1e-3) and first.metrics["kl"] == 0.0
+    assert {"rewards/chosen", "rewards/rejected"} & set(first.metrics)
+    assert of_kind(lines, EvalEvent)[-1].metrics["eval_loss"] > 0
 
 
 def test_collate_unpaired_mismatches_prompts_half_a_batch_away(tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -11,6 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from swiftk.contracts.events import (
+    Event,
+    HostDiedEvent,
+    PluginFailedEvent,
+    PluginReloadedEvent,
+    PluginReloadRejectedEvent,
+    of_kind,
+    read,
+    steps,
+)
 from swiftk.hosts import tenants
 from swiftk.kernel.cli import main
 
@@ -43,15 +52,15 @@ def config(tmp_path: Path, isolation: str = "inline", steps: int = 40) -> Path:
     return tmp_path / "c.toml"
 
 
-def records(run_dir: Path) -> list[dict]:
+def records(run_dir: Path) -> list[Event]:
     path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return read(path) if path.exists() else []
 
 
 def edit_at_step(run_dir: Path, step: int, edit: Callable[[], None]) -> threading.Thread:
     def wait_then_edit() -> None:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not any(r.get("step", 0) >= step for r in records(run_dir)):
+        while time.monotonic() < deadline and not any(r.step >= step for r in records(run_dir)):
             time.sleep(0.01)
         edit()
     thread = threading.Thread(target=wait_then_edit, daemon=True)
@@ -75,13 +84,12 @@ def test_an_edited_loss_is_used_from_the_step_after_the_reload(tmp_path: Path, i
     assert run(cfg) == 0
     editor.join()
     lines = records(tmp_path / "run")
-    [reload] = [r for r in lines if r.get("event") == "plugin_reload"]
-    assert reload["plugin"] == "loss:live" and reload["old_hash"] != reload["new_hash"]
-    steps = [r for r in lines if "event" not in r]
-    assert len(steps) == 40 and 3 <= reload["step"] < 40
-    for r in steps:
-        factor = 2.0 if r["step"] > reload["step"] else 1.0
-        assert r["loss"] == pytest.approx(factor * r["ce"], rel=1e-5), r
+    [reload] = of_kind(lines, PluginReloadedEvent)
+    assert reload.plugin == "loss:live" and reload.old_hash != reload.new_hash
+    assert len(steps(lines)) == 40 and 3 <= reload.step < 40
+    for r in steps(lines):
+        factor = 2.0 if r.step > reload.step else 1.0
+        assert r.loss == pytest.approx(factor * r.metrics["ce"], rel=1e-5), r
 
 
 def test_a_broken_edit_is_rejected_and_the_run_completes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -91,10 +99,10 @@ def test_a_broken_edit_is_rejected_and_the_run_completes(tmp_path: Path, capsys:
     assert run(cfg) == 0
     editor.join()
     lines = records(tmp_path / "run")
-    [failed] = [r for r in lines if r.get("event") == "plugin_reload_failed"]
-    assert "SyntaxError" in failed["error"] and f"{loss_file}:" in failed["error"]
-    assert not [r for r in lines if r.get("event") == "plugin_reload"]
-    assert all(r["loss"] == pytest.approx(r["ce"], rel=1e-5) for r in lines if "event" not in r)
+    [failed] = of_kind(lines, PluginReloadRejectedEvent)
+    assert "SyntaxError" in failed.error and f"{loss_file}:" in failed.error
+    assert not of_kind(lines, PluginReloadedEvent)
+    assert all(r.loss == pytest.approx(r.metrics["ce"], rel=1e-5) for r in steps(lines))
     assert "the old code keeps running" in capsys.readouterr().out
 
 
@@ -105,8 +113,8 @@ def test_a_loss_that_fails_the_probe_is_rejected(tmp_path: Path) -> None:
     editor = edit_at_step(tmp_path / "run", 3, lambda: loss_file.write_text(nan))
     assert run(cfg) == 0
     editor.join()
-    [failed] = [r for r in records(tmp_path / "run") if r.get("event") == "plugin_reload_failed"]
-    assert "non-finite loss" in failed["error"]
+    [failed] = of_kind(records(tmp_path / "run"), PluginReloadRejectedEvent)
+    assert "non-finite loss" in failed.error
 
 
 def test_a_burst_of_saves_is_one_reload_and_an_atomic_rename_is_seen(tmp_path: Path) -> None:
@@ -126,12 +134,12 @@ def test_a_burst_of_saves_is_one_reload_and_an_atomic_rename_is_seen(tmp_path: P
     assert run(cfg) == 0
     editor.join()
     lines = records(tmp_path / "run")
-    reloads = [r for r in lines if r.get("event") == "plugin_reload"]
+    reloads = of_kind(lines, PluginReloadedEvent)
     assert len(reloads) == 2, reloads
-    last = [r for r in lines if "event" not in r][-1]
-    assert last["loss"] == pytest.approx(3.0 * last["ce"], rel=1e-5)
-    middle = [r for r in lines if "event" not in r and reloads[0]["step"] < r["step"] <= reloads[1]["step"]]
-    assert middle and all(r["loss"] == pytest.approx(1.5 * r["ce"], rel=1e-5) for r in middle)
+    last = steps(lines)[-1]
+    assert last.loss == pytest.approx(3.0 * last.metrics["ce"], rel=1e-5)
+    middle = [r for r in steps(lines) if reloads[0].step < r.step <= reloads[1].step]
+    assert middle and all(r.loss == pytest.approx(1.5 * r.metrics["ce"], rel=1e-5) for r in middle)
 
 
 def test_configs_live_loss_runs_watching_its_plugin(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -150,9 +158,9 @@ def test_saving_a_local_module_the_plugin_imports_reloads_the_plugin(tmp_path: P
     assert run(cfg) == 0
     editor.join()
     lines = records(tmp_path / "run")
-    [reload] = [r for r in lines if r.get("event") == "plugin_reload"]
-    last = [r for r in lines if "event" not in r][-1]
-    assert last["step"] > reload["step"] and last["loss"] == pytest.approx(2.0 * last["ce"], rel=1e-5)
+    [reload] = of_kind(lines, PluginReloadedEvent)
+    last = steps(lines)[-1]
+    assert last.step > reload.step and last.loss == pytest.approx(2.0 * last.metrics["ce"], rel=1e-5)
 
 
 @pytest.mark.slow
@@ -172,14 +180,13 @@ def test_ten_edits_in_a_row_of_a_host_loss_are_swapped_in_and_the_run_completes(
     assert run(cfg) == 0
     editor.join()
     lines = records(tmp_path / "run")
-    assert not [r for r in lines if r.get("event") in ("plugin_failed", "plugin_reload_failed", "host_dead")]
-    steps = [r for r in lines if "event" not in r]
-    assert [r["step"] for r in steps] == list(range(1, 401))
-    reloads = [r for r in lines if r.get("event") == "plugin_reload"]
+    assert not [r for r in lines if isinstance(r, (PluginFailedEvent, PluginReloadRejectedEvent, HostDiedEvent))]
+    assert [r.step for r in steps(lines)] == list(range(1, 401))
+    reloads = of_kind(lines, PluginReloadedEvent)
     assert len(reloads) >= 3, reloads
-    assert all(a["new_hash"] == b["old_hash"] for a, b in zip(reloads, reloads[1:], strict=False))  # one chain
-    after = [r for r in steps if r["step"] > reloads[-1]["step"]]
-    assert after and all(r["loss"] == pytest.approx(2.0 * r["ce"], rel=1e-5) for r in after)
+    assert all(a.new_hash == b.old_hash for a, b in zip(reloads, reloads[1:], strict=False))  # one chain
+    after = [r for r in steps(lines) if r.step > reloads[-1].step]
+    assert after and all(r.loss == pytest.approx(2.0 * r.metrics["ce"], rel=1e-5) for r in after)
 
 
 def test_a_save_while_the_new_host_starts_is_reloaded_after_it(tmp_path: Path) -> None:
@@ -194,10 +201,11 @@ def test_a_save_while_the_new_host_starts_is_reloaded_after_it(tmp_path: Path) -
     assert run(cfg) == 0
     editor.join()
     lines = records(tmp_path / "run")
-    assert not [r for r in lines if r.get("event") in ("plugin_failed", "plugin_reload_failed", "host_dead")], lines
-    first, second = [r for r in lines if r.get("event") == "plugin_reload"]
-    assert first["new_hash"] == second["old_hash"] != second["new_hash"]
-    steps = {r["step"]: r for r in lines if "event" not in r}
-    between = [r for s, r in steps.items() if first["step"] < s <= second["step"]]
-    assert all(r["loss"] == pytest.approx(2.0 * r["ce"], rel=1e-5) for r in between), between
-    assert steps[120]["loss"] == pytest.approx(3.0 * steps[120]["ce"], rel=1e-5)
+    assert not [r for r in lines if isinstance(r, (PluginFailedEvent, PluginReloadRejectedEvent, HostDiedEvent))], \
+        lines
+    first, second = of_kind(lines, PluginReloadedEvent)
+    assert first.new_hash == second.old_hash != second.new_hash
+    by_step = {r.step: r for r in steps(lines)}
+    between = [r for s, r in by_step.items() if first.step < s <= second.step]
+    assert all(r.loss == pytest.approx(2.0 * r.metrics["ce"], rel=1e-5) for r in between), between
+    assert by_step[120].loss == pytest.approx(3.0 * by_step[120].metrics["ce"], rel=1e-5)

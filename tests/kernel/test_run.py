@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -15,30 +14,31 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from swiftk.contracts.events import CheckpointSavedEvent, EvalEvent, Event, MetricsTruncatedEvent, StepEvent, read
 from swiftk.kernel.cli import main
 
 from ..conftest import write_config
 
 
-def records(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in lines if "event" not in r], [r for r in lines if "event" in r]
+def records(run_dir: Path) -> tuple[list[StepEvent], list[Event]]:
+    lines = read(run_dir / "metrics.jsonl")
+    return [r for r in lines if isinstance(r, StepEvent)], [r for r in lines if not isinstance(r, StepEvent)]
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in records(run_dir)[0]}
+    return {r.step: r.loss for r in records(run_dir)[0]}
 
 
 def test_tiny_run_trains_logs_evaluates_and_checkpoints(tiny_config: Path, tmp_path: Path) -> None:
     assert main(["run", str(tiny_config)]) == 0
     run = tmp_path / "run"
     steps, events = records(run)
-    assert [r["step"] for r in steps] == list(range(1, 13))
-    assert {"loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"} <= set(steps[0])
-    first, last = steps[0]["loss"], sum(r["loss"] for r in steps[-4:]) / 4
+    assert [r.step for r in steps] == list(range(1, 13))
+    assert steps[0].tokens_per_s > 0 and steps[0].elapsed_s > 0 and steps[0].lr > 0
+    first, last = steps[0].loss, sum(r.loss for r in steps[-4:]) / 4
     assert last < first - 0.5, f"loss did not fall: {first} -> {last}"
-    saved = [e["step"] for e in events if e["event"] == "checkpoint_saved"]
-    assert saved == [4, 8, 12] and [e["step"] for e in events if e["event"] == "eval"] == [6, 12]
+    saved = [e.step for e in events if isinstance(e, CheckpointSavedEvent)]
+    assert saved == [4, 8, 12] and [e.step for e in events if isinstance(e, EvalEvent)] == [6, 12]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000008", "step-000012"]  # keep_last 2
     before = load_file(run / "checkpoints/step-000008/model.safetensors")
     after = load_file(run / "final/model.safetensors")
@@ -87,7 +87,7 @@ def test_sigint_saves_a_checkpoint_and_resume_matches_the_uninterrupted_run(tiny
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('"loss"') >= 3):
+    while time.time() < deadline and not (metrics.exists() and len(records(tmp_path / "run")[0]) >= 3):
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
@@ -111,8 +111,8 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_config: Path, tmp_path
     assert main(["run", str(tiny_config), *common, "--set", f"output.dir='{small}'",
                  "--set", "train.batch_size=8", "--set", "train.grad_accum=2"]) == 0
     (a,), (b,) = records(big)[0], records(small)[0]
-    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert a.loss == pytest.approx(b.loss, rel=1e-5)
+    assert a.grad_norm == pytest.approx(b.grad_norm, rel=1e-4)
 
 
 def test_existing_run_dir_is_refused_and_left_alone(tiny_config: Path, tmp_path: Path, capsys) -> None:
@@ -239,10 +239,10 @@ def test_resuming_an_earlier_checkpoint_in_place_rewrites_later_ones(tiny_config
     assert main(["run", str(tiny_config), "--set", "output.keep_last=5",
                  "--resume", str(tmp_path / "run/checkpoints/step-000004")]) == 0
     steps, events = records(tmp_path / "run")
-    assert [r["step"] for r in steps] == list(range(1, 13))  # the replayed steps 5-12 appear once
-    assert {r["step"]: r["loss"] for r in steps} == full
+    assert [r.step for r in steps] == list(range(1, 13))  # the replayed steps 5-12 appear once
+    assert {r.step: r.loss for r in steps} == full
     assert step8.stat().st_mtime_ns != before
-    assert any(e["event"] == "metrics_truncated" and e["dropped_records"] > 0 for e in events)
+    assert any(isinstance(e, MetricsTruncatedEvent) and e.dropped_records > 0 for e in events)
 
 
 def test_resume_with_a_different_config_is_refused_naming_the_keys(tiny_config: Path, tmp_path: Path,

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from swiftk.contracts.events import read, steps
 from swiftk.kernel.cli import main
 from swiftk.kernel.config import ModelConfig, TrainConfig, load_config
 from swiftk.kernel.errors import ConfigError, ModelLoadError
@@ -78,8 +79,7 @@ progress = "none"
 
 
 def step_losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "event" not in r}
+    return {r.step: r.loss for r in steps(read(run_dir / "metrics.jsonl"))}
 
 
 @pytest.fixture(scope="module")

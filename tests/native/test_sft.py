@@ -3,11 +3,11 @@ user's C++ optimizer file named in `plugins` is built and trains."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
+from swiftk.contracts.events import read, steps
 from swiftk.kernel.cli import main
 
 from ..conftest import write_config
@@ -16,8 +16,7 @@ pytestmark = pytest.mark.usefixtures("built")  # compiled beside the other nativ
 
 
 def losses(run_dir: Path) -> list[float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "event" not in r]
+    return [r.loss for r in steps(read(run_dir / "metrics.jsonl"))]
 
 
 def run(tiny_config: Path, tmp_path: Path, name: str, *overrides: str) -> list[float]:

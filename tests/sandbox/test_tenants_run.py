@@ -4,11 +4,12 @@ every step, and metrics.jsonl holds an audit record for each host's sandbox and 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
+from swiftk.contracts.events import AuditEvent, Event, of_kind, read
+from swiftk.contracts.events import steps as step_events
 from swiftk.hosts import tenants
 from swiftk.hosts.group import HostGroup, HostSpec
 from swiftk.kernel.cli import main
@@ -47,8 +48,8 @@ def config(tmp_path: Path, extra: str = "") -> Path:
     return path
 
 
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def records(run_dir: Path) -> list[Event]:
+    return read(run_dir / "metrics.jsonl")
 
 
 def test_two_tenants_see_only_their_data_and_a_third_cannot_stop_the_run(tmp_path: Path) -> None:
@@ -61,21 +62,21 @@ def test_two_tenants_see_only_their_data_and_a_third_cannot_stop_the_run(tmp_pat
     finally:
         os.chdir(cwd)
     lines = records(tmp_path / "run")
-    steps = {r["step"]: r for r in lines if "event" not in r}
+    steps = {r.step: r.metrics for r in step_events(lines)}
     assert sorted(steps) == list(range(1, 21))
     for step in steps.values():  # the well-behaved tenants, at every step, each seeing only its own key
         assert (step["alice/key_rows"], step["alice/sees_bob"]) == (40.0, 0.0)
         assert (step["bob/key_rows"], step["bob/sees_alice"]) == (25.0, 0.0)
     assert [s for s, r in steps.items() if "mallory/steps" in r] == [1, 2, 4, 6]  # then quarantined
-    audit = [r for r in lines if r.get("event") == "audit"]
-    started = {r["tenant"]: r["layers"] for r in audit if r["action"] == "sandbox_started"}
+    audit = of_kind(lines, AuditEvent)
+    started = {r.tenant: r.layers or {} for r in audit if r.action == "sandbox_started"}
     assert set(started) == {"alice", "bob", "mallory"}
     assert all({"uid", "namespaces", "seccomp", "rlimits"} <= set(layers) for layers in started.values())
-    mallory = [r for r in audit if r["tenant"] == "mallory" and r["action"] != "sandbox_started"]
-    reasons = " | ".join(f"{r['step']}:{r['action']}:{r['reason']}" for r in mallory)
+    mallory = [r for r in audit if r.tenant == "mallory" and r.action != "sandbox_started"]
+    reasons = " | ".join(f"{r.step}:{r.action}:{r.reason}" for r in mallory)
     assert "PermissionError" in reasons and "CPU-seconds" in reasons and "MemoryError" in reasons, reasons
-    assert any(r["action"] == "plugin_quarantined" for r in mallory), reasons
-    assert all(r["plugin"] for r in mallory)
+    assert any(r.action == "plugin_quarantined" for r in mallory), reasons
+    assert all(r.plugin for r in mallory)
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
     assert sandbox_leftovers() == []
 
