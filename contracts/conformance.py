@@ -32,9 +32,10 @@ import torch
 from pydantic import TypeAdapter, ValidationError
 
 from swiftk.contracts import hookspecs, registry
+from swiftk.contracts.checks import FIX_GRAD, ContractViolation, checked_loss
 from swiftk.contracts.markers import CONTRACT_VERSION, PROJECT_NAME
 from swiftk.contracts.registry import PluginSpec, contract_problem
-from swiftk.contracts.types import IGNORE_INDEX, Batch, LossResult, ModelOutputs, StepState
+from swiftk.contracts.types import IGNORE_INDEX, Batch, ModelOutputs, StepState
 
 LR = 1e-2  # the peak lr an optimizer under test is built with
 CONTRACT = ".".join(CONTRACT_VERSION.split(".")[:2])  # what a plugin declares: SWIFTK_CONTRACT = "0.1"
@@ -298,32 +299,19 @@ def _check_loss(calls: _Calls, hooks: set[str]) -> None:
     logits = outputs.logits.detach().clone().requires_grad_(True)  # a leaf, whatever was passed in
     ok, result = calls.call(hook, batch=batch, outputs=ModelOutputs(logits, outputs.extras), step=0,
                             state=calls.state)
-    fix_grad = ("compute it from outputs.logits with differentiable torch ops (no .item(), .detach(), "
-                "torch.tensor(...) or torch.no_grad())")
     if not ok:
         return
-    if not isinstance(result, LossResult) or not isinstance(result.loss, torch.Tensor):
-        got = "None" if result is None else type(getattr(result, "loss", result)).__name__
-        calls.fail(hook, f"returned {got} for a plain SFT micro-batch; expected LossResult(loss: Tensor)",
-                   "return LossResult(loss) (None only defers to another loss plugin)")
+    try:
+        loss = checked_loss(result).loss  # the contract every caller of the hook enforces
+    except ContractViolation as exc:
+        calls.fail(hook, f"{exc} (on a plain SFT micro-batch)", exc.fix)
         return
-    loss = result.loss
-    if loss.dim() != 0:
-        calls.fail(hook, f"returned shape {list(loss.shape)}; expected a 0-dim loss",
-                   "reduce it: .sum() / batch.num_items_in_batch for a token loss (or .mean())")
-    elif not bool(torch.isfinite(loss)):
-        calls.fail(hook, f"returned a non-finite loss ({loss.item()})",
-                   "guard logs and divisions: log_softmax instead of log(softmax), max(n, 1) denominators")
-    elif not loss.requires_grad:
-        calls.fail(hook, "returned a loss that does not require grad (detached from the logits)", fix_grad)
-    else:
-        torch.autograd.backward(loss)
-        if logits.grad is None or not bool(logits.grad.abs().sum() > 0):
-            calls.fail(hook, "returned a loss whose gradient w.r.t. outputs.logits is zero", fix_grad)
-        elif not bool(torch.isfinite(logits.grad).all()):
-            calls.fail(hook, "returned a loss whose gradient w.r.t. outputs.logits is not finite",
-                       "guard logs and divisions so the backward pass stays finite")
-    calls.float_dict(hook, result.metrics, "metric")
+    torch.autograd.backward(loss)
+    if logits.grad is None or not bool(logits.grad.abs().sum() > 0):
+        calls.fail(hook, "returned a loss whose gradient w.r.t. outputs.logits is zero", FIX_GRAD)
+    elif not bool(torch.isfinite(logits.grad).all()):
+        calls.fail(hook, "returned a loss whose gradient w.r.t. outputs.logits is not finite",
+                   "guard logs and divisions so the backward pass stays finite")
 
 
 def _build_optimizer(calls: _Calls, model: torch.nn.Module) -> Any:

@@ -1,4 +1,11 @@
-"""The pluggy markers and the contract version every plugin and host is checked against."""
+"""The pluggy markers, the traits a hookspec declares, and the contract version every plugin and host is
+checked against."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
 
 import pluggy
 
@@ -11,3 +18,36 @@ CONTRACT_VERSION = "0.1.0"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+TRAITS_ATTR = f"{PROJECT_NAME}_traits"
+Spec = TypeVar("Spec", bound=Callable[..., object])
+
+
+@dataclass(frozen=True)
+class HookTraits:
+    """Where a hook may run and what its result is, as its hookspec declares it (``@remote``).
+
+    A spec without the marker runs in the kernel only: its arguments are live kernel objects (the model, the
+    optimizer) that cannot cross a process boundary."""
+
+    remote: bool = False  # may run in a plugin host: takes and returns only contracts types, tensors, plain data
+    differentiable: bool = False  # its result is a loss: a host returns it with the gradient w.r.t. its inputs
+
+
+def remote(*, differentiable: bool = False) -> Callable[[Spec], Spec]:
+    """Mark a hookspec as able to run in a plugin host; ``differentiable``: its result is a loss, which a host
+    returns together with its gradient with respect to the tensors it was given. Plugin hosts forward exactly
+    the hooks so marked (``hookspecs.remote_hooks``)."""
+    traits = HookTraits(remote=True, differentiable=differentiable)
+
+    def mark(spec: Spec) -> Spec:
+        setattr(spec, TRAITS_ATTR, traits)
+        return spec
+
+    return mark
+
+
+def traits_of(spec: object) -> HookTraits:
+    """The traits ``spec`` declares (an unmarked spec: in-process only)."""
+    traits = getattr(spec, TRAITS_ATTR, None)
+    return traits if isinstance(traits, HookTraits) else HookTraits()

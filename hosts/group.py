@@ -10,26 +10,12 @@ import zmq
 
 from swiftk.contracts.errors import PluginError
 from swiftk.hosts import messages as m
-from swiftk.hosts.proxy import Policy, RemotePlugin, make_proxy
-from swiftk.hosts.supervisor import (
-    EventSink,
-    GuestHost,
-    Host,
-    HostSettings,
-    HostSpec,
-    HostStartError,
-    SharedSlot,
-    console,
-)
+from swiftk.hosts.proxy import Policy, RemotePlugin, local_only, make_proxy
+from swiftk.hosts.settings import HostSettings
+from swiftk.hosts.shared import GuestHost
+from swiftk.hosts.supervisor import EventSink, Host, HostSpec, HostStartError, SharedSlot, console
 
 INLINE_ONLY = {"optimizer", "scheduler"}  # they update the kernel's tensors in place
-# Hooks whose arguments are kernel objects (the model, the optimizer), which cannot cross a process boundary.
-INLINE_HOOKS = {"swiftk_model_loaded", "swiftk_optimizer_build", "swiftk_scheduler_build"}
-
-
-def inline_hook_problems(hooks: list[m.HookInfo]) -> list[str]:
-    return [f"{hook.name} receives kernel objects (the model or optimizer) and cannot run in a plugin host; move "
-            f"it to a plugin without isolation" for hook in hooks if hook.name in INLINE_HOOKS]
 
 
 @dataclass
@@ -92,7 +78,7 @@ class HostGroup:
                         problems.append(f"plugins: {reg.kind} '{reg.name}' is registered by {other.source.source} "
                                         f"and by {source.source}, both in hosts; rename one of them")
                     self.providers[(reg.kind, reg.name)] = Provider(host, source, policy)
-                module_problems = inline_hook_problems(source.module_hooks)
+                module_problems = local_only(source.module_hooks)
                 if source.module_hooks and not module_problems:
                     try:
                         proxy = make_proxy(host, -(index + 1), f"module:{source.name}", source.module_hooks,
@@ -117,7 +103,7 @@ class HostGroup:
             reply = provider.host.build(m.BuildRequest(instance, kind, name, config))
         except Exception as exc:
             return [f"its host failed while building it: {exc}"]
-        problems = reply.problems + inline_hook_problems(reply.hooks)
+        problems = reply.problems + local_only(reply.hooks)
         if problems:
             return [f"(in its host) {p}" for p in problems]
         try:

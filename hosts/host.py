@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import inspect
-import math
 import os
 import resource
 import signal
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 import zmq
 
+from swiftk.contracts.checks import checked_loss
 from swiftk.contracts.conformance import describe, hookimpl_problems, spec_problems
 from swiftk.contracts.markers import CONTRACT_VERSION, PROJECT_NAME
 from swiftk.contracts.registry import (
@@ -329,10 +329,10 @@ class Server:
             impl = getattr(self.instances[request.instance], request.hook)
             result = impl(**kwargs)
             grads: list[torch.Tensor | None] = []
-            if leaves:
-                loss = checked_loss(result)
-                grads = list(torch.autograd.grad(loss, leaves, allow_unused=True))
-                result = LossResult(loss.detach(), result.metrics)
+            if leaves:  # a differentiable hook (a loss): checked here, where it ran (the kernel re-checks it)
+                checked = checked_loss(result)
+                grads = list(torch.autograd.grad(checked.loss, leaves, allow_unused=True))
+                result = LossResult(checked.loss.detach(), checked.metrics)
         except (Exception, SystemExit) as exc:  # the call failed; the host lives on
             return m.CallReply(request.call_id, None, [], error=describe(exc),
                                traceback="".join(traceback.format_exception(exc)[-6:]))
@@ -376,21 +376,6 @@ class Server:
             return m.StateReply(request.instance, None, needed_bytes=exc.needed, needed_device=exc.device)
         except Exception as exc:
             return m.StateReply(request.instance, None, error=describe(exc))
-
-
-def checked_loss(result: Any) -> torch.Tensor:
-    """The loss contract, checked where the loss ran (the kernel re-checks what arrives)."""
-    loss = getattr(result, "loss", None)
-    if not isinstance(result, LossResult) or not isinstance(loss, torch.Tensor):
-        raise TypeError(f"returned {type(result).__name__}; expected a LossResult")
-    if loss.dim() != 0:
-        raise ValueError(f"returned shape {list(loss.shape)}; expected a 0-dim loss")
-    if not loss.requires_grad:
-        raise ValueError("returned a loss that does not require grad (computed under no_grad or from detached "
-                         "tensors?)")
-    if not math.isfinite(float(loss.detach())):
-        raise ValueError(f"returned a non-finite loss ({float(loss.detach())})")
-    return loss
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,10 @@
 """The stand-in the kernel registers for a plugin that runs in a host: same hooks, same argument names, so
 pluggy (and the step loop) cannot tell it from a local plugin. It applies the plugin's failure policy.
 
-A remote loss returns its value and the gradient with respect to the tensors it was sent; ``RemoteLoss``
-puts that into the autograd graph, so ``loss.backward()`` flows into the model as if the loss were local.
+What it forwards comes from the hookspecs' markers (``hookspecs.remote_hooks``): a hook marked ``@remote`` may
+run in a host, any other is refused. A ``differentiable`` hook (a loss) returns its value and the gradient
+with respect to the tensors it was sent; ``RemoteLoss`` puts that into the autograd graph, so
+``loss.backward()`` flows into the model as if the loss were local.
 """
 
 from __future__ import annotations
@@ -16,13 +18,12 @@ from typing import Any
 import torch
 
 from swiftk.contracts import hookspecs
+from swiftk.contracts.checks import ContractViolation, checked_loss
 from swiftk.contracts.errors import HostDeadError, PluginError
-from swiftk.contracts.markers import hookimpl
+from swiftk.contracts.markers import HookTraits, hookimpl
 from swiftk.contracts.types import LossResult
 from swiftk.hosts import messages as m
 from swiftk.hosts.supervisor import EventSink, Host
-
-LOSS_HOOK = "swiftk_loss_compute"
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,10 @@ class RemoteLoss(torch.autograd.Function):
 
 
 class RemotePlugin:
-    """Forwards hook calls to ``instance`` in ``host``; subclassed per plugin with one method per hook."""
+    """Forwards hook calls to ``instance`` in ``host``; subclassed per plugin with one method per hook, and the
+    traits of those hooks."""
+
+    traits: dict[str, HookTraits] = {}
 
     def __init__(self, host: Host, instance: int, label: str, policy: Policy, code_hash: str,
                  events: EventSink, source: str = "") -> None:
@@ -84,22 +88,18 @@ class RemotePlugin:
         return self.outcome(hook, kwargs, error)
 
     def forward(self, hook: str, kwargs: dict[str, Any]) -> Any:
-        differentiate = hook == LOSS_HOOK and torch.is_grad_enabled()
+        differentiate = self.traits[hook].differentiable and torch.is_grad_enabled()
         call = self.host.call(self.instance, hook, kwargs, self.policy.deadline_s, differentiate)
         if not differentiate:
             return call.result
-        result = call.result
-        if not isinstance(result, LossResult) or not isinstance(result.loss, torch.Tensor) or result.loss.dim() \
-                or not result.loss.is_floating_point() or not isinstance(result.metrics, dict):
-            raise PluginError(self.label, hook, f"returned {result!r:.120}; expected a LossResult with a 0-dim loss")
-        try:
-            metrics = {str(k): float(v) for k, v in result.metrics.items()}
-        except (TypeError, ValueError):
-            raise PluginError(self.label, hook, f"returned metrics {result.metrics!r:.120}; expected floats") from None
+        try:  # arrives detached (its gradient beside it); the host checked it is finite
+            result = checked_loss(call.result, requires_grad=False, finite=False)
+        except ContractViolation as exc:
+            raise PluginError(self.label, hook, str(exc)) from None
         if not call.grad_inputs:
             raise PluginError(self.label, hook, "was given no tensor that requires grad")
         loss = RemoteLoss.apply(result.loss, call.grads, *call.grad_inputs)  # type: ignore[no-untyped-call]
-        return LossResult(loss, metrics)
+        return LossResult(loss, result.metrics)
 
     def failed(self, hook: str, error: PluginError, counts: bool = True) -> None:
         now = time.monotonic()
@@ -122,7 +122,7 @@ class RemotePlugin:
         if policy in ("fail", "retry"):
             raise error
         value = self.policy.fallback if policy == "fallback" else None
-        if hook == LOSS_HOOK:  # a loss that cannot be computed contributes nothing to the update
+        if self.traits[hook].differentiable:  # a loss that cannot be computed contributes nothing to the update
             outputs = kwargs.get("outputs")
             device = outputs.logits.device if outputs is not None else torch.device("cpu")
             loss = torch.tensor(float(value or 0.0), device=device, requires_grad=True)
@@ -151,23 +151,36 @@ class StatefulRemotePlugin(RemotePlugin):
             self.host.state(self.instance, load=state)
 
 
+def local_only(hooks: list[m.HookInfo]) -> list[str]:
+    """One problem per hook of ``hooks`` that exists but is not marked ``@remote``: it cannot run in a host."""
+    remote = hookspecs.remote_hooks()
+    return [f"{hook.name} receives kernel objects (the model or optimizer) and cannot run in a plugin host (its "
+            f"hookspec is not marked @remote); move it to a plugin without isolation" for hook in hooks
+            if hook.name in hookspecs.hook_names() and hook.name not in remote]
+
+
 def make_proxy(host: Host, instance: int, label: str, hooks: list[m.HookInfo], stateful: bool, policy: Policy,
                code_hash: str, events: EventSink, source: str = "") -> RemotePlugin:
     """A ``RemotePlugin`` whose class has one ``@hookimpl`` method per remote hook, with the remote argument
-    names (pluggy passes a hook implementation exactly the arguments it names)."""
-    methods: dict[str, Any] = {hook.name: forwarding_method(hook) for hook in hooks}
+    names (pluggy passes a hook implementation exactly the arguments it names). A hook whose spec is not
+    marked ``@remote`` is a ``PluginError``."""
+    remote = hookspecs.remote_hooks()
+    methods: dict[str, Any] = {hook.name: forwarding_method(hook, remote) for hook in hooks}
+    methods["traits"] = {hook.name: remote[hook.name] for hook in hooks}
     base = StatefulRemotePlugin if stateful else RemotePlugin
     cls = type(f"Remote_{label.replace(':', '_')}", (base,), methods)
     proxy: RemotePlugin = cls(host, instance, label, policy, code_hash, events, source)
     return proxy
 
 
-def forwarding_method(info: m.HookInfo) -> Any:
+def forwarding_method(info: m.HookInfo, remote: dict[str, HookTraits]) -> Any:
     """A method named like the hook, taking exactly the remote implementation's arguments (pluggy reads the
     names from the function's code, so it is compiled here, from names checked against the hookspec)."""
     spec = getattr(hookspecs, info.name, None)
     if not info.name.startswith("swiftk_") or spec is None:
         raise PluginError("?", info.name, "is not a swiftk hook; check its spelling against swiftk.contracts.hookspecs")
+    if info.name not in remote:
+        raise PluginError("?", info.name, "cannot run in a plugin host: its hookspec is not marked @remote")
     allowed = set(inspect.signature(spec).parameters)
     names = list(info.argnames)
     if not set(names) <= allowed or len(set(names)) != len(names):

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from swiftk.hosts.settings import HostSettings
 from swiftk.kernel.errors import ConfigError
 from swiftk.kernel.parallel.config import DeviceConfig
 
@@ -346,17 +347,7 @@ class SandboxConfig(Section):
                           "[uid_base, uid_base + 4096)")
 
 
-class HostsConfig(Section):
-    """[hosts] supervision of plugin host processes (plugins with isolation = "process")."""
-
-    heartbeat_interval_s: float = Field(0.5, gt=0, description="how often a host says it is alive")
-    heartbeat_timeout_s: float = Field(10.0, gt=0, description="silence after which a host is killed")
-    start_timeout_s: float = Field(60.0, gt=0, description="seconds a host may take to start and build plugins")
-    restart_backoff_s: float = Field(1.0, ge=0, description="wait before the first restart; doubles per death")
-    max_backoff_s: float = Field(30.0, ge=0, description="the longest wait between restarts")
-    shutdown_timeout_s: float = Field(5.0, gt=0, description="wait after a shutdown request, then SIGTERM, SIGKILL")
-    spin_us: float = Field(200.0, ge=0, description="a host busy-waits this long for the next call after each "
-                           "answer (hook calls come in bursts); 0 sleeps at once")
+HostsConfig = HostSettings  # [hosts]: the supervisor's own settings type (swiftk.hosts.settings), one definition
 
 
 class DistributedConfig(Section):

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from swiftk.contracts import Batch, LossResult, ModelOutputs, PluginError, StepState
+from swiftk.contracts import Batch, LossResult, ModelOutputs, PluginError, StepState, checks
 from swiftk.kernel import checkpoint
 from swiftk.kernel.config import PREFERENCE_STAGES, RunConfig
 from swiftk.kernel.data import Loader, Sample
@@ -181,15 +181,10 @@ def checked_loss(result: LossResult | None, run: Run) -> torch.Tensor:
     plugin = f"loss:{run.cfg.train.loss_type}"
     if result is None:
         raise PluginError(plugin, "swiftk_loss_compute", "returned None and no other plugin computed a loss")
-    loss = getattr(result, "loss", None)
-    if not isinstance(loss, torch.Tensor):
-        raise PluginError(plugin, "swiftk_loss_compute", f"returned {type(result).__name__}; expected a LossResult")
-    if loss.dim() != 0:
-        raise PluginError(plugin, "swiftk_loss_compute", f"returned shape {list(loss.shape)}; expected a 0-dim loss")
-    if not loss.requires_grad:
-        raise PluginError(plugin, "swiftk_loss_compute", "returned a loss that does not require grad "
-                          "(was it computed under torch.no_grad() or from detached tensors?)")
-    return loss
+    try:  # finiteness: train() checks the step's summed loss (no device sync per micro-batch)
+        return checks.checked_loss(result, finite=False).loss
+    except checks.ContractViolation as exc:
+        raise PluginError(plugin, "swiftk_loss_compute", str(exc)) from None
 
 
 def evaluate(run: Run) -> dict[str, float]:

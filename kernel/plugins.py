@@ -28,7 +28,7 @@ from swiftk.contracts.registry import (
     source_hash,
 )
 from swiftk.hosts import tenants
-from swiftk.hosts.group import HostGroup, HostSettings, HostSpec, Policy, SharedSlot
+from swiftk.hosts.group import HostGroup, HostSpec, Policy, SharedSlot
 from swiftk.kernel import dist as distributed
 from swiftk.kernel.config import Fallback, PluginSource, RunConfig, TenantConfig, TrainConfig
 from swiftk.native import NativeABIError, NativeBuildError, is_native, register_native
@@ -211,7 +211,7 @@ def start_hosts(cfg: RunConfig) -> tuple[HostGroup | None, list[str]]:
     if problems:
         return None, problems
     policies = {item.label: policy(item) for item in remote + [item for _, item in sandboxed]}
-    group = HostGroup(specs, policies, HostSettings(**cfg.hosts.model_dump()))
+    group = HostGroup(specs, policies, cfg.hosts)
     return group, group.start()
 
 
