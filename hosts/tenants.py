@@ -144,7 +144,9 @@ def visible_paths() -> list[str]:
     for name in PACKAGES:
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.submodule_search_locations:
+            # swiftk/kernel -> ../kernel: bind the links' folder and their targets, or the links dangle inside
             paths.update(spec.submodule_search_locations)
+            paths.update(os.path.realpath(p) for p in spec.submodule_search_locations)
     # /bin -> usr/bin and friends are recreated as links inside the sandbox; a real folder is bound.
     paths.update(p for p in SYSTEM_FILES if os.path.exists(p) and not (p.count("/") == 1 and os.path.islink(p)))
     paths.update(p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and os.path.isdir(p))
