@@ -32,7 +32,7 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
-from swiftk.contracts import LossResult, ModelOutputs, PluginSpec, lookup
+from swiftk.contracts import ModelOutputs, PluginSpec, checks, lookup
 from swiftk.contracts.conformance import describe, hookimpl_problems, spec_problems
 from swiftk.contracts.registry import (
     file_hash,
@@ -313,12 +313,10 @@ class Reloader:
             try:
                 result = manager.hook.swiftk_loss_compute(batch=batch, outputs=ModelOutputs(leaf, extras),
                                                           step=state.step, state=state)
-                loss = getattr(result, "loss", None)
-                if not isinstance(result, LossResult) or not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                    raise RejectedEdit(f"{name}: the probe on the last batch got {result!r:.200}, not a 0-dim loss")
-                if not torch.isfinite(loss.detach()):
-                    value = float(loss.detach())
-                    raise RejectedEdit(f"{name}: the probe on the last batch gave a non-finite loss ({value})")
+                try:
+                    loss = checks.checked_loss(result).loss  # the contract every loss is held to
+                except checks.ContractViolation as exc:
+                    raise RejectedEdit(f"{name}: on the last batch, swiftk_loss_compute {exc}; {exc.fix}") from None
                 loss.backward()
                 if leaf.grad is None or not bool(torch.isfinite(leaf.grad).all()):
                     raise RejectedEdit(f"{name}: on the last batch, no finite gradient reaches the logits")
