@@ -157,7 +157,14 @@ def describe(entry: Entry) -> str:
                  for h, f in sorted(impls.items())]
     doc = inspect.getdoc(plugin.target if isinstance(plugin, PluginSpec) else plugin)
     lines += [f"  hooks:     {', '.join(hooks) or '-'}", "", doc or "(no docstring)"]
-    if isinstance(plugin, PluginSpec):
+    if isinstance(plugin, PluginSpec) and plugin.kind in ("stage", "tuner"):  # a component: its own [train] keys
+        config = getattr(plugin.target, "config", None)
+        fields = config.model_fields if config is not None else {}
+        lines += ["", f"[train] keys it adds ({plugin.kind} = '{plugin.name}'):" if fields else
+                  "[train] keys it adds: none (it uses the generic [train] table)"]
+        lines += [f"  {key} = {field.get_default(call_default_factory=True)!r}"
+                  + (f"    # {field.description}" if field.description else "") for key, field in fields.items()]
+    elif isinstance(plugin, PluginSpec):
         table = CONFIG_TABLE.get(plugin.kind, "its config table").replace("NAME", plugin.name)
         params = list(plugin.config_signature().parameters.values())
         lines += ["", f"arguments (set them in {table}):" if params else "arguments: none"]
