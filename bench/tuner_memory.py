@@ -42,9 +42,10 @@ TUNERS = ("full", "lora", "qlora", "dora", "galore")
 MIB = 2**20
 
 
-def train_config(tuner: str) -> dict:
-    common = {"tuner_strategy": tuner, "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0,
-              "lora_target_modules": "all-linear", "lr": 1e-4, "precision": "bf16"}
+def train_values(tuner: str) -> dict:
+    common = {"tuner_strategy": tuner, "lr": 1e-4, "precision": "bf16"}
+    if tuner in ("lora", "qlora", "dora"):  # each tuner's own keys: an unknown key under any other
+        common |= {"lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "lora_target_modules": "all-linear"}
     if tuner == "galore":
         common |= {"galore_rank": 128, "galore_update_proj_gap": 200, "galore_scale": 0.25}
     return common
@@ -87,13 +88,13 @@ def optimizer_state_mb(optimizer: torch.optim.Optimizer) -> float:
 def child(tuner: str, folder: str, batch: int, seq: int, steps: int) -> dict:
     import swiftk.plugins  # noqa: F401  (registers the optimizers)
     from swiftk.contracts import lookup
-    from swiftk.kernel.config import ModelConfig, TrainConfig
+    from swiftk.kernel.config import ModelConfig, train_config
     from swiftk.kernel.model import load_model
     from swiftk.kernel.run import param_groups
     from swiftk.kernel.tuners import apply_tuner, quantization_config
 
     torch.manual_seed(0)
-    train = TrainConfig.model_validate(train_config(tuner))
+    train = train_config(train_values(tuner))
     model = load_model(ModelConfig(model_id=folder, dtype=model_dtype(tuner)), 0, torch.device("cpu"),
                        quantization=quantization_config(train))
     model = apply_tuner(model, train)

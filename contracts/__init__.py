@@ -28,6 +28,7 @@ from swiftk.contracts.registry import (
     register_scheduler,
     registered,
 )
+from swiftk.contracts.stages import LEARN, LossChoice, Stage, StageConfig, register_stage
 from swiftk.contracts.types import (
     IGNORE_INDEX,
     Batch,
@@ -42,12 +43,14 @@ from swiftk.contracts.types import (
 __all__ = [
     "CONTRACT_VERSION",
     "IGNORE_INDEX",
+    "LEARN",
     "PROJECT_NAME",
     "Adapter",
     "Batch",
     "Completion",
     "Generator",
     "HostDeadError",
+    "LossChoice",
     "LossResult",
     "Message",
     "ModelOutputs",
@@ -55,6 +58,8 @@ __all__ = [
     "PluginRegistryError",
     "PluginSpec",
     "SamplingParams",
+    "Stage",
+    "StageConfig",
     "StepState",
     "build_generator",
     "hookimpl",
@@ -68,6 +73,7 @@ __all__ = [
     "register_optimizer",
     "register_reward",
     "register_scheduler",
+    "register_stage",
     "registered",
     "sequence_logps",
     "shifted_labels",

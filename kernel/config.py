@@ -6,6 +6,7 @@ and a "did you mean" for misspelt keys, before anything is loaded or written.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 import tomllib
@@ -13,7 +14,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from swiftk.hosts.settings import HostSettings
 from swiftk.kernel.errors import ConfigError
@@ -50,8 +62,14 @@ class ModelConfig(Section):
 class DataConfig(Section):
     """[data] what to train on and how to turn rows into token sequences."""
 
-    train_file: str = Field(description="JSONL, JSON, parquet, or a saved HF datasets folder")
+    train_file: str | None = Field(None, description="JSONL, JSON, parquet, or a saved HF datasets folder")
     eval_file: str | None = None
+    dataset_name: str | None = Field(
+        None, validation_alias=AliasChoices("dataset_name", "dataset"),
+        description="a named dataset instead of train_file (hh-rlhf, alpaca, sharegpt, ultrafeedback...; "
+                    "`swiftk datasets` lists them), converted into swiftk's format")
+    dataset_path: str | None = Field(None, description="dataset_name: a local copy (file or folder in the hub "
+                                     "layout); otherwise the datasets cache is searched")
     format: Literal["auto", "messages", "prompt_completion", "text"] = "auto"
     max_length: int = Field(1024, ge=8)
     truncation: Literal["right", "left", "drop"] = Field(
@@ -60,59 +78,50 @@ class DataConfig(Section):
     chat_template: str | None = Field(None, description="Jinja template (or a .jinja file) replacing the tokenizer's")
     system_prompt: str | None = Field(None, description="prepended as a system turn to `messages` rows without one")
     packing: bool = Field(False, description="pack several samples per row (documents never attend to each other)")
-    task_type: Literal["auto", "sft", "preference"] = Field(
-        "auto", description="'preference': prompt/chosen/rejected rows (implied by a preference [train] stage)")
+    task_type: str = Field(
+        "auto", description="what the rows are: 'sft', 'preference' (prompt/chosen/rejected), 'kto' (labelled "
+                            "completions); 'auto': what [train] stage reads")
     shuffle: bool = True
 
+    _converted: str | None = PrivateAttr(None)  # dataset_name's converted file, once resolved
 
-PAIR_STAGES = ("dpo", "simpo", "orpo", "cpo", "rm")  # trained on chosen/rejected pairs, by the loss of its name
-PREFERENCE_STAGES = (*PAIR_STAGES, "kto")  # kto: unpaired examples (or pairs, split into good and bad)
-REFERENCE_STAGES = ("dpo", "kto")  # need the frozen reference model's log-probs
-ADAPTER_TUNERS = ("lora", "qlora", "dora")  # train a PEFT adapter on a frozen (possibly quantized) base
+    @property
+    def train_path(self) -> str:
+        """The file to train on: ``train_file``, or the converted copy of ``dataset_name`` (``resolved``)."""
+        path = self.train_file or self._converted
+        if path is None:
+            raise ValueError(f"[data] dataset_name = {self.dataset_name!r} has not been resolved to a file yet")
+        return path
+
+    def resolved(self, path: str) -> None:
+        self._converted = path
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if self.train_file is None and self.dataset_name is None:
+            raise ValueError("name the training data: train_file = 'data.jsonl', or dataset_name = 'hh-rlhf' "
+                             "(a named dataset)")
+        if self.train_file is not None and self.dataset_name is not None:
+            raise ValueError(f"train_file and dataset_name both set ({self.train_file!r}, {self.dataset_name!r}); "
+                             f"keep one (a local copy of a named dataset goes in dataset_path)")
+        if self.dataset_path is not None and self.dataset_name is None:
+            raise ValueError("dataset_path is the local copy of a dataset_name; set dataset_name too, or use "
+                             "train_file for a file in swiftk's format")
+        return self
 
 
 class TrainConfig(Section):
     """[train] the optimisation: stage, tuner, loss, optimizer, schedule, batch and precision."""
 
-    stage: Literal["sft", "dpo", "simpo", "orpo", "cpo", "rm", "kto"] = Field(
-        "sft", description="sft; dpo, simpo, orpo, cpo (pairs); kto (unpaired or pairs); rm (a reward model on pairs)")
-    beta: float | None = Field(None, gt=0, description="preference stages: the loss's beta (default: the stage's)")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo/cpo: the assumed label-flip probability")
-    precompute_ref_logps: bool = Field(False, description="dpo: score the pairs with the reference once, before "
-                                       "training, instead of a reference forward every step")
-    tuner_strategy: Literal["full", "lora", "qlora", "dora", "galore", "freeze"] = Field(
+    stage: str = Field("sft", description="a registered stage: sft; dpo, simpo, orpo, cpo (pairs); kto (unpaired or "
+                       "pairs); rm (a reward model on pairs); or one a plugin registers. A stage may add keys of its "
+                       "own to this table (dpo: beta, loss_type as the variant, label_smoothing, "
+                       "precompute_ref_logps)")
+    tuner_strategy: str = Field(
         "lora", validation_alias=AliasChoices("tuner_strategy", "train_type", "finetuning_type"),
-        description="full; lora, qlora (LoRA on a 4/8-bit base), dora (LoRA + magnitude); galore (all weights, "
-                    "low-rank optimizer state); freeze (only the last freeze_trainable_layers train)")
-    lora_rank: int = Field(8, ge=1)
-    lora_alpha: float = Field(32.0, gt=0)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
-    lora_target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", validation_alias=AliasChoices("lora_target_modules", "target_modules", "lora_target"),
-        description="module names (e.g. ['q_proj', 'v_proj']) or 'all-linear' (every linear layer but the head)")
-    use_rslora: bool = Field(False, description="rank-stabilised LoRA: scale by alpha/sqrt(r) instead of alpha/r")
-    use_dora: bool = Field(False, description="DoRA on top of lora/qlora (tuner_strategy = 'dora' sets it)")
-    modules_to_save: list[str] = Field(
-        default_factory=list, validation_alias=AliasChoices("modules_to_save", "additional_target"),
-        description="lora/qlora/dora: modules trained in full and saved with the adapter, e.g. ['lm_head']")
-    freeze_trainable_layers: int = Field(
-        2, validation_alias=AliasChoices("freeze_trainable_layers", "freeze_layers"),
-        description="freeze: the last N decoder layers train (negative: the first N)")
-    freeze_trainable_modules: list[str] | Literal["all"] = Field(
-        "all", description="freeze: within those layers, only these modules train (e.g. ['mlp', 'self_attn'])")
-    freeze_extra_modules: list[str] = Field(
-        default_factory=list, validation_alias=AliasChoices("freeze_extra_modules", "trainable_parameters"),
-        description="freeze: modules outside the decoder layers that train too (e.g. ['embed_tokens', 'norm'])")
-    galore_rank: int = Field(128, ge=1, description="galore: rank of the projected gradients")
-    galore_update_proj_gap: int = Field(
-        200, ge=1, validation_alias=AliasChoices("galore_update_proj_gap", "galore_update_interval"),
-        description="galore: steps between projector refreshes (an SVD of each targeted gradient)")
-    galore_scale: float = Field(0.25, gt=0, description="galore: scale of the projected-back update")
-    galore_proj_type: Literal["std", "reverse_std", "left", "right", "full"] = "std"
-    galore_target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", validation_alias=AliasChoices("galore_target_modules", "galore_target"),
-        description="galore: matrices whose names contain one of these are projected; 'all-linear': every "
-                    "matrix but embeddings and the head")
+        description="a registered tuner: full; lora, qlora (LoRA on a 4/8-bit base), dora (LoRA + magnitude); "
+                    "galore (all weights, low-rank optimizer state); freeze (only the last freeze_trainable_layers "
+                    "train); or one a plugin registers. Its keys (lora_rank, freeze_*, galore_*...) join this table")
     loss_type: str = "cross_entropy"
     loss_config: dict[str, Any] = Field(default_factory=dict)
     callbacks: list[str] = Field(default_factory=list, description="callback plugins, by name")
@@ -138,15 +147,6 @@ class TrainConfig(Section):
     )
     gradient_checkpointing: bool = False
     max_grad_norm: float | None = Field(1.0, gt=0)
-    quantization_bit: Literal[4, 8] | None = Field(
-        None, description="load the frozen base in 4 or 8 bits (bitsandbytes) under lora/dora; qlora: 4 by default")
-    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field(
-        "nf4", validation_alias=AliasChoices("bnb_4bit_quant_type", "quantization_type", "quant_type"))
-    bnb_4bit_use_double_quant: bool = Field(
-        True, validation_alias=AliasChoices("bnb_4bit_use_double_quant", "double_quantization"),
-        description="also quantize the 4-bit blocks' scales (~0.4 bits per weight saved)")
-    bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="dtype the 4-bit weights are dequantized to for each matmul")
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -154,56 +154,27 @@ class TrainConfig(Section):
         # ms-swift style configs write torch dtype names here.
         return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(value, value)
 
-    @model_validator(mode="after")
-    def _precompute_needs_pairs(self) -> TrainConfig:
-        if self.precompute_ref_logps and self.stage not in ("dpo",):
-            raise ValueError(f"precompute_ref_logps: only for stage 'dpo' (stage '{self.stage}' "
-                             + ("scores mismatched rows that depend on the batch)" if self.stage == "kto"
-                                else "has no reference model)"))
-        return self
-
-    @field_validator("quantization_bit", mode="before")
+    @field_validator("stage")
     @classmethod
-    def _quantization_bits(cls, value: Any) -> Any:
-        if value in (None, 0, "none"):
-            return None  # LLaMA-Factory and ms-swift configs write 0 or none for "not quantized"
-        if value not in (4, 8):
-            raise ValueError(f"bitsandbytes quantizes to 4 or 8 bits; {value} is not supported (GPTQ/AWQ bases "
-                             f"are not loaded for training)")
+    def _registered_stage(cls, value: str) -> str:
+        from swiftk.contracts.registry import PluginRegistryError, lookup
+
+        try:
+            lookup("stage", value)
+        except PluginRegistryError as exc:
+            raise ValueError(str(exc)) from None
         return value
 
-    @field_validator("lora_target_modules", "galore_target_modules", mode="before")
+    @field_validator("tuner_strategy")
     @classmethod
-    def _target_names(cls, value: Any) -> Any:
-        # LLaMA-Factory writes `lora_target: all` or `q_proj,v_proj`.
-        if isinstance(value, str) and value in ("all", "all-linear", "all_linear"):
-            return "all-linear"
-        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+    def _registered_tuner(cls, value: str) -> str:
+        from swiftk.contracts.registry import PluginRegistryError, lookup
 
-    @model_validator(mode="after")
-    def _tuner_options(self) -> TrainConfig:
-        adapter = self.tuner_strategy in ADAPTER_TUNERS
-        if self.tuner_strategy == "dora":
-            self.use_dora = True
-        if self.tuner_strategy == "qlora" and self.quantization_bit is None:
-            self.quantization_bit = 4
-        if self.quantization_bit is not None and not adapter:
-            raise ValueError(f"quantization_bit: a {self.quantization_bit}-bit base cannot be trained directly; use "
-                             f"tuner_strategy 'qlora' (or 'lora'/'dora'), not '{self.tuner_strategy}'")
-        if self.modules_to_save and not adapter:
-            raise ValueError(f"modules_to_save: only for lora, qlora and dora (tuner_strategy '{self.tuner_strategy}'"
-                             + (" trains through freeze_extra_modules)" if self.tuner_strategy == "freeze"
-                                else " already trains every module)"))
-        if self.tuner_strategy == "galore":
-            if self.optimizer not in ("adamw", "galore_adamw"):
-                raise ValueError(f"tuner_strategy 'galore' trains with the galore_adamw optimizer; remove optimizer "
-                                 f"= '{self.optimizer}' (or pick another tuner_strategy)")
-            self.optimizer = "galore_adamw"
-            galore = {"rank": self.galore_rank, "update_proj_gap": self.galore_update_proj_gap,
-                      "scale": self.galore_scale, "proj_type": self.galore_proj_type,
-                      "target_modules": self.galore_target_modules}
-            self.optimizer_config = {**galore, **self.optimizer_config}
-        return self
+        try:
+            lookup("tuner", value)
+        except PluginRegistryError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
 
 class EvalConfig(Section):
@@ -238,7 +209,7 @@ class SamplesConfig(Section):
 class OutputConfig(Section):
     """[output] where the run lives and what it keeps."""
 
-    dir: str = Field(description="the run directory itself")
+    dir: str | None = Field(None, description="the run directory itself (default: runs/<config file name>)")
     timestamp: bool = Field(False, description="create a timestamped subfolder of `dir` per run")
     save_every: int | None = Field(None, ge=1, description="checkpoint every N optimizer steps")
     keep_last: int = Field(2, ge=1, description="checkpoints kept; older ones are deleted")
@@ -353,8 +324,9 @@ HostsConfig = HostSettings  # [hosts]: the supervisor's own settings type (swift
 class DistributedConfig(Section):
     """[distributed] several processes, or machines: torchrun DDP, FSDP2 or DeepSpeed ZeRO (see kernel/dist.py)."""
 
-    backend: Literal["ddp", "fsdp", "deepspeed"] = Field(
-        "ddp", description="'ddp' (replicas), 'fsdp' (FSDP2, sharded per decoder layer) or 'deepspeed' (ZeRO)")
+    backend: str = Field(
+        "ddp", description="a parallel engine (kernel/parallel/): 'ddp' (replicas), 'fsdp' (FSDP2, sharded per "
+                           "decoder layer) or 'deepspeed' (ZeRO)")
     num_processes: int = Field(1, ge=1, description="processes per node; > 1 relaunches `swiftk run` under torchrun")
     nnodes: int = Field(1, ge=1, description="machines; start `swiftk run` on each with its own node_rank")
     node_rank: int = Field(0, ge=0, description="this machine's index, 0 .. nnodes-1 (0 hosts the rendezvous)")
@@ -368,6 +340,18 @@ class DistributedConfig(Section):
     offload_optimizer: bool = Field(False, description="deepspeed: optimizer state in CPU memory")
     offload_param: bool = Field(False, description="deepspeed, zero_stage 3: parameters in CPU memory")
     fsdp_reshard_after_forward: bool = Field(True, description="fsdp: free gathered layers after forward")
+
+    @field_validator("backend")
+    @classmethod
+    def _engine(cls, value: str) -> str:
+        from swiftk.kernel.parallel import ENGINES
+
+        several = [name for name in ENGINES if name != "none"]  # "none" is what one process runs
+        if value not in several:
+            close = difflib.get_close_matches(value, several, n=1)
+            raise ValueError(f"no parallel engine named '{value}'" + (f"; did you mean '{close[0]}'?" if close else "")
+                             + f" (engines: {', '.join(several)})")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> DistributedConfig:
@@ -397,7 +381,7 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     samples: SamplesConfig = Field(default_factory=SamplesConfig)
-    output: OutputConfig
+    output: OutputConfig = Field(default_factory=OutputConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     hosts: HostsConfig = Field(default_factory=HostsConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
@@ -430,32 +414,167 @@ class RunConfig(Section):
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read, override and validate a config file; raise ``ConfigError`` listing every problem."""
+    """Read, override and validate a config file; raise ``ConfigError`` listing every problem.
+
+    The schema is assembled from the components the file chooses (``schema_for``): the chosen stage's and
+    tuner's keys belong to ``[train]``, so an unknown key is reported against exactly what the run uses.
+    Without ``[output] dir`` the run goes to ``runs/<config file name>``.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"config file not found: {path}"])
     text = path.read_text(encoding="utf-8")
     raw = parse_text(text, path)
     problems: list[str] = []
-    from_set: set[tuple[str, ...]] = set()
+    parsed: list[tuple[tuple[str, ...], Any]] = []
     for item in overrides or []:
         try:
-            key, value = parse_override(item)
+            parsed.append(parse_override(item))
         except ValueError as exc:
             problems.append(str(exc))
-            continue
-        drop_other_names(raw, key)
+    chosen = copy.deepcopy(raw)
+    for key, value in parsed:
+        set_path(chosen, key, value)
+    root = schema_for(chosen)
+    from_set: set[tuple[str, ...]] = set()
+    for key, value in parsed:
+        drop_other_names(raw, key, root)
         set_path(raw, key, value)
         from_set.add(key)
     try:
-        config = RunConfig.model_validate(raw)
+        config = root.model_validate(raw)
     except ValidationError as exc:
         locator = Locator(text, path)
-        problems += [describe(err, locator, from_set) for err in exc.errors()]
+        problems += [describe(err, locator, from_set, root) for err in exc.errors()]
         config = None
     if problems or config is None:
         raise ConfigError(problems, str(path))
+    if config.output.dir is None:
+        config.output.dir = str(Path("runs") / path.stem)
     return config
+
+
+def validate(raw: dict[str, Any]) -> RunConfig:
+    """A config dict (e.g. the one a checkpoint records) validated against the schema its components make."""
+    return schema_for(raw).model_validate(raw)
+
+
+def train_config(values: dict[str, Any] | None = None, **more: Any) -> TrainConfig:
+    """A ``[train]`` table on its own, validated with the keys of the stage and tuner it names."""
+    values = {**(values or {}), **more}
+    model = schema_for({"train": values}).model_fields["train"].annotation
+    assert isinstance(model, type) and issubclass(model, TrainConfig)
+    return model.model_validate(values)
+
+
+def stage_class(train: Any) -> Any:
+    """The registered ``Stage`` class ``[train] stage`` names (its class attributes describe the model)."""
+    from swiftk.contracts.registry import lookup
+
+    return lookup("stage", train.stage).target
+
+
+# ------------------------------------------------------------------------------------- components
+
+
+def schema_for(raw: dict[str, Any]) -> type[RunConfig]:
+    """``RunConfig`` whose ``[train]`` also holds the keys of the stage and tuner ``raw`` chooses.
+
+    The built-in components are registered first, and the config's in-process plugin files imported, so that
+    a stage or tuner from a plugin file brings its keys too. Unknown names stay plain: the ``stage`` and
+    ``tuner_strategy`` validators report them.
+    """
+    import_components(raw.get("plugins"))
+    train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+    parts = []
+    for kind, keys, default in COMPONENT_KEYS:
+        name = next((train[k] for k in keys if k in train), default)
+        part = component_config(kind, name) if isinstance(name, str) else None
+        if part is not None and part not in parts:
+            parts.append(part)
+    if not parts:
+        return RunConfig
+    key = tuple(parts)
+    if key not in _SCHEMAS:
+        name = "TrainConfig[" + ", ".join(p.__name__ for p in parts) + "]"
+        train_model = create_model(name, __base__=(*parts, TrainConfig), __module__=__name__)
+        _SCHEMAS[key] = create_model("RunConfig", __base__=RunConfig, __module__=__name__,
+                                     train=(train_model, Field(default_factory=train_model)))
+    return _SCHEMAS[key]
+
+
+# (component kind, the [train] keys that name it, the default name)
+COMPONENT_KEYS = (("stage", ("stage",), "sft"), ("tuner", ("tuner_strategy", "train_type", "finetuning_type"), "lora"))
+_SCHEMAS: dict[tuple[type[BaseModel], ...], type[RunConfig]] = {}
+
+
+def component_config(kind: str, name: str) -> type[BaseModel] | None:
+    """The config model a registered stage or tuner declares (``config`` on its class), if any."""
+    from swiftk.contracts.registry import PluginRegistryError, lookup
+
+    try:
+        target = lookup(kind, name).target
+    except PluginRegistryError:
+        return None
+    config = getattr(target, "config", None)
+    return config if isinstance(config, type) and issubclass(config, BaseModel) else None
+
+
+def import_components(items: Any) -> None:
+    """Register the built-in plugins and import the config's in-process plugin files (their problems are
+    reported later, with the other plugin problems)."""
+    import swiftk.plugins  # noqa: F401  (registers the built-ins)
+    from swiftk.kernel.plugins import load_configured
+
+    try:
+        sources = TypeAdapter(list[str | PluginSource]).validate_python(items or [])
+    except ValidationError:
+        return  # reported by the validation of [plugins] itself
+    load_configured(sources, native=False)
+
+
+def unknown_key_hint(key: str, table: tuple[str, ...], root: type[BaseModel] | None) -> str:
+    """A key of a stage or tuner the run did not choose says whose it is; a misspelt one gets a suggestion
+    among this table's keys and every component's."""
+    known = known_keys(table, root)
+    if table != ("train",):
+        return did_you_mean(key, known)
+    belongs = owners(key)
+    if belongs:
+        return (f"; it belongs to {', '.join(belongs)}, not to what this run chose (see [train] stage / "
+                f"tuner_strategy)")
+    close = difflib.get_close_matches(key, [*known, *component_keys()], n=1, cutoff=0.6)
+    if close and close[0] not in known:
+        return f"; did you mean '{close[0]}'? (a key of {', '.join(owners(close[0]))})"
+    return did_you_mean(key, known)
+
+
+def component_keys() -> list[str]:
+    """Every key (and alias) of every registered stage's and tuner's own config."""
+    from swiftk.contracts.registry import registered
+
+    keys = []
+    for kind, _, _ in COMPONENT_KEYS:
+        for spec in registered(kind):
+            config = getattr(spec.target, "config", None)
+            if isinstance(config, type) and issubclass(config, BaseModel):
+                keys += [*config.model_fields, *(a for f in config.model_fields.values() for a in field_aliases(f))]
+    return keys
+
+
+def owners(key: str) -> list[str]:
+    """The registered stages and tuners whose own config has ``key`` (for "unknown key" messages)."""
+    from swiftk.contracts.registry import registered
+
+    found = []
+    for kind, _, _ in COMPONENT_KEYS:
+        for spec in registered(kind):
+            config = getattr(spec.target, "config", None)
+            if isinstance(config, type) and issubclass(config, BaseModel) and (
+                    key in config.model_fields
+                    or any(key in field_aliases(f) for f in config.model_fields.values())):
+                found.append(f"{kind} '{spec.name}'")
+    return found
 
 
 def parse_text(text: str, path: Path) -> dict[str, Any]:
@@ -506,12 +625,12 @@ def set_path(raw: dict[str, Any], key: tuple[str, ...], value: Any) -> None:
     node[key[-1]] = value
 
 
-def drop_other_names(raw: dict[str, Any], key: tuple[str, ...]) -> None:
+def drop_other_names(raw: dict[str, Any], key: tuple[str, ...], root: type[BaseModel] | None = None) -> None:
     """An override replaces its field under every name: ``--set train.lr=...`` over the file's ``learning_rate``."""
     node: Any = raw
     for part in key[:-1]:
         node = node.get(part) if isinstance(node, dict) else None
-    model = section(key[:-1])
+    model = section(key[:-1], root)
     if not isinstance(node, dict) or model is None:
         return
     for name, field in model.model_fields.items():
@@ -521,7 +640,8 @@ def drop_other_names(raw: dict[str, Any], key: tuple[str, ...]) -> None:
                 node.pop(other, None)
 
 
-def describe(err: Any, locator: Locator, from_set: set[tuple[str, ...]]) -> str:
+def describe(err: Any, locator: Locator, from_set: set[tuple[str, ...]], root: type[BaseModel] | None = None
+             ) -> str:
     """One pydantic error as ``[train] lora_rnak: unknown key; did you mean 'lora_rank'? (file:7)``."""
     loc = tuple(str(part) for part in err["loc"] if not isinstance(part, int))
     # Errors inside a union (`list[str] | Literal[...]`) carry the member type as an extra loc part.
@@ -529,8 +649,8 @@ def describe(err: Any, locator: Locator, from_set: set[tuple[str, ...]]) -> str:
     table, key = (loc[:-1], loc[-1]) if loc else ((), "")
     name = f"[{'.'.join(table)}] {key}" if table else key
     if err["type"] == "extra_forbidden":
-        message = "unknown key" + did_you_mean(key, known_keys(table))
-    elif err["type"] == "missing" and section(loc) is not None:
+        message = "unknown key" + unknown_key_hint(key, table, root)
+    elif err["type"] == "missing" and section(loc, root) is not None:
         name, message = f"[{'.'.join(loc)}]", "required table is missing"
     elif err["type"] == "missing":
         message = "required key is missing"
@@ -540,9 +660,9 @@ def describe(err: Any, locator: Locator, from_set: set[tuple[str, ...]]) -> str:
     return f"{name}: {message}" + (f" ({where})" if where else "")
 
 
-def section(table: tuple[str, ...]) -> type[BaseModel] | None:
-    """The schema class of ``[table]``; None when the path is not a table."""
-    model: type[BaseModel] = RunConfig
+def section(table: tuple[str, ...], root: type[BaseModel] | None = None) -> type[BaseModel] | None:
+    """The schema class of ``[table]`` (in ``root``, the assembled schema); None when the path is not a table."""
+    model: type[BaseModel] = root or RunConfig
     for part in table:
         field = model.model_fields.get(part)
         annotation = getattr(field, "annotation", None)
@@ -557,8 +677,8 @@ def field_aliases(field: Any) -> list[str]:
     return [c for c in alias.choices if isinstance(c, str)] if isinstance(alias, AliasChoices) else []
 
 
-def known_keys(table: tuple[str, ...]) -> list[str]:
-    model = section(table)
+def known_keys(table: tuple[str, ...], root: type[BaseModel] | None = None) -> list[str]:
+    model = section(table, root)
     if model is None:
         return []
     return [*model.model_fields, *(a for f in model.model_fields.values() for a in field_aliases(f))]

@@ -18,17 +18,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from swiftk.kernel.config import RunConfig
+from swiftk.kernel.config import stage_class, validate
 from swiftk.kernel.model import load_model, load_tokenizer
 from swiftk.kernel.tuners import apply_tuner, load_trainable, save_final
 
 
 def consolidate(checkpoint: Path, out: Path) -> Path:
     meta = json.loads((checkpoint / "meta.json").read_text())
-    cfg = RunConfig.model_validate(meta["config"])
+    cfg = validate(meta["config"])
     tokenizer = load_tokenizer(cfg.model)
-    pad = tokenizer.pad_token_id if cfg.train.stage == "rm" else None
-    model = apply_tuner(load_model(cfg.model, len(tokenizer), torch.device("cpu"), reward_head_pad_id=pad), cfg.train)
+    reward_head = stage_class(cfg.train).reward_head
+    pad = tokenizer.pad_token_id if reward_head else None
+    model = apply_tuner(load_model(cfg.model, len(tokenizer), torch.device("cpu"), reward_head_pad_id=pad), cfg.train,
+                        reward_head=reward_head)
     if (checkpoint / "model.safetensors").is_file():
         weights = load_file(str(checkpoint / "model.safetensors"))
     else:

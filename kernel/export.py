@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from swiftk.kernel import checkpoint
-from swiftk.kernel.config import RunConfig, load_config
+from swiftk.kernel.config import RunConfig, load_config, stage_class
 from swiftk.kernel.errors import SwiftkError
 
 QUANTIZE = ("bnb-nf4", "bnb-int8", "gptq", "awq", "fp8")
@@ -108,7 +108,7 @@ def load_trained(run_dir: Path) -> Trained:
     cfg = load_config(run_dir / "config.toml")
     tokenizer = AutoTokenizer.from_pretrained(final)
     if not (final / "adapter_config.json").is_file():
-        auto = AutoModelForSequenceClassification if cfg.train.stage == "rm" else AutoModelForCausalLM
+        auto = AutoModelForSequenceClassification if stage_class(cfg.train).reward_head else AutoModelForCausalLM
         return Trained(auto.from_pretrained(final).eval(), tokenizer, cfg, adapter=False)
     return Trained(rebuild_adapter_model(run_dir, cfg, tokenizer).eval(), tokenizer, cfg, adapter=True)
 
@@ -122,7 +122,7 @@ def rebuild_adapter_model(run_dir: Path, cfg: RunConfig, tokenizer: Any) -> torc
     from swiftk.kernel.tuners import apply_tuner, base_fingerprint, quantization_config
 
     seed_everything(cfg.train.seed)  # a random-init base is rebuilt from the run's seed
-    pad_id = tokenizer.pad_token_id if cfg.train.stage == "rm" else None
+    pad_id = tokenizer.pad_token_id if stage_class(cfg.train).reward_head else None
     # The device training used where there is one: 4-bit codes are computed by the device's own kernels.
     device = pick_device(cfg.model.device) if torch.cuda.is_available() else torch.device("cpu")
     with warnings.catch_warnings():

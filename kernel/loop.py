@@ -13,7 +13,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,19 +21,19 @@ from typing import Any
 
 import torch
 
-from swiftk.contracts import Batch, LossResult, ModelOutputs, PluginError, StepState, checks
+from swiftk.contracts import Batch, LossResult, PluginError, StepState, checks
+from swiftk.contracts.engines import ParallelEngine
+from swiftk.contracts.stages import LEARN, Stage
 from swiftk.kernel import checkpoint
-from swiftk.kernel.config import PREFERENCE_STAGES, RunConfig
-from swiftk.kernel.data import Loader, Sample
+from swiftk.kernel.config import RunConfig
+from swiftk.kernel.data import Loader
 from swiftk.kernel.dist import DistInfo, agreed, any_rank, mean_across_ranks, sum_across_ranks
 from swiftk.kernel.errors import SwiftkError
-from swiftk.kernel.evaluate import Reference
-from swiftk.kernel.evaluate import evaluate as run_eval
 from swiftk.kernel.model import forward_logits
-from swiftk.kernel.parallel.none import OneProcess as Parallel  # every engine extends it
-from swiftk.kernel.pairs import ReferenceModel, evaluate_pairs
+from swiftk.kernel.parallel.none import OneProcess
 from swiftk.kernel.plugins import Plugins
 from swiftk.kernel.progress import Reporter
+from swiftk.kernel.reference import ReferenceModel
 from swiftk.kernel.reload import Reloader
 
 
@@ -58,17 +58,16 @@ class Run:
     reporter: Reporter
     total_steps: int
     autocast: Callable[[], AbstractContextManager[Any]]
-    collate: Callable[[list[Sample]], Batch]
-    eval_samples: list[Sample] = field(default_factory=list)
-    eval_refs: list[Reference] = field(default_factory=list)
+    stage: Stage  # what one step does: its phases, forward and evaluation
+    eval_samples: Sequence[Any] = field(default_factory=list)  # the stage's held-out examples
     meta: dict[str, Any] = field(default_factory=dict)  # recorded in every checkpoint
     step: int = 0
     tokens_seen: int = 0
     elapsed_s: float = 0.0
     last_saved_step: int | None = None  # the step the newest checkpoint of this process holds
     reloader: Reloader | None = None  # hot reload of plugin files (--watch)
-    reference: ReferenceModel | None = None  # the frozen reference model of a preference stage (dpo)
-    parallel: Parallel = field(default_factory=Parallel)  # DDP / FSDP2 / DeepSpeed, or one process
+    reference: ReferenceModel | None = None  # the frozen reference model, for a stage that needs one (dpo)
+    parallel: ParallelEngine = field(default_factory=OneProcess)  # one process, DDP, FSDP2, DeepSpeed...
 
     def state(self) -> StepState:
         return StepState(
@@ -76,6 +75,20 @@ class Run:
             lr=self.scheduler.get_last_lr()[0], tokens_seen=self.tokens_seen, elapsed_s=self.elapsed_s,
             run_dir=str(self.run_dir), rank=self.dist.rank, world_size=self.dist.world_size,
         )
+
+    # --- what a stage reaches the run through (contracts.stages.StepContext)
+
+    def forward_logits(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        return forward_logits(model, batch)
+
+    def unwrapped(self) -> torch.nn.Module:
+        return self.parallel.unwrap(self.model)
+
+    def call(self, hook: str, **kwargs: Any) -> Any:
+        return self.plugins.call(hook, **kwargs)
+
+    def say(self, message: str) -> None:
+        self.reporter.say(message)
 
 
 def train(run: Run) -> str:
@@ -95,6 +108,9 @@ def train(run: Run) -> str:
                 run.reloader.apply(run.step, run.reporter.event, run.reporter.say)
             started = time.perf_counter()
             micro = next_window(batches, cfg.train.grad_accum)
+            learn_at = run.stage.phases.index(LEARN)
+            for phase in run.stage.phases[:learn_at]:  # e.g. rollout, score: they make what is learnt from
+                micro = run.stage.run_phase(phase, run, [b.to(run.device) for b in micro])
             # The loss is normalised over the whole step, on every rank: its label tokens (or pairs, for a stage).
             num_items = int(sum_across_ranks(sum(b.num_items for b in micro)))
             step_loss = torch.zeros((), device=run.device)
@@ -103,10 +119,7 @@ def train(run: Run) -> str:
                 batch = batch.to(run.device)
                 batch.num_items_in_batch = num_items
                 call("swiftk_batch_start", batch=batch, step=run.step, state=run.state())
-                with run.autocast():
-                    logits = forward_logits(model, batch)  # [B, T, V]
-                extras = run.reference.extras(batch) if run.reference is not None else {}  # reference log-probs
-                outputs = ModelOutputs(logits, extras)
+                outputs = run.stage.forward(run, model, batch)  # logits [B, T, V], and what else the loss needs
                 with agreed("swiftk_loss_compute", run.step):  # a failure on one rank stops every rank
                     result = call("swiftk_loss_compute", batch=batch, outputs=outputs, step=run.step,
                                   state=run.state())
@@ -141,6 +154,8 @@ def train(run: Run) -> str:
             run.parallel.zero_grad(optimizer)
 
             run.step += 1
+            for phase in run.stage.phases[learn_at + 1:]:  # after the update (e.g. push weights to a generator)
+                run.stage.run_phase(phase, run, micro)
             step_time = time.perf_counter() - started
             tokens = int(sum_across_ranks(sum(b.num_tokens for b in micro)))
             plugin_metrics = mean_across_ranks(plugin_metrics)
@@ -188,13 +203,7 @@ def checked_loss(result: LossResult | None, run: Run) -> torch.Tensor:
 
 
 def evaluate(run: Run) -> dict[str, float]:
-    model = run.parallel.unwrap(run.model)  # every rank evaluates everything: sharded forwards are collectives
-    if run.cfg.train.stage in PREFERENCE_STAGES:
-        metrics = evaluate_pairs(model, run.eval_samples, run.collate, run.cfg.eval.batch_size, run.device,
-                                 run.autocast, run.reference, run.plugins.call, run.state())
-    else:
-        metrics = run_eval(model, run.tokenizer, run.eval_samples, run.eval_refs, run.cfg.eval, run.collate,
-                           run.autocast, run.plugins.call, run.state())
+    metrics = run.stage.evaluate(run, run.eval_samples)  # every rank evaluates: sharded forwards are collectives
     run.reporter.event("eval", step=run.step, **metrics)
     run.reporter.say(f"eval @ step {run.step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     return metrics

@@ -27,6 +27,7 @@ from swiftk.contracts.registry import (
     imported_files,
     source_hash,
 )
+from swiftk.contracts.stages import Stage
 from swiftk.hosts import tenants
 from swiftk.hosts.group import HostGroup, HostSpec, Policy, SharedSlot
 from swiftk.kernel import dist as distributed
@@ -143,8 +144,9 @@ class Loaded:
     origin: str = "config"  # or the distribution that installed it ("NAME VERSION")
 
 
-def load_configured(items: list[str | PluginSource]) -> tuple[list[Loaded], list[str]]:
+def load_configured(items: list[str | PluginSource], native: bool = True) -> tuple[list[Loaded], list[str]]:
     """Import the config's ``plugins`` and every ``swiftk.plugins`` entry point; one problem per failure.
+    ``native=False`` leaves C++ sources alone (assembling the config's schema needs no compiler).
 
     What plugin files registered in an earlier run of this process (a test suite, a notebook) is forgotten
     first: a run sees the built-ins, the entry points and its own config's files, nothing else.
@@ -158,6 +160,8 @@ def load_configured(items: list[str | PluginSource]) -> tuple[list[Loaded], list
             continue  # imported by its host, never in the kernel
         source = item if isinstance(item, str) else item.source
         if is_native(source):  # registered under its own name; it has no @hookimpl functions to register
+            if not native:
+                continue
             try:
                 load_native(source)
             except (NativeBuildError, NativeABIError, FileNotFoundError) as exc:
@@ -301,34 +305,27 @@ def policy(item: PluginSource) -> Policy:
 
 def selection(cfg: RunConfig) -> list[Selected]:
     train, evaluation = cfg.train, cfg.eval
+    stage = build_stage(train)
+    loss = stage.loss()
     chosen = [
-        loss_selection(train),
+        Selected("loss", loss.name, loss.arguments, loss.key, loss.config_key),
         Selected("optimizer", train.optimizer, optimizer_arguments(train), "[train] optimizer",
                  "[train] optimizer_config"),
         Selected("scheduler", train.scheduler, train.scheduler_config, "[train] scheduler",
                  "[train] scheduler_config"),
     ]
-    if cfg.data.eval_file and train.stage == "sft":  # a preference stage evaluates with its own loss's metrics
+    if cfg.data.eval_file:  # the stage says which metric plugins its evaluation reports through
         chosen += [Selected("metric", name, evaluation.metric_config.get(name, {}), "[eval] metrics",
-                            f"[eval] metric_config.{name}") for name in evaluation.metric_names()]
+                            f"[eval] metric_config.{name}") for name in stage.metrics(evaluation)]
     chosen += [Selected("callback", name, train.callbacks_config.get(name, {}), "[train] callbacks",
                         f"[train] callbacks_config.{name}") for name in train.callbacks]
     return chosen
 
 
-def loss_selection(train: TrainConfig) -> Selected:
-    """SFT: the ``loss_type`` plugin. A preference stage: the loss named like the stage, built from ``beta``,
-    ``loss_type`` (its variant, e.g. dpo's "ipo"), ``label_smoothing`` and ``loss_config``."""
-    if train.stage == "sft":
-        return Selected("loss", train.loss_type, train.loss_config, "[train] loss_type", "[train] loss_config")
-    arguments: dict[str, Any] = {}
-    if train.beta is not None:
-        arguments["beta"] = train.beta
-    if train.loss_type != "cross_entropy":  # the SFT default means "the stage's own default" here
-        arguments["loss_type"] = train.loss_type
-    if train.label_smoothing:
-        arguments["label_smoothing"] = train.label_smoothing
-    return Selected("loss", train.stage, {**arguments, **train.loss_config}, "[train] stage", "[train] loss_config")
+def build_stage(train: TrainConfig) -> Stage:
+    """The stage ``[train] stage`` names, built with the assembled ``[train]`` table."""
+    stage: Stage = lookup("stage", train.stage).target(train)
+    return stage
 
 
 def optimizer_arguments(train: TrainConfig) -> dict[str, Any]:

@@ -6,8 +6,6 @@ at once before anything heavy is loaded, and nothing is written before the confi
 
 from __future__ import annotations
 
-import copy
-import functools
 import json
 import math
 import random
@@ -27,31 +25,22 @@ from peft import PeftModel
 import swiftk
 from swiftk.contracts import PluginError
 from swiftk.contracts.conformance import describe
+from swiftk.contracts.stages import Stage
 from swiftk.hosts.supervisor import console
 from swiftk.kernel import checkpoint, launch
 from swiftk.kernel import dist as distributed
 from swiftk.kernel import parallel as engines
-from swiftk.kernel.config import PREFERENCE_STAGES, REFERENCE_STAGES, Locator, PluginSource, RunConfig, load_config
-from swiftk.kernel.data import (
-    Loader,
-    Sample,
-    build_dataset,
-    collate,
-    detect_format,
-    load_rows,
-    read_rows,
-    samples_from_rows,
-)
+from swiftk.kernel.config import Locator, PluginSource, RunConfig, load_config
+from swiftk.kernel.data import Loader, read_rows
 from swiftk.kernel.dist import DistInfo, from_env
 from swiftk.kernel.errors import CheckpointError, ConfigError, ModelLoadError, RunDirError
-from swiftk.kernel.evaluate import references
 from swiftk.kernel.generate import chat_prompt, complete
 from swiftk.kernel.loop import Run, train
 from swiftk.kernel.model import check_source, load_model, load_tokenizer, pick_device, resolve_source
-from swiftk.kernel.pairs import ReferenceModel, build_pairs, build_unpaired, collate_pairs, collate_unpaired
 from swiftk.kernel.plugins import (
     Plugins,
     build,
+    build_stage,
     check_selection,
     hookimpl_problems,
     load_configured,
@@ -60,6 +49,7 @@ from swiftk.kernel.plugins import (
     weight_decay,
 )
 from swiftk.kernel.progress import Reporter
+from swiftk.kernel.reference import make_reference
 from swiftk.kernel.reload import Reloader
 from swiftk.kernel.tuners import (
     apply_tuner,
@@ -67,6 +57,7 @@ from swiftk.kernel.tuners import (
     quantization_config,
     save_final,
     save_merged,
+    tuner_of,
 )
 
 
@@ -138,17 +129,36 @@ def check_files(cfg: RunConfig) -> list[str]:
         else:
             if device.startswith("cuda") and not torch.cuda.is_available():
                 problems.append(f"[model] device: '{device}' but torch sees no CUDA device here; use 'auto' or 'cpu'")
-    preference = cfg.train.stage in PREFERENCE_STAGES
-    if cfg.data.task_type != "auto" and (cfg.data.task_type == "preference") != preference:
-        problems.append(f"[data] task_type: '{cfg.data.task_type}' does not fit [train] stage = '{cfg.train.stage}'; "
-                        f"preference data goes with stage dpo, simpo, orpo, cpo, kto or rm, SFT data with sft")
+    stage = build_stage(cfg.train)
+    if cfg.data.dataset_name is not None:
+        problems += named_dataset(cfg, stage)
+    if cfg.data.task_type != "auto" and cfg.data.task_type not in stage.task_types:
+        problems.append(f"[data] task_type: '{cfg.data.task_type}' does not fit [train] stage = '{cfg.train.stage}', "
+                        f"which reads {' or '.join(map(repr, stage.task_types))} data")
+    problems += stage.problems(cfg)
     if cfg.eval.every and not cfg.data.eval_file:
         problems.append("[eval] every: set, but [data] eval_file is not; name an eval file or remove every")
-    if cfg.train.tuner_strategy in ("full", "galore", "freeze") and cfg.model.dtype != "float32":
+    if tuner_of(cfg.train).full_weights_master and cfg.model.dtype != "float32":
         problems.append(f"[model] dtype: '{cfg.model.dtype}' with tuner_strategy = '{cfg.train.tuner_strategy}' "
                         f"would train without "
                         f"fp32 master weights; keep 'float32' ([train] precision = 'bf16' still computes in bf16)")
     return problems
+
+
+def named_dataset(cfg: RunConfig, stage: Stage) -> list[str]:
+    """``[data] dataset_name``: find the named dataset's local copy, convert it into the stage's format once
+    (cached), and train on the converted file (``[data] train_file`` in the resolved config)."""
+    from swiftk.plugins.datasets import DatasetError, resolve_dataset, summary
+
+    task = cfg.data.task_type if cfg.data.task_type != "auto" else stage.task_types[0]
+    try:
+        path = resolve_dataset(cfg.data.dataset_name, task_type=task, dataset_path=cfg.data.dataset_path)
+    except DatasetError as exc:
+        return [f"[data] dataset_name: {exc}"]
+    cfg.data.resolved(str(path))
+    if from_env().is_main:
+        print(f"data: {cfg.data.dataset_name} -> {summary(path)}")
+    return []
 
 
 def locate(problem: str, locator: Locator) -> str:
@@ -245,16 +255,6 @@ def data_transform(plugins: Plugins, split: str) -> Any:
     return (lambda row: plugins.call("swiftk_data_row", row=row, split=split)) if implemented else None
 
 
-def make_collate(plugins: Plugins, pad_id: int) -> Any:
-    """The kernel's right-padding collator, unless a ``swiftk_data_collate`` plugin builds the batches."""
-    def plugin_collate(samples: list[Sample]) -> Any:
-        batch = plugins.call("swiftk_data_collate", samples=[s.as_dict() for s in samples], pad_id=pad_id)
-        return batch if batch is not None else collate(samples, pad_id)
-
-    implemented = plugins.manager.hook.swiftk_data_collate.get_hookimpls()
-    return plugin_collate if implemented else (lambda samples: collate(samples, pad_id))
-
-
 def patched_model(plugins: Plugins, model: Any, tokenizer: Any, cfg: RunConfig) -> Any:
     """Give ``swiftk_model_loaded`` plugins the base model; at most one may replace it."""
     results = plugins.call("swiftk_model_loaded", model=model, tokenizer=tokenizer, config=cfg.model_dump())
@@ -265,9 +265,28 @@ def patched_model(plugins: Plugins, model: Any, tokenizer: Any, cfg: RunConfig) 
     return replacements[0] if replacements else model
 
 
-def sample_prompts(cfg: RunConfig) -> list[str]:
-    if cfg.train.stage == "rm":
-        return []  # a reward model scores text, it does not write any
+@dataclass
+class DataSource:
+    """What a stage reads its data with (``contracts.stages.DataContext``)."""
+
+    tokenizer: Any
+    data: Any  # [data]
+    eval: Any  # [eval]
+    plugins: Plugins
+
+    def transform(self, split: str) -> Any:
+        return data_transform(self.plugins, split)
+
+    def call(self, hook: str, **kwargs: Any) -> Any:
+        return self.plugins.call(hook, **kwargs)
+
+    def implemented(self, hook: str) -> bool:
+        return bool(getattr(self.plugins.manager.hook, hook).get_hookimpls())
+
+
+def sample_prompts(cfg: RunConfig, stage: Stage) -> list[str]:
+    if not stage.writes_text:
+        return []  # e.g. a reward model scores text, it does not write any
     prompts = list(cfg.samples.prompts)
     if cfg.samples.prompts_file:
         prompts += [str(row["prompt"]) for _, row in read_rows(cfg.samples.prompts_file) if "prompt" in row]
@@ -330,29 +349,19 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
 
     say(f"swiftk {swiftk.__version__} | run dir {run_dir} | device {device} | precision {cfg.train.precision}")
     tokenizer = load_tokenizer(cfg.model)
-    pair_stage = cfg.train.stage in PREFERENCE_STAGES
-    build_examples = build_unpaired if cfg.train.stage == "kto" else build_pairs
-    eval_samples, eval_refs = [], []
-    if pair_stage:  # chosen/rejected pairs; the held-out pairs are scored by the stage's loss
-        train_samples = build_examples(cfg.data.train_file, tokenizer, cfg.data, data_transform(plugins, "train"))
-        if cfg.data.eval_file:
-            eval_samples = build_examples(cfg.data.eval_file, tokenizer, cfg.data, data_transform(plugins, "eval"))
-    else:
-        train_samples = build_dataset(cfg.data.train_file, tokenizer, cfg.data, data_transform(plugins, "train"))
-    if cfg.data.eval_file and not pair_stage:
-        rows = load_rows(cfg.data.eval_file, data_transform(plugins, "eval"))  # read and transformed once
-        eval_samples = samples_from_rows(cfg.data.eval_file, rows, tokenizer, cfg.data)
-        if cfg.eval.generates:
-            eval_refs = references(rows, detect_format(rows, cfg.data.format), tokenizer, cfg.data.system_prompt)
-    unit = "examples" if cfg.train.stage == "kto" else "pairs" if pair_stage else "samples"
-    say(f"data: {len(train_samples)} training {unit} from {cfg.data.train_file}"
-        + (f", {len(eval_samples)} eval {unit}" if eval_samples else ""))
+    stage = build_stage(cfg.train)
+    source = DataSource(tokenizer, cfg.data, cfg.eval, plugins)
+    train_samples = stage.load(cfg.data.train_path, "train", source)
+    eval_samples = stage.load(cfg.data.eval_file, "eval", source) if cfg.data.eval_file else []
+    collate_fn = stage.collate(source)
+    say(f"data: {len(train_samples)} training {stage.unit} from {cfg.data.train_path}"
+        + (f", {len(eval_samples)} eval {stage.unit}" if eval_samples else ""))
 
     started = time.perf_counter()
     model = load_model(cfg.model, len(tokenizer), device,
-                       reward_head_pad_id=tokenizer.pad_token_id if cfg.train.stage == "rm" else None,
+                       reward_head_pad_id=tokenizer.pad_token_id if stage.reward_head else None,
                        quantization=quantization_config(cfg.train))
-    model = apply_tuner(patched_model(plugins, model, tokenizer, cfg), cfg.train)
+    model = apply_tuner(patched_model(plugins, model, tokenizer, cfg), cfg.train, reward_head=stage.reward_head)
     fingerprint = base_fingerprint(model)  # before sharding
     parallel = engines.create(cfg.distributed, dist)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -363,22 +372,13 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
     autocast = make_autocast(cfg.train.precision, device)
     # The reference is copied from the model before sharding (a copy of an FSDP2 module is not a model), then
     # sharded like it.
-    reference = make_reference(cfg, model, tokenizer, device, autocast)
+    reference = make_reference(cfg.model.ref_model_id, cfg.model, model, len(tokenizer), device, autocast) \
+        if stage.needs_reference else None
     model = parallel.wrap(model, device, cfg.train.precision)  # DDP or FSDP2 (before the optimizer sees params)
     if reference is not None and reference.model is not None:
         reference.model = parallel.wrap_frozen(reference.model, device, cfg.train.precision)
     optimizer = plugins.call("swiftk_optimizer_build", param_groups=param_groups(parallel.unwrap(model),
                              weight_decay(cfg.train)), lr=cfg.train.lr, model=parallel.unwrap(model))
-    collate_fn = functools.partial(collate_unpaired if cfg.train.stage == "kto" else collate_pairs,
-                                   pad_id=tokenizer.pad_token_id) if pair_stage else \
-        make_collate(plugins, tokenizer.pad_token_id)
-    if reference is not None and cfg.train.precompute_ref_logps:
-        started = time.perf_counter()
-        for pairs in (train_samples, eval_samples):
-            reference.precompute(pairs, tokenizer.pad_token_id, cfg.train.batch_size, device)
-        reference.model = None  # every pair carries its reference log-probs: the reference model can go
-        say(f"reference: scored {len(train_samples) + len(eval_samples)} pairs in "
-            f"{time.perf_counter() - started:.1f} s (precompute_ref_logps)")
     loader = Loader(train_samples, cfg.train.batch_size, collate_fn, cfg.train.seed, cfg.data.shuffle,
                     dist.rank, dist.world_size)
     steps_per_epoch = math.ceil(loader.batches_per_epoch / cfg.train.grad_accum)
@@ -393,7 +393,8 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
     make_run_dir(run_dir, resume_from is not None, dist)
     reporter = Reporter(run_dir if dist.is_main else None, total_steps, cfg.log.progress, cfg.log.every)
     run = Run(cfg, run_dir, model, tokenizer, plugins, optimizer, scheduler, loader, device, dist, reporter,
-              total_steps, autocast, collate_fn, eval_samples, eval_refs, reference=reference, parallel=parallel)
+              total_steps, autocast, stage, eval_samples, reference=reference, parallel=parallel)
+    stage.prepare(run, train_samples, eval_samples)  # e.g. dpo: score every pair with the reference once
     if plugins.hosts is not None:  # host deaths, restarts and plugin failures go to metrics.jsonl and the console
         plugins.hosts.sink = lambda event, fields: host_event(run, event, fields)
         sandbox_records(run)
@@ -405,7 +406,7 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
     if dist.is_main:
         (run_dir / "config.toml").write_text(resolved_toml(cfg), encoding="utf-8")
 
-    prompts = sample_prompts(cfg)
+    prompts = sample_prompts(cfg, stage)
     before = answer_samples(run, prompts) if prompts and run.step == 0 else []
     status = "failed"
     try:
@@ -437,23 +438,6 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
 
     finish(run, options, prompts, before, say)
     return 0
-
-
-def make_reference(cfg: RunConfig, model: torch.nn.Module, tokenizer: Any, device: torch.device,
-                   autocast: Any) -> ReferenceModel | None:
-    """The frozen reference of a stage that needs one: ``[model] ref_model_id``; else the policy with its LoRA
-    adapters disabled; else (full fine-tuning) a frozen copy of the model as loaded."""
-    if cfg.train.stage not in REFERENCE_STAGES:
-        return None
-    if cfg.model.ref_model_id is not None:
-        ref_cfg = cfg.model.model_copy(update={"model_id": cfg.model.ref_model_id, "gguf_file": None})
-        ref_model = load_model(ref_cfg, len(tokenizer), device)
-    elif isinstance(model, PeftModel):
-        return ReferenceModel(None, model, autocast)
-    else:
-        ref_model = copy.deepcopy(model)
-    ref_model.requires_grad_(False)
-    return ReferenceModel(ref_model.eval(), model, autocast)
 
 
 def watched_files(cfg: RunConfig, watch_all: bool) -> list[str]:

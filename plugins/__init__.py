@@ -1,10 +1,12 @@
-"""Built-in plugins, written exactly as an outside author writes one: they import only swiftk.contracts.
+"""Built-in plugins, written exactly as an outside author writes one. Hook plugins (losses, metrics, callbacks...)
+import only swiftk.contracts, so they run unchanged in a plugin host; stages run in the kernel's process (they
+hold the model) and also read data through the kernel's data library.
 
 Importing this package registers every built-in under its name (``loss_type = "cross_entropy"``,
 ``optimizer = "adamw"``, ``scheduler = "cosine"``, ``metrics = ["perplexity"]``, ``callbacks = ["early_stopping"]``,
-``tuner_strategy = "lora"``, the ``hf`` generator...).
+``tuner_strategy = "lora"``, ``stage = "dpo"``, the ``hf`` generator...).
 """
 
-from swiftk.plugins import callbacks, generators, losses, metrics, optimizers, schedulers, tuners
+from swiftk.plugins import callbacks, generators, losses, metrics, optimizers, schedulers, stages, tuners
 
-__all__ = ["callbacks", "generators", "losses", "metrics", "optimizers", "schedulers", "tuners"]
+__all__ = ["callbacks", "generators", "losses", "metrics", "optimizers", "schedulers", "stages", "tuners"]

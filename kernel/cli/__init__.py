@@ -51,6 +51,7 @@ COMMANDS = {
     "plugins": Command("swiftk.kernel.cli.plugins", "list or describe the available plugins (list, show)"),
     "native": Command("swiftk.kernel.cli.native", "build or inspect C++ plugins (build, info)"),
     "sandbox": Command("swiftk.kernel.cli.sandbox", "check the multi-tenant sandbox (doctor)"),
+    "datasets": Command("swiftk.kernel.cli.datasets", "list the named datasets a config's dataset_name accepts"),
 }
 
 

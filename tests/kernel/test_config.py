@@ -68,7 +68,9 @@ def test_every_problem_is_reported_at_once_with_key_and_line(
     for key, line in lines.items():
         assert found[f"[train] {key}"].endswith(f"({path}:{line})")
     assert "unknown key; did you mean 'lora_rank'?" in found["[train] lora_rnak"]
-    assert "greater than 0" in found["[train] lr"] and "'qlora'" in found["[train] tuner_strategy"]
+    assert "greater than 0" in found["[train] lr"]
+    assert "no tuner named 'adalora'; did you mean 'lora'? known: dora, freeze, full, galore, lora, qlora" in \
+        found["[train] tuner_strategy"]
     assert found["[data]"] == f"[data]: required table is missing ({path})"
 
 
@@ -80,7 +82,7 @@ per_device_train_batch_size = 2
 gradient_accumulation_steps = 8
 num_train_epochs = 3
 dtype = "bfloat16"
-tuner_strategy = "full"
+train_type = "lora"
 lora_rank = 16
 lora_alpha = 64
 loss_type = "cross_entropy"
@@ -88,7 +90,7 @@ loss_config = { label_smoothing = 0.1 }
 """)
     train = load_config(path).train
     assert (train.lr, train.batch_size, train.grad_accum, train.epochs) == (3e-4, 2, 8, 3.0)
-    assert (train.precision, train.tuner_strategy, train.lora_rank, train.lora_alpha) == ("bf16", "full", 16, 64.0)
+    assert (train.precision, train.tuner_strategy, train.lora_rank, train.lora_alpha) == ("bf16", "lora", 16, 64.0)
     assert (train.loss_type, train.loss_config) == ("cross_entropy", {"label_smoothing": 0.1})
 
 
@@ -148,7 +150,7 @@ def test_print_config_shows_defaults_and_writes_nothing(
 ) -> None:
     assert main(["run", str(tiny_config), "--print-config", "--set", "train.lr=5e-4"]) == 0
     out = capsys.readouterr().out
-    assert "lora_rank = 8" in out  # a default: tiny_sft.toml does not set it
+    assert "gradient_checkpointing = false" in out  # a default: tiny_sft.toml does not set it
     resolved = tomllib.loads(out)
     assert (resolved["train"]["lr"], resolved["train"]["max_steps"], resolved["data"]["max_length"]) == (5e-4, 12, 32)
     assert not (tmp_path / "run").exists()

@@ -17,7 +17,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run(tmp_path: Path, *sets: str, steps: int = 6) -> list[Event]:
-    args = ["run", "configs/tiny_dpo.toml", "--set", f"train.max_steps={steps}", "--set", "eval.every=3",
+    """configs/tiny_dpo.toml under ``sets``; for another stage, without its dpo-only key."""
+    config = tmp_path / "tiny_dpo.toml"
+    text = (REPO / "configs" / "tiny_dpo.toml").read_text()
+    if any(item.startswith("train.stage=") for item in sets):
+        text = "\n".join(line for line in text.splitlines() if not line.startswith("precompute_ref_logps"))
+    config.write_text(text)
+    args = ["run", str(config), "--set", f"train.max_steps={steps}", "--set", "eval.every=3",
             "--set", f'output.dir="{tmp_path / "run"}"', "--set", 'log.progress="none"', "--set", "train.batch_size=8",
             "--overwrite"]
     for item in sets:
@@ -50,8 +56,7 @@ def test_dpo_starts_at_ln2_and_logs_its_rewards(tmp_path: Path, sets: tuple[str,
 @pytest.mark.parametrize("stage, extra", [("simpo", "logps/chosen"), ("orpo", "log_odds_ratio"),
                                           ("cpo", "nll_loss")])
 def test_reference_free_stages_train(tmp_path: Path, stage: str, extra: str) -> None:
-    lines = run(tmp_path, f'train.stage="{stage}"', 'train.loss_type="cross_entropy"', "train.beta=0.5",
-                "train.precompute_ref_logps=false")
+    lines = run(tmp_path, f'train.stage="{stage}"', 'train.loss_type="cross_entropy"', "train.beta=0.5")
     rows = steps(lines)
     assert len(rows) == 6 and all(math.isfinite(r.loss) for r in rows) and extra in rows[0].metrics
     assert all(0 <= r.metrics["rewards/accuracies"] <= 1 for r in rows)
@@ -66,8 +71,9 @@ def test_sft_rows_under_a_preference_stage_are_named(tmp_path: Path, capsys: pyt
 
 
 def test_precompute_is_a_dpo_option(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A stage's own key is unknown under another stage, and the message says whose key it is."""
     assert main(["run", "configs/tiny_dpo.toml", "--set", 'train.stage="kto"']) == 2
-    assert "precompute_ref_logps: only for stage 'dpo'" in capsys.readouterr().err
+    assert "[train] precompute_ref_logps: unknown key; it belongs to stage 'dpo'" in capsys.readouterr().err
 
 
 def test_a_reward_model_trains_on_pairs_and_saves_its_head(tmp_path: Path) -> None:
@@ -124,7 +130,7 @@ def test_kto_starts_at_one_half_and_splits_pairs_into_examples(tmp_path: Path) -
 def test_collate_unpaired_mismatches_prompts_half_a_batch_away(tmp_path: Path) -> None:
     from swiftk.kernel.config import ModelConfig
     from swiftk.kernel.model import load_tokenizer
-    from swiftk.kernel.pairs import build_unpaired, collate_unpaired, prompt_length
+    from swiftk.plugins.stages.pairs import build_unpaired, collate_unpaired, prompt_length
 
     tok = load_tokenizer(ModelConfig(model_id=str(REPO / "data" / "tiny_tokenizer")))
     path = str(REPO / "data" / "synthetic" / "addition_pref_eval.jsonl")
@@ -143,5 +149,6 @@ def test_collate_unpaired_mismatches_prompts_half_a_batch_away(tmp_path: Path) -
 
 def test_task_type_must_fit_the_stage(capsys: pytest.CaptureFixture) -> None:
     assert main(["run", "configs/tiny_sft.toml", "--set", 'data.task_type="preference"']) == 2
-    assert "[data] task_type: 'preference' does not fit [train] stage = 'sft'" in capsys.readouterr().err
+    assert "[data] task_type: 'preference' does not fit [train] stage = 'sft', which reads 'sft' data" in \
+        capsys.readouterr().err
     assert main(["run", "configs/tiny_dpo.toml", "--set", 'data.task_type="preference"', "--print-config"]) == 0

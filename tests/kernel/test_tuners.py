@@ -12,16 +12,17 @@ from safetensors.torch import load_file
 
 from swiftk.contracts.events import read, steps
 from swiftk.kernel.cli import main
-from swiftk.kernel.config import ModelConfig, TrainConfig, load_config
+from swiftk.kernel.config import ModelConfig, load_config, train_config
 from swiftk.kernel.errors import ConfigError, ModelLoadError
 from swiftk.kernel.model import load_model
 from swiftk.kernel.tuners import apply_tuner, load_trainable, quantization_config
 
 ADDITION = "data/synthetic/addition_train.jsonl"
+LORA = "lora_rank = 8\nlora_alpha = 16\nlora_dropout = 0.0\n"
 TUNER_KEYS = {
-    "lora": 'use_rslora = true\nmodules_to_save = ["lm_head"]',
-    "qlora": 'bnb_4bit_compute_dtype = "float32"',
-    "dora": "",
+    "lora": LORA + 'use_rslora = true\nmodules_to_save = ["lm_head"]',
+    "qlora": LORA + 'bnb_4bit_compute_dtype = "float32"',
+    "dora": LORA,
     "galore": "galore_rank = 4\ngalore_update_proj_gap = 2\ngalore_scale = 1.0",
     "freeze": 'freeze_trainable_layers = 1\nfreeze_extra_modules = ["norm"]',
 }
@@ -59,9 +60,6 @@ shuffle = false
 [train]
 tuner_strategy = "{tuner}"
 {TUNER_KEYS.get(tuner, "")}
-lora_rank = 8
-lora_alpha = 16
-lora_dropout = 0.0
 lr = 1e-2
 scheduler = "constant"
 batch_size = 16
@@ -154,7 +152,7 @@ def test_the_adapter_reloads_in_peft(tuner: str, runs: dict[str, Path], base: Pa
 def test_qlora_base_is_4bit_nf4_with_double_quant(base: Path) -> None:
     import bitsandbytes as bnb
 
-    train = TrainConfig(tuner_strategy="qlora")
+    train = train_config(tuner_strategy="qlora")
     model = load_model(ModelConfig(model_id=str(base)), 0, torch.device("cpu"), quantization=quantization_config(train))
     layer = model.model.layers[0].self_attn.q_proj
     assert isinstance(layer, bnb.nn.Linear4bit) and layer.weight.quant_state.quant_type == "nf4"
@@ -171,17 +169,17 @@ def test_8bit_lora_trains(base: Path, tmp_path: Path) -> None:
 
 
 def test_config_keys_people_know_from_llama_factory_and_ms_swift() -> None:
-    train = TrainConfig.model_validate({"finetuning_type": "freeze", "freeze_layers": 3,
+    train = train_config({"finetuning_type": "freeze", "freeze_layers": 3,
                                         "trainable_parameters": ["embed_tokens"]})
     assert (train.tuner_strategy, train.freeze_trainable_layers, train.freeze_extra_modules) == \
         ("freeze", 3, ["embed_tokens"])
-    lora = TrainConfig.model_validate({"train_type": "lora", "lora_target": "q_proj, v_proj", "quantization_bit": 0})
+    lora = train_config({"train_type": "lora", "lora_target": "q_proj, v_proj", "quantization_bit": 0})
     assert lora.lora_target_modules == ["q_proj", "v_proj"] and lora.quantization_bit is None
-    assert TrainConfig.model_validate({"lora_target": "all"}).lora_target_modules == "all-linear"
-    qlora = TrainConfig(tuner_strategy="qlora", quantization_type="fp4", double_quantization=False)
+    assert train_config({"lora_target": "all"}).lora_target_modules == "all-linear"
+    qlora = train_config(tuner_strategy="qlora", quantization_type="fp4", double_quantization=False)
     assert (qlora.quantization_bit, qlora.bnb_4bit_quant_type, qlora.bnb_4bit_use_double_quant) == (4, "fp4", False)
-    assert TrainConfig(tuner_strategy="dora").use_dora
-    galore = TrainConfig(tuner_strategy="galore", galore_rank=16, galore_update_interval=50)
+    assert train_config(tuner_strategy="dora").use_dora
+    galore = train_config(tuner_strategy="galore", galore_rank=16, galore_update_interval=50)
     assert galore.optimizer == "galore_adamw"
     assert galore.optimizer_config | {"target_modules": None} == {
         "rank": 16, "update_proj_gap": 50, "scale": 0.25, "proj_type": "std", "target_modules": None}
@@ -189,9 +187,10 @@ def test_config_keys_people_know_from_llama_factory_and_ms_swift() -> None:
 
 @pytest.mark.parametrize(("train", "expected"), [
     ("quantization_bit = 3", "bitsandbytes quantizes to 4 or 8 bits"),
-    ('tuner_strategy = "full"\nquantization_bit = 4', "cannot be trained directly"),
+    ('tuner_strategy = "full"\nquantization_bit = 4', "quantization_bit: unknown key; it belongs to tuner 'dora', "
+                                                   "tuner 'lora', tuner 'qlora'"),
     ('tuner_strategy = "galore"\noptimizer = "sgd"', "trains with the galore_adamw optimizer"),
-    ('tuner_strategy = "full"\nmodules_to_save = ["lm_head"]', "only for lora, qlora and dora"),
+    ('tuner_strategy = "full"\nmodules_to_save = ["lm_head"]', "modules_to_save: unknown key; it belongs to tuner"),
 ])
 def test_tuner_config_errors(tmp_path: Path, train: str, expected: str) -> None:
     cfg = tmp_path / "c.toml"
@@ -210,7 +209,7 @@ def test_galore_targets_that_match_nothing_are_refused(base: Path, tmp_path: Pat
 def test_lora_targets_that_match_nothing_are_refused(base: Path) -> None:
     model = load_model(ModelConfig(model_id=str(base)), 0, torch.device("cpu"))
     with pytest.raises(ModelLoadError, match="lora_target_modules.*linear layers: .*q_proj"):
-        apply_tuner(model, TrainConfig(lora_target_modules=["query_key_value"]))
+        apply_tuner(model, train_config(lora_target_modules=["query_key_value"]))
 
 
 def test_qlora_on_a_model_without_bnb_linear_layers_is_refused() -> None:

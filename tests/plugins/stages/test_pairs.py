@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from swiftk.contracts import IGNORE_INDEX
+from swiftk.contracts import IGNORE_INDEX, sequence_logps
 from swiftk.kernel.config import DataConfig, ModelConfig
 from swiftk.kernel.errors import DataError
 from swiftk.kernel.model import load_tokenizer
-from swiftk.kernel.pairs import build_pairs, build_unpaired, collate_pairs, pair_fields, sequence_logps
+from swiftk.plugins.stages.pairs import build_pairs, build_unpaired, collate_pairs, pair_fields
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")

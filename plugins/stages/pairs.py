@@ -16,20 +16,15 @@ identical chosen and rejected, a transcript whose two sides do not share their p
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from swiftk.contracts import IGNORE_INDEX, Batch, ModelOutputs, sequence_logps
-from swiftk.kernel.config import DataConfig
+from swiftk.contracts import IGNORE_INDEX, Batch
 from swiftk.kernel.data import Sample, Tokenize, collate, load_rows, truncate
 from swiftk.kernel.errors import DataError
-from swiftk.kernel.model import forward_logits
 
 HH_ASSISTANT = "\n\nAssistant:"
 
@@ -91,13 +86,13 @@ def is_empty(completion: Any) -> bool:
     return completion is None
 
 
-def build_pairs(path: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, transform: Any = None
+def build_pairs(path: str, tokenizer: PreTrainedTokenizerBase, cfg: Any, transform: Any = None
                 ) -> list[Pair]:
     """Every pair of ``path``, tokenized and truncated per ``[data]``; a pair whose side is dropped is dropped."""
     return pairs_from_rows(path, load_rows(path, transform), tokenizer, cfg)
 
 
-def pairs_from_rows(path: str, rows: list[tuple[str, Any]], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig
+def pairs_from_rows(path: str, rows: list[tuple[str, Any]], tokenizer: PreTrainedTokenizerBase, cfg: Any
                     ) -> list[Pair]:
     tokenize = Tokenize(tokenizer, cfg, "prompt_completion")
     pairs = []
@@ -113,7 +108,7 @@ def pairs_from_rows(path: str, rows: list[tuple[str, Any]], tokenizer: PreTraine
     return pairs
 
 
-def build_unpaired(path: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, transform: Any = None
+def build_unpaired(path: str, tokenizer: PreTrainedTokenizerBase, cfg: Any, transform: Any = None
                    ) -> list[Unpaired]:
     """KTO rows: one completion each, labelled desirable (true) or not (false); or pairs, split into a desirable
     and an undesirable example each."""
@@ -173,65 +168,3 @@ def collate_unpaired(examples: list[Unpaired], pad_id: int) -> Batch:
 def prompt_length(sample: Sample) -> int:
     """Where the completion starts: the first labelled position."""
     return next((i for i, label in enumerate(sample.labels) if label != IGNORE_INDEX), len(sample.labels))
-
-
-class ReferenceModel:
-    """The frozen reference of a preference stage: a batch's summed log-probs ``[2B]``, without gradient and
-    without dropout. Either a model of its own, or the policy itself with its LoRA adapters disabled (no
-    second copy in memory)."""
-
-    def __init__(self, model: torch.nn.Module | None, policy: torch.nn.Module,
-                 autocast: Callable[[], AbstractContextManager[Any]]) -> None:
-        self.model, self.policy, self.autocast = model, policy, autocast
-
-    @torch.no_grad()
-    def logps(self, batch: Batch) -> torch.Tensor:
-        model = self.model if self.model is not None else self.policy
-        adapters_off = self.policy.disable_adapter() if self.model is None else contextlib.nullcontext()  # type: ignore[operator]
-        training = model.training
-        model.eval()
-        try:
-            with adapters_off, self.autocast():
-                logits = forward_logits(model, batch)  # [2B, T, V]
-        finally:
-            model.train(training)
-        return sequence_logps(logits, batch.labels)[0]  # [2B]
-
-    def extras(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """What the stage's loss reads in ``ModelOutputs.extras``: precomputed with the batch, or computed now."""
-        if "ref_logps" in batch.extras:
-            return {"ref_logps": batch.extras["ref_logps"]}
-        return {"ref_logps": self.logps(batch)}
-
-    def precompute(self, pairs: list[Pair], pad_id: int, batch_size: int, device: torch.device) -> None:
-        """Score every pair once (before training), so that no step needs a reference forward."""
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start:start + batch_size]
-            logps = self.logps(collate_pairs(chunk, pad_id).to(device)).tolist()
-            for pair, chosen, rejected in zip(chunk, logps[:len(chunk)], logps[len(chunk):], strict=True):
-                pair.ref = (chosen, rejected)
-
-
-@torch.no_grad()
-def evaluate_pairs(model: torch.nn.Module, pairs: list[Any], collate_fn: Callable[[list[Any]], Batch],
-                   batch_size: int, device: torch.device, autocast: Callable[[], AbstractContextManager[Any]],
-                   reference: ReferenceModel | None, call: Callable[..., Any], state: Any) -> dict[str, float]:
-    """Held-out pairs (or KTO examples) through the stage's own loss: ``eval_loss`` and its metrics
-    (``eval_rewards/accuracies`` is the held-out preference accuracy), weighted by pairs."""
-    training = model.training
-    model.eval()
-    totals: dict[str, float] = {}
-    try:
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start:start + batch_size]
-            batch = collate_fn(chunk).to(device)
-            batch.num_items_in_batch = len(chunk)
-            with autocast():
-                logits = forward_logits(model, batch)
-            outputs = ModelOutputs(logits, reference.extras(batch) if reference is not None else {})
-            result = call("swiftk_loss_compute", batch=batch, outputs=outputs, step=state.step, state=state)
-            for key, value in {"loss": float(result.loss), **result.metrics}.items():
-                totals[key] = totals.get(key, 0.0) + value * len(chunk)
-    finally:
-        model.train(training)
-    return {f"eval_{key}": value / len(pairs) for key, value in totals.items()}
