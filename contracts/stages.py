@@ -76,6 +76,10 @@ class Reference(Protocol):
     def logps(self, batch: Batch) -> torch.Tensor:
         """The reference's summed log-probs ``[rows]`` of ``batch``."""
 
+    def release(self) -> None:
+        """Every example carries its reference log-probs now (``batch.extras["ref_logps"]``): the reference
+        model's memory can go; asking it to score a batch afterwards is an error."""
+
 
 class StepContext(Protocol):
     """What the kernel gives a stage during training: the live model and its surroundings."""

@@ -67,10 +67,6 @@ class Tuner:
         """
         raise NotImplementedError(f"tuner '{self.name}' does not implement apply()")
 
-    def optimizer_defaults(self, train: Any) -> tuple[str, dict[str, Any]] | None:
-        """The optimizer this tuner trains with and its arguments (None: the [train] optimizer, unchanged)."""
-        return None
-
     def save(self, model: nn.Module, tokenizer: Any, out_dir: Path) -> Path:
         """Write the trained result in the format its ecosystem loads (an HF model or PEFT adapter folder)."""
         return save_pretrained(model, tokenizer, out_dir)

@@ -406,6 +406,14 @@ class RunConfig(Section):
             raise ValueError("two [tenants] tables set the same uid; each tenant needs its own")
         return self
 
+    # The plugin files (and entry points) load_config imported, so that the run builds its plugins from the very
+    # classes the config was validated against.
+    _loaded_plugins: list[Any] | None = PrivateAttr(None)
+
+    @property
+    def loaded_plugins(self) -> list[Any] | None:
+        return self._loaded_plugins
+
     def total_batch(self, world_size: int = 1) -> int:
         return self.train.batch_size * self.train.grad_accum * world_size
 
@@ -413,12 +421,14 @@ class RunConfig(Section):
 # ------------------------------------------------------------------------------------------------ loading
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+def load_config(path: str | Path, overrides: list[str] | None = None, saved: bool = False) -> RunConfig:
     """Read, override and validate a config file; raise ``ConfigError`` listing every problem.
 
     The schema is assembled from the components the file chooses (``schema_for``): the chosen stage's and
     tuner's keys belong to ``[train]``, so an unknown key is reported against exactly what the run uses.
-    Without ``[output] dir`` the run goes to ``runs/<config file name>``.
+    Without ``[output] dir`` the run goes to ``runs/<config file name>``. ``saved=True`` reads a run's own
+    ``config.toml``: one written before stages and tuners owned their keys holds every component's keys, and
+    those of components the run did not use are dropped (they never did anything).
     """
     path = Path(path)
     if not path.is_file():
@@ -433,9 +443,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         except ValueError as exc:
             problems.append(str(exc))
     chosen = copy.deepcopy(raw)
-    for key, value in parsed:
+    for key, value in parsed:  # what the overrides choose (`--set train.train_type=full` over tuner_strategy)
+        drop_other_names(chosen, key)
         set_path(chosen, key, value)
-    root = schema_for(chosen)
+    root, loaded, plugin_problems = schema_for(chosen, with_problems=True)
+    problems += plugin_problems
+    if saved:
+        drop_unused_component_keys(raw, root)
     from_set: set[tuple[str, ...]] = set()
     for key, value in parsed:
         drop_other_names(raw, key, root)
@@ -451,12 +465,26 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(problems, str(path))
     if config.output.dir is None:
         config.output.dir = str(Path("runs") / path.stem)
+    config._loaded_plugins = loaded
     return config
 
 
 def validate(raw: dict[str, Any]) -> RunConfig:
-    """A config dict (e.g. the one a checkpoint records) validated against the schema its components make."""
-    return schema_for(raw).model_validate(raw)
+    """A config a checkpoint recorded, validated against the schema its components make (keys of components it
+    did not use, as configs saved before components owned their keys hold, are dropped)."""
+    raw = copy.deepcopy(raw)
+    root = schema_for(raw)
+    drop_unused_component_keys(raw, root)
+    return root.model_validate(raw)
+
+
+def drop_unused_component_keys(raw: dict[str, Any], root: type[BaseModel]) -> None:
+    """Remove the ``[train]`` keys that belong only to stages or tuners ``root`` was not assembled with."""
+    train = raw.get("train")
+    if isinstance(train, dict):
+        known = set(known_keys(("train",), root))
+        for key in [k for k in train if k not in known and owners(k)]:
+            del train[key]
 
 
 def train_config(values: dict[str, Any] | None = None, **more: Any) -> TrainConfig:
@@ -477,14 +505,19 @@ def stage_class(train: Any) -> Any:
 # ------------------------------------------------------------------------------------- components
 
 
-def schema_for(raw: dict[str, Any]) -> type[RunConfig]:
+def schema_for(raw: dict[str, Any], with_problems: bool = False) -> Any:
     """``RunConfig`` whose ``[train]`` also holds the keys of the stage and tuner ``raw`` chooses.
 
     The built-in components are registered first, and the config's in-process plugin files imported, so that
     a stage or tuner from a plugin file brings its keys too. Unknown names stay plain: the ``stage`` and
     ``tuner_strategy`` validators report them.
     """
-    import_components(raw.get("plugins"))
+    loaded, problems = import_components(raw.get("plugins"))
+    schema = assembled(raw)
+    return (schema, loaded, problems) if with_problems else schema
+
+
+def assembled(raw: dict[str, Any]) -> type[RunConfig]:
     train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
     parts = []
     for kind, keys, default in COMPONENT_KEYS:
@@ -520,17 +553,19 @@ def component_config(kind: str, name: str) -> type[BaseModel] | None:
     return config if isinstance(config, type) and issubclass(config, BaseModel) else None
 
 
-def import_components(items: Any) -> None:
-    """Register the built-in plugins and import the config's in-process plugin files (their problems are
-    reported later, with the other plugin problems)."""
+def import_components(items: Any) -> tuple[list[Any], list[str]]:
+    """Register the built-in plugins and import the config's in-process plugin files, so that a stage or tuner
+    they register is known; returns their import problems (a file with a syntax error is named as such, not
+    as "no stage named ..."). The run builds its plugins from what was imported here: each file runs once.
+    """
     import swiftk.plugins  # noqa: F401  (registers the built-ins)
     from swiftk.kernel.plugins import load_configured
 
     try:
         sources = TypeAdapter(list[str | PluginSource]).validate_python(items or [])
     except ValidationError:
-        return  # reported by the validation of [plugins] itself
-    load_configured(sources, native=False)
+        return [], []  # reported by the validation of [plugins] itself
+    return load_configured(sources, native=False)
 
 
 def unknown_key_hint(key: str, table: tuple[str, ...], root: type[BaseModel] | None) -> str:

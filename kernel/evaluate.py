@@ -21,7 +21,7 @@ from swiftk.kernel.model import forward_logits
 
 
 @dataclass
-class Reference:
+class ExpectedAnswer:
     """A prompt rendered as in training, and the completion an exact answer must reproduce."""
 
     prompt: str
@@ -32,19 +32,19 @@ class Reference:
 def references(
     rows: list[tuple[str, dict[str, Any]]], fmt: str, tokenizer: PreTrainedTokenizerBase,
     system_prompt: str | None = None,
-) -> list[Reference]:
+) -> list[ExpectedAnswer]:
     from swiftk.plugins.generators.hf import render_prompt
 
     refs = []
     for _, row in rows:
         if fmt == "prompt_completion" and isinstance(row["prompt"], str) and isinstance(row["completion"], str):
-            refs.append(Reference(row["prompt"], row["completion"].strip(), templated=False))
+            refs.append(ExpectedAnswer(row["prompt"], row["completion"].strip(), templated=False))
         elif fmt in ("messages", "prompt_completion"):
             messages = row["messages"] if fmt == "messages" else \
                 [*as_messages(row["prompt"], "user"), *as_messages(row["completion"], "assistant")]
             if messages and messages[-1].get("role") == "assistant":
                 prompt = render_prompt(tokenizer, messages[:-1], system_prompt)
-                refs.append(Reference(prompt, str(messages[-1]["content"]).strip(), templated=True))
+                refs.append(ExpectedAnswer(prompt, str(messages[-1]["content"]).strip(), templated=True))
     return refs
 
 
@@ -53,7 +53,7 @@ def evaluate(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     samples: list[Sample],
-    refs: list[Reference],
+    refs: list[ExpectedAnswer],
     cfg: EvalConfig,
     collate: Callable[[list[Sample]], Batch],
     autocast: Callable[[], AbstractContextManager[Any]],
@@ -93,7 +93,7 @@ def evaluate(
 def generate_answers(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    refs: list[Reference],
+    refs: list[ExpectedAnswer],
     cfg: EvalConfig,
     autocast: Callable[[], AbstractContextManager[Any]],
     generator: Generator | None = None,

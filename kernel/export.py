@@ -75,9 +75,9 @@ def export(run_dir: str | Path, out: str | Path, merge: bool = False, quantize: 
     lines = []
     model = trained.model
     if trained.adapter:
-        from swiftk.kernel.tuners import merged_model
+        from swiftk.kernel.tuners import merged
 
-        model = merged_model(model)
+        model = merged(model, trained.cfg.train)
         lines.append(f"merged the {trained.cfg.train.tuner_strategy} adapter into the base ({model.dtype})")
     out.mkdir(parents=True, exist_ok=True)
     if quantize:
@@ -105,7 +105,7 @@ def load_trained(run_dir: Path) -> Trained:
     if not final.is_dir():
         raise ExportError(f"{final} does not exist: the run did not finish, or ran with [output] save_final = "
                           f"false. Resume it to the end (`swiftk run CONFIG --resume`) first.")
-    cfg = load_config(run_dir / "config.toml")
+    cfg = load_config(run_dir / "config.toml", saved=True)
     tokenizer = AutoTokenizer.from_pretrained(final)
     if not (final / "adapter_config.json").is_file():
         auto = AutoModelForSequenceClassification if stage_class(cfg.train).reward_head else AutoModelForCausalLM

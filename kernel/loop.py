@@ -76,6 +76,11 @@ class Run:
             run_dir=str(self.run_dir), rank=self.dist.rank, world_size=self.dist.world_size,
         )
 
+    @property
+    def loss_name(self) -> str:
+        """The loss plugin the stage trains with (dpo's, not its loss_type variant)."""
+        return self.stage.loss().name
+
     # --- what a stage reaches the run through (contracts.stages.StepContext)
 
     def forward_logits(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -138,16 +143,16 @@ def train(run: Run) -> str:
                 what = f"the loss became {loss_value}" if not math.isfinite(loss_value) else \
                     f"the gradient norm became {grad_norm} (loss {loss_value:.4g})"
                 raise TrainingError(
-                    f"{what} at step {run.step + 1} (loss_type '{cfg.train.loss_type}'); the step was not "
+                    f"{what} at step {run.step + 1} (loss '{run.loss_name}'); the step was not "
                     f"applied. Lower [train] lr, keep max_grad_norm set, or check the data and the loss; the last "
                     f"checkpoint is {checkpoint.latest_checkpoint(run.run_dir) or 'none (save_every is not set)'}."
                 )
             lr = scheduler.get_last_lr()[0]
             grad_norm = run.parallel.step(optimizer, grad_norm)  # DeepSpeed returns the norm it clipped with
-            if not math.isfinite(grad_norm):  # DeepSpeed measures inside its step, and skips a non-finite one
+            if not math.isfinite(grad_norm):  # an engine that measures inside its step skips a non-finite one
                 raise TrainingError(
-                    f"the gradient norm became {grad_norm} (loss {loss_value:.4g}) at step {run.step + 1} (loss_type "
-                    f"'{cfg.train.loss_type}'); DeepSpeed skipped the update. Lower [train] lr, or check the data "
+                    f"the gradient norm became {grad_norm} (loss {loss_value:.4g}) at step {run.step + 1} (loss "
+                    f"'{run.loss_name}'); the engine skipped the update. Lower [train] lr, or check the data "
                     f"and the loss; the last checkpoint is "
                     f"{checkpoint.latest_checkpoint(run.run_dir) or 'none (save_every is not set)'}.")
             scheduler.step()
@@ -193,7 +198,7 @@ def next_window(batches: Iterator[Batch], grad_accum: int) -> list[Batch]:
 
 def checked_loss(result: LossResult | None, run: Run) -> torch.Tensor:
     """The contract of swiftk_loss_compute, enforced with a message naming the loss plugin."""
-    plugin = f"loss:{run.cfg.train.loss_type}"
+    plugin = f"loss:{run.loss_name}"
     if result is None:
         raise PluginError(plugin, "swiftk_loss_compute", "returned None and no other plugin computed a loss")
     try:  # finiteness: train() checks the step's summed loss (no device sync per micro-batch)

@@ -33,6 +33,7 @@ from swiftk.hosts.group import HostGroup, HostSpec, Policy, SharedSlot
 from swiftk.kernel import dist as distributed
 from swiftk.kernel.config import Fallback, PluginSource, RunConfig, TenantConfig, TrainConfig
 from swiftk.native import NativeABIError, NativeBuildError, is_native, register_native
+from swiftk.plugins.datasets import forget_source as forget_dataset_source
 
 
 @dataclass
@@ -65,6 +66,14 @@ class Plugins:
     code_hashes: dict[str, str] = field(default_factory=dict)
     origins: dict[str, Origin] = field(default_factory=dict)  # in-process plugins, by registered name
     hosts: HostGroup | None = None  # the processes serving plugins with isolation = "process"
+    components: dict[str, str] = field(default_factory=dict)  # "stage:dpo" -> the file that defines it
+
+    def track(self, kind: str, name: str) -> None:
+        """Record the code of the run's stage or tuner like a plugin's (ranks compare it, checkpoints keep it);
+        hot reload leaves its file alone (a component is built once, when the run starts)."""
+        target = lookup(kind, name).target
+        self.code_hashes[f"{kind}:{name}"] = source_hash(target)
+        self.components[f"{kind}:{name}"] = lookup(kind, name).source
 
     def register(self, name: str, plugin: object, code: Any, code_hash: str | None = None) -> None:
         """Register ``plugin`` under ``name``, recording the hash of the file ``code`` is defined in."""
@@ -144,21 +153,27 @@ class Loaded:
     origin: str = "config"  # or the distribution that installed it ("NAME VERSION")
 
 
-def load_configured(items: list[str | PluginSource], native: bool = True) -> tuple[list[Loaded], list[str]]:
+def load_configured(items: list[str | PluginSource], native: bool = True, python: bool = True
+                    ) -> tuple[list[Loaded], list[str]]:
     """Import the config's ``plugins`` and every ``swiftk.plugins`` entry point; one problem per failure.
-    ``native=False`` leaves C++ sources alone (assembling the config's schema needs no compiler).
+    ``native=False`` leaves C++ sources alone (assembling the config's schema needs no compiler); ``python=False``
+    builds only those (the Python files were imported when the config was read).
 
     What plugin files registered in an earlier run of this process (a test suite, a notebook) is forgotten
     first: a run sees the built-ins, the entry points and its own config's files, nothing else.
     """
-    for source in imported_files:
-        forget(source)
-    imported_files.clear()
+    if python:
+        for source in imported_files:
+            forget(source)
+            forget_dataset_source(source)
+        imported_files.clear()
     loaded, problems = [], []
     for item in items:
         if isinstance(item, PluginSource) and item.isolation != "inline":
             continue  # imported by its host, never in the kernel
         source = item if isinstance(item, str) else item.source
+        if not is_native(source) and not python:
+            continue
         if is_native(source):  # registered under its own name; it has no @hookimpl functions to register
             if not native:
                 continue
@@ -174,6 +189,8 @@ def load_configured(items: list[str | PluginSource], native: bool = True) -> tup
             continue
         name = item.name if isinstance(item, PluginSource) and item.name else Path(source).stem
         loaded.append(Loaded(name, module))
+    if not python:
+        return loaded, problems
     installed, ep_problems = load_entry_points()
     return loaded + installed, problems + ep_problems
 

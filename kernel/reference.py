@@ -24,9 +24,13 @@ class ReferenceModel:
     def __init__(self, model: torch.nn.Module | None, policy: torch.nn.Module,
                  autocast: Callable[[], AbstractContextManager[Any]]) -> None:
         self.model, self.policy, self.autocast = model, policy, autocast
+        self.released = False
 
     @torch.no_grad()
     def logps(self, batch: Batch) -> torch.Tensor:
+        if self.released:
+            raise RuntimeError("the reference model was released after precompute_ref_logps scored every example; "
+                               "a batch without extras['ref_logps'] reached it (does the stage's collate carry them?)")
         model = self.model if self.model is not None else self.policy
         adapters_off = self.policy.disable_adapter() if self.model is None else contextlib.nullcontext()  # type: ignore[operator]
         training = model.training
@@ -46,7 +50,7 @@ class ReferenceModel:
 
     def release(self) -> None:
         """Every example carries its reference log-probs now: a model of its own can go."""
-        self.model = None
+        self.model, self.released = None, True
 
 
 def make_reference(ref_model_id: str | None, model_cfg: Any, model: torch.nn.Module, vocab_size: int,

@@ -175,6 +175,11 @@ class Reloader:
         self.ready.put(candidate)
 
     def prepare_inline(self, path: str, new_hash: str, saved_at: float) -> Candidate:
+        running = [name for name, source in self.plugins.components.items() if source == path]
+        if running:  # a stage or tuner holds the model and its data: it is built once, when the run starts
+            raise RejectedEdit(f"{path} defines {', '.join(running)}, which this run uses; a stage's or tuner's code "
+                               f"is read when the run starts: stop the run and continue it with --resume to use "
+                               f"the edit")
         names = [name for name, origin in self.plugins.origins.items() if origin.source == path]
         previous = registrations_of(path)
         for helper in [f for f, owner in self.helpers.items() if owner == path]:

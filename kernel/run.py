@@ -74,13 +74,14 @@ class Options:
     watch: bool = False
 
 
-def prepare(options: Options) -> tuple[RunConfig, Plugins]:
-    """Validate the config, its files and its plugins, and build the plugins (their constructors check
-    their values); raise one ``ConfigError`` listing every problem."""
-    cfg = load_config(options.config, options.overrides)
-    import swiftk.plugins  # noqa: F401  (registers the built-ins)
-
-    loaded, problems = load_configured(cfg.plugins)
+def prepare(options: Options, cfg: RunConfig | None = None) -> tuple[RunConfig, Plugins]:
+    """Validate the config (unless ``cfg`` is it, already loaded), its files and its plugins, and build the
+    plugins (their constructors check their values); raise one ``ConfigError`` listing every problem."""
+    cfg = cfg or load_config(options.config, options.overrides)
+    if cfg.loaded_plugins is not None:  # the files load_config imported; only C++ sources are left to build
+        loaded, problems = list(cfg.loaded_plugins), load_configured(cfg.plugins, python=False)[1]
+    else:
+        loaded, problems = load_configured(cfg.plugins)
     problems += [f"plugins: {entry.name}: {p}" for entry in loaded for p in hookimpl_problems(entry.module)]
     problems += check_files(cfg)
     problems += engines.config_problems(cfg)  # [device] written onto [distributed] first
@@ -95,6 +96,8 @@ def prepare(options: Options) -> tuple[RunConfig, Plugins]:
         if not problems:
             try:
                 plugins = build(chosen, loaded, hosts)
+                plugins.track("stage", cfg.train.stage)
+                plugins.track("tuner", cfg.train.tuner_strategy)
             except Exception as exc:
                 problems.append(f"plugins: building the configured plugins failed: {describe(exc)}")
     finally:
@@ -147,7 +150,8 @@ def check_files(cfg: RunConfig) -> list[str]:
 
 def named_dataset(cfg: RunConfig, stage: Stage) -> list[str]:
     """``[data] dataset_name``: find the named dataset's local copy, convert it into the stage's format once
-    (cached), and train on the converted file (``[data] train_file`` in the resolved config)."""
+    (cached, keyed by the source files' size and time), and train on the converted file (``cfg.data.train_path``;
+    checkpoints record it, so a resume on a changed source is refused)."""
     from swiftk.plugins.datasets import DatasetError, resolve_dataset, summary
 
     task = cfg.data.task_type if cfg.data.task_type != "auto" else stage.task_types[0]
@@ -308,7 +312,7 @@ def execute(options: Options) -> int:
         return launch.relaunch(cfg.distributed, child_args(options), cfg.output.dir)
     clean = False
     try:
-        cfg, plugins = prepare(options)
+        cfg, plugins = prepare(options, cfg)
         try:
             code = train_and_finish(cfg, plugins, options)
             clean = True
@@ -400,6 +404,7 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
         sandbox_records(run)
     run.meta = {"swiftk_version": swiftk.__version__, "world_size": dist.world_size,
                 "tuner_strategy": cfg.train.tuner_strategy, "base_fingerprint": fingerprint,
+                "train_data": cfg.data.train_path,
                 "config": cfg.model_dump(mode="json")}
     if resume_from is not None:
         restore(run, resume_from)
@@ -485,6 +490,11 @@ def restore(run: Run, path: Path) -> None:
             f"[data] and [train] (only max_steps/epochs, the device and the eval file may change); restore those "
             f"values, or start a new run "
             f"without --resume.")
+    if run.cfg.data.dataset_name and meta.get("train_data", run.meta["train_data"]) != run.meta["train_data"]:
+        raise CheckpointError(
+            f"{path} was trained on {meta['train_data']}, and [data] dataset_name = '{run.cfg.data.dataset_name}' "
+            f"now converts to {run.meta['train_data']}: its source files changed. Resume with the source the run "
+            f"started from, or start a new run.")
     if meta.get("base_fingerprint") != run.meta["base_fingerprint"]:
         raise CheckpointError(
             f"{path} was trained on other base weights (fingerprint {meta.get('base_fingerprint')} vs "
@@ -529,7 +539,9 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     changes = []
     for table in ("model", "data", "train"):
         old, new = saved.get(table, {}), now.get(table, {})
-        for key in sorted(set(old) | set(new)):
+        # A [train] key this run's schema lacks belongs to a stage or tuner it does not use (checkpoints written
+        # before components owned their keys hold them all); the stage and tuner themselves are compared.
+        for key in sorted(set(new) | (set(old) if table != "train" else set())):
             if (table, key) not in RESUMABLE_CHANGES and old.get(key) != new.get(key):
                 changes.append(f"{table}.{key} {old.get(key)!r} -> {new.get(key)!r}")
     return changes
@@ -546,7 +558,7 @@ def finish(run: Run, options: Options, prompts: list[str], before: list[str], sa
         return
     outputs = []
     if cfg.output.save_final:
-        final = save_final(model, run.tokenizer, run.run_dir / "final") if weights is None else \
+        final = save_final(model, run.tokenizer, run.run_dir / "final", cfg.train) if weights is None else \
             distributed.save_gathered(model, run.tokenizer, run.run_dir / "final", weights)
         outputs.append(f"{final} ({'PEFT adapter' if isinstance(model, PeftModel) else 'HF model'})")
     if prompts:
@@ -564,7 +576,7 @@ def finish(run: Run, options: Options, prompts: list[str], before: list[str], sa
                 say(f"merge: {line}")
             outputs.append(f"{run.run_dir / 'merged'} (merged HF model)")
         elif isinstance(model, PeftModel):
-            merged = save_merged(model, run.tokenizer, run.run_dir / "merged")
+            merged = save_merged(model, run.tokenizer, run.run_dir / "merged", cfg.train)
             outputs.append(f"{merged} (merged HF model)")
     say(f"done: {run.step} steps in {run.elapsed_s:.0f} s of training. Run directory: {run.run_dir}")
     for line in [*outputs, f"{run.run_dir / 'metrics.jsonl'} (per-step metrics; `swiftk plot {run.run_dir}`)"]:

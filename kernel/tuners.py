@@ -10,15 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
 from transformers import PreTrainedModel
 
 import swiftk.plugins.tuners  # noqa: F401  (registers the built-in tuners)
 from swiftk.contracts.tuners import Tuner, TunerError, lookup_tuner, save_pretrained
 from swiftk.kernel.errors import ModelLoadError
-from swiftk.plugins.tuners.lora import merged_model
 
-__all__ = ["apply_tuner", "base_fingerprint", "load_trainable", "merged_model", "quantization_config",
+__all__ = ["apply_tuner", "base_fingerprint", "load_trainable", "merged", "quantization_config",
            "save_final", "save_merged", "trainable_weights", "tuner_of"]
 
 
@@ -81,12 +79,19 @@ def base_fingerprint(model: torch.nn.Module) -> str:
     return f"{total:.6e}"
 
 
-def save_final(model: torch.nn.Module, tokenizer: object, out_dir: Path) -> Path:
-    """The trained result in the format its ecosystem loads: a PEFT adapter folder, or an HF model folder."""
-    return save_pretrained(model, tokenizer, out_dir)
+def save_final(model: torch.nn.Module, tokenizer: object, out_dir: Path, train: Any = None) -> Path:
+    """The trained result in the format its ecosystem loads, as the run's tuner writes it (a PEFT adapter folder,
+    or an HF model folder); without ``train``, the plain ``save_pretrained``."""
+    if train is None:
+        return save_pretrained(model, tokenizer, out_dir)
+    return tuner_of(train).save(model, tokenizer, out_dir)
 
 
-def save_merged(model: torch.nn.Module, tokenizer: object, out_dir: Path) -> Path:
-    """Fold the LoRA weights into the base and write a plain HF model folder (in the base weights' dtype)."""
-    merged = merged_model(model) if isinstance(model, PeftModel) else model
-    return save_final(merged, tokenizer, out_dir)
+def merged(model: torch.nn.Module, train: Any) -> torch.nn.Module:
+    """The model with what the tuner trained folded in (LoRA: into the base, in the base weights' dtype)."""
+    return tuner_of(train).merge(model)
+
+
+def save_merged(model: torch.nn.Module, tokenizer: object, out_dir: Path, train: Any) -> Path:
+    """A plain HF model folder of the merged model."""
+    return save_final(merged(model, train), tokenizer, out_dir)

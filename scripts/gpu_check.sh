@@ -33,14 +33,44 @@ check tiny_resume_cuda $SWIFTK run configs/tiny_sft.toml --set model.device="'cu
     --set train.max_steps=60 --set output.save_every=30 --set output.dir="'$OUT/tiny_resumed'" \
     --resume "$OUT/tiny/checkpoints/step-000030"
 check resume_matches $PY - "$OUT" <<'PYEOF'
-import json, sys
+import sys
 from pathlib import Path
-read = lambda d: {r["step"]: r["loss"] for r in map(json.loads, (Path(sys.argv[1]) / d / "metrics.jsonl").open()) if "event" not in r}
+from swiftk.contracts.events import read as events, steps
+read = lambda d: {r.step: r.loss for r in steps(events(Path(sys.argv[1]) / d / "metrics.jsonl"))}
 full, resumed = read("tiny"), read("tiny_resumed")
 bad = {s: (full[s], resumed[s]) for s in resumed if abs(full[s] - resumed[s]) > 1e-5 * abs(full[s])}
 print("max steps compared:", len(resumed), "mismatches:", bad)
 sys.exit(1 if bad or not resumed else 0)
 PYEOF
+# [architecture]: a stage with a frozen reference (dpo) on CUDA; a stage from a plugin file; the Generator
+# contract's hf generator (greedy, sampled with logprobs) on a CUDA model; ms-swift's [device] table: more GPUs
+# than exist is refused naming the device, num_gpus = 1 trains on it.
+check dpo_tiny_cuda $SWIFTK run configs/tiny_dpo.toml --overwrite --set model.device="'cuda'" \
+    --set train.max_steps=20 --set eval.every=10 --set output.dir="'$OUT/dpo_tiny'"
+check plugin_stage_cuda $SWIFTK run configs/unlikelihood.toml --overwrite --set model.device="'cuda'" \
+    --set train.max_steps=20 --set eval.every=10 --set output.dir="'$OUT/unlikelihood'"
+check hf_generator_cuda $PY - <<'PYEOF'
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from swiftk.contracts import SamplingParams
+from swiftk.kernel.config import ModelConfig
+from swiftk.kernel.model import load_tokenizer
+from swiftk.plugins.generators.hf import HFGenerator
+tok = load_tokenizer(ModelConfig(model_id="data/tiny_tokenizer"))
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=4, pad_token_id=tok.pad_token_id)).cuda()
+gen = HFGenerator(model, tok)
+out = gen.generate(["12+34=", "7+5="], SamplingParams(max_new_tokens=8, temperature=0.8, n=2, seed=0, logprobs=True))
+again = gen.generate(["12+34=", "7+5="], SamplingParams(max_new_tokens=8, temperature=0.8, n=2, seed=0, logprobs=True))
+assert len(out) == 4 and [c.token_ids for c in out] == [c.token_ids for c in again], "seeded sampling differs"
+assert all(c.logprobs is not None and len(c.logprobs) == len(c.token_ids) for c in out)
+print("hf generator on", next(model.parameters()).device, [c.text for c in out])
+PYEOF
+check device_num_gpus_refused bash -c "$SWIFTK run configs/examples/qlora_ddp.yaml --print-config \
+    --set model.model_id=\"'data/tiny_tokenizer'\" 2>&1 | tee /dev/stderr | grep -q 'num_gpus = 4: this machine has'"
+check device_num_gpus_1_cuda $SWIFTK run configs/tiny_sft.toml --overwrite --set device.parallel_method="'ddp'" \
+    --set device.num_gpus=1 --set train.max_steps=10 --set output.dir="'$OUT/device1'"
 # [hosts]: a loss in a host on CUDA tensors (CUDA IPC), parity with in-process, inputs intact, handles cached.
 check hosts_cuda_ipc $PY scripts/gpu_hosts_check.py
 # [sandbox]: a tenant's sandboxed host gets CPU copies of CUDA tensors; a loss's gradient returns to the GPU.

@@ -87,7 +87,7 @@ class UnlikelihoodLoss:
 
     @hookimpl
     def swiftk_loss_compute(self, batch: Batch, outputs: ModelOutputs) -> LossResult:
-        pairs = int(batch.extras["num_pairs"])
+        pairs = int(batch.extras.get("num_pairs", batch.input_ids.shape[0] // 2))  # rows: B chosen, then B rejected
         targets = batch.labels[:, 1:]  # [2B, T-1]
         mask = (targets != -100).float()
         logp = outputs.logits[:, :-1].float().log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]

@@ -7,8 +7,8 @@ engine (tensor or pipeline parallelism) is a new module here and one line in ``E
     deepspeed  DeepSpeed ZeRO-2/3 (optimizer offload, parameter offload)   deepspeed.py
 
 What every engine offers is ``swiftk.contracts.engines.ParallelEngine``; the process group itself (setup, the
-ranks' agreements, teardown) is ``kernel.dist``'s. Engines are imported when chosen, so that reading a config
-imports neither torch nor DeepSpeed.
+ranks' agreements, teardown) is ``kernel.dist``'s. An engine's module is imported when it is chosen, so that
+DeepSpeed is never imported by a run that does not use it.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@
     num_gpus = 4                    ->  num_processes = 4 (on a machine without CUDA: 4 CPU processes on gloo)
 
 Setting a ``[distributed]`` key to another value than ``[device]`` asks for is an error naming both. This module
-imports no torch (the config schema loads without it); the CUDA check imports it when it runs.
+imports no torch itself; the CUDA check imports it when it runs.
 """
 
 from __future__ import annotations

@@ -278,10 +278,14 @@ def write_converted(spec: DatasetSpec, task: str, hub_split: str, raw: Raw, conv
                                f"for task '{task}' ({reasons})")
         manifest = {"dataset": spec.name, "hub_id": spec.hub_id, "task_type": task, "split": hub_split,
                     "source": raw.where, "rows": rows, "kept": kept, "skipped": dict(skipped)}
-        manifest_path(out).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        # Both files are written whole and renamed into place: ranks that resolve at once never read half a file.
+        staged = manifest_path(tmp)
+        staged.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        os.replace(staged, manifest_path(out))
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+        manifest_path(tmp).unlink(missing_ok=True)
 
 
 def manifest_path(out: Path) -> Path:

@@ -13,7 +13,7 @@ from typing import Any
 from swiftk.contracts import Batch
 from swiftk.contracts.stages import DataContext, Stage, StepContext, register_stage
 from swiftk.kernel.data import Sample, collate, detect_format, load_rows, samples_from_rows
-from swiftk.kernel.evaluate import Reference, evaluate, references
+from swiftk.kernel.evaluate import ExpectedAnswer, evaluate, references
 
 
 @register_stage("sft")
@@ -25,7 +25,7 @@ class SFT(Stage):
 
     def __init__(self, train: Any) -> None:
         super().__init__(train)
-        self.refs: list[Reference] = []  # what exact-match evaluation asks the model to reproduce
+        self.refs: list[ExpectedAnswer] = []  # what exact-match evaluation asks the model to reproduce
         self.eval_config: Any = None
         self.batches: Callable[[list[Any]], Batch] | None = None
 

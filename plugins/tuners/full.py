@@ -60,9 +60,6 @@ class GaLore(Full):
 
     config = GaLoreConfig
 
-    def optimizer_defaults(self, train: Any) -> tuple[str, dict[str, Any]] | None:
-        return galore_optimizer(train)
-
 
 def galore_optimizer(train: Any) -> tuple[str, dict[str, Any]]:
     """``("galore_adamw", arguments)``: the galore_* keys, overridden by any the [train] optimizer_config sets."""

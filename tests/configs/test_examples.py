@@ -55,8 +55,11 @@ def test_dpo_on_a_named_dataset_in_hh_rlhf_layout(tmp_path: Path, monkeypatch: p
 
 
 @pytest.mark.slow
-def test_qlora_on_four_devices_runs_as_four_cpu_processes_here(tmp_path: Path) -> None:
+def test_qlora_on_four_devices_runs_as_four_cpu_processes_here(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # what a machine without CUDA sees
     rows = train(on_tiny_model("qlora_ddp.yaml", tmp_path), tmp_path, steps=2)
+    assert "no CUDA device: running 4 CPU processes (gloo) for [device] num_gpus = 4" in capsys.readouterr().err
     meta = json.loads((tmp_path / "run" / "checkpoints" / "step-000002" / "meta.json").read_text())
     assert len(rows) == 2 and meta["world_size"] == 4 and meta["tuner_strategy"] == "qlora"
 

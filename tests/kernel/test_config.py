@@ -170,3 +170,15 @@ def test_tenant_and_sandbox_mistakes_are_config_errors(tmp_path: Path, extra: st
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, extra + MINIMAL))
     assert message in str(caught.value)
+
+
+def test_a_config_saved_before_components_owned_their_keys_still_loads(tmp_path: Path) -> None:
+    """A wave-1 run's config.toml holds every stage's and tuner's keys; reading it back for export or resume
+    drops the ones its stage and tuner do not have (a new config with them is still refused)."""
+    old = MINIMAL + '[train]\nstage = "sft"\ntuner_strategy = "full"\nbeta = 0.1\nlabel_smoothing = 0.0\n' \
+                    'precompute_ref_logps = false\nlora_rank = 8\ngalore_rank = 128\nfreeze_trainable_layers = 2\n'
+    path = write(tmp_path, old)
+    train = load_config(path, saved=True).train
+    assert (train.stage, train.tuner_strategy) == ("sft", "full") and not hasattr(train, "lora_rank")
+    with pytest.raises(ConfigError, match="lora_rank: unknown key; it belongs to tuner"):
+        load_config(path)

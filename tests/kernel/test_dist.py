@@ -270,7 +270,7 @@ def test_a_non_finite_gradient_under_deepspeed_stops_before_any_bad_update(tmp_p
     done = swiftk(str(cfg))
     assert done.returncode != 0
     out = done.stdout + done.stderr
-    assert "the gradient norm became inf" in out and "DeepSpeed skipped the update" in out, out
+    assert "the gradient norm became inf" in out and "the engine skipped the update" in out, out
     assert sorted(losses(tmp_path / "run")) == [1, 2]
     weights = load_file(tmp_path / "run/checkpoints/step-000002/model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())

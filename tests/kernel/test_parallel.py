@@ -3,7 +3,6 @@ GPU count it stands for, the conflicts it refuses, and GPUs asked for on a machi
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -168,29 +167,3 @@ def test_swiftk_run_reports_the_conflict_before_launching(tmp_path: Path) -> Non
     assert done.returncode == 2, done.stdout + done.stderr
     assert "[device] num_gpus = 2 asks for [distributed] num_processes = 2, but [distributed] num_processes = 3" \
         in done.stderr and "processes on node" not in done.stdout, done.stdout + done.stderr
-
-
-RUN = """
-model:
-  model_id: data/tiny_tokenizer
-  init: random
-  architecture: {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2,
-                 num_attention_heads: 4, num_key_value_heads: 4, max_position_embeddings: 64}
-data: {train_file: data/synthetic/addition_train.jsonl, max_length: 32}
-train: {tuner_strategy: full, batch_size: 8, max_steps: 3, precision: fp32}
-output: {dir: "%s", save_every: 3}
-log: {progress: plain}
-device: {parallel_method: ddp, num_gpus: 2}
-"""
-
-
-@pytest.mark.slow
-def test_a_yaml_config_for_two_gpus_trains_on_two_cpu_processes(tmp_path: Path) -> None:
-    (tmp_path / "c.yaml").write_text(RUN % (tmp_path / "run"))
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run([sys.executable, "-m", "swiftk", "run", str(tmp_path / "c.yaml")], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "no CUDA device: running 2 CPU processes (gloo) for [device] num_gpus = 2" in done.stderr
-    meta = json.loads((tmp_path / "run/checkpoints/step-000003/meta.json").read_text())
-    assert meta["world_size"] == 2, meta

@@ -66,7 +66,8 @@ def test_check_reports_findings_config_and_syntax_errors(tmp_path: Path, capsys)
     assert main(["plugin", "check", str(tmp_path / "bad.py")]) == 1
     out = capsys.readouterr().out
     assert "FAIL  loss:cli_bad_loss: 1 finding(s)" in out
-    assert "(hook swiftk_loss_compute) returned shape [2]; expected a 0-dim loss. Fix: " in out
+    assert ("(hook swiftk_loss_compute) returned shape [2]; expected a 0-dim loss (on a plain SFT micro-batch). "
+            "Fix: ") in out
     config = ["--name", "cli_bad_loss", "--config", '{"scale": -1}']
     assert main(["plugin", "check", str(tmp_path / "bad.py"), *config]) == 1
     assert "(hook build)" in capsys.readouterr().out

@@ -209,3 +209,15 @@ def test_a_save_while_the_new_host_starts_is_reloaded_after_it(tmp_path: Path) -
     between = [r for s, r in by_step.items() if first.step < s <= second.step]
     assert all(r.loss == pytest.approx(2.0 * r.metrics["ce"], rel=1e-5) for r in between), between
     assert by_step[120].loss == pytest.approx(3.0 * by_step[120].metrics["ce"], rel=1e-5)
+
+
+def test_an_edit_of_the_running_stages_file_is_rejected_not_half_applied(tmp_path: Path) -> None:
+    """A stage (or tuner) is built once, when the run starts: an edit of its file is a recorded rejection that
+    says to --resume, and nothing in the file is swapped in."""
+    from swiftk.kernel.plugins import Plugins, new_manager
+    from swiftk.kernel.reload import RejectedEdit, Reloader
+
+    stage_file = str((REPO / "configs" / "plugins" / "unlikelihood.py").resolve())
+    plugins = Plugins(new_manager(), components={"stage:unlikelihood": stage_file})
+    with pytest.raises(RejectedEdit, match="defines stage:unlikelihood, which this run uses.*--resume"):
+        Reloader(plugins, [stage_file]).prepare_inline(stage_file, "new", 0.0)
