@@ -57,7 +57,10 @@ class Transport:
             needs = differentiate and t.requires_grad and t.is_floating_point()
             if needs:
                 grad_inputs.append(t)
-                grad_bytes[t.device] = grad_bytes.get(t.device, 0) + t.numel() * t.element_size() + 64
+                # Its gradient comes back where the host computes: on CPU copies for a sandboxed host, which must
+                # never be sent a CUDA buffer to open (it has no GPU in its namespace).
+                where = torch.device("cpu") if cpu_only else t.device
+                grad_bytes[where] = grad_bytes.get(where, 0) + t.numel() * t.element_size() + 64
             if t.is_cuda and not cpu_only:
                 return self.cuda_arena(self.cuda_inputs, t.device, 0).put(t, needs)
             # A sandboxed host gets CPU copies: CUDA IPC handles cannot be opened from another pid namespace.
