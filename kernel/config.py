@@ -409,10 +409,15 @@ class RunConfig(Section):
     # The plugin files (and entry points) load_config imported, so that the run builds its plugins from the very
     # classes the config was validated against.
     _loaded_plugins: list[Any] | None = PrivateAttr(None)
+    _plugin_problems: list[str] = PrivateAttr(default_factory=list)
 
     @property
     def loaded_plugins(self) -> list[Any] | None:
         return self._loaded_plugins
+
+    @property
+    def plugin_problems(self) -> list[str]:
+        return list(self._plugin_problems)
 
     def total_batch(self, world_size: int = 1) -> int:
         return self.train.batch_size * self.train.grad_accum * world_size
@@ -447,7 +452,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None, saved: boo
         drop_other_names(chosen, key)
         set_path(chosen, key, value)
     root, loaded, plugin_problems = schema_for(chosen, with_problems=True)
-    problems += plugin_problems
     if saved:
         drop_unused_component_keys(raw, root)
     from_set: set[tuple[str, ...]] = set()
@@ -459,13 +463,16 @@ def load_config(path: str | Path, overrides: list[str] | None = None, saved: boo
         config = root.model_validate(raw)
     except ValidationError as exc:
         locator = Locator(text, path)
-        problems += [describe(err, locator, from_set, root) for err in exc.errors()]
+        # A plugin file that failed to import is the likely cause of "no stage named ..." and unknown keys.
+        problems += plugin_problems + [describe(err, locator, from_set, root) for err in exc.errors()]
         config = None
     if problems or config is None:
         raise ConfigError(problems, str(path))
     if config.output.dir is None:
         config.output.dir = str(Path("runs") / path.stem)
-    config._loaded_plugins = loaded
+    # A valid config's plugin problems are reported by kernel.run.prepare with every other problem (gathered
+    # from every rank of a distributed run, so a node that cannot import a file stops every node).
+    config._loaded_plugins, config._plugin_problems = loaded, plugin_problems
     return config
 
 

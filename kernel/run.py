@@ -79,7 +79,7 @@ def prepare(options: Options, cfg: RunConfig | None = None) -> tuple[RunConfig, 
     plugins (their constructors check their values); raise one ``ConfigError`` listing every problem."""
     cfg = cfg or load_config(options.config, options.overrides)
     if cfg.loaded_plugins is not None:  # the files load_config imported; only C++ sources are left to build
-        loaded, problems = list(cfg.loaded_plugins), load_configured(cfg.plugins, python=False)[1]
+        loaded, problems = list(cfg.loaded_plugins), cfg.plugin_problems + load_configured(cfg.plugins, python=False)[1]
     else:
         loaded, problems = load_configured(cfg.plugins)
     problems += [f"plugins: {entry.name}: {p}" for entry in loaded for p in hookimpl_problems(entry.module)]
