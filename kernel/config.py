@@ -22,6 +22,7 @@ from pydantic import (
     PrivateAttr,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
     create_model,
     field_validator,
     model_validator,
@@ -154,24 +155,13 @@ class TrainConfig(Section):
         # ms-swift style configs write torch dtype names here.
         return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(value, value)
 
-    @field_validator("stage")
+    @field_validator("stage", "tuner_strategy")
     @classmethod
-    def _registered_stage(cls, value: str) -> str:
+    def _registered(cls, value: str, info: ValidationInfo) -> str:
         from swiftk.contracts.registry import PluginRegistryError, lookup
 
         try:
-            lookup("stage", value)
-        except PluginRegistryError as exc:
-            raise ValueError(str(exc)) from None
-        return value
-
-    @field_validator("tuner_strategy")
-    @classmethod
-    def _registered_tuner(cls, value: str) -> str:
-        from swiftk.contracts.registry import PluginRegistryError, lookup
-
-        try:
-            lookup("tuner", value)
+            lookup("stage" if info.field_name == "stage" else "tuner", value)
         except PluginRegistryError as exc:
             raise ValueError(str(exc)) from None
         return value
@@ -553,11 +543,23 @@ def component_config(kind: str, name: str) -> type[BaseModel] | None:
     from swiftk.contracts.registry import PluginRegistryError, lookup
 
     try:
-        target = lookup(kind, name).target
+        return config_model(lookup(kind, name).target)
     except PluginRegistryError:
         return None
+
+
+def config_model(target: Any) -> type[BaseModel] | None:
+    """``config`` on a stage or tuner class, when it is a pydantic model."""
     config = getattr(target, "config", None)
     return config if isinstance(config, type) and issubclass(config, BaseModel) else None
+
+
+def component_configs() -> list[tuple[str, type[BaseModel]]]:
+    """Every registered stage's and tuner's own config model, with its label (``stage 'dpo'``)."""
+    from swiftk.contracts.registry import registered
+
+    return [(f"{kind} '{spec.name}'", model) for kind, _, _ in COMPONENT_KEYS for spec in registered(kind)
+            if (model := config_model(spec.target)) is not None]
 
 
 def import_components(items: Any) -> tuple[list[Any], list[str]]:
@@ -593,30 +595,12 @@ def unknown_key_hint(key: str, table: tuple[str, ...], root: type[BaseModel] | N
 
 def component_keys() -> list[str]:
     """Every key (and alias) of every registered stage's and tuner's own config."""
-    from swiftk.contracts.registry import registered
-
-    keys = []
-    for kind, _, _ in COMPONENT_KEYS:
-        for spec in registered(kind):
-            config = getattr(spec.target, "config", None)
-            if isinstance(config, type) and issubclass(config, BaseModel):
-                keys += [*config.model_fields, *(a for f in config.model_fields.values() for a in field_aliases(f))]
-    return keys
+    return [key for _, model in component_configs() for key in model_keys(model)]
 
 
 def owners(key: str) -> list[str]:
     """The registered stages and tuners whose own config has ``key`` (for "unknown key" messages)."""
-    from swiftk.contracts.registry import registered
-
-    found = []
-    for kind, _, _ in COMPONENT_KEYS:
-        for spec in registered(kind):
-            config = getattr(spec.target, "config", None)
-            if isinstance(config, type) and issubclass(config, BaseModel) and (
-                    key in config.model_fields
-                    or any(key in field_aliases(f) for f in config.model_fields.values())):
-                found.append(f"{kind} '{spec.name}'")
-    return found
+    return [label for label, model in component_configs() if key in model_keys(model)]
 
 
 def parse_text(text: str, path: Path) -> dict[str, Any]:
@@ -721,8 +705,11 @@ def field_aliases(field: Any) -> list[str]:
 
 def known_keys(table: tuple[str, ...], root: type[BaseModel] | None = None) -> list[str]:
     model = section(table, root)
-    if model is None:
-        return []
+    return [] if model is None else model_keys(model)
+
+
+def model_keys(model: type[BaseModel]) -> list[str]:
+    """A table's field names and their aliases."""
     return [*model.model_fields, *(a for f in model.model_fields.values() for a in field_aliases(f))]
 
 

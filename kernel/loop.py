@@ -198,13 +198,13 @@ def next_window(batches: Iterator[Batch], grad_accum: int) -> list[Batch]:
 
 def checked_loss(result: LossResult | None, run: Run) -> torch.Tensor:
     """The contract of swiftk_loss_compute, enforced with a message naming the loss plugin."""
-    plugin = f"loss:{run.loss_name}"
     if result is None:
-        raise PluginError(plugin, "swiftk_loss_compute", "returned None and no other plugin computed a loss")
+        raise PluginError(f"loss:{run.loss_name}", "swiftk_loss_compute",
+                          "returned None and no other plugin computed a loss")
     try:  # finiteness: train() checks the step's summed loss (no device sync per micro-batch)
         return checks.checked_loss(result, finite=False).loss
     except checks.ContractViolation as exc:
-        raise PluginError(plugin, "swiftk_loss_compute", str(exc)) from None
+        raise PluginError(f"loss:{run.loss_name}", "swiftk_loss_compute", str(exc)) from None
 
 
 def evaluate(run: Run) -> dict[str, float]:

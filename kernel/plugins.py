@@ -31,7 +31,7 @@ from swiftk.contracts.stages import Stage
 from swiftk.hosts import tenants
 from swiftk.hosts.group import HostGroup, HostSpec, Policy, SharedSlot
 from swiftk.kernel import dist as distributed
-from swiftk.kernel.config import Fallback, PluginSource, RunConfig, TenantConfig, TrainConfig
+from swiftk.kernel.config import Fallback, PluginSource, RunConfig, TenantConfig, TrainConfig, stage_class
 from swiftk.native import NativeABIError, NativeBuildError, is_native, register_native
 from swiftk.plugins.datasets import forget_source as forget_dataset_source
 
@@ -341,7 +341,7 @@ def selection(cfg: RunConfig) -> list[Selected]:
 
 def build_stage(train: TrainConfig) -> Stage:
     """The stage ``[train] stage`` names, built with the assembled ``[train]`` table."""
-    stage: Stage = lookup("stage", train.stage).target(train)
+    stage: Stage = stage_class(train)(train)
     return stage
 
 

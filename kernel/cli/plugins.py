@@ -158,7 +158,9 @@ def describe(entry: Entry) -> str:
     doc = inspect.getdoc(plugin.target if isinstance(plugin, PluginSpec) else plugin)
     lines += [f"  hooks:     {', '.join(hooks) or '-'}", "", doc or "(no docstring)"]
     if isinstance(plugin, PluginSpec) and plugin.kind in ("stage", "tuner"):  # a component: its own [train] keys
-        config = getattr(plugin.target, "config", None)
+        from swiftk.kernel.config import config_model
+
+        config = config_model(plugin.target)
         fields = config.model_fields if config is not None else {}
         lines += ["", f"[train] keys it adds ({plugin.kind} = '{plugin.name}'):" if fields else
                   "[train] keys it adds: none (it uses the generic [train] table)"]

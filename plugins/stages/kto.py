@@ -4,12 +4,7 @@ prompt/completion rows, which the loss uses for its KL estimate (plugins/losses/
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Sequence
-from typing import Any
-
-from swiftk.contracts import Batch
-from swiftk.contracts.stages import DataContext, register_stage
+from swiftk.contracts.stages import register_stage
 from swiftk.plugins.stages.pairs import build_unpaired, collate_unpaired
 from swiftk.plugins.stages.preference import PairStage
 
@@ -19,11 +14,6 @@ class KTO(PairStage):
     task_types = ("kto", "preference")
     unit = "examples"
     needs_reference = True
+    read_examples = staticmethod(build_unpaired)
+    batch_examples = staticmethod(collate_unpaired)  # N examples, then N mismatched rows for the KL estimate
 
-    def load(self, path: str, split: str, ctx: DataContext) -> Sequence[Any]:
-        self.eval_batch_size = ctx.eval.batch_size
-        return build_unpaired(path, ctx.tokenizer, ctx.data, ctx.transform(split))
-
-    def collate(self, ctx: DataContext) -> Callable[[list[Any]], Batch]:
-        self.batches = functools.partial(collate_unpaired, pad_id=ctx.tokenizer.pad_token_id)
-        return self.batches

@@ -49,6 +49,8 @@ class PairStage(Stage):
     config = PreferenceConfig
     task_types = ("preference",)
     unit = "pairs"
+    read_examples = staticmethod(build_pairs)  # a data file -> examples
+    batch_examples = staticmethod(collate_pairs)  # examples -> one micro-batch ([2B, T]: chosen, then rejected)
 
     def __init__(self, train: Any) -> None:
         super().__init__(train)
@@ -68,10 +70,10 @@ class PairStage(Stage):
 
     def load(self, path: str, split: str, ctx: DataContext) -> Sequence[Any]:
         self.eval_batch_size = ctx.eval.batch_size
-        return build_pairs(path, ctx.tokenizer, ctx.data, ctx.transform(split))
+        return self.read_examples(path, ctx.tokenizer, ctx.data, ctx.transform(split))
 
     def collate(self, ctx: DataContext) -> Callable[[list[Any]], Batch]:
-        self.batches = functools.partial(collate_pairs, pad_id=ctx.tokenizer.pad_token_id)
+        self.batches = functools.partial(self.batch_examples, pad_id=ctx.tokenizer.pad_token_id)
         return self.batches
 
     @torch.no_grad()
