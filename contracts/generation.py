@@ -90,7 +90,11 @@ class Adapter:
 
 @runtime_checkable
 class Generator(Protocol):
-    """Generates completions and serves a numbered version of the policy's weights."""
+    """Generates completions and serves a numbered version of the policy's weights.
+
+    A generator that samples from the very model object the trainer holds sets the class attribute
+    ``shares_weights = True``: the kernel's sync then calls ``load_weights(version)`` with no tensors. Any other
+    is sent, after each update, a PEFT model's adapter or the trainable tensors."""
 
     @property
     def version(self) -> int:

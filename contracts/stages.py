@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Protocol, TypeVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from swiftk.contracts.generation import Generator
 from swiftk.contracts.registry import register
 from swiftk.contracts.types import Batch, ModelOutputs, StepState
 
@@ -98,6 +99,10 @@ class StepContext(Protocol):
 
     def unwrapped(self) -> torch.nn.Module:
         """The model itself, without its parallel wrapper (for generation, evaluation)."""
+
+    def generator(self) -> Generator:
+        """The run's ``[generation]`` engine, serving this step's weights: the kernel pushes them (the adapter, or
+        the trainable tensors) when the step moved since the last call, so a rollout never samples stale ones."""
 
     def call(self, hook: str, **kwargs: Any) -> Any:
         """Call a hook by name, keywords only."""

@@ -33,6 +33,18 @@ from swiftk.kernel.errors import ConfigError
 from swiftk.kernel.parallel.config import DeviceConfig
 
 
+def registered(kind: str, name: str) -> str:
+    """``name`` when a ``kind`` component (stage, tuner, generator) is registered under it; else the registry's
+    error (what is known, how to register one) as a validation error."""
+    from swiftk.contracts.registry import PluginRegistryError, lookup
+
+    try:
+        lookup(kind, name)
+    except PluginRegistryError as exc:
+        raise ValueError(str(exc)) from None
+    return name
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
 
@@ -158,13 +170,7 @@ class TrainConfig(Section):
     @field_validator("stage", "tuner_strategy")
     @classmethod
     def _registered(cls, value: str, info: ValidationInfo) -> str:
-        from swiftk.contracts.registry import PluginRegistryError, lookup
-
-        try:
-            lookup("stage" if info.field_name == "stage" else "tuner", value)
-        except PluginRegistryError as exc:
-            raise ValueError(str(exc)) from None
-        return value
+        return registered("stage" if info.field_name == "stage" else "tuner", value)
 
 
 class EvalConfig(Section):
@@ -194,6 +200,49 @@ class SamplesConfig(Section):
     prompts: list[str] = Field(default_factory=list)
     prompts_file: str | None = Field(None, description="JSONL with a 'prompt' field per row")
     max_new_tokens: int = Field(48, ge=1)
+
+
+class GenerationConfig(Section):
+    """[generation] the engine that samples text: the [samples] answers and eval generation of a run, ``swiftk
+    infer`` and ``swiftk serve`` of a finished run, and the rollouts of online stages. Sampling keys are defaults
+    that a command line or a stage may override."""
+
+    engine: str = Field("hf", description="hf (in-process, over the live model), vllm (its own managed environment "
+                        "and process; `swiftk env install vllm`), or a registered generator")
+    max_new_tokens: int = Field(256, ge=1, description="infer, serve: default answer length in tokens")
+    temperature: float = Field(0.0, ge=0, description="0: greedy")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling; 1: off")
+    top_k: int = Field(0, ge=0, description="0: off")
+    stop: list[str] = Field(default_factory=list, description="strings that end an answer (cut before them)")
+    seed: int | None = Field(None, description="set: the same request returns the same completions")
+    batch_size: int = Field(8, ge=1, description="hf: sequences per generate call")
+    max_concurrency: int = Field(8, ge=1, description="sequences in flight at once (vllm: max_num_seqs; serve: "
+                                 "requests batched together)")
+    max_model_len: int | None = Field(None, ge=16, description="vllm: prompt + answer tokens (default: the model's)")
+    gpu_memory_utilization: float = Field(0.4, gt=0, le=1, description="vllm on a GPU: its share of GPU memory "
+                                          "(the trainer needs the rest when both share the GPU)")
+    env_dir: str | None = Field(None, description="where managed environments live (default: $SWIFTK_ENV_DIR, else "
+                                "~/.cache/swiftk/envs)")
+    start_timeout_s: float = Field(600.0, gt=0, description="vllm: seconds the engine may take to start")
+    request_timeout_s: float = Field(300.0, gt=0, description="seconds one generate call may take before the "
+                                     "engine is declared hung, restarted and the call retried once")
+    sync_timeout_s: float = Field(120.0, gt=0, description="seconds one weight sync may take")
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="passed to the generator as is (vllm: "
+                                        "extra vllm.LLM arguments)")
+
+    @field_validator("engine")
+    @classmethod
+    def _engine(cls, value: str) -> str:
+        return registered("generator", value)
+
+    def sampling(self, **overrides: Any) -> Any:
+        """The table's sampling defaults as ``SamplingParams``, with ``overrides`` (None values ignored)."""
+        from swiftk.contracts import SamplingParams
+
+        keys = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "top_k": self.top_k, "stop": tuple(self.stop), "seed": self.seed}
+        keys |= {k: (tuple(v) if k == "stop" else v) for k, v in overrides.items() if v is not None}
+        return SamplingParams(**keys)
 
 
 class OutputConfig(Section):
@@ -371,6 +420,7 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     samples: SamplesConfig = Field(default_factory=SamplesConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     hosts: HostsConfig = Field(default_factory=HostsConfig)

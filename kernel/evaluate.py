@@ -59,10 +59,12 @@ def evaluate(
     autocast: Callable[[], AbstractContextManager[Any]],
     call: Callable[..., Any],
     state: StepState,
+    generator: Callable[[], Generator] | None = None,
 ) -> dict[str, float]:
     """One eval pass: token-weighted mean cross-entropy (the kernel's own ``eval_loss``), then every metric
     plugin's results (``swiftk_eval_batch`` per batch, ``swiftk_eval_predictions`` on greedy generations).
-    ``call`` is ``Plugins.call``: hooks by name, keywords only."""
+    ``call`` is ``Plugins.call``: hooks by name, keywords only; ``generator`` gives the run's [generation] engine
+    (serving the current weights), asked only when the eval generates."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -80,7 +82,7 @@ def evaluate(
         count += int((targets != IGNORE_INDEX).sum())
         call("swiftk_eval_batch", batch=batch, outputs=ModelOutputs(logits), state=state)
     if cfg.generates and refs:
-        predictions = generate_answers(model, tokenizer, refs, cfg, autocast)
+        predictions = generate_answers(model, tokenizer, refs, cfg, autocast, generator() if generator else None)
         call("swiftk_eval_predictions", prompts=[r.prompt for r in refs], predictions=predictions,
                                      references=[r.expected for r in refs], state=state)
     model.train(was_training)

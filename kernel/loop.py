@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from swiftk.contracts import Batch, LossResult, PluginError, StepState, checks
+from swiftk.contracts import Batch, Generator, LossResult, PluginError, StepState, checks
 from swiftk.contracts.engines import ParallelEngine
 from swiftk.contracts.stages import LEARN, Stage
 from swiftk.kernel import checkpoint
@@ -29,6 +29,7 @@ from swiftk.kernel.config import RunConfig
 from swiftk.kernel.data import Loader
 from swiftk.kernel.dist import DistInfo, agreed, any_rank, mean_across_ranks, sum_across_ranks
 from swiftk.kernel.errors import SwiftkError
+from swiftk.kernel.generation import configured_generator, push_weights
 from swiftk.kernel.model import forward_logits
 from swiftk.kernel.parallel.none import OneProcess
 from swiftk.kernel.plugins import Plugins
@@ -68,6 +69,7 @@ class Run:
     reloader: Reloader | None = None  # hot reload of plugin files (--watch)
     reference: ReferenceModel | None = None  # the frozen reference model, for a stage that needs one (dpo)
     parallel: ParallelEngine = field(default_factory=OneProcess)  # one process, DDP, FSDP2, DeepSpeed...
+    _generator: Generator | None = None  # [generation], built on first use (ctx.generator())
 
     def state(self) -> StepState:
         return StepState(
@@ -88,6 +90,20 @@ class Run:
 
     def unwrapped(self) -> torch.nn.Module:
         return self.parallel.unwrap(self.model)
+
+    def generator(self) -> Generator:
+        if self._generator is None:
+            self._generator = configured_generator(
+                self.cfg.generation, self.unwrapped(), self.tokenizer, model_cfg=self.cfg.model,
+                system_prompt=self.cfg.data.system_prompt, autocast=self.autocast, report=self.say)
+        if self._generator.version != self.step:
+            push_weights(self._generator, self.unwrapped(), self.step)
+        return self._generator
+
+    def close_generator(self) -> None:
+        if self._generator is not None:
+            self._generator.close()
+            self._generator = None
 
     def call(self, hook: str, **kwargs: Any) -> Any:
         return self.plugins.call(hook, **kwargs)

@@ -23,7 +23,7 @@ import torch
 from peft import PeftModel
 
 import swiftk
-from swiftk.contracts import PluginError
+from swiftk.contracts import PluginError, SamplingParams
 from swiftk.contracts.conformance import describe
 from swiftk.contracts.stages import Stage
 from swiftk.hosts.supervisor import console
@@ -34,7 +34,7 @@ from swiftk.kernel.config import Locator, PluginSource, RunConfig, load_config
 from swiftk.kernel.data import Loader, read_rows
 from swiftk.kernel.dist import DistInfo, from_env
 from swiftk.kernel.errors import CheckpointError, ConfigError, ModelLoadError, RunDirError
-from swiftk.kernel.generate import chat_prompt, complete
+from swiftk.kernel.generate import chat_prompt
 from swiftk.kernel.loop import Run, train
 from swiftk.kernel.model import check_source, load_model, load_tokenizer, pick_device, resolve_source
 from swiftk.kernel.plugins import (
@@ -298,10 +298,11 @@ def sample_prompts(cfg: RunConfig, stage: Stage) -> list[str]:
 
 
 def answer_samples(run: Run, prompts: list[str]) -> list[str]:
+    """Greedy answers from the run's [generation] engine (a chat template renders each prompt as a user turn)."""
     rendered = [chat_prompt(run.tokenizer, p, run.cfg.data.system_prompt) for p in prompts]
     templated = run.tokenizer.chat_template is not None
-    return complete(run.parallel.unwrap(run.model), run.tokenizer, rendered, run.cfg.samples.max_new_tokens, templated,
-                    autocast=run.autocast)
+    sampling = SamplingParams(max_new_tokens=run.cfg.samples.max_new_tokens)
+    return [c.text.strip() for c in run.generator().generate(rendered, sampling, templated=templated)]
 
 
 def execute(options: Options) -> int:
@@ -411,6 +412,16 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
     if dist.is_main:
         (run_dir / "config.toml").write_text(resolved_toml(cfg), encoding="utf-8")
 
+    try:
+        return train_and_report(run, options, say)
+    finally:
+        run.close_generator()  # an engine process ends with the run, however it ends
+
+
+def train_and_report(run: Run, options: Options, say: Any) -> int:
+    """Samples before, training, then the run's end: events, final artefacts and samples after; 0 or 130."""
+    cfg, plugins, reporter, dist, stage, total_steps = run.cfg, run.plugins, run.reporter, run.dist, run.stage, \
+        run.total_steps
     prompts = sample_prompts(cfg, stage)
     before = answer_samples(run, prompts) if prompts and run.step == 0 else []
     status = "failed"

@@ -44,6 +44,8 @@ class HFGenerator:
     """Generates with the model the trainer holds. It shares the live weights, so a weights sync records the
     version (and copies in the tensors it is given)."""
 
+    shares_weights = True  # the kernel's weight sync sends it the version only
+
     def __init__(self, model: Any, tokenizer: PreTrainedTokenizerBase, *, system_prompt: str | None = None,
                  batch_size: int = 8, autocast: Autocast | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer

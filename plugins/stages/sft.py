@@ -57,4 +57,4 @@ class SFT(Stage):
     def evaluate(self, ctx: StepContext, held_out: Sequence[Any]) -> dict[str, float]:
         assert self.batches is not None and self.eval_config is not None
         return evaluate(ctx.unwrapped(), ctx.tokenizer, list(held_out), self.refs, self.eval_config, self.batches,
-                        ctx.autocast, ctx.call, ctx.state())
+                        ctx.autocast, ctx.call, ctx.state(), ctx.generator)
