@@ -36,6 +36,7 @@ from swiftk.kernel.parallel.config import DeviceConfig
 def registered(kind: str, name: str) -> str:
     """``name`` when a ``kind`` component (stage, tuner, generator) is registered under it; else the registry's
     error (what is known, how to register one) as a validation error."""
+    import swiftk.plugins  # noqa: F401  (the built-ins register on import; a no-op once imported)
     from swiftk.contracts.registry import PluginRegistryError, lookup
 
     try:

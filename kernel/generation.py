@@ -40,7 +40,8 @@ def configured_generator(cfg: GenerationConfig, model: Any, tokenizer: Any, *, m
         if model_cfg is None:
             raise ValueError("the vllm engine needs the model's [model] table (where its weights come from)")
         python = envs.ensure("vllm", env_dir=cfg.env_dir, progress=True)
-        model_dir = engine_files.model_folder(model_cfg, tokenizer)
+        # A random init has no source to load again: the engine starts from the live model's base weights.
+        model_dir = engine_files.model_folder(model_cfg, tokenizer, model=model if model_cfg.init == "random" else None)
         return build_generator(
             "vllm", model, tokenizer, python=str(python), model_dir=str(model_dir),
             system_prompt=system_prompt, max_concurrency=cfg.max_concurrency, max_model_len=cfg.max_model_len,

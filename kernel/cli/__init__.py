@@ -47,6 +47,8 @@ COMMANDS = {
     "run": Command("swiftk.kernel.cli.run", "train from a config file"),
     "plot": Command("swiftk.kernel.cli.plot", "draw a run's loss and learning-rate curves"),
     "export": Command("swiftk.kernel.cli.export", "merge, quantize or GGUF-convert a finished run's model"),
+    "infer": Command("swiftk.kernel.cli.infer", "chat with a finished run or a model, or answer a file of prompts"),
+    "serve": Command("swiftk.kernel.cli.serve", "serve a finished run or a model over OpenAI's API"),
     "plugin": Command("swiftk.kernel.cli.plugin", "write and check a plugin (new, check)"),
     "plugins": Command("swiftk.kernel.cli.plugins", "list or describe the available plugins (list, show)"),
     "native": Command("swiftk.kernel.cli.native", "build or inspect C++ plugins (build, info)"),
