@@ -1,6 +1,7 @@
 # `make run`: set up .venv if needed, then LoRA-fine-tune SmolLM2-135M-Instruct (configs/quickstart.toml).
 # `make test`: set up .venv if needed, then ruff, mypy --strict (contracts/, hosts/, shm/, native/) and the tests
 # (the 15 slowest are listed at the end; a hanging test fails after its limit with every process's stacks).
+# `make test-engines`: the tests that need the managed vLLM environment (installed first if missing).
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 export TRL_EXPERIMENTAL_SILENCE ?= 1
 
-.PHONY: run test lint typecheck pytest setup clean
+.PHONY: run test test-engines lint typecheck pytest setup clean
 
 setup: $(STAMP)
 
@@ -38,8 +39,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy --strict -p swiftk.contracts -p swiftk.hosts -p swiftk.shm -p swiftk.native
 
+# Tests marked `engines` need the managed vLLM environment (a ~2 min install, then 30-140 s per engine start):
+# `make test-engines` runs them; pytest's "deselected" count says how many `make test` leaves out.
 pytest: $(STAMP)
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=15 -m "not engines"
+
+test-engines: $(STAMP)
+	$(VENV)/bin/swiftk env install vllm
+	$(PY) -m pytest -q --durations=15 -m engines
 
 test: lint typecheck pytest
 

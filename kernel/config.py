@@ -222,6 +222,8 @@ class GenerationConfig(Section):
     max_model_len: int | None = Field(None, ge=16, description="vllm: prompt + answer tokens (default: the model's)")
     gpu_memory_utilization: float = Field(0.4, gt=0, le=1, description="vllm on a GPU: its share of GPU memory "
                                           "(the trainer needs the rest when both share the GPU)")
+    kv_cache_gb: float = Field(1.0, gt=0, description="vllm on a CPU: its KV cache in GiB (a share of all memory "
+                               "would be too much)")
     env_dir: str | None = Field(None, description="where managed environments live (default: $SWIFTK_ENV_DIR, else "
                                 "~/.cache/swiftk/envs)")
     start_timeout_s: float = Field(600.0, gt=0, description="vllm: seconds the engine may take to start")

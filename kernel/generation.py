@@ -45,8 +45,9 @@ def configured_generator(cfg: GenerationConfig, model: Any, tokenizer: Any, *, m
         return build_generator(
             "vllm", model, tokenizer, python=str(python), model_dir=str(model_dir),
             system_prompt=system_prompt, max_concurrency=cfg.max_concurrency, max_model_len=cfg.max_model_len,
-            gpu_memory_utilization=cfg.gpu_memory_utilization, start_timeout_s=cfg.start_timeout_s,
-            request_timeout_s=cfg.request_timeout_s, sync_timeout_s=cfg.sync_timeout_s,
+            gpu_memory_utilization=cfg.gpu_memory_utilization, kv_cache_gb=cfg.kv_cache_gb,
+            start_timeout_s=cfg.start_timeout_s, request_timeout_s=cfg.request_timeout_s,
+            sync_timeout_s=cfg.sync_timeout_s,
             engine_args=dict(cfg.engine_args), report=report)
     return build_generator(cfg.engine, model, tokenizer, **cfg.engine_args)
 

@@ -29,9 +29,7 @@ from typing import Any
 from swiftk.kernel.config import GenerationConfig
 from swiftk.kernel.errors import SwiftkError
 
-LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 LAST_LINES = 40
-CPU_KV_CACHE_BYTES = 2**30  # engine_args kv_cache_memory_bytes overrides it
 ERROR_LINE = re.compile(r"\b\w+(Error|Exception): ")  # where a traceback says what went wrong
 
 
@@ -55,10 +53,12 @@ def command(python: str | Path, model_dir: str | Path, name: str, host: str, por
     if cuda:
         cmd += ["--gpu-memory-utilization", str(generation.gpu_memory_utilization)]
     else:  # on CPU vLLM would reserve that share of the machine's memory: a KV cache of a fixed size instead
-        cmd += ["--kv-cache-memory-bytes", str(CPU_KV_CACHE_BYTES)]
+        cmd += ["--kv-cache-memory-bytes", str(int(generation.kv_cache_gb * 2**30))]
     if adapter_dir is not None:
-        rank = next((r for r in LORA_RANKS if r >= lora_rank), LORA_RANKS[-1])
-        cmd += ["--enable-lora", "--lora-modules", f"{name}={adapter_dir}", "--max-lora-rank", str(rank)]
+        from swiftk.plugins.generators.vllm import max_lora_rank
+
+        cmd += ["--enable-lora", "--lora-modules", f"{name}={adapter_dir}", "--max-lora-rank",
+                str(max_lora_rank(lora_rank))]
     if chat_template is not None:
         cmd += ["--chat-template", str(chat_template)]
     for key, value in generation.engine_args.items():  # vllm.LLM arguments are the server's flags too

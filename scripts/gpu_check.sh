@@ -102,5 +102,13 @@ if $PY -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('l
     check qlora_export_merge $SWIFTK export "$OUT/qlora" --merge --overwrite --out "$OUT/qlora_merged"
     check qlora_export_gguf $SWIFTK export "$OUT/qlora" --gguf q8_0 --overwrite --out "$OUT/qlora_gguf"
 fi
+# [generation]: the vllm generator on CUDA (the managed env's CUDA `vllm` wheel): greedy equals HF, a full weight sync
+# by CUDA IPC buckets serves the new weights, SmolLM2 tok/s. The env is installed from the package index, once.
+if $PY -c "import sys; from swiftk.kernel import envs; sys.exit(0 if envs.installed('vllm', cuda=True) else 1)" \
+        || PIP_RETRIES=0 PIP_TIMEOUT=10 $SWIFTK env install vllm >"$OUT/vllm_env.log" 2>&1; then
+    check vllm_cuda_ipc $PY scripts/gpu_vllm_check.py
+else
+    echo "SKIP vllm_cuda_ipc: the vllm environment cannot be installed here (see $OUT/vllm_env.log)"
+fi
 
 exit $failed

@@ -54,6 +54,7 @@ COMMANDS = {
     "native": Command("swiftk.kernel.cli.native", "build or inspect C++ plugins (build, info)"),
     "sandbox": Command("swiftk.kernel.cli.sandbox", "check the multi-tenant sandbox (doctor)"),
     "datasets": Command("swiftk.kernel.cli.datasets", "list the named datasets a config's dataset_name accepts"),
+    "env": Command("swiftk.kernel.cli.env", "list, install or remove the managed environments of tools (vllm)"),
 }
 
 

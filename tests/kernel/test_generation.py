@@ -125,3 +125,47 @@ def test_an_unknown_engine_is_a_config_error_naming_the_known_ones(tiny_config: 
     assert main(["run", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "[generation] engine" in err and "c.toml:" in err and "no generator named 'vlm'" in err and "hf" in err
+
+
+KILL_ENGINE = '''
+import os, signal
+import psutil
+from swiftk.contracts import hookimpl
+
+@hookimpl
+def swiftk_step_end(state, metrics):
+    """At step 2, SIGKILL the vLLM engine the run started for its samples (a crash the run must survive)."""
+    if state.step == 2:
+        for child in psutil.Process().children(recursive=True):
+            if any("vllm_engine.py" in part for part in child.cmdline()):
+                os.kill(child.pid, signal.SIGKILL)
+                return {"engine_killed": 1.0}
+    return None
+'''
+
+
+@pytest.mark.engines
+@pytest.mark.timeout(900)
+def test_a_run_with_the_vllm_engine_survives_its_death_and_answers_with_the_trained_weights(
+        tiny_config: Path, tmp_path: Path, capsys) -> None:
+    """[generation] engine = "vllm" end to end: the engine starts from the random init's live weights for the
+    samples before training, is SIGKILLed at step 2, is restarted by the next request, is sent the trained weights,
+    and answers the samples after training exactly as the trained model does under hf (fp32 both)."""
+    from swiftk.kernel.export import load_trained
+
+    plugin = tmp_path / "kill_engine.py"
+    plugin.write_text(KILL_ENGINE)
+    cfg = write_config(tmp_path / "c.toml", f'plugins = ["{plugin}"]\n' + tiny_config.read_text(), max_steps="4",
+                       precision='"fp32"', exact_match="false")
+    cfg.write_text(cfg.read_text() + '\n[samples]\nprompts = ["1+1=", "12+34="]\nmax_new_tokens = 6\n\n'
+                                     '[generation]\nengine = "vllm"\n')
+    assert main(["run", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "restarting the engine" in out, out
+    samples = json.loads((tmp_path / "run" / "samples.json").read_text())
+    trained = load_trained(tmp_path / "run")
+    live = HFGenerator(trained.model, trained.tokenizer)
+    rendered = [trained.tokenizer.apply_chat_template([{"role": "user", "content": s["prompt"]}], tokenize=False,
+                                                      add_generation_prompt=True) for s in samples]
+    expected = [c.text.strip() for c in live.generate(rendered, SamplingParams(max_new_tokens=6), templated=True)]
+    assert [s["after"] for s in samples] == expected
