@@ -54,6 +54,21 @@ def tiny_config(tmp_path: Path) -> Path:
     )
 
 
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``configs/quickstart.toml`` as shipped (SmolLM2-135M, LoRA, 2 epochs: 76 steps, ~2 minutes) with ``--merge``:
+    trained once per session, read-only for the tests (the adapter in final/, the merged model, samples.json).
+    Shorter trainings learn the answer's form, not its fact: after 20, 30 (lr 2e-3), 40 or 60 steps the adapter
+    answers the held-out "largest planet" question "Answer: Neptune." (the base model's belief), not Jupiter."""
+    from swiftk.kernel.cli import main
+
+    root = tmp_path_factory.mktemp("quickstart")
+    cfg = write_config(root / "quickstart.toml", (REPO / "configs" / "quickstart.toml").read_text(),
+                       dir=f'"{root / "run"}"', save_every="1000")
+    assert main(["run", str(cfg), "--merge"]) == 0
+    return root / "run"
+
+
 # -- a hang fails its test in minutes, with the stacks of every process of the test ------------------------------
 TIMEOUT_S = 300.0  # per phase (setup, call, teardown); a test may say more with @pytest.mark.timeout(seconds)
 SLOW_TIMEOUT_S = 600.0  # tests marked slow

@@ -12,8 +12,6 @@ from swiftk.kernel.config import ModelConfig
 from swiftk.kernel.errors import ModelLoadError
 from swiftk.kernel.model import load_model, load_tokenizer, resolve_source
 
-from ..conftest import write_config
-
 
 def test_package_source_resolves_without_importing_the_package() -> None:
     import sys
@@ -75,25 +73,22 @@ def test_random_init_is_seeded_and_sized_from_the_tokenizer() -> None:
 
 
 @pytest.mark.slow
-def test_quickstart_lora_on_smollm2_end_to_end(tmp_path: Path, repo: Path, capsys) -> None:
-    """The real pretrained model from its GGUF file: 3 LoRA steps, answers before and after, a merged folder
-    that transformers loads and that generates the same greedy text as the trained adapter."""
+def test_quickstart_lora_on_smollm2_end_to_end(quickstart_run: Path) -> None:
+    """The real pretrained model from its GGUF file, LoRA-trained by the shipped quickstart: answers before and
+    after in the held-out style, and a merged folder that transformers loads and that generates the same greedy text
+    as the trained adapter."""
+    import json
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = write_config(tmp_path / "q.toml", (repo / "configs/quickstart.toml").read_text(),
-                       dir=f'"{tmp_path / "run"}"', epochs="1", max_new_tokens="12", save_every="2")
-    assert main(["run", str(cfg), "--set", "train.max_steps=3", "--set", "data.max_length=64", "--merge"]) == 0
-    out = capsys.readouterr().out
-    assert "before:" in out and "after:" in out and str(tmp_path / "run") in out
-    merged = tmp_path / "run" / "merged"
+    samples = {s["prompt"]: s for s in json.loads((quickstart_run / "samples.json").read_text())}
+    assert all(s["after"].startswith("Answer: ") for s in samples.values())
+    assert not all(s["before"].startswith("Answer: ") for s in samples.values())
+    merged = quickstart_run / "merged"
     tokenizer = AutoTokenizer.from_pretrained(merged)
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.bfloat16)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of Egypt?"}],
                                            add_generation_prompt=True, return_dict=True, return_tensors="pt")
-    generated = model.generate(**prompt, max_new_tokens=12, do_sample=False)[0, prompt["input_ids"].shape[1]:]
+    generated = model.generate(**prompt, max_new_tokens=32, do_sample=False)[0, prompt["input_ids"].shape[1]:]
     text = tokenizer.decode(generated, skip_special_tokens=True).strip()
-    import json
-
-    samples = json.loads((tmp_path / "run" / "samples.json").read_text())
-    after = {s["prompt"]: s["after"] for s in samples}["What is the capital of Egypt?"]
-    assert text == after
+    assert text == samples["What is the capital of Egypt?"]["after"]

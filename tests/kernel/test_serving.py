@@ -253,23 +253,6 @@ def test_a_failing_generation_is_a_500_and_the_next_request_is_answered() -> Non
         thread.join(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def quickstart(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """configs/quickstart.toml (SmolLM2-135M, LoRA, 2 epochs: 76 steps, about 2 minutes) without its before/after
-    samples. Shorter trainings learn the answer's form, not its fact: after 20, 30 (lr 2e-3), 40 or 60 steps the
-    adapter answers "Answer: Neptune." (the base model's belief)."""
-    import re
-
-    root = tmp_path_factory.mktemp("quickstart")
-    text = Path("configs/quickstart.toml").read_text()
-    text = re.sub(r"(?m)^prompts_file = .*$", "", text)
-    text = re.sub(r"(?m)^save_every = .*$", "save_every = 1000", text)
-    text = re.sub(r"(?m)^dir = .*$", f'dir = "{root / "quickstart"}"', text)
-    (root / "quickstart.toml").write_text(text)
-    assert main(["run", str(root / "quickstart.toml")]) == 0
-    return root / "quickstart"
-
-
 def ask_the_held_out_question(server: Server, key: str = "-") -> None:
     client = openai.OpenAI(base_url=server.url, api_key=key, max_retries=0, timeout=300)
     assert {m.id for m in client.models.list().data} == {"quickstart", "quickstart-base"}
@@ -280,8 +263,8 @@ def ask_the_held_out_question(server: Server, key: str = "-") -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_the_quickstart_adapter_served_answers_its_held_out_question(quickstart: Path) -> None:
-    server = Server(str(quickstart))
+def test_the_quickstart_adapter_served_answers_its_held_out_question(quickstart_run: Path) -> None:
+    server = Server(str(quickstart_run), "--model-name", "quickstart")
     try:
         ask_the_held_out_question(server)
     finally:
@@ -291,9 +274,10 @@ def test_the_quickstart_adapter_served_answers_its_held_out_question(quickstart:
 @pytest.mark.slow
 @pytest.mark.engines
 @pytest.mark.timeout(1200)
-def test_vllms_own_server_serves_the_quickstart_adapter_by_name(quickstart: Path) -> None:
+def test_vllms_own_server_serves_the_quickstart_adapter_by_name(quickstart_run: Path) -> None:
     """`--engine vllm`: vLLM's OpenAI server from the managed environment, the adapter as a LoRA module."""
-    server = Server(str(quickstart), "--engine", "vllm", env={**os.environ, "SWIFTK_API_KEY": KEY}, timeout=900)
+    server = Server(str(quickstart_run), "--model-name", "quickstart", "--engine", "vllm",
+                    env={**os.environ, "SWIFTK_API_KEY": KEY}, timeout=900)
     try:
         ask_the_held_out_question(server, KEY)
         with pytest.raises(openai.AuthenticationError):
