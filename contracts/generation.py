@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import torch
@@ -86,6 +87,22 @@ class Adapter:
     tensors: Mapping[str, torch.Tensor]
     config: Mapping[str, Any] = field(default_factory=dict)
     name: str = "default"
+
+    def __post_init__(self) -> None:  # PEFT's to_dict() holds sets and enums; a wire message and a JSON file do not
+        object.__setattr__(self, "config", plain_data(self.config))
+
+
+def plain_data(value: Any) -> Any:
+    """``value`` in JSON's types: mappings and sequences element-wise, a set as a sorted list, an enum as its value."""
+    if isinstance(value, Enum):
+        return plain_data(value.value)
+    if isinstance(value, Mapping):
+        return {str(k): plain_data(v) for k, v in value.items()}
+    if isinstance(value, set | frozenset):
+        return sorted((plain_data(v) for v in value), key=str)
+    if isinstance(value, list | tuple):
+        return [plain_data(v) for v in value]
+    return value
 
 
 @runtime_checkable

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -100,16 +99,3 @@ def save_weights(model: torch.nn.Module, folder: Path) -> None:
     config.save_pretrained(folder)
     save_tensors(hf_names(model.state_dict()), folder / "model.safetensors")
 
-
-def adapter_folder(adapter_tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], out_dir: Path,
-                   adapter_name: str = "default", base_model: str = "") -> Path:
-    """A PEFT adapter folder vLLM's LoRA loader reads (``adapter_config.json``, ``adapter_model.safetensors``)."""
-    from swiftk.plugins.generators.vllm import write_adapter
-
-    return write_adapter(adapter_tensors, config, out_dir, adapter_name, base_model)
-
-
-def run_adapter(run_dir: str | Path) -> Path | None:
-    """A finished run's ``final/`` folder when it holds a PEFT adapter (served with LoRA), else None."""
-    final = Path(run_dir) / "final"
-    return final if (final / "adapter_config.json").is_file() else None

@@ -65,19 +65,8 @@ def push_weights(generator: Generator, model: torch.nn.Module, version: int) -> 
         config = model.peft_config[name].to_dict()
         tensors = get_peft_model_state_dict(model, adapter_name=name)
         return generator.load_weights(version, adapter=Adapter({k: v.detach() for k, v in tensors.items()},
-                                                                _plain(config), name=name))
+                                                                config, name=name))
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     tensors = {name: t.detach() for name, t in model.state_dict().items() if name in trainable}
     return generator.load_weights(version, tensors=tensors)
 
-
-def _plain(config: dict[str, Any]) -> dict[str, Any]:
-    """A PEFT config as JSON can write it (sets as sorted lists, enums as their values)."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, set):
-            value = sorted(value)
-        elif hasattr(value, "value") and not isinstance(value, (int, float, str, bool)):
-            value = value.value
-        out[key] = value
-    return out

@@ -222,19 +222,14 @@ def make_generator(target: Target, loaded: Loaded, generation: GenerationConfig,
                    report: Callable[[str], None] | None = None) -> Any:
     """The generator ``generation.engine`` names over the loaded model. An engine in its own process (vllm) starts
     from the base weights' folder: what the model here has on top (the adapter, merged weights) is pushed to it."""
-    from swiftk.contracts import Adapter
-    from swiftk.kernel.generation import configured_generator
+    from swiftk.kernel.generation import configured_generator, push_weights
 
     generator = configured_generator(generation, loaded.model, loaded.tokenizer, model_cfg=target.model_cfg,
                                      system_prompt=system_prompt, autocast=loaded.autocast, report=report)
     if generation.engine == "hf" or (target.cfg is None) or (target.adapter_dir is None):
         return generator  # in-process, a model or a full run's folder: the engine has every weight
-    if loaded.adapter:
-        from safetensors.torch import load_file
-
-        config = json.loads((target.adapter_dir / "adapter_config.json").read_text())
-        tensors = load_file(str(target.adapter_dir / "adapter_model.safetensors"))
-        generator.load_weights(1, adapter=Adapter(tensors, config, name=target.name))
+    if loaded.adapter:  # the PEFT model holds the run's adapter: push it as training pushes one
+        push_weights(generator, loaded.model, 1)
     else:  # merged here: the base folder lacks the adapter's share
         generator.load_weights(1, tensors=dict(loaded.model.state_dict()))
     return generator

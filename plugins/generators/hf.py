@@ -30,6 +30,20 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message], s
     return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 
 
+def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str | list[Message]], templated: bool,
+                   system_prompt: str | None) -> tuple[list[str], bool]:
+    """The prompts as text, and whether the tokenizer adds its special tokens (raw text not yet templated only)."""
+    texts = [p for p in prompts if isinstance(p, str)]
+    if len(texts) == len(prompts):
+        return texts, not templated
+    if texts:
+        raise TypeError("generate: prompts must be all strings or all chats (lists of messages), not a mix")
+    if tokenizer.chat_template is None:
+        raise ValueError("generate: chat prompts need a tokenizer with a chat template; this one has none")
+    chats = [p for p in prompts if not isinstance(p, str)]
+    return [render_prompt(tokenizer, chat, system_prompt) for chat in chats], False
+
+
 def stop_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """End of sequence, and end of a chat turn where the template has one distinct from EOS."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -59,7 +73,7 @@ class HFGenerator:
 
     def generate(self, prompts: Sequence[str] | Sequence[list[Message]], sampling: SamplingParams, *,
                  templated: bool = False) -> list[Completion]:
-        texts, special = self._render(prompts, templated)
+        texts, special = render_prompts(self.tokenizer, prompts, templated, self.system_prompt)
         per_batch = max(1, self.batch_size // sampling.n)  # a batch holds batch_size sequences
         completions: list[Completion] = []
         with self._generating(), _seeded(sampling.seed, self.model):
@@ -70,7 +84,7 @@ class HFGenerator:
     def stream(self, prompt: str | list[Message], sampling: SamplingParams, *,
                templated: bool = False) -> Iterator[str]:
         """The text of one completion as it is generated, cut before a stop string."""
-        texts, special = self._render([prompt], templated)
+        texts, special = render_prompts(self.tokenizer, [prompt], templated, self.system_prompt)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         hold = max((len(s) for s in sampling.stop), default=1) - 1  # may be the start of a stop string
         failed: list[BaseException] = []
@@ -126,18 +140,6 @@ class HFGenerator:
         """Nothing to release: the model and tokenizer belong to the run."""
 
     # ------------------------------------------------------------------------------------------- internals
-
-    def _render(self, prompts: Sequence[str | list[Message]], templated: bool) -> tuple[list[str], bool]:
-        """The prompts as text, and whether the tokenizer adds its special tokens (raw text only)."""
-        texts = [p for p in prompts if isinstance(p, str)]
-        if len(texts) == len(prompts):
-            return texts, not templated
-        if texts:
-            raise TypeError("generate: prompts must be all strings or all chats (lists of messages), not a mix")
-        if self.tokenizer.chat_template is None:
-            raise ValueError("generate: chat prompts need a tokenizer with a chat template; this one has none")
-        chats = [p for p in prompts if not isinstance(p, str)]
-        return [render_prompt(self.tokenizer, chat, self.system_prompt) for chat in chats], False
 
     @contextmanager
     def _generating(self) -> Iterator[None]:

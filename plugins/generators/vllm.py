@@ -33,7 +33,7 @@ from transformers import PreTrainedTokenizerBase
 from swiftk.contracts import Adapter, Completion, Message, SamplingParams, register_generator
 from swiftk.contracts.generation import FinishReason
 from swiftk.plugins.generators import vllm_engine as wire
-from swiftk.plugins.generators.hf import _first_stop, render_prompt, stop_ids
+from swiftk.plugins.generators.hf import _first_stop, render_prompts, stop_ids
 
 ENGINE_SCRIPT = Path(__file__).with_name("vllm_engine.py")
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
@@ -150,8 +150,7 @@ class VLLMGenerator:
             if not self.engine_args.get("enable_lora"):
                 raise EngineError("load_weights: an adapter needs an engine started with LoRA (the model given to "
                                   "the generator has no peft_config, or set engine_args enable_lora/max_lora_rank)")
-            adapter_path = write_adapter(adapter.tensors, adapter.config, self.workdir / f"adapter-v{version}",
-                                         adapter.name, str(self.model_dir))
+            adapter_path = write_adapter(adapter, self.workdir / f"adapter-v{version}", str(self.model_dir))
         reply = self._call(lambda i: wire.LoadWeightsRequest(i, version, str(path) if path else None, buckets,
                                                              str(adapter_path) if adapter_path else None),
                            self.sync_timeout_s)
@@ -340,15 +339,7 @@ class VLLMGenerator:
     # ------------------------------------------------------------------------------------------ prompts
 
     def _encode(self, prompts: Sequence[str | list[Message]], templated: bool) -> list[list[int]]:
-        texts = [p for p in prompts if isinstance(p, str)]
-        special = not templated
-        if len(texts) != len(prompts):
-            if texts:
-                raise TypeError("generate: prompts must be all strings or all chats (lists of messages), not a mix")
-            if self.tokenizer.chat_template is None:
-                raise ValueError("generate: chat prompts need a tokenizer with a chat template; this one has none")
-            texts = [render_prompt(self.tokenizer, p, self.system_prompt) for p in prompts if not isinstance(p, str)]
-            special = False
+        texts, special = render_prompts(self.tokenizer, prompts, templated, self.system_prompt)
         return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=special)["input_ids"]]
 
     def _sampling(self, s: SamplingParams) -> dict[str, Any]:
@@ -407,16 +398,15 @@ def hf_names(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_adapter(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], out_dir: Path,
-                  adapter_name: str = "default", base_model: str = "") -> Path:
+def write_adapter(adapter: Adapter, out_dir: Path, base_model: str = "") -> Path:
     """A PEFT adapter folder (``adapter_config.json``, ``adapter_model.safetensors``) that vLLM's LoRA loader reads,
     from an adapter's tensors (PEFT state-dict names, with or without the adapter's name) and config."""
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    saved = {name.replace(f".{adapter_name}.", "."): t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    settings = json.loads(json.dumps({k: sorted(v) if isinstance(v, set) else v for k, v in dict(config).items()},
-                                     default=lambda v: getattr(v, "value", str(v))))  # enums as their values
+    saved = {name.replace(f".{adapter.name}.", "."): t.detach().to("cpu").contiguous()
+             for name, t in adapter.tensors.items()}
+    settings = dict(adapter.config)  # JSON's types already (Adapter)
     settings.setdefault("peft_type", "LORA")
     settings.setdefault("base_model_name_or_path", base_model)
     settings.setdefault("task_type", "CAUSAL_LM")

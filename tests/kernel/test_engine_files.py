@@ -8,10 +8,12 @@ import transformers
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file
 
+from swiftk.contracts import Adapter
 from swiftk.kernel import engine_files
 from swiftk.kernel.config import ModelConfig
 from swiftk.kernel.errors import ModelLoadError
 from swiftk.kernel.model import load_tokenizer
+from swiftk.plugins.generators.vllm import write_adapter
 
 TOKENIZER = "data/tiny_tokenizer"
 
@@ -58,7 +60,7 @@ def test_a_peft_models_base_is_saved_under_hf_names_without_adapters_tied_once(t
 def test_an_adapter_folder_holds_peft_names_and_a_json_config(tmp_path: Path) -> None:
     peft = get_peft_model(tiny(64), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     state = get_peft_model_state_dict(peft)
-    folder = engine_files.adapter_folder(state, peft.peft_config["default"].to_dict(), tmp_path / "a")
+    folder = write_adapter(Adapter(state, peft.peft_config["default"].to_dict()), tmp_path / "a")
     from peft import PeftModel
 
     again = PeftModel.from_pretrained(tiny(64), folder)
