@@ -28,7 +28,8 @@ from swiftk.contracts.registry import (
     register_scheduler,
     registered,
 )
-from swiftk.contracts.stages import LEARN, LossChoice, Stage, StageConfig, register_stage
+from swiftk.contracts.rewards import Outcome, PauseRun, RewardColumn, Scores
+from swiftk.contracts.stages import LEARN, LossChoice, RewardChoice, Stage, StageConfig, register_stage
 from swiftk.contracts.types import (
     IGNORE_INDEX,
     Batch,
@@ -54,10 +55,15 @@ __all__ = [
     "LossResult",
     "Message",
     "ModelOutputs",
+    "Outcome",
+    "PauseRun",
     "PluginError",
     "PluginRegistryError",
     "PluginSpec",
+    "RewardChoice",
+    "RewardColumn",
     "SamplingParams",
+    "Scores",
     "Stage",
     "StageConfig",
     "StepState",

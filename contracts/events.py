@@ -119,7 +119,16 @@ class RunEndEvent(Event):
     """The last record of every attempt, written even when training raised."""
 
     event: ClassVar[str] = "run_end"
-    status: str  # "completed", "interrupted" or "failed"
+    status: str  # "completed", "interrupted", "paused" or "failed"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunPausedEvent(Event):
+    """A stage stopped the run for the user to fix something (``contracts.rewards.PauseRun``); a checkpoint of
+    this step was saved, and ``--resume`` continues from it."""
+
+    event: ClassVar[str] = "run_paused"
+    reason: str
 
 
 # -- plugin code ---------------------------------------------------------------------------------------------
@@ -154,6 +163,20 @@ class PluginReloadRejectedEvent(Event):
     plugin: str  # the edited file's name
     path: str
     error: str  # the traceback or the probe's complaint
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardFailedEvent(Event):
+    """A reward plugin's scores for one rollout were not all usable (``contracts.rewards``): the failed values
+    are NaN and reach no advantage."""
+
+    event: ClassVar[str] = "reward_failed"
+    plugin: str
+    reward: str  # the reward's name ("?" when the plugin returned nothing usable)
+    outcome: str  # invalid, timeout or crashed
+    failed: int  # completions whose value failed
+    count: int  # completions scored
+    error: str
 
 
 # -- plugin hosts (kernel.run's host sink; ``tenant`` is set for a tenant's sandboxed host) --------------------
@@ -227,8 +250,8 @@ class AuditEvent(Event):
 
 EVENTS: dict[str, type[Event]] = {cls.event: cls for cls in (
     EvalEvent, CheckpointSavedEvent, ResumedEvent, MetricsTruncatedEvent, StopRequestedEvent, RunEndEvent,
-    PluginCodeChangedEvent, PluginReloadedEvent, PluginReloadRejectedEvent, PluginFailedEvent,
-    PluginQuarantinedEvent, HostDiedEvent, HostRestartedEvent, HostShutdownEvent, AuditEvent,
+    RunPausedEvent, RewardFailedEvent, PluginCodeChangedEvent, PluginReloadedEvent, PluginReloadRejectedEvent,
+    PluginFailedEvent, PluginQuarantinedEvent, HostDiedEvent, HostRestartedEvent, HostShutdownEvent, AuditEvent,
 )}  # by the name writers pass to Reporter.event; StepEvent is written by Reporter.step
 
 E = TypeVar("E", bound=Event)

@@ -232,12 +232,17 @@ def swiftk_checkpoint_load(state: StepState, path: str) -> None:
 def swiftk_reward_compute(
     prompts: list[str], completions: list[str], references: list[str | None], state: StepState
 ) -> dict[str, list[float]] | None:
-    """Score generated completions for the RL stages (GRPO, PPO): one float per completion.
+    """Score generated completions for the online stages (GRPO, PPO): one float per completion.
 
-    Called by the RL stages once per rollout batch, on every rank. May run in a plugin host: the main use of
-    sandboxed hosts, since code-execution rewards run untrusted model output.
-    :returns: ``{reward_name: [r_0, ..., r_{n-1}]}`` aligned with ``completions``; the stage weights and sums
-        the named rewards. None: this plugin does not score this batch.
+    Called through ``StepContext.score`` once per rollout micro-batch, on every rank, on a background thread (the
+    next micro-batch generates meanwhile); each implementation is called on its own, and what it did is typed
+    (``contracts.rewards``: ok, invalid, timeout, crashed), so one that fails costs only its own values. May run in
+    a plugin host, where the supervisor enforces ``deadline_s``: the main use of sandboxed hosts, since
+    code-execution rewards run untrusted model output. ``prompts[i]`` is completion i's prompt (a chat's last user
+    message) and ``references[i]`` its row's reference answer or tests (None if the row has none).
+    :returns: ``{reward_name: [r_0, ..., r_{n-1}]}`` aligned with ``completions`` (None or NaN for a completion
+        it does not apply to); the stage weights and sums the named rewards. None: this plugin does not score
+        this batch.
     """
 
 

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict
 
 from swiftk.contracts.generation import Generator
 from swiftk.contracts.registry import register
+from swiftk.contracts.rewards import Scores
 from swiftk.contracts.types import Batch, ModelOutputs, StepState
 
 LEARN = "learn"  # the kernel's phase: forward, loss, backward, optimizer step
@@ -49,6 +50,23 @@ class LossChoice:
     arguments: dict[str, Any]
     key: str = "[train] loss_type"  # the key that named the loss, for error messages
     config_key: str = "[train] loss_config"  # the key its arguments came from
+
+
+@dataclass(frozen=True)
+class RewardChoice:
+    """A registered reward plugin a stage scores with (``register_reward``), and its arguments."""
+
+    name: str
+    arguments: dict[str, Any]
+    key: str = "[train] rewards"
+    config_key: str = "[train] reward_config"
+
+
+class PendingScores(Protocol):
+    """Rewards being computed in the background (``StepContext.score``)."""
+
+    def result(self) -> Scores:
+        """Wait for them: one typed column per reward (``contracts.rewards``)."""
 
 
 class DataContext(Protocol):
@@ -77,6 +95,10 @@ class Reference(Protocol):
     def logps(self, batch: Batch) -> torch.Tensor:
         """The reference's summed log-probs ``[rows]`` of ``batch``."""
 
+    def token_logps(self, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+        """The reference's per-token log-probs ``[rows, T-1]`` of the labelled tokens (position t: the token at
+        t+1; 0 where unlabelled), from its logits divided by ``temperature``."""
+
     def release(self) -> None:
         """Every example carries its reference log-probs now (``batch.extras["ref_logps"]``): the reference
         model's memory can go; asking it to score a batch afterwards is an error."""
@@ -90,6 +112,7 @@ class StepContext(Protocol):
     device: torch.device
     reference: Reference | None
     step: int
+    model_config: Any  # the run's [model] table (to load a second model the way the kernel loads the first)
 
     def autocast(self) -> AbstractContextManager[Any]:
         """The run's mixed-precision context for forward passes."""
@@ -104,8 +127,17 @@ class StepContext(Protocol):
         """The run's ``[generation]`` engine, serving this step's weights: the kernel pushes them (the adapter, or
         the trainable tensors) when the step moved since the last call, so a rollout never samples stale ones."""
 
+    def score(self, prompts: Sequence[str], completions: Sequence[str], references: Sequence[str | None]
+              ) -> PendingScores:
+        """Score completions with every reward plugin (``swiftk_reward_compute``), in the background: each plugin is
+        called on its own and its result typed ok / invalid / timeout / crashed (``contracts.rewards``), so a stage
+        can generate the next chunk while this one is scored."""
+
     def call(self, hook: str, **kwargs: Any) -> Any:
         """Call a hook by name, keywords only."""
+
+    def log(self, metrics: dict[str, float]) -> None:
+        """Add ``metrics`` to this step's record (averaged across ranks), e.g. a rollout's rewards and lengths."""
 
     def state(self) -> StepState:
         """Where the run is."""
@@ -139,6 +171,11 @@ class Stage:
         """The loss plugin and its arguments. Default: ``[train] loss_type`` with ``loss_config``."""
         return LossChoice(self.train.loss_type, dict(self.train.loss_config))
 
+    def rewards(self) -> list[RewardChoice]:
+        """Registered reward plugins the kernel builds for this stage (``[train] rewards``); plugins loaded from
+        ``[[plugins]]`` that implement ``swiftk_reward_compute`` score as well."""
+        return []
+
     def metrics(self, eval_config: Any) -> list[str]:
         """Metric plugins the kernel selects for held-out evaluation (``[eval] metrics``), if any."""
         return []
@@ -158,6 +195,11 @@ class Stage:
 
     # --- once the model is loaded
 
+    def adapt(self, model: torch.nn.Module, tokenizer: Any) -> None:
+        """Add what the stage trains beside the model (PPO's value head), once the tuner is applied and before
+        the optimizer sees the parameters; a module set as an attribute of ``model`` is trained and checkpointed
+        with it."""
+
     def prepare(self, ctx: StepContext, train: Sequence[Any], held_out: Sequence[Any]) -> None:
         """Anything to do once before the first step (e.g. score the data with the reference once)."""
 
@@ -167,6 +209,12 @@ class Stage:
             logits = ctx.forward_logits(model, batch)  # [B, T, V]
         extras = ctx.reference.extras(batch) if ctx.reference is not None else {}
         return ModelOutputs(logits, extras)
+
+    def draw(self, step: int, grad_accum: int) -> int:
+        """How many micro-batches the kernel reads from the data for the step after ``step``: ``[train]
+        grad_accum``, or another count for a stage that generates for several steps at once (0: it learns from
+        what it generated before)."""
+        return grad_accum
 
     def run_phase(self, phase: str, ctx: StepContext, micro: list[Batch]) -> list[Batch]:
         """A phase other than ``learn``: the step's micro-batches in, the ones to go on with out."""

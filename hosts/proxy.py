@@ -67,11 +67,13 @@ class RemotePlugin:
         self.code_hash, self.events, self.source = code_hash, events, source
         self.failures: deque[float] = deque()
         self.quarantined: PluginError | None = None
+        self.last_failure: PluginError | None = None  # why the latest call failed, when its policy answered for it
 
     def __repr__(self) -> str:
         return f"<{self.label} in host pid {self.host.pid}>"
 
     def invoke(self, hook: str, kwargs: dict[str, Any]) -> Any:
+        self.last_failure = self.quarantined
         if self.quarantined is not None:
             return self.outcome(hook, kwargs, self.quarantined)
         attempts = 2 if self.policy.on_failure == "retry" else 1
@@ -85,6 +87,7 @@ class RemotePlugin:
                 if self.quarantined is not None:
                     break
         assert error is not None
+        self.last_failure = error
         return self.outcome(hook, kwargs, error)
 
     def forward(self, hook: str, kwargs: dict[str, Any]) -> Any:

@@ -178,6 +178,7 @@ class EvalConfig(Section):
     """[eval] held-out evaluation during training (needs [data] eval_file)."""
 
     every: int | None = Field(None, ge=1, description="evaluate every N optimizer steps (and at the end)")
+    on_start: bool = Field(False, description="also evaluate before the first step (the baseline to compare with)")
     batch_size: int = Field(8, ge=1)
     max_batches: int | None = Field(None, ge=1)
     metrics: list[str] = Field(["perplexity", "token_accuracy"], description="metric plugins, by name")

@@ -23,6 +23,7 @@ import torch
 
 from swiftk.contracts import Batch, Generator, LossResult, PluginError, StepState, checks
 from swiftk.contracts.engines import ParallelEngine
+from swiftk.contracts.rewards import PauseRun
 from swiftk.contracts.stages import LEARN, Stage
 from swiftk.kernel import checkpoint
 from swiftk.kernel.config import RunConfig
@@ -36,6 +37,7 @@ from swiftk.kernel.plugins import Plugins
 from swiftk.kernel.progress import Reporter
 from swiftk.kernel.reference import ReferenceModel
 from swiftk.kernel.reload import Reloader
+from swiftk.kernel.rewards import PendingScores, RewardScorer
 
 
 class TrainingError(SwiftkError):
@@ -70,6 +72,8 @@ class Run:
     reference: ReferenceModel | None = None  # the frozen reference model, for a stage that needs one (dpo)
     parallel: ParallelEngine = field(default_factory=OneProcess)  # one process, DDP, FSDP2, DeepSpeed...
     _generator: Generator | None = None  # [generation], built on first use (ctx.generator())
+    _scorer: RewardScorer | None = None  # the reward plugins, called on first use (ctx.score())
+    logged: dict[str, float] = field(default_factory=dict)  # the stage's metrics for this step (ctx.log())
 
     def state(self) -> StepState:
         return StepState(
@@ -77,6 +81,10 @@ class Run:
             lr=self.scheduler.get_last_lr()[0], tokens_seen=self.tokens_seen, elapsed_s=self.elapsed_s,
             run_dir=str(self.run_dir), rank=self.dist.rank, world_size=self.dist.world_size,
         )
+
+    @property
+    def model_config(self) -> Any:
+        return self.cfg.model
 
     @property
     def loss_name(self) -> str:
@@ -104,16 +112,29 @@ class Run:
         if self._generator is not None:
             self._generator.close()
             self._generator = None
+        if self._scorer is not None:
+            self._scorer.close()
+            self._scorer = None
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str], references: Sequence[str | None]
+              ) -> PendingScores:
+        if self._scorer is None:
+            self._scorer = RewardScorer(self.plugins, self.reporter.event)
+        return self._scorer.submit(prompts, completions, references, self.state())
 
     def call(self, hook: str, **kwargs: Any) -> Any:
         return self.plugins.call(hook, **kwargs)
+
+    def log(self, metrics: dict[str, float]) -> None:
+        self.logged.update(metrics)
 
     def say(self, message: str) -> None:
         self.reporter.say(message)
 
 
 def train(run: Run) -> str:
-    """Train until ``run.total_steps``; returns "completed" or "interrupted" (SIGINT/SIGTERM)."""
+    """Train until ``run.total_steps``; returns "completed", "interrupted" (SIGINT/SIGTERM) or "paused" (a
+    stage's ``PauseRun``)."""
     cfg = run.cfg
     model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
     call = run.plugins.call
@@ -123,15 +144,24 @@ def train(run: Run) -> str:
     interrupted = False  # agreed by every rank, like every decision to stop
     model.train()
     call("swiftk_run_start", config=cfg.model_dump(), state=run.state())
+    if run.eval_samples and cfg.eval.on_start and run.step == 0:
+        evaluate(run)  # the baseline: a step-0 eval record
     try:
         while run.step < run.total_steps and not interrupted:
             if run.reloader is not None:  # edited plugin code is swapped in here, between steps
                 run.reloader.apply(run.step, run.reporter.event, run.reporter.say)
             started = time.perf_counter()
-            micro = next_window(batches, cfg.train.grad_accum)
+            micro = next_window(batches, run.stage.draw(run.step, cfg.train.grad_accum))
             learn_at = run.stage.phases.index(LEARN)
-            for phase in run.stage.phases[:learn_at]:  # e.g. rollout, score: they make what is learnt from
-                micro = run.stage.run_phase(phase, run, [b.to(run.device) for b in micro])
+            try:
+                for phase in run.stage.phases[:learn_at]:  # e.g. rollout, score: they make what is learnt from
+                    micro = run.stage.run_phase(phase, run, [b.to(run.device) for b in micro])
+            except PauseRun as exc:  # something the user must fix (rewards that keep failing): stop, resumable
+                save_checkpoint(run)
+                run.reporter.event("run_paused", step=run.step, reason=str(exc))
+                run.reporter.say(f"run paused at step {run.step}: {exc}\nA checkpoint of step {run.step} is "
+                                 f"saved; fix the cause and continue with `swiftk run CONFIG --resume`.")
+                return "paused"
             # The loss is normalised over the whole step, on every rank: its label tokens (or pairs, for a stage).
             num_items = int(sum_across_ranks(sum(b.num_items for b in micro)))
             step_loss = torch.zeros((), device=run.device)
@@ -179,7 +209,8 @@ def train(run: Run) -> str:
                 run.stage.run_phase(phase, run, micro)
             step_time = time.perf_counter() - started
             tokens = int(sum_across_ranks(sum(b.num_tokens for b in micro)))
-            plugin_metrics = mean_across_ranks(plugin_metrics)
+            plugin_metrics = mean_across_ranks({**run.logged, **plugin_metrics})
+            run.logged = {}
             run.tokens_seen += tokens
             run.elapsed_s += step_time
             record: dict[str, Any] = {

@@ -331,6 +331,8 @@ def selection(cfg: RunConfig) -> list[Selected]:
         Selected("scheduler", train.scheduler, train.scheduler_config, "[train] scheduler",
                  "[train] scheduler_config"),
     ]
+    chosen += [Selected("reward", reward.name, reward.arguments, reward.key, reward.config_key)
+               for reward in stage.rewards()]
     if cfg.data.eval_file:  # the stage says which metric plugins its evaluation reports through
         chosen += [Selected("metric", name, evaluation.metric_config.get(name, {}), "[eval] metrics",
                             f"[eval] metric_config.{name}") for name in stage.metrics(evaluation)]

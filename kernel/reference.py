@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from peft import PeftModel
 
-from swiftk.contracts import Batch, sequence_logps
+from swiftk.contracts import IGNORE_INDEX, Batch, sequence_logps
 from swiftk.kernel.model import forward_logits, load_model
 
 
@@ -28,6 +28,15 @@ class ReferenceModel:
 
     @torch.no_grad()
     def logps(self, batch: Batch) -> torch.Tensor:
+        return sequence_logps(self.logits(batch), batch.labels)[0]  # [rows]
+
+    @torch.no_grad()
+    def token_logps(self, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+        targets = batch.labels[:, 1:]  # [rows, T-1]
+        scores = (self.logits(batch)[:, :-1].float() / temperature).log_softmax(-1)
+        return scores.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets != IGNORE_INDEX)
+
+    def logits(self, batch: Batch) -> torch.Tensor:
         if self.released:
             raise RuntimeError("the reference model was released after precompute_ref_logps scored every example; "
                                "a batch without extras['ref_logps'] reached it (does the stage's collate carry them?)")
@@ -40,7 +49,7 @@ class ReferenceModel:
                 logits = forward_logits(model, batch)  # [rows, T, V]
         finally:
             model.train(training)
-        return sequence_logps(logits, batch.labels)[0]  # [rows]
+        return logits
 
     def extras(self, batch: Batch) -> dict[str, torch.Tensor]:
         """What the stage's loss reads in ``ModelOutputs.extras``: precomputed with the batch, or computed now."""

@@ -367,6 +367,7 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
                        reward_head_pad_id=tokenizer.pad_token_id if stage.reward_head else None,
                        quantization=quantization_config(cfg.train))
     model = apply_tuner(patched_model(plugins, model, tokenizer, cfg), cfg.train, reward_head=stage.reward_head)
+    stage.adapt(model, tokenizer)  # e.g. ppo: a value head, trained with the model
     fingerprint = base_fingerprint(model)  # before sharding
     parallel = engines.create(cfg.distributed, dist)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -419,7 +420,8 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
 
 
 def train_and_report(run: Run, options: Options, say: Any) -> int:
-    """Samples before, training, then the run's end: events, final artefacts and samples after; 0 or 130."""
+    """Samples before, training, then the run's end: events, final artefacts and samples after; 0, 130
+    (interrupted) or 3 (paused by the stage, e.g. rewards that keep failing)."""
     cfg, plugins, reporter, dist, stage, total_steps = run.cfg, run.plugins, run.reporter, run.dist, run.stage, \
         run.total_steps
     prompts = sample_prompts(cfg, stage)
@@ -447,10 +449,10 @@ def train_and_report(run: Run, options: Options, say: Any) -> int:
         reporter.close()
         if plugins.hosts is not None:  # metrics.jsonl is closed: the hosts' shutdown events go to the console
             plugins.hosts.sink = console
-    if status == "interrupted":
+    if status in ("interrupted", "paused"):
         again = " ".join([options.config, *(f"--set {shlex.quote(o)}" for o in options.overrides), "--resume"])
-        say(f"interrupted at step {run.step}; continue with: swiftk run {again}")
-        return 130
+        say(f"{status} at step {run.step}; continue with: swiftk run {again}")
+        return 130 if status == "interrupted" else EXIT_PAUSED
 
     finish(run, options, prompts, before, say)
     return 0
@@ -542,6 +544,7 @@ def restore(run: Run, path: Path) -> None:
 
 
 # Values a resume may change without breaking exactness: the run's length, where it runs, what it evaluates.
+EXIT_PAUSED = 3  # a stage paused the run (contracts.rewards.PauseRun); --resume continues it
 RESUMABLE_CHANGES = {("train", "max_steps"), ("train", "epochs"), ("model", "device"), ("data", "eval_file")}
 
 

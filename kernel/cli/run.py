@@ -15,7 +15,8 @@ DESCRIPTION = textwrap.dedent("""\
     tables, each tenant's plugins run in sandboxed hosts (SECURITY.md) and metrics.jsonl holds "audit"
     records of what each host got and of every failure the kernel saw.
 
-    exit codes: 0 done, 1 run error (data, model, checkpoint, plugin), 2 config error, 130 interrupted
+    exit codes: 0 done, 1 run error (data, model, checkpoint, plugin), 2 config error, 3 paused by
+    the stage (e.g. reward plugins failing past [train] reward_failure_threshold; --resume continues), 130 interrupted
     (a checkpoint was saved: continue with --resume).""")
 
 
