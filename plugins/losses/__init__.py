@@ -5,13 +5,16 @@ from swiftk.plugins.losses import (
     cross_entropy,
     dpo,
     focal,
+    gkd,
+    grpo,
     kto,
     label_smoothing,
     native_ce,
     orpo,
+    ppo,
     reward,
     z_loss,
 )
 
-__all__ = ["cpo", "cross_entropy", "dpo", "focal", "kto", "label_smoothing", "native_ce", "orpo", "reward",
-           "z_loss"]
+__all__ = ["cpo", "cross_entropy", "dpo", "focal", "gkd", "grpo", "kto", "label_smoothing", "native_ce", "orpo", "ppo",
+           "reward", "z_loss"]
