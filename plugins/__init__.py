@@ -4,9 +4,9 @@ hold the model) and also read data through the kernel's data library.
 
 Importing this package registers every built-in under its name (``loss_type = "cross_entropy"``,
 ``optimizer = "adamw"``, ``scheduler = "cosine"``, ``metrics = ["perplexity"]``, ``callbacks = ["early_stopping"]``,
-``tuner_strategy = "lora"``, ``stage = "dpo"``, the ``hf`` generator...).
+``tuner_strategy = "lora"``, ``stage = "dpo"``, the ``hf`` generator, ``rewards = ["accuracy"]``...).
 """
 
-from swiftk.plugins import callbacks, generators, losses, metrics, optimizers, schedulers, stages, tuners
+from swiftk.plugins import callbacks, generators, losses, metrics, optimizers, rewards, schedulers, stages, tuners
 
-__all__ = ["callbacks", "generators", "losses", "metrics", "optimizers", "schedulers", "stages", "tuners"]
+__all__ = ["callbacks", "generators", "losses", "metrics", "optimizers", "rewards", "schedulers", "stages", "tuners"]

@@ -1,0 +1,12 @@
+"""Built-in rewards for the RL stages (GRPO, PPO): ``swiftk_reward_compute`` plugins, one file each.
+
+``accuracy`` (the final answer equals the reference, math-verify for symbolic answers), ``format`` (the
+completion matches a regular expression, by default R1's ``<think>...</think><answer>...</answer>``), ``length``
+(DAPO's soft overlong punishment) and ``code`` (the generated Python passes the reference tests, each program
+in its own sandboxed child; ``execution.py``). Each returns ``{name: [one float per completion]}``, NaN where a
+row cannot be judged (no reference).
+"""
+
+from swiftk.plugins.rewards import accuracy, code, format, length
+
+__all__ = ["accuracy", "code", "format", "length"]
