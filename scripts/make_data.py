@@ -240,6 +240,20 @@ def corrupted_reversals(rows: list[dict[str, str]], seed: int) -> list[dict[str,
     return pairs
 
 
+def stray_digits(rows: list[dict[str, str]], seed: int, share: float = 0.6) -> list[dict[str, str]]:
+    """Addition rows whose answer is followed by " " and a random digit in ``share`` of them: a model tuned on
+    them keeps the habit on new sums (greedy, it ends most answers with the stray digit), which makes its final
+    number wrong. The online-RL learning task: the ``accuracy`` reward (the last number against the sum) lets GRPO
+    unlearn the habit, and held-out accuracy rises."""
+    rng = random.Random(seed)
+    noisy = []
+    for row in rows:
+        stray = rng.random() < share
+        digit = rng.randrange(10)
+        noisy.append({**row, "completion": f"{row['completion']} {digit}" if stray else row["completion"]})
+    return noisy
+
+
 def main(out_root: Path = DEFAULT_OUT) -> list[Path]:
     """Write every data file under ``out_root`` and return their paths."""
     synthetic = _load_kernel_module("synthetic")
@@ -257,6 +271,10 @@ def main(out_root: Path = DEFAULT_OUT) -> list[Path]:
             path = out_root / "synthetic" / f"{task}_pref_{split}.jsonl"
             synthetic.write_jsonl(pairs, path)
             written.append(path)
+            if task == "addition" and split == "train":
+                path = out_root / "synthetic" / "addition_stray_train.jsonl"
+                synthetic.write_jsonl(stray_digits(rows, SYNTHETIC_SEED), path)
+                written.append(path)
     for name, rows in (("train", quickstart_rows()), ("heldout", HELDOUT)):
         path = out_root / "quickstart" / f"{name}.jsonl"
         synthetic.write_jsonl(rows, path)

@@ -69,6 +69,33 @@ def quickstart_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "run"
 
 
+@pytest.fixture(scope="session")
+def tiny_addition_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``configs/tiny_sft.toml`` as shipped (450 steps, ~45 s): a full tiny model folder that adds two-digit numbers
+    (about 60 % of the held-out sums right, greedy), trained once per session; the starting point, teacher or
+    policy of the online-RL tests. Read-only for the tests."""
+    from swiftk.kernel.cli import main
+
+    root = tmp_path_factory.mktemp("tiny_addition")
+    cfg = write_config(root / "tiny_sft.toml", (REPO / "configs" / "tiny_sft.toml").read_text(),
+                       dir=f'"{root / "run"}"', save_every="1000", every="1000")
+    assert main(["run", str(cfg)]) == 0
+    return root / "run" / "final"
+
+
+@pytest.fixture(scope="session")
+def habit_model(tiny_addition_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``configs/tiny_habit.toml`` from ``tiny_addition_model`` (60 steps, ~10 s): it ends most answers with a stray
+    digit, so its final number is usually wrong (a few % held-out accuracy); what the online-RL tests unlearn."""
+    from swiftk.kernel.cli import main
+
+    root = tmp_path_factory.mktemp("habit")
+    cfg = write_config(root / "habit.toml", (REPO / "configs" / "tiny_habit.toml").read_text(),
+                       model_id=f'"{tiny_addition_model}"', dir=f'"{root / "run"}"')
+    assert main(["run", str(cfg)]) == 0
+    return root / "run" / "final"
+
+
 # -- a hang fails its test in minutes, with the stacks of every process of the test ------------------------------
 TIMEOUT_S = 300.0  # per phase (setup, call, teardown); a test may say more with @pytest.mark.timeout(seconds)
 SLOW_TIMEOUT_S = 600.0  # tests marked slow
