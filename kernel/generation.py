@@ -9,7 +9,7 @@ kept in step with training through ``load_weights``; any other name is a registe
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -52,12 +52,14 @@ def configured_generator(cfg: GenerationConfig, model: Any, tokenizer: Any, *, m
     return build_generator(cfg.engine, model, tokenizer, **cfg.engine_args)
 
 
-def push_weights(generator: Generator, model: torch.nn.Module, version: int) -> int:
+def push_weights(generator: Generator, model: torch.nn.Module, version: int,
+                 skip: Collection[str] = frozenset()) -> int:
     """Make ``generator`` serve ``model``'s weights as ``version``; returns the version it serves.
 
     A generator over the live model (``shares_weights``, as ``hf``) is only told the version. Any other is sent
     what training changes: a PEFT model's adapter (its tensors and config), else the trainable tensors (all of a
-    full fine-tune, the unfrozen ones of ``freeze``), detached, under the model's state-dict names."""
+    full fine-tune, the unfrozen ones of ``freeze``), detached, under the model's state-dict names; ``skip`` names
+    parameters the served model does not have (a stage's value head)."""
     if getattr(generator, "shares_weights", False):
         return generator.load_weights(version)
     if isinstance(model, PeftModel):
@@ -66,7 +68,7 @@ def push_weights(generator: Generator, model: torch.nn.Module, version: int) -> 
         tensors = get_peft_model_state_dict(model, adapter_name=name)
         return generator.load_weights(version, adapter=Adapter({k: v.detach() for k, v in tensors.items()},
                                                                 config, name=name))
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad and name not in skip}
     tensors = {name: t.detach() for name, t in model.state_dict().items() if name in trainable}
     return generator.load_weights(version, tensors=tensors)
 

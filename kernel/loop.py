@@ -74,6 +74,7 @@ class Run:
     _generator: Generator | None = None  # [generation], built on first use (ctx.generator())
     _scorer: RewardScorer | None = None  # the reward plugins, called on first use (ctx.score())
     logged: dict[str, float] = field(default_factory=dict)  # the stage's metrics for this step (ctx.log())
+    stage_parameters: frozenset[str] = frozenset()  # added by Stage.adapt (a value head): never sent to a generator
 
     def state(self) -> StepState:
         return StepState(
@@ -105,7 +106,7 @@ class Run:
                 self.cfg.generation, self.unwrapped(), self.tokenizer, model_cfg=self.cfg.model,
                 system_prompt=self.cfg.data.system_prompt, autocast=self.autocast, report=self.say)
         if self._generator.version != self.step:
-            push_weights(self._generator, self.unwrapped(), self.step)
+            push_weights(self._generator, self.unwrapped(), self.step, skip=self.stage_parameters)
         return self._generator
 
     def close_generator(self) -> None:

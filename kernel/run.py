@@ -367,7 +367,9 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
                        reward_head_pad_id=tokenizer.pad_token_id if stage.reward_head else None,
                        quantization=quantization_config(cfg.train))
     model = apply_tuner(patched_model(plugins, model, tokenizer, cfg), cfg.train, reward_head=stage.reward_head)
+    own = {name for name, _ in model.named_parameters()}
     stage.adapt(model, tokenizer)  # e.g. ppo: a value head, trained with the model
+    added = frozenset(name for name, _ in model.named_parameters() if name not in own)  # not the served model's
     fingerprint = base_fingerprint(model)  # before sharding
     parallel = engines.create(cfg.distributed, dist)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -399,7 +401,8 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
     make_run_dir(run_dir, resume_from is not None, dist)
     reporter = Reporter(run_dir if dist.is_main else None, total_steps, cfg.log.progress, cfg.log.every)
     run = Run(cfg, run_dir, model, tokenizer, plugins, optimizer, scheduler, loader, device, dist, reporter,
-              total_steps, autocast, stage, eval_samples, reference=reference, parallel=parallel)
+              total_steps, autocast, stage, eval_samples, reference=reference, parallel=parallel,
+              stage_parameters=added)
     stage.prepare(run, train_samples, eval_samples)  # e.g. dpo: score every pair with the reference once
     if plugins.hosts is not None:  # host deaths, restarts and plugin failures go to metrics.jsonl and the console
         plugins.hosts.sink = lambda event, fields: host_event(run, event, fields)

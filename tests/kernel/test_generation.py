@@ -62,6 +62,22 @@ def test_push_weights_makes_a_separate_generator_answer_as_the_trained_model(tun
     assert [c.token_ids for c in engine.generate(PROMPTS, GREEDY)] == trained
 
 
+def test_parameters_a_stage_added_are_not_pushed() -> None:
+    """PPO's value head trains with the model, but the engine serves a causal LM without one."""
+    tok = build_char_tokenizer()
+    model = tiny_llama(tok)
+    model.v_head = torch.nn.Linear(32, 1)
+    pushed: dict[str, torch.Tensor] = {}
+
+    class Recorder(Copy):
+        def load_weights(self, version: int, tensors=None, adapter=None) -> int:  # type: ignore[no-untyped-def]
+            pushed.update(tensors or {})
+            return version
+
+    push_weights(Recorder(copy.deepcopy(model), tok), model, 1, skip={"v_head.weight", "v_head.bias"})
+    assert "model.embed_tokens.weight" in pushed and not any(name.startswith("v_head") for name in pushed)
+
+
 def test_a_generator_over_the_live_model_is_told_the_version_only() -> None:
     tok = build_char_tokenizer()
     model = tiny_llama(tok)
