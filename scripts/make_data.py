@@ -254,6 +254,13 @@ def stray_digits(rows: list[dict[str, str]], seed: int, share: float = 0.6) -> l
     return noisy
 
 
+def questions(rows: list[dict[str, str]]) -> list[dict[str, object]]:
+    """Addition rows as chat questions with their answer, for online RL on an instruction-tuned model (which
+    rambles past a bare "12+34=")."""
+    return [{"prompt": [{"role": "user", "content": f"What is {row['prompt'].rstrip('=')}? Answer with the number "
+                                                    f"only."}], "answer": row["completion"]} for row in rows]
+
+
 def main(out_root: Path = DEFAULT_OUT) -> list[Path]:
     """Write every data file under ``out_root`` and return their paths."""
     synthetic = _load_kernel_module("synthetic")
@@ -271,6 +278,10 @@ def main(out_root: Path = DEFAULT_OUT) -> list[Path]:
             path = out_root / "synthetic" / f"{task}_pref_{split}.jsonl"
             synthetic.write_jsonl(pairs, path)
             written.append(path)
+            if task == "addition":
+                path = out_root / "synthetic" / f"addition_questions_{split}.jsonl"
+                synthetic.write_jsonl(questions(rows), path)
+                written.append(path)
             if task == "addition" and split == "train":
                 path = out_root / "synthetic" / "addition_stray_train.jsonl"
                 synthetic.write_jsonl(stray_digits(rows, SYNTHETIC_SEED), path)
