@@ -57,7 +57,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel_overhead import cpu_s, log, toml_value  # noqa: E402
+from kernel_overhead import log, measured, toml_value  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "synthetic" / "addition_train.jsonl"
@@ -237,16 +237,6 @@ def run_trl(work: Path, model_cfg: dict[str, Any], args: argparse.Namespace) -> 
     return {"step_s": timer.step_s, "generate_s": timer.generate_s, "losses": [h["loss"] for h in logs],
             "grad_norms": [h.get("grad_norm", float("nan")) for h in logs],
             "rewards": [h.get("reward", 0.0) for h in logs], "max_param_change": moved}
-
-
-def measured(run: Any) -> tuple[dict[str, Any], float]:
-    """``run()``, and the cores other processes kept busy meanwhile."""
-    before, started = cpu_s(), time.perf_counter()
-    result = run()
-    after, wall = cpu_s(), time.perf_counter() - started
-    if before is None or after is None:
-        return result, 0.0
-    return result, max((after[0] - before[0]) - (after[1] - before[1]), 0.0) / wall
 
 
 def sandbox_rate(count: int) -> tuple[float, int]:
