@@ -246,3 +246,12 @@ def test_grpo_on_vllm_generates_one_step_ahead_and_corrects_for_the_stale_weight
     print(f"importance weights (mean per step): {weights}")
     assert all(0.0 < w <= 3.0 for w in weights) and abs(weights[0] - 1.0) < 0.05  # step 1: the same weights
     assert all(math.isfinite(e.loss) for e in records)
+
+
+def test_the_shipped_grpo_configs_validate() -> None:
+    from swiftk.kernel.config import load_config
+
+    for name in ("tiny_grpo", "grpo"):
+        train = load_config(REPO / "configs" / f"{name}.toml").train
+        assert train.stage == "grpo" and "accuracy" in train.rewards
+    assert load_config(REPO / "configs" / "tiny_habit.toml").data.train_file.endswith("addition_stray_train.jsonl")
