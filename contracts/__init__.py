@@ -39,6 +39,7 @@ from swiftk.contracts.types import (
     sequence_logps,
     shifted_labels,
     supervised,
+    token_logps,
 )
 
 __all__ = [
@@ -84,4 +85,5 @@ __all__ = [
     "sequence_logps",
     "shifted_labels",
     "supervised",
+    "token_logps",
 ]

@@ -63,12 +63,16 @@ class Scores:
         cells = self.count * len(self.columns)
         return sum(c.failed for c in self.columns) / cells if cells else 0.0
 
+    def means(self) -> dict[str, float]:
+        """Each reward's mean over the completions it has a value for (NaN if none)."""
+        return {column.name: mean_of(column.values) for column in self.columns}
+
     def metrics(self) -> dict[str, float]:
         """``reward/failure_rate`` and, per reward, the mean and std of its values and its failures."""
         out = {"reward/failure_rate": self.failure_rate}
         for column in self.columns:
             values = [v for v in column.values if not math.isnan(v)]
-            mean = sum(values) / len(values) if values else math.nan
+            mean = mean_of(values)
             std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
             out[f"rewards/{column.name}/mean"] = mean
             out[f"rewards/{column.name}/std"] = std
@@ -95,6 +99,12 @@ class Scores:
                     outcome, error = column.outcome, column.error
             columns.append(RewardColumn(name, plugin, values, outcome, failed, seconds, error))
         return Scores(columns, sum(p.count for p in parts))
+
+
+def mean_of(values: Sequence[float]) -> float:
+    """The mean of the values that are not NaN (NaN if none is)."""
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else math.nan
 
 
 class PauseRun(Exception):

@@ -80,16 +80,26 @@ def supervised(batch: Batch, outputs: ModelOutputs) -> tuple[torch.Tensor, torch
     return outputs.logits[:, :-1][mask], labels[mask]
 
 
+def token_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the labelled tokens under ``logits / temperature`` (0 where unlabelled), and the mask.
+
+    logits ``[B, T, V]``, labels ``[B, T]`` unshifted -> two ``[B, T-1]`` tensors: position t scores the token at
+    t+1. In float32, as gather minus logsumexp, so no ``[B, T, V]`` log-softmax is kept for backward."""
+    targets = labels[:, 1:]  # [B, T-1]: the logits at t-1 score the token at t
+    mask = targets != IGNORE_INDEX
+    scaled = logits[:, :-1].float() / temperature  # [B, T-1, V]
+    picked = scaled.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T-1]
+    return (picked - scaled.logsumexp(-1)) * mask, mask
+
+
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probabilities of each row's labelled tokens (after the causal shift), and their counts.
 
     logits ``[B, T, V]``, labels ``[B, T]`` unshifted (``IGNORE_INDEX`` where not scored) -> (``[B]`` sum of
     log p(token), ``[B]`` scored tokens). Divide the two for per-token means (IPO, SimPO, ORPO)."""
-    targets = labels[:, 1:]  # [B, T-1]: the logits at t-1 score the token at t
-    mask = targets != IGNORE_INDEX
-    scores = logits[:, :-1].float().log_softmax(-1)  # [B, T-1, V]
-    token_logps = scores.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T-1]
-    return (token_logps * mask).sum(-1), mask.sum(-1)
+    logps, mask = token_logps(logits, labels)  # [B, T-1]
+    return logps.sum(-1), mask.sum(-1)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from peft import PeftModel
 
-from swiftk.contracts import IGNORE_INDEX, Batch, sequence_logps
+from swiftk.contracts import Batch, sequence_logps, token_logps
 from swiftk.kernel.model import forward_logits, load_model
 
 
@@ -32,9 +32,7 @@ class ReferenceModel:
 
     @torch.no_grad()
     def token_logps(self, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
-        targets = batch.labels[:, 1:]  # [rows, T-1]
-        scores = (self.logits(batch)[:, :-1].float() / temperature).log_softmax(-1)
-        return scores.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets != IGNORE_INDEX)
+        return token_logps(self.logits(batch), batch.labels, temperature)[0]  # [rows, T-1]
 
     def logits(self, batch: Batch) -> torch.Tensor:
         if self.released:

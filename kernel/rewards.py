@@ -61,9 +61,6 @@ class RewardScorer:
         self.names: dict[str, list[str]] = {}  # the reward names each plugin returned when it last answered
         self.lock = threading.Lock()
 
-    def implemented(self) -> bool:
-        return bool(self.plugins.manager.hook.swiftk_reward_compute.get_hookimpls())
-
     def submit(self, prompts: Sequence[str], completions: Sequence[str], references: Sequence[str | None],
                state: StepState) -> PendingScores:
         if len(prompts) != len(completions) or len(references) != len(completions):

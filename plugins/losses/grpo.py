@@ -26,21 +26,9 @@ from __future__ import annotations
 
 import torch
 
-from swiftk.contracts import IGNORE_INDEX, Batch, LossResult, ModelOutputs, hookimpl, register_loss
+from swiftk.contracts import Batch, LossResult, ModelOutputs, hookimpl, register_loss, token_logps
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-
-
-def token_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of the labelled tokens under ``logits / temperature``, and the mask, both ``[B, T-1]``.
-
-    logits ``[B, T, V]``, labels ``[B, T]`` unshifted: the logits at t-1 score the token at t. Computed in float32
-    as gather minus logsumexp, so no ``[B, T, V]`` log-softmax is kept for backward."""
-    targets = labels[:, 1:]  # [B, T-1]
-    scaled = logits[:, :-1].float() / temperature  # [B, T-1, V]
-    picked = scaled.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T-1]
-    return picked - scaled.logsumexp(-1), targets != IGNORE_INDEX
 
 
 def _clip_metrics(rho: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, epsilon_low: float,

@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from swiftk.contracts import Batch, LossResult, ModelOutputs, hookimpl, register_loss
-from swiftk.plugins.losses.grpo import token_logps
+from swiftk.contracts import Batch, LossResult, ModelOutputs, hookimpl, register_loss, token_logps
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, axis: int | None = None) -> torch.Tensor:

@@ -148,6 +148,19 @@ class OnlineStage(Stage):
         return ctx.score([r.example.plain for r in rollouts], [r.completion.text for r in rollouts],
                          [r.example.reference for r in rollouts])
 
+    def answer_held_out(self, ctx: StepContext, held_out: Sequence[Any]) -> tuple[list[Rollout], Any]:
+        """Greedy answers to the held-out prompts, and their rewards being scored."""
+        rollouts = [r for part in chunks(list(held_out), 64)
+                    for r in generate(ctx.generator(), part, self.sampling(greedy=True))]
+        return rollouts, self.scored(ctx, rollouts)
+
+    @staticmethod
+    def held_out_metrics(rollouts: Sequence[Rollout], scores: Scores) -> dict[str, float]:
+        """``eval_rewards/<name>`` (each reward's mean) and ``eval_completions/mean_length``."""
+        metrics = {f"eval_rewards/{name}": mean for name, mean in scores.means().items()}
+        metrics["eval_completions/mean_length"] = sum(len(r.completion.token_ids) for r in rollouts) / len(rollouts)
+        return metrics
+
     def weighted(self, scores: Scores) -> torch.Tensor:
         """``[N]`` float64 rewards, NaN where no reward has a value."""
         if not scores.columns:
@@ -342,18 +355,12 @@ class GRPO(OnlineStage):
         """Greedy answers to the held-out prompts, scored by the rewards: ``eval_reward`` and each reward's mean."""
         if self.ahead is not None:
             self.ahead.result()  # one request at a time on the engine: let the next step's rollouts finish first
-        examples = list(held_out)
-        rollouts = [r for part in chunks(examples, 64)
-                    for r in generate(ctx.generator(), part, self.sampling(greedy=True))]
-        scores = self.scored(ctx, rollouts).result()
+        rollouts, pending = self.answer_held_out(ctx, held_out)
+        scores = pending.result()
         rewards = self.weighted(scores)
         finite = rewards[~rewards.isnan()]
-        metrics = {"eval_reward": float(finite.mean()) if len(finite) else math.nan}
-        for column in scores.columns:
-            values = [v for v in column.values if not math.isnan(v)]
-            metrics[f"eval_rewards/{column.name}"] = sum(values) / len(values) if values else math.nan
-        metrics["eval_completions/mean_length"] = sum(len(r.completion.token_ids) for r in rollouts) / len(rollouts)
-        return metrics
+        return {"eval_reward": float(finite.mean()) if len(finite) else math.nan,
+                **self.held_out_metrics(rollouts, scores)}
 
 
 def nanstd(values: torch.Tensor, dim: int) -> torch.Tensor:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from swiftk.contracts import IGNORE_INDEX, Batch, Completion, Message, SamplingParams
+from swiftk.contracts import token_logps as labelled_logps
 from swiftk.kernel.data import load_rows
 from swiftk.kernel.errors import DataError
 from swiftk.plugins.generators.hf import render_prompts
@@ -144,12 +145,10 @@ def token_logps(forward: Callable[[torch.nn.Module, Batch], torch.Tensor], model
     training = model.training
     model.eval()
     try:
-        logits = forward(model, batch)[:, :-1].float()  # [B, T-1, V]
+        logits = forward(model, batch)  # [B, T, V]
     finally:
         model.train(training)
-    targets = batch.labels[:, 1:].clamp(min=0).unsqueeze(-1)
-    mask = completion_mask(batch)
-    return [(logits / t).log_softmax(-1).gather(-1, targets).squeeze(-1) * mask for t in temperatures]
+    return [labelled_logps(logits, batch.labels, t)[0] for t in temperatures]
 
 
 def engine_logps(rollouts: Sequence[Rollout], like: torch.Tensor) -> torch.Tensor | None:

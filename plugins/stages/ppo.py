@@ -35,7 +35,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from swiftk.contracts import LEARN, Batch, ModelOutputs, SamplingParams
+from swiftk.contracts import LEARN, Batch, ModelOutputs, SamplingParams, token_logps
 from swiftk.contracts.rewards import Scores
 from swiftk.contracts.stages import LossChoice, StepContext, register_stage
 from swiftk.kernel.errors import ConfigError, ModelLoadError
@@ -215,19 +215,14 @@ class PPO(OnlineStage):
             outputs = self.forward(ctx, model, batch)
         finally:
             model.train(training)
-        mask = completion_mask(batch)
-        targets = batch.labels[:, 1:].clamp(min=0).unsqueeze(-1)
-        logits = outputs.logits[:, :-1].float() / self.train.temperature  # [B, T-1, V]
-        logps = logits.log_softmax(-1).gather(-1, targets).squeeze(-1) * mask
+        logps, mask = token_logps(outputs.logits, batch.labels, self.train.temperature)  # [B, T-1]
         return logps, outputs.extras["values"][:, :-1].float() * mask
 
     @torch.no_grad()
     def log_ratio(self, ctx: StepContext, logits: torch.Tensor, batch: Batch) -> None:
         """``val/ratio`` (and its variance): pi / pi_old over this step's completion tokens, averaged over its
         micro-batches."""
-        mask = completion_mask(batch)
-        targets = batch.labels[:, 1:].clamp(min=0).unsqueeze(-1)
-        logps = (logits[:, :-1].float() / self.train.temperature).log_softmax(-1).gather(-1, targets).squeeze(-1)
+        logps, mask = token_logps(logits, batch.labels, self.train.temperature)
         ratio = (logps - batch.extras["old_logps"]).exp()[mask]
         step, seen = self.ratios
         if step != ctx.step:
@@ -267,15 +262,9 @@ class PPO(OnlineStage):
     def evaluate(self, ctx: StepContext, held_out: Sequence[Any]) -> dict[str, float]:
         """Greedy answers to the held-out prompts: the reward model's mean score (``eval_score``) and each reward
         plugin's mean."""
-        rollouts = [r for part in chunks(list(held_out), 64)
-                    for r in generate(ctx.generator(), part, self.sampling(greedy=True))]
-        pending = self.scored(ctx, rollouts)
-        metrics = {"eval_score": float(self.rm_scores(ctx, rollouts).mean())}
-        for column in pending.result().columns:
-            values = [v for v in column.values if not math.isnan(v)]
-            metrics[f"eval_rewards/{column.name}"] = sum(values) / len(values) if values else math.nan
-        metrics["eval_completions/mean_length"] = sum(len(r.completion.token_ids) for r in rollouts) / len(rollouts)
-        return metrics
+        rollouts, pending = self.answer_held_out(ctx, held_out)
+        eval_score = float(self.rm_scores(ctx, rollouts).mean())  # while the reward plugins score
+        return {"eval_score": eval_score, **self.held_out_metrics(rollouts, pending.result())}
 
 
 def whiten(batches: list[Batch], key: str, shift_mean: bool) -> None:

@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from swiftk.contracts import Batch, ModelOutputs, shifted_labels
+from swiftk.contracts import Batch, ModelOutputs, shifted_labels, token_logps
 from swiftk.plugins.losses.gkd import GKD, generalized_jsd
-from swiftk.plugins.losses.grpo import GRPO, LOSS_TYPES, grpo_loss, token_logps
+from swiftk.plugins.losses.grpo import GRPO, LOSS_TYPES, grpo_loss
 from swiftk.plugins.losses.ppo import (
     PPO,
     gae,
