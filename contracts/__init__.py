@@ -5,12 +5,15 @@ hosts and built-in plugins meet here and nowhere else.
 """
 
 from swiftk.contracts.errors import HostDeadError, PluginError
+from swiftk.contracts.evals import EvalTask, build_eval_task, register_eval_task
 from swiftk.contracts.generation import (
     Adapter,
     Completion,
     Generator,
     Message,
     SamplingParams,
+    Scored,
+    Scorer,
     build_generator,
     register_generator,
 )
@@ -50,6 +53,7 @@ __all__ = [
     "Adapter",
     "Batch",
     "Completion",
+    "EvalTask",
     "Generator",
     "HostDeadError",
     "LossChoice",
@@ -64,16 +68,20 @@ __all__ = [
     "RewardChoice",
     "RewardColumn",
     "SamplingParams",
+    "Scored",
+    "Scorer",
     "Scores",
     "Stage",
     "StageConfig",
     "StepState",
+    "build_eval_task",
     "build_generator",
     "hookimpl",
     "hookspec",
     "lookup",
     "register",
     "register_callback",
+    "register_eval_task",
     "register_generator",
     "register_loss",
     "register_metric",

@@ -80,6 +80,16 @@ class Completion:
 
 
 @dataclass(frozen=True)
+class Scored:
+    """log p(continuation | context) under the model's raw logits (no temperature), summed over the continuation's
+    tokens: what an evaluation's multiple-choice and perplexity tasks ask of a model."""
+
+    logprob: float
+    greedy: bool  # every continuation token was the most likely token at its position
+    tokens: int  # continuation tokens scored
+
+
+@dataclass(frozen=True)
 class Adapter:
     """A LoRA adapter to serve on top of the base weights: its tensors under the tuner's state-dict names and
     its config (``r``, ``lora_alpha``, ``target_modules``...), as PEFT writes them."""
@@ -137,6 +147,19 @@ class Generator(Protocol):
 
     def close(self) -> None:
         """Release what it holds (a server process, its memory); a closed generator generates no more."""
+        ...
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """A generator that can also score given continuations (a capability; not every generator has it:
+    ``isinstance(generator, Scorer)``)."""
+
+    def score(self, requests: Sequence[tuple[list[int], list[int]]]) -> list[Scored]:
+        """For each (context token ids, continuation token ids) pair — ids from the generator's tokenizer, the
+        context non-empty, the continuation non-empty — the continuation's log-likelihood given the context, in
+        request order. A pair longer than the model's positions loses context tokens from the left (the
+        continuation is kept whole)."""
         ...
 
 

@@ -30,7 +30,7 @@ import torch
 from swiftk.contracts.markers import CONTRACT_VERSION, PROJECT_NAME, hookimpl
 from swiftk.contracts.types import Batch, LossResult, ModelOutputs, supervised
 
-KINDS = ("loss", "optimizer", "scheduler", "metric", "callback", "reward", "stage", "tuner", "generator")
+KINDS = ("loss", "optimizer", "scheduler", "metric", "callback", "reward", "stage", "tuner", "generator", "eval_task")
 T = TypeVar("T", bound=Callable[..., Any])
 
 

@@ -4,6 +4,8 @@ Batched with left padding (generation appends on the right) and the KV cache; pr
 training (chat messages through the tokenizer's template, raw text with the tokenizer's special tokens); it
 stops at EOS and at the template's end of turn, and at stop strings. Log-probabilities are those of the
 model's raw logits (before temperature, top-k/p), as a re-forward of prompt + completion computes them.
+``score`` (the ``Scorer`` capability) runs that re-forward on given continuations: right-padded batches, the
+log-softmax taken in float32 at the continuation's positions only.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase, TextIteratorStreamer
 
-from swiftk.contracts import Adapter, Completion, Message, SamplingParams, register_generator
+from swiftk.contracts import Adapter, Completion, Message, SamplingParams, Scored, register_generator
 from swiftk.contracts.generation import FinishReason
 
 Autocast = Callable[[], AbstractContextManager[Any]]
+Pair = tuple[list[int], list[int]]  # a score request: (context ids, continuation ids)
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message], system_prompt: str | None) -> str:
@@ -42,6 +45,24 @@ def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str | l
         raise ValueError("generate: chat prompts need a tokenizer with a chat template; this one has none")
     chats = [p for p in prompts if not isinstance(p, str)]
     return [render_prompt(tokenizer, chat, system_prompt) for chat in chats], False
+
+
+def fit_requests(requests: Sequence[Pair], max_len: int | None) -> list[Pair]:
+    """The score requests as lists, each cut from the left to ``max_len`` tokens (None: no limit); the continuation
+    is kept whole. Raises ValueError for an empty context or continuation, or a continuation that fills ``max_len``."""
+    fitted = []
+    for i, (context, continuation) in enumerate(requests):
+        context, continuation = list(context), list(continuation)
+        if not context or not continuation:
+            raise ValueError(f"score: request {i} has an empty {'context' if not context else 'continuation'}; "
+                             "both need at least one token (lm-eval puts the EOS token in an empty context)")
+        if max_len is not None and len(continuation) >= max_len:
+            raise ValueError(f"score: request {i}'s continuation has {len(continuation)} tokens; the model takes "
+                             f"{max_len} in all, and at least one must be context")
+        if max_len is not None:
+            context = context[max(0, len(context) + len(continuation) - max_len) :]
+        fitted.append((context, continuation))
+    return fitted
 
 
 def stop_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -117,6 +138,19 @@ class HFGenerator:
             if _first_stop(text, sampling.stop) is None and len(text) > sent:
                 yield text[sent:]
 
+    def score(self, requests: Sequence[Pair]) -> list[Scored]:
+        """log p(continuation | context) of each (context ids, continuation ids) pair, in request order. Longest
+        first, ``batch_size`` pairs per forward; a pair past ``max_position_embeddings`` loses context on the left."""
+        fitted = fit_requests(requests, getattr(self.model.config, "max_position_embeddings", None))
+        order = sorted(range(len(fitted)), key=lambda i: -sum(map(len, fitted[i])))  # similar lengths batch together
+        scored: list[Scored | None] = [None] * len(fitted)
+        with self._generating():
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start : start + self.batch_size]
+                for i, result in zip(chunk, self._score_batch([fitted[i] for i in chunk]), strict=True):
+                    scored[i] = result
+        return [s for s in scored if s is not None]
+
     def load_weights(self, version: int, tensors: Mapping[str, torch.Tensor] | None = None,
                      adapter: Adapter | None = None) -> int:
         """Copy ``tensors`` (by state-dict name) and the adapter's into the live model; serve ``version``."""
@@ -182,6 +216,34 @@ class HFGenerator:
                                     for i, step in enumerate(out.logits)], 1).tolist()  # [B * n, S]
         return [self._completion(row, None if logprobs is None else logprobs[r], first + r // sampling.n, sampling)
                 for r, row in enumerate(new.tolist())]
+
+    def _score_batch(self, pairs: list[Pair]) -> list[Scored]:
+        device = next(self.model.parameters()).device
+        width = max(len(c) + len(x) for c, x in pairs)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0  # masked out anyway
+        ids = torch.full((len(pairs), width), pad, dtype=torch.long)  # [B, T], right-padded
+        mask = torch.zeros_like(ids)
+        rows, positions, targets = [], [], []  # one entry per continuation token, over the batch
+        for r, (context, continuation) in enumerate(pairs):
+            full = context + continuation
+            ids[r, : len(full)], mask[r, : len(full)] = torch.tensor(full), 1
+            rows += [r] * len(continuation)
+            positions += range(len(context) - 1, len(full) - 1)  # the logits at t predict token t + 1
+            targets += continuation
+        with self.autocast() if self.autocast else torch.autocast(device.type, enabled=False):
+            logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # [B, T, V]
+        picked = logits[torch.tensor(rows, device=device), torch.tensor(positions, device=device)]  # [N, V]
+        del logits
+        logps = F.log_softmax(picked.float(), -1)  # [N, V]
+        target = torch.tensor(targets, device=device)[:, None]  # [N, 1]
+        chosen = logps.gather(1, target)[:, 0].double().cpu()  # [N]
+        greedy = (logps.argmax(-1) == target[:, 0]).cpu()  # [N]
+        scored, start = [], 0
+        for _, continuation in pairs:
+            end = start + len(continuation)
+            scored.append(Scored(float(chosen[start:end].sum()), bool(greedy[start:end].all()), len(continuation)))
+            start = end
+        return scored
 
     def _completion(self, ids: list[int], logprobs: list[float] | None, index: int,
                     sampling: SamplingParams) -> Completion:

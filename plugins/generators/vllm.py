@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from swiftk.contracts import Adapter, Completion, Message, SamplingParams, register_generator
+from swiftk.contracts import Adapter, Completion, Message, SamplingParams, Scored, register_generator
 from swiftk.contracts.generation import FinishReason
 from swiftk.plugins.generators import vllm_engine as wire
-from swiftk.plugins.generators.hf import _first_stop, render_prompts, stop_ids
+from swiftk.plugins.generators.hf import Pair, _first_stop, fit_requests, render_prompts, stop_ids
 
 ENGINE_SCRIPT = Path(__file__).with_name("vllm_engine.py")
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
@@ -130,6 +130,18 @@ class VLLMGenerator:
                 sent = end
             if cut is not None:
                 break
+
+    def score(self, requests: Sequence[Pair]) -> list[Scored]:
+        """log p(continuation | context) of each (context ids, continuation ids) pair, in request order, from the
+        engine's prompt logprobs (raw logits, under the served adapter). A pair past the engine's max_model_len - 1
+        (it generates one token after the prompt) loses context on the left."""
+        max_len = self.ready.max_model_len - 1 if self.ready is not None else None
+        fitted = fit_requests(requests, max_len)
+        if not fitted:
+            return []
+        prompts, lengths = [c + x for c, x in fitted], [len(x) for _, x in fitted]
+        reply = self._call(lambda i: wire.ScoreRequest(i, prompts, lengths), self.request_timeout_s)
+        return [Scored(float(lp), bool(g), n) for lp, g, n in zip(reply.logprobs, reply.greedy, lengths, strict=True)]
 
     def load_weights(self, version: int, tensors: Mapping[str, torch.Tensor] | None = None,
                      adapter: Adapter | None = None) -> int:

@@ -10,7 +10,8 @@ at a time until ``ShutdownRequest``, or until the client's process is gone.
 
 Prompts arrive as token ids (the trainer's tokenizer, so templates match training exactly); replies carry token
 ids, the log-probability of each chosen token under the raw logits (``logprobs_mode = "raw_logprobs"``, as
-``hf.py`` computes them) and finish reasons; the client decodes the text.
+``hf.py`` computes them) and finish reasons; the client decodes the text. A score request reads the prompt logprobs
+of given continuations (vLLM computes them from the raw logits in every logprobs mode but the logits ones).
 
 Weights: a full sync is read by a worker extension (``Reloader``) from a safetensors file the client wrote, or on
 CUDA from IPC handles of buckets in the client's GPU memory, and loaded in place with ``reload_weights`` (a
@@ -90,6 +91,24 @@ class GenerateReply:
 
 
 @dataclass(frozen=True)
+class ScoreRequest:
+    id: int
+    prompts: list[list[int]]  # token ids: context + continuation, already cut to the engine's max_model_len - 1
+    continuation_lengths: list[int]  # the last this many tokens of each prompt are scored
+    op: str = "score"
+
+
+@dataclass(frozen=True)
+class ScoreReply:
+    id: int
+    logprobs: list[float] = field(default_factory=list)  # per prompt: the continuation's summed log p
+    greedy: list[bool] = field(default_factory=list)  # per prompt: every continuation token was rank 1
+    version: int = 0  # the weights version that scored them
+    error: str | None = None
+    op: str = "scored"
+
+
+@dataclass(frozen=True)
 class LoadWeightsRequest:
     id: int
     version: int
@@ -129,8 +148,8 @@ class ShutdownRequest:
 
 
 MESSAGES: dict[str, type] = {cls.op: cls for cls in (
-    StatusEvent, ReadyEvent, GenerateRequest, GenerateReply, LoadWeightsRequest, LoadWeightsReply, PingRequest,
-    PingReply, ShutdownRequest)}
+    StatusEvent, ReadyEvent, GenerateRequest, GenerateReply, ScoreRequest, ScoreReply, LoadWeightsRequest,
+    LoadWeightsReply, PingRequest, PingReply, ShutdownRequest)}
 
 
 def pack(message: Any) -> bytes:
@@ -213,14 +232,15 @@ class Engine:
         self.llm = vllm.LLM(model=config["model"], worker_extension_cls="vllm_engine.Reloader", **args)
         self.version = 0
         self.adapter: Any = None  # the LoRARequest served, if any
+        self.adapter_head = False  # it adapts lm_head
+        import torch
+
+        self.cuda = torch.cuda.is_available()
         self.model = config["model"]
 
     def ready(self, started: float) -> ReadyEvent:
-        import torch
-
-        cuda = torch.cuda.is_available()
         max_len = self.llm.llm_engine.model_config.max_model_len
-        return ReadyEvent(os.getpid(), self.model, self.vllm.__version__, "cuda" if cuda else "cpu", max_len,
+        return ReadyEvent(os.getpid(), self.model, self.vllm.__version__, "cuda" if self.cuda else "cpu", max_len,
                           self.lora, self.version, time.monotonic() - started)
 
     def params(self, raw: dict[str, Any], stream: bool = False) -> Any:
@@ -236,6 +256,31 @@ class Engine:
         outputs = self.llm.generate(prompts, self.params(request.sampling), use_tqdm=False, lora_request=self.adapter)
         samples = [[asdict(sample(c)) for c in out.outputs] for out in outputs]
         return GenerateReply(request.id, samples, self.version)
+
+    def score(self, request: ScoreRequest) -> ScoreReply:
+        """One greedy token per prompt, for the prompt logprobs: position t holds {token: Logprob} with the actual
+        token t among them, its rank 1 when it was the most likely. vLLM reads no cached prefix for a request with
+        prompt logprobs (its KV cache skips the lookup: cached positions would have no logits), so each prompt is
+        prefilled whole; it still writes the cache for later generate calls."""
+        params = self.vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1, detokenize=False)
+        prompts = [{"prompt_token_ids": ids} for ids in request.prompts]
+        # Under LoRA, vLLM maps the prompt positions' logits to adapters with the per-request map of the sampled rows
+        # (vllm issues 16668, 51594): on CPU a batch of several prompts fails on the shapes, so each goes alone; on
+        # CUDA an adapter's lm_head delta would be left out of the scores.
+        if self.lora and not self.cuda:
+            outputs = [out for p in prompts for out in self.llm.generate([p], params, use_tqdm=False,
+                                                                           lora_request=self.adapter)]
+        elif self.adapter_head and self.cuda:
+            raise ValueError("the served adapter targets lm_head, whose delta vLLM leaves out of prompt logprobs "
+                             "(vllm issue 51594); score with the hf generator")
+        else:
+            outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.adapter)
+        logprobs, greedy = [], []
+        for out, ids, length in zip(outputs, request.prompts, request.continuation_lengths, strict=True):
+            scored = [out.prompt_logprobs[t][ids[t]] for t in range(len(ids) - length, len(ids))]
+            logprobs.append(sum(float(s.logprob) for s in scored))
+            greedy.append(all(s.rank == 1 for s in scored))
+        return ScoreReply(request.id, logprobs, greedy, self.version)
 
     def stream(self, request: GenerateRequest, send: Any) -> None:
         engine = self.llm.llm_engine
@@ -268,6 +313,8 @@ class Engine:
             if self.adapter is not None and self.adapter.lora_int_id != adapter.lora_int_id:
                 self.llm.llm_engine.remove_lora(self.adapter.lora_int_id)
             self.adapter = adapter
+            with open(os.path.join(request.adapter_path, "adapter_config.json")) as f:
+                self.adapter_head = "lm_head" in str(json.load(f).get("target_modules"))  # a list or a regex
         self.llm.reset_prefix_cache()  # cached prompt KV belongs to the old weights
         self.version = request.version
         return LoadWeightsReply(request.id, self.version, time.perf_counter() - started)
@@ -310,14 +357,19 @@ def serve(endpoint: str, config: dict[str, Any]) -> None:
                 engine.stream(request, send)
             elif isinstance(request, GenerateRequest):
                 send(engine.generate(request))
+            elif isinstance(request, ScoreRequest):
+                send(engine.score(request))
             elif isinstance(request, LoadWeightsRequest):
                 send(engine.load_weights(request))
         except Exception as exc:  # this request failed; the engine serves the next one
             error = f"{type(exc).__name__}: {exc}"
             print(f"swiftk engine: {request.op} failed: {error}", file=sys.stderr, flush=True)
-            reply = LoadWeightsReply(request.id, engine.version, error=error) if isinstance(
-                request, LoadWeightsRequest) else GenerateReply(request.id, version=engine.version, error=error)
-            send(reply)
+            if isinstance(request, LoadWeightsRequest):
+                send(LoadWeightsReply(request.id, engine.version, error=error))
+            elif isinstance(request, ScoreRequest):
+                send(ScoreReply(request.id, version=engine.version, error=error))
+            else:
+                send(GenerateReply(request.id, version=engine.version, error=error))
 
 
 def _die_with_parent() -> None:
