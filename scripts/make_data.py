@@ -22,6 +22,7 @@ from types import ModuleType
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "data"
+EVALS_OUT = REPO_ROOT / "plugins" / "evals" / "data"  # the built-in eval tasks' items (packaged with swiftk)
 
 SYNTHETIC_SEED = 1234
 QUICKSTART_SEED = 7
@@ -295,8 +296,58 @@ def main(out_root: Path = DEFAULT_OUT) -> list[Path]:
     return written
 
 
+# --------------------------------------------------------------------------- eval tasks
+
+MC_SEED = 11
+
+
+def _options(rng: random.Random, right: str, pool: list[str]) -> tuple[list[str], int]:
+    wrong = rng.sample(sorted({p for p in pool if p != right}), 3)
+    options = [right, *wrong]
+    rng.shuffle(options)
+    return [f" {o}" for o in options], options.index(right)
+
+
+def facts_mc(seed: int = MC_SEED) -> list[dict[str, object]]:
+    """4-way multiple choice on the quickstart's fact families, for base-model knowledge (``--tasks facts``):
+    ``Question: ...\nAnswer:`` followed by each option; the distractors are other answers of the same family."""
+    rng = random.Random(seed)
+    families: list[tuple[str, dict[str, str]]] = [
+        ("What is the capital of {}?", CAPITALS),
+        ("What is the chemical symbol for {}?", SYMBOLS),
+        ("What is the plural of '{}'?", PLURALS),
+        ("What is the opposite of {}?", {k: v for k, v in ANTONYMS.items() if k not in ("dark", "heavy")}),
+        ("How many legs does {} have?", {k: str(v) for k, v in LEGS.items()}),
+        ("How many {} are in {}?", {f"{u}|{c}": str(n) for u, c, n in UNITS}),
+    ]
+    rows = []
+    for question, answers in families:
+        pool = sorted(set(answers.values()) | ({"3", "5", "10", "100"} if question.startswith("How many") else set()))
+        for key, right in answers.items():
+            choices, gold = _options(rng, right, pool)
+            rows.append({"prompt": f"Question: {question.format(*key.split('|'))}\nAnswer:", "choices": choices,
+                         "gold": gold})
+    return rows
+
+
+def eval_files(out_dir: Path = EVALS_OUT) -> list[Path]:
+    """The built-in eval tasks' items: the quickstart's held-out questions with the answer it is taught to give,
+    and the multiple-choice facts."""
+    synthetic = _load_kernel_module("synthetic")
+    quickstart = [{"prompt": row["prompt"], "target": f"Answer: {row['expected']}."} for row in HELDOUT]
+    written = []
+    for name, rows in (("quickstart", quickstart), ("facts_mc", facts_mc())):
+        path = out_dir / f"{name}.jsonl"
+        synthetic.write_jsonl(rows, path)
+        written.append(path)
+    return written
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="data root (default: ./data)")
-    for written_path in main(parser.parse_args().out):
+    parser.add_argument("--evals-out", type=Path, default=EVALS_OUT, help="eval tasks' items (default: "
+                        "plugins/evals/data)")
+    args = parser.parse_args()
+    for written_path in [*main(args.out), *eval_files(args.evals_out)]:
         print(written_path)

@@ -82,3 +82,6 @@ def test_shipped_data_matches_generator(tmp_path: Path) -> None:
         assert shipped.read_bytes() == path.read_bytes(), f"{shipped} is stale: rerun scripts/make_data.py"
     shipped = {p.relative_to(REPO_ROOT / "data") for p in (REPO_ROOT / "data").glob("*/*") if p.is_file()}
     assert shipped == {p.relative_to(tmp_path) for p in written}
+    for path in _load_make_data().eval_files(tmp_path / "evals"):
+        shipped_file = REPO_ROOT / "plugins" / "evals" / "data" / path.name
+        assert shipped_file.read_bytes() == path.read_bytes(), f"{shipped_file} is stale: rerun scripts/make_data.py"
