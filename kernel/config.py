@@ -175,7 +175,7 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    """[eval] held-out evaluation during training (needs [data] eval_file)."""
+    """[eval] held-out evaluation during training: loss and metrics on [data] eval_file, and benchmark tasks."""
 
     every: int | None = Field(None, ge=1, description="evaluate every N optimizer steps (and at the end)")
     on_start: bool = Field(False, description="also evaluate before the first step (the baseline to compare with)")
@@ -186,6 +186,10 @@ class EvalConfig(Section):
     generate: bool = Field(False, description="generate greedily for each eval prompt (text metrics)")
     exact_match: bool = Field(False, description="shortcut: generate, and add the exact_match metric")
     max_new_tokens: int = Field(16, ge=1)
+    tasks: list[str] = Field(default_factory=list, description="benchmark tasks run at each eval and at the end, as "
+                             "`swiftk eval --tasks` names them (quickstart, arithmetic, a .jsonl file, an lm-eval "
+                             "task...); figures in metrics.jsonl and RUN/eval/results.json")
+    task_limit: int | None = Field(None, ge=1, description="tasks: the first N items of each")
 
     def metric_names(self) -> list[str]:
         extra = ["exact_match"] if self.exact_match and "exact_match" not in self.metrics else []

@@ -1,14 +1,15 @@
-"""Managed environments: one virtual environment per tool that pins its own stack (vLLM first).
+"""Managed environments: one virtual environment per tool that pins its own stack (vLLM, EvalScope).
 
-vLLM pins its own torch and transformers, which the training venv cannot share (DESIGN.md, "Managed environments
-for tools that pin their own stack"). So swiftk creates a venv per tool under a root folder (the ``env_dir``
-argument, else ``$SWIFTK_ENV_DIR``, else ``~/.cache/swiftk/envs``), installs the tool's pinned packages into it
-once (with a progress display), records what it installed in a marker file, and reuses it while the spec is the
-same. A file lock keeps two processes from installing the same tool at once. The trainer runs the tool's own
-script with that venv's python; it never imports the tool.
+vLLM pins its own torch and transformers, EvalScope an older ``datasets``, which the training venv cannot share
+(DESIGN.md, "Managed environments for tools that pin their own stack"). So swiftk creates a venv per tool under a
+root folder (the ``env_dir`` argument, else ``$SWIFTK_ENV_DIR``, else ``~/.cache/swiftk/envs``), installs the
+tool's pinned packages into it once (with a progress display), records what it installed in a marker file, and
+reuses it while the spec is the same. A file lock keeps two processes from installing the same tool at once. The
+trainer runs the tool's own script with that venv's python; it never imports the tool.
 
 swiftk itself is not installed into a tool's venv: the vLLM engine script needs only the standard library, zmq,
-msgpack and vLLM (with its torch), so an edit to swiftk never makes an environment stale.
+msgpack and vLLM (with its torch), the EvalScope runner only EvalScope, so an edit to swiftk never makes an
+environment stale.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 from swiftk.kernel.errors import SwiftkError
 
 VLLM_VERSION = "0.32.0"
+EVALSCOPE_VERSION = "1.14.1"
 MARKER = "swiftk-env.json"  # in the env's folder: the spec it was built from; written last
 LOG = "install.log"
 
@@ -55,7 +57,21 @@ def _vllm(cuda: bool) -> EnvSpec:
                    remove=("torchvision", "torchaudio", "torchcodec"), check="import vllm, zmq, msgpack")
 
 
-TOOLS = {"vllm": _vllm}  # tool name -> its spec given whether the trainer sees CUDA
+def _evalscope(cuda: bool) -> EnvSpec:
+    # The plain package, no extras: it pulls no torch (only the rag/aigc extras do); ~1.2 GB, 1.5-2 minutes. Of what
+    # it requires, scoring general_qa/general_mcq rows from a local file over an HTTP API never imports the
+    # model-side and math-grading stacks below, so they are uninstalled after (-0.3 GB; both kinds, both endpoints
+    # run without them). `--no-deps` plus a list would also skip their download, but means pinning by hand the
+    # ~100-package closure of what it does use (datasets, pandas, nltk, openai, aiohttp...): not worth it.
+    unused = ("transformers", "tokenizers", "safetensors", "kernels",  # local checkpoints
+              "modelscope", "modelscope-hub", "oss2", "aliyun-python-sdk-core", "aliyun-python-sdk-kms",  # hub
+              "crcmod",
+              "math-verify", "latex2sympy2_extended", "antlr4-python3-runtime", "sympy", "mpmath")  # maths answers
+    return EnvSpec("evalscope", (f"evalscope=={EVALSCOPE_VERSION}",), remove=unused,
+                   check="import evalscope.run, openai")
+
+
+TOOLS = {"vllm": _vllm, "evalscope": _evalscope}  # tool name -> its spec given whether the trainer sees CUDA
 
 
 def cuda_available() -> bool:

@@ -75,6 +75,7 @@ class Run:
     _scorer: RewardScorer | None = None  # the reward plugins, called on first use (ctx.score())
     logged: dict[str, float] = field(default_factory=dict)  # the stage's metrics for this step (ctx.log())
     stage_parameters: frozenset[str] = frozenset()  # added by Stage.adapt (a value head): never sent to a generator
+    eval_tasks: list[Any] = field(default_factory=list)  # [eval] tasks, resolved (kernel.evals.runner.Resolved)
 
     def state(self) -> StepState:
         return StepState(
@@ -145,7 +146,7 @@ def train(run: Run) -> str:
     interrupted = False  # agreed by every rank, like every decision to stop
     model.train()
     call("swiftk_run_start", config=cfg.model_dump(), state=run.state())
-    if run.eval_samples and cfg.eval.on_start and run.step == 0:
+    if (run.eval_samples or run.eval_tasks) and cfg.eval.on_start and run.step == 0:
         evaluate(run)  # the baseline: a step-0 eval record
     try:
         while run.step < run.total_steps and not interrupted:
@@ -220,7 +221,7 @@ def train(run: Run) -> str:
                 "elapsed_s": round(run.elapsed_s, 3), **plugin_metrics,
             }
             last = run.step == run.total_steps
-            if run.eval_samples and cfg.eval.every and (run.step % cfg.eval.every == 0 or last):
+            if (run.eval_samples or run.eval_tasks) and cfg.eval.every and (run.step % cfg.eval.every == 0 or last):
                 record.update(evaluate(run))  # callbacks (early stopping) see this step's eval metrics
             for extra in call("swiftk_step_end", state=run.state(), metrics=dict(record)):
                 record.update(extra)
@@ -256,10 +257,34 @@ def checked_loss(result: LossResult | None, run: Run) -> torch.Tensor:
 
 
 def evaluate(run: Run) -> dict[str, float]:
-    metrics = run.stage.evaluate(run, run.eval_samples)  # every rank evaluates: sharded forwards are collectives
+    # every rank evaluates: sharded forwards are collectives
+    metrics = run.stage.evaluate(run, run.eval_samples) if run.eval_samples else {}
+    if run.eval_tasks:
+        metrics.update(benchmark(run))
     run.reporter.event("eval", step=run.step, **metrics)
     run.reporter.say(f"eval @ step {run.step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     return metrics
+
+
+def benchmark(run: Run) -> dict[str, float]:
+    """The [eval] tasks on the live model, answered by the run's generator; the main process writes the report
+    (RUN/eval/results.json, the latest step's) and the figures become ``eval_<task>_<metric>``."""
+    from swiftk.kernel.evals import runner
+    from swiftk.kernel.evals.results import write_report
+
+    model = run.unwrapped()
+    was_training = model.training
+    try:
+        results, samples = runner.evaluate_live(model, run.tokenizer, run.generator(), run.eval_tasks,
+                                                system_prompt=run.cfg.data.system_prompt, limit=run.cfg.eval.task_limit,
+                                                batch_size=run.cfg.eval.batch_size)
+    finally:
+        model.train(was_training)
+    if run.dist.is_main:
+        report = runner.report(str(run.run_dir), None, run.run_dir, run.cfg.generation.engine, results,
+                               run.cfg.eval.task_limit, step=run.step)
+        write_report(report, run.run_dir / "eval", samples)
+    return {f"eval_{r.task}_{r.metric}": r.value for r in results}
 
 
 def save_checkpoint(run: Run) -> Path | None:

@@ -112,6 +112,22 @@ def prepare(options: Options, cfg: RunConfig | None = None) -> tuple[RunConfig, 
     return cfg, plugins
 
 
+def eval_tasks(tasks: list[str]) -> list[Any]:
+    from swiftk.kernel.evals.runner import resolve
+
+    return resolve(tasks) if tasks else []
+
+
+def eval_task_problems(tasks: list[str]) -> list[str]:
+    from swiftk.kernel.evals.runner import TaskError, resolve
+
+    try:
+        resolve(tasks)
+    except TaskError as exc:
+        return [f"[eval] tasks: {exc}"]
+    return []
+
+
 def check_files(cfg: RunConfig) -> list[str]:
     problems = []
     for key, value in (("[data] train_file", cfg.data.train_file), ("[data] eval_file", cfg.data.eval_file),
@@ -139,8 +155,11 @@ def check_files(cfg: RunConfig) -> list[str]:
         problems.append(f"[data] task_type: '{cfg.data.task_type}' does not fit [train] stage = '{cfg.train.stage}', "
                         f"which reads {' or '.join(map(repr, stage.task_types))} data")
     problems += stage.problems(cfg)
-    if cfg.eval.every and not cfg.data.eval_file:
-        problems.append("[eval] every: set, but [data] eval_file is not; name an eval file or remove every")
+    if cfg.eval.every and not cfg.data.eval_file and not cfg.eval.tasks:
+        problems.append("[eval] every: set, but neither [data] eval_file nor [eval] tasks is; name an eval file or "
+                        "tasks, or remove every")
+    if cfg.eval.tasks:
+        problems += eval_task_problems(cfg.eval.tasks)
     if tuner_of(cfg.train).full_weights_master and cfg.model.dtype != "float32":
         problems.append(f"[model] dtype: '{cfg.model.dtype}' with tuner_strategy = '{cfg.train.tuner_strategy}' "
                         f"would train without "
@@ -402,7 +421,7 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
     reporter = Reporter(run_dir if dist.is_main else None, total_steps, cfg.log.progress, cfg.log.every)
     run = Run(cfg, run_dir, model, tokenizer, plugins, optimizer, scheduler, loader, device, dist, reporter,
               total_steps, autocast, stage, eval_samples, reference=reference, parallel=parallel,
-              stage_parameters=added)
+              stage_parameters=added, eval_tasks=eval_tasks(cfg.eval.tasks))
     stage.prepare(run, train_samples, eval_samples)  # e.g. dpo: score every pair with the reference once
     if plugins.hosts is not None:  # host deaths, restarts and plugin failures go to metrics.jsonl and the console
         plugins.hosts.sink = lambda event, fields: host_event(run, event, fields)

@@ -84,10 +84,10 @@ class Target:
         return f"run {self.run_dir}: {self.cfg.train.tuner_strategy}-trained model (final/)"
 
 
-def add_target_arguments(parser: argparse.ArgumentParser) -> None:
-    """What ``infer`` and ``serve`` share: what to load and with which engine."""
-    parser.add_argument("target", metavar="RUN|MODEL", help="a run directory, a model folder, a cached hub id or "
-                        "package:NAME (with --gguf-file)")
+def add_target_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """What ``infer``, ``serve`` and ``eval`` share: what to load and with which engine."""
+    parser.add_argument("target", metavar="RUN|MODEL", nargs=None if required else "?", default=None,
+                        help="a run directory, a model folder, a cached hub id or package:NAME (with --gguf-file)")
     parser.add_argument("--gguf-file", default=None, metavar="FILE", help="MODEL: the GGUF file inside its folder")
     parser.add_argument("--engine", default=None, help="hf (in-process) or vllm (its managed environment); default: "
                         "the run's [generation] engine, else hf")

@@ -49,12 +49,13 @@ COMMANDS = {
     "export": Command("swiftk.kernel.cli.export", "merge, quantize or GGUF-convert a finished run's model"),
     "infer": Command("swiftk.kernel.cli.infer", "chat with a finished run or a model, or answer a file of prompts"),
     "serve": Command("swiftk.kernel.cli.serve", "serve a finished run or a model over OpenAI's API"),
+    "eval": Command("swiftk.kernel.cli.eval", "benchmark a run, a model or an endpoint on tasks; compare reports"),
     "plugin": Command("swiftk.kernel.cli.plugin", "write and check a plugin (new, check)"),
     "plugins": Command("swiftk.kernel.cli.plugins", "list or describe the available plugins (list, show)"),
     "native": Command("swiftk.kernel.cli.native", "build or inspect C++ plugins (build, info)"),
     "sandbox": Command("swiftk.kernel.cli.sandbox", "check the multi-tenant sandbox (doctor)"),
     "datasets": Command("swiftk.kernel.cli.datasets", "list the named datasets a config's dataset_name accepts"),
-    "env": Command("swiftk.kernel.cli.env", "list, install or remove the managed environments of tools (vllm)"),
+    "env": Command("swiftk.kernel.cli.env", "install, list or remove tools' managed environments (vllm, evalscope)"),
 }
 
 

@@ -27,6 +27,14 @@ def test_vllm_spec_is_the_cpu_build_without_cuda_and_the_cuda_wheel_with_it() ->
     assert set(cpu.remove) == {"torchvision", "torchaudio", "torchcodec"} and gpu.remove == ()
 
 
+def test_evalscope_spec_is_the_pinned_plain_package_whichever_device() -> None:
+    """No extras: EvalScope's rag/aigc extras pull torch, which evaluating over HTTP does not need; its unused model
+    stack (transformers...) is uninstalled after."""
+    assert envs.spec("evalscope", cuda=False) == envs.spec("evalscope", cuda=True)
+    spec = envs.spec("evalscope", cuda=False)
+    assert spec.packages == (f"evalscope=={envs.EVALSCOPE_VERSION}",) and "transformers" in spec.remove
+
+
 def test_the_root_is_the_argument_then_the_environment_variable_then_the_cache(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SWIFTK_ENV_DIR", str(tmp_path / "from-env"))

@@ -12,7 +12,7 @@ import pytest
 import swiftk.plugins  # noqa: F401  (registers the built-in tasks)
 from swiftk.contracts.evals import EvalTask, build_eval_task
 from swiftk.hosts import tenants
-from swiftk.kernel.evals.lmeval import reward_function
+from swiftk.kernel.evals.lmeval import RewardScore
 from swiftk.plugins.rewards.countdown import Countdown
 
 TASKS = ["quickstart", "arithmetic", "countdown", "facts", "humaneval"]
@@ -82,7 +82,7 @@ def test_humaneval_runs_programs_in_the_sandbox_and_survives_hostile_ones() -> N
     task = build_eval_task("humaneval", timeout_s=2.0)
     items = task.items()[:5]
     problems = read_problems()
-    score = reward_function(task)
+    score = RewardScore(task)
     try:
         right = [score(item["prompt"], problems[item["task_id"]]["canonical_solution"], item["target"])
                  for item in items]
@@ -93,6 +93,6 @@ def test_humaneval_runs_programs_in_the_sandbox_and_survives_hostile_ones() -> N
                        items[1]["target"])
         wrong = score(items[2]["prompt"], "    return None\n", items[2]["target"])
     finally:
-        score.close()  # type: ignore[attr-defined]
+        score.close()
     assert (loop, escape, wrong) == (0.0, 0.0, 0.0)
     assert not os.path.exists(marker), "os.system ran a command outside the sandbox"
