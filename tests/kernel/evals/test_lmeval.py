@@ -120,3 +120,23 @@ def test_the_quickstart_run_beats_its_base_on_held_out_questions(quickstart_run:
     curve = [e["eval_quickstart_exact_match"] for e in evals]
     print(f"quickstart exact match during training (steps {[e['step'] for e in evals]}): {curve}")
     assert curve[0] <= 1 / 6 and curve[-1] >= 4 / 6
+
+
+@pytest.mark.engines
+@pytest.mark.timeout(900)
+def test_the_vllm_engine_answers_and_scores_as_hf_does(evaluated: Path, tiny_addition_model: Path,
+                                                      tmp_path: Path) -> None:
+    """`--engine vllm`: generation and option scoring in vLLM's managed environment give the hf engine's items, up
+    to precision (hf runs under the run's bf16 autocast, vLLM in its own kernels): a greedy tie may break the other
+    way on an item or two."""
+    out = tmp_path / "vllm"
+    assert main(["eval", str(tiny_addition_model), "--tasks", f"{ADDITION},facts", "--limit", "24", "--engine", "vllm",
+                 "--out", str(out)]) == 0
+    assert read_report(out).engine == "vllm"
+    for task in ("addition_eval", "facts"):
+        hf, vllm = items(evaluated, task), items(out, task)
+        same = sum(a["output"] == b["output"] for a, b in zip(hf, vllm, strict=True))
+        assert same >= 22, f"{task}: only {same} of 24 answers agree"
+        assert abs(read_report(out).task(task).value - read_report(evaluated).task(task).value) <= 2 / 24
+    for hf_row, vllm_row in zip(items(evaluated, "facts"), items(out, "facts"), strict=True):
+        assert vllm_row["extra"]["loglikelihoods"] == pytest.approx(hf_row["extra"]["loglikelihoods"], rel=0.05)
