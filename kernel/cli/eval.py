@@ -19,7 +19,8 @@ DESCRIPTION = textwrap.dedent("""\
 
     --tasks a,b: swiftk's own offline tasks (quickstart, arithmetic, countdown, facts, humaneval), a .jsonl file of
     {"prompt", "completion"|"answer"|"target"} rows (exact match), or any lm-evaluation-harness task by name
-    whose data is in this machine's Hugging Face cache (--list-tasks). Default: the run's [eval] tasks.
+    whose data is in this machine's Hugging Face cache (--list-tasks). Options follow a task's name:
+    arithmetic:n=50:digits=3 (`swiftk plugins show arithmetic` lists them). Default: the run's [eval] tasks.
     Generated answers are scored by reward plugins (exact_match, accuracy, countdown, code: HumanEval's programs run
     in the sandbox, never in this process); multiple choice by the options' log-likelihoods.
 

@@ -53,8 +53,9 @@ def resolve(specs: list[str], include_path: str | None = None) -> list[Resolved]
     resolved, unknown = [], []
     lm_eval_tasks: list[str] | None = None
     for spec in specs:
-        if spec in ours and spec != "jsonl":
-            resolved.append(Resolved(spec, task=lookup("eval_task", spec).target()))
+        name, options = split_options(spec)
+        if name in ours and name != "jsonl":
+            resolved.append(Resolved(name, task=build(name, options)))
         elif spec.endswith(".jsonl"):
             if not Path(spec).expanduser().is_file():
                 raise TaskError(f"--tasks {spec}: no such file (a .jsonl task is a file of prompt/answer rows)")
@@ -72,6 +73,43 @@ def resolve(specs: list[str], include_path: str | None = None) -> list[Resolved]
                         f". swiftk's own tasks: {', '.join(sorted(ours - {'jsonl'}))}; a path ending in .jsonl is a "
                         f"task of your rows; `swiftk eval --list-tasks` lists lm-eval's {len(lm_eval_tasks or [])}.")
     return resolved
+
+
+def split_options(spec: str) -> tuple[str, dict[str, Any]]:
+    """``arithmetic:n=50:chat=false`` -> ("arithmetic", {"n": 50, "chat": False}); a spec without options as is."""
+    name, *parts = spec.split(":")
+    if not parts or not all("=" in p for p in parts):
+        return spec, {}
+    options: dict[str, Any] = {}
+    for part in parts:
+        key, _, raw = part.partition("=")
+        options[key.strip()] = _value(raw.strip())
+    return name, options
+
+
+def _value(raw: str) -> Any:
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def build(name: str, options: dict[str, Any]) -> EvalTask:
+    """The registered task with ``options``; a bad option names the task's own."""
+    import inspect
+
+    spec = lookup("eval_task", name)
+    try:
+        inspect.signature(spec.target).bind(**options)
+        task: EvalTask = spec.target(**options)
+    except (TypeError, ValueError) as exc:
+        raise TaskError(f"eval task '{name}' with {options}: {exc}. Its options: "
+                        f"{inspect.signature(spec.target)}") from None
+    return task
 
 
 def _unknown(name: str, known: list[str]) -> str:

