@@ -4,8 +4,9 @@ Batched with left padding (generation appends on the right) and the KV cache; pr
 training (chat messages through the tokenizer's template, raw text with the tokenizer's special tokens); it
 stops at EOS and at the template's end of turn, and at stop strings. Log-probabilities are those of the
 model's raw logits (before temperature, top-k/p), as a re-forward of prompt + completion computes them.
-``score`` (the ``Scorer`` capability) runs that re-forward on given continuations: right-padded batches, the
-log-softmax taken in float32 at the continuation's positions only.
+``score`` (the ``Scorer`` capability) runs that re-forward on given continuations: left-padded batches, the LM
+head and a float32 log-softmax at the continuations' positions only, and one sequence for the pairs that differ
+only in their last token (a multiple-choice question's one-token options).
 """
 
 from __future__ import annotations
@@ -139,17 +140,21 @@ class HFGenerator:
                 yield text[sent:]
 
     def score(self, requests: Sequence[Pair]) -> list[Scored]:
-        """log p(continuation | context) of each (context ids, continuation ids) pair, in request order. Longest
-        first, ``batch_size`` pairs per forward; a pair past ``max_position_embeddings`` loses context on the left."""
+        """log p(continuation | context) of each (context ids, continuation ids) pair, in request order; a pair
+        past ``max_position_embeddings`` loses context on the left. Pairs that differ only in their continuation's
+        last token (the one-token options of a multiple-choice question) share one sequence: it is run once, and
+        each pair reads its own last token's log-prob there. Longest sequences first, ``batch_size`` per forward."""
         fitted = fit_requests(requests, getattr(self.model.config, "max_position_embeddings", None))
-        order = sorted(range(len(fitted)), key=lambda i: -sum(map(len, fitted[i])))  # similar lengths batch together
-        scored: list[Scored | None] = [None] * len(fitted)
+        shared: dict[tuple[int, ...], list[int]] = {}  # context + continuation[:-1] -> the pairs it serves
+        for i, (context, continuation) in enumerate(fitted):
+            shared.setdefault(tuple(context + continuation[:-1]), []).append(i)
+        sequences = sorted(shared, key=len, reverse=True)
+        scored: dict[int, Scored] = {}
         with self._generating():
-            for start in range(0, len(order), self.batch_size):
-                chunk = order[start : start + self.batch_size]
-                for i, result in zip(chunk, self._score_batch([fitted[i] for i in chunk]), strict=True):
-                    scored[i] = result
-        return [s for s in scored if s is not None]
+            for start in range(0, len(sequences), self.batch_size):
+                batch = sequences[start : start + self.batch_size]
+                scored.update(self._score_batch(batch, [[(i, fitted[i][1]) for i in shared[s]] for s in batch]))
+        return [scored[i] for i in range(len(fitted))]
 
     def load_weights(self, version: int, tensors: Mapping[str, torch.Tensor] | None = None,
                      adapter: Adapter | None = None) -> int:
@@ -217,33 +222,49 @@ class HFGenerator:
         return [self._completion(row, None if logprobs is None else logprobs[r], first + r // sampling.n, sampling)
                 for r, row in enumerate(new.tolist())]
 
-    def _score_batch(self, pairs: list[Pair]) -> list[Scored]:
+    def _score_batch(self, sequences: list[tuple[int, ...]], readers: list[list[tuple[int, list[int]]]]
+                     ) -> dict[int, Scored]:
+        """One forward over ``sequences`` (left-padded, so every continuation ends at the last position and only the
+        last ``keep`` positions go through the LM head); each reader ``(pair index, continuation)`` of a sequence
+        takes the log-probs of its continuation's tokens from the sequence's last ``len(continuation)`` positions."""
         device = next(self.model.parameters()).device
-        width = max(len(c) + len(x) for c, x in pairs)
+        width = max(map(len, sequences))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0  # masked out anyway
-        ids = torch.full((len(pairs), width), pad, dtype=torch.long)  # [B, T], right-padded
+        ids = torch.full((len(sequences), width), pad, dtype=torch.long)  # [B, T], left-padded
         mask = torch.zeros_like(ids)
-        rows, positions, targets = [], [], []  # one entry per continuation token, over the batch
-        for r, (context, continuation) in enumerate(pairs):
-            full = context + continuation
-            ids[r, : len(full)], mask[r, : len(full)] = torch.tensor(full), 1
-            rows += [r] * len(continuation)
-            positions += range(len(context) - 1, len(full) - 1)  # the logits at t predict token t + 1
-            targets += continuation
+        for r, sequence in enumerate(sequences):
+            ids[r, width - len(sequence) :], mask[r, width - len(sequence) :] = torch.tensor(sequence), 1
+        keep = max(len(continuation) for pairs in readers for _, continuation in pairs)
         with self.autocast() if self.autocast else torch.autocast(device.type, enabled=False):
-            logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # [B, T, V]
+            logits = self._last_logits(ids.to(device), mask.to(device), keep)  # [B, keep, V]
+        rows, positions, targets, owners = [], [], [], []  # one entry per continuation token, over the batch
+        for r, pairs in enumerate(readers):
+            for i, continuation in pairs:
+                rows += [r] * len(continuation)
+                positions += range(keep - len(continuation), keep)  # the logits at t predict token t + 1
+                targets += continuation
+                owners.append((i, len(continuation)))
         picked = logits[torch.tensor(rows, device=device), torch.tensor(positions, device=device)]  # [N, V]
         del logits
         logps = F.log_softmax(picked.float(), -1)  # [N, V]
         target = torch.tensor(targets, device=device)[:, None]  # [N, 1]
         chosen = logps.gather(1, target)[:, 0].double().cpu()  # [N]
         greedy = (logps.argmax(-1) == target[:, 0]).cpu()  # [N]
-        scored, start = [], 0
-        for _, continuation in pairs:
-            end = start + len(continuation)
-            scored.append(Scored(float(chosen[start:end].sum()), bool(greedy[start:end].all()), len(continuation)))
-            start = end
+        scored, start = {}, 0
+        for i, count in owners:
+            scored[i] = Scored(float(chosen[start : start + count].sum()), bool(greedy[start : start + count].all()),
+                               count)
+            start += count
         return scored
+
+    def _last_logits(self, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
+        """The logits of the last ``keep`` positions of left-padded ``ids`` (positions counted from each row's
+        first real token); only those go through the LM head where the model takes ``logits_to_keep``."""
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        try:
+            return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+        except TypeError:  # a model without logits_to_keep: every position's logits, then the last ones
+            return self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -keep:]
 
     def _completion(self, ids: list[int], logprobs: list[float] | None, index: int,
                     sampling: SamplingParams) -> Completion:

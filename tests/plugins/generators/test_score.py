@@ -45,6 +45,19 @@ def reference(model: torch.nn.Module, context: list[int], continuation: list[int
     return logps.gather(1, target[:, None]).sum().item(), bool((logps.argmax(-1) == target).all())
 
 
+def test_options_that_differ_in_their_last_token_share_a_sequence_and_score_alike(gen: HFGenerator) -> None:
+    """A multiple-choice question's one-token options (and a longer one with the same prefix) against contexts of
+    other lengths: each equals its own unpadded forward."""
+    tok = gen.tokenizer
+    question = tok("Q: 3+4=").input_ids
+    options = [tok(x, add_special_tokens=False).input_ids for x in ("7", "8", "1", "12", "71")]
+    requests = [(question, o) for o in options] + pairs(tok)
+    scored = gen.score(requests)
+    for s, (context, continuation) in zip(scored, requests, strict=True):
+        logprob, greedy = reference(gen.model, context, continuation)
+        assert s.logprob == pytest.approx(logprob, abs=1e-5) and s.greedy == greedy and s.tokens == len(continuation)
+
+
 def greedy_continuation(model: torch.nn.Module, context: list[int], length: int) -> list[int]:
     ids = list(context)
     with torch.no_grad():
@@ -54,7 +67,7 @@ def greedy_continuation(model: torch.nn.Module, context: list[int], length: int)
 
 
 def test_scores_equal_an_unpadded_full_logits_computation_in_request_order(gen: HFGenerator) -> None:
-    """Unequal lengths in one right-padded batch, sorted longest first inside, answered in request order."""
+    """Unequal lengths in one left-padded batch, sorted longest first inside, answered in request order."""
     assert isinstance(gen, Scorer)
     requests = pairs(gen.tokenizer)
     scored = gen.score(requests)
