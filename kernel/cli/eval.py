@@ -41,6 +41,9 @@ DESCRIPTION = textwrap.dedent("""\
     on this machine.""")
 
 
+EVAL_SEQS = 64  # vllm: sequences in flight (max_num_seqs) at the least while evaluating; 8 costs a third on CPU
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = DESCRIPTION
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -94,6 +97,8 @@ def evaluate_target(args: argparse.Namespace) -> int:
     if tasks is None:
         tasks = runner.resolve(task_specs(args, target.cfg.eval.tasks if target.cfg else None), args.include_path)
     generation = target.generation_with(args.engine)
+    if generation.engine == "vllm":  # scoring sends hundreds of short requests at once: let vLLM batch them
+        generation = generation.model_copy(update={"max_concurrency": max(generation.max_concurrency, EVAL_SEQS)})
     out = Path(args.out) if args.out else (target.run_dir / "eval" if target.run_dir else
                                            Path("runs") / "eval" / target.name)
     if args.backend == "evalscope":
@@ -114,12 +119,13 @@ def evaluate_target(args: argparse.Namespace) -> int:
 
 def evaluate_served(args: argparse.Namespace, target: Any, tasks: list[Any], out: Path) -> int:
     """EvalScope against `swiftk serve` of the target, started here on a free local port."""
+    from swiftk.kernel.evals.runner import report
     from swiftk.kernel.evals.served_eval import serve_and_run
 
     results, samples, engine = serve_and_run(target, tasks, args, say)
-    report_ = _report(str(target.run_dir or target.spec), str(target.adapter_dir) if target.adapter_dir else None,
-                      target.run_dir, engine, results, args.limit)
-    return finish(report_, out, samples)
+    adapter = str(target.adapter_dir) if target.adapter_dir and not args.merged else None
+    return finish(report(str(target.run_dir or target.spec), adapter, target.run_dir, engine, results, args.limit),
+                  out, samples)
 
 
 def evaluate_endpoint(args: argparse.Namespace) -> int:
@@ -135,13 +141,7 @@ def evaluate_endpoint(args: argparse.Namespace) -> int:
     tasks = runner.resolve(task_specs(args, None), args.include_path)
     results, samples = run_on_endpoint(args.target, args.model_name, args.api_key, tasks, args.limit, say)
     out = Path(args.out) if args.out else Path("runs") / "eval" / args.model_name
-    return finish(_report(args.target, None, None, "endpoint", results, args.limit), out, samples)
-
-
-def _report(*a: Any) -> Any:
-    from swiftk.kernel.evals import runner
-
-    return runner.report(*a)
+    return finish(runner.report(args.target, None, None, "endpoint", results, args.limit), out, samples)
 
 
 def finish(report: Any, out: Path, samples: dict[str, Any]) -> int:

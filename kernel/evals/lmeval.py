@@ -145,7 +145,7 @@ def run_task(lm: SwiftkLM, task: EvalTask, items: list[dict[str, Any]], *, syste
         out = simple_evaluate(model=lm, tasks=[lm_eval_config(task, items, score)],
                               task_manager=TaskManager(include_defaults=False), apply_chat_template=task.chat,
                               system_instruction=system_prompt if task.chat else None, log_samples=True,
-                              num_fewshot=0, verbosity="WARNING", bootstrap_iters=0)
+                              num_fewshot=0, bootstrap_iters=0)
     finally:
         if score is not None:
             score.close()

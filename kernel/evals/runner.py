@@ -191,7 +191,7 @@ def run_native(lm: Any, r: Resolved, limit: int | None) -> tuple[TaskResult, lis
     lm.templated = False
     try:
         out = simple_evaluate(model=lm, tasks=[r.lm_eval_name], task_manager=task_manager(r.include_path),
-                              limit=limit, log_samples=False, verbosity="WARNING", bootstrap_iters=100)
+                              limit=limit, log_samples=False, bootstrap_iters=100)
     except Exception as exc:  # datasets raises many types when the hub is out of reach
         if _offline_failure(exc):
             raise TaskError(missing_data(r.name, exc)) from None
