@@ -52,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="the first N items of each task")
     parser.add_argument("--out", default=None, metavar="DIR", help="where results.json goes (see above)")
     parser.add_argument("--backend", default="lm-eval", choices=["lm-eval", "evalscope"])
-    parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="sequences per forward (hf engine)")
+    parser.add_argument("--batch-size", type=int, default=16, metavar="N",
+                        help="sequences per forward (hf engine; default 16)")
     parser.add_argument("--include-path", default=None, metavar="DIR", help="more lm-eval task YAMLs")
     parser.add_argument("--model-name", default=None, metavar="NAME", help="endpoint: the model to ask for")
     parser.add_argument("--api-key", default=None, metavar="KEY", help="endpoint: its key (default: $SWIFTK_API_KEY)")
@@ -72,6 +73,8 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError("name what to evaluate (RUN|MODEL|URL), or --compare REPORTS, or --list-tasks")
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit {args.limit}: give a positive number of items per task")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size}: give a positive number of sequences per forward")
     if args.target.startswith(("http://", "https://")):
         return evaluate_endpoint(args)
     return evaluate_target(args)
@@ -96,7 +99,7 @@ def evaluate_target(args: argparse.Namespace) -> int:
     target = resolve(args.target, args.gguf_file)
     if tasks is None:
         tasks = runner.resolve(task_specs(args, target.cfg.eval.tasks if target.cfg else None), args.include_path)
-    generation = target.generation_with(args.engine)
+    generation = target.generation_with(args.engine).model_copy(update={"batch_size": args.batch_size})
     if generation.engine == "vllm":  # scoring sends hundreds of short requests at once: let vLLM batch them
         generation = generation.model_copy(update={"max_concurrency": max(generation.max_concurrency, EVAL_SEQS)})
     out = Path(args.out) if args.out else (target.run_dir / "eval" if target.run_dir else
