@@ -30,7 +30,8 @@ from swiftk.kernel.evals.results import EvalReport, ItemRecord, TaskResult
 
 
 class TaskError(SwiftkError):
-    """A task name that names nothing, or a task whose data is not on this machine; raised before any model loads."""
+    """A task name that names nothing (raised before any model loads), bad task options, or an lm-eval task whose
+    data is not on this machine (raised when the task loads)."""
 
     exit_code = 2
 
