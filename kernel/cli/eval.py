@@ -81,12 +81,13 @@ def main(args: argparse.Namespace) -> int:
 
 
 def task_specs(args: argparse.Namespace, run_tasks: list[str] | None) -> list[str]:
+    from swiftk.kernel.evals.runner import own_tasks
     from swiftk.kernel.served import UsageError
 
     specs = [t.strip() for t in (args.tasks or "").split(",") if t.strip()] or list(run_tasks or [])
     if not specs:
-        raise UsageError("which tasks? pass --tasks A,B (swiftk's own: quickstart, arithmetic, countdown, facts, "
-                         "humaneval; a .jsonl file; or an lm-eval task, see --list-tasks)")
+        raise UsageError(f"which tasks? pass --tasks A,B (swiftk's own: {', '.join(own_tasks())}; a .jsonl file; "
+                         f"or an lm-eval task, see --list-tasks)")
     return specs
 
 

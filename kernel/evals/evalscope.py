@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from swiftk.kernel.errors import SwiftkError
-from swiftk.kernel.evals.results import ItemRecord, TaskResult
+from swiftk.kernel.evals.results import ItemRecord, TaskResult, standard_error
 
 RUNNER = Path(__file__).with_name("evalscope_runner.py")
 BENCHMARK = {"qa": "general_qa", "mcq": "general_mcq"}
@@ -119,7 +119,7 @@ def read_results(task: str, kind: Literal["qa", "mcq"], out_dir: Path,
         raise EvalScopeError(f"evalscope task '{task}': its report says accuracy {metrics['accuracy']} but its "
                              f"{len(items)} reviews average {value}; {out_dir} is inconsistent")
     metrics[main] = value
-    return TaskResult(task=task, metric=main, value=value, stderr=_stderr(scores), n=len(items), metrics=metrics,
+    return TaskResult(task=task, metric=main, value=value, stderr=standard_error(scores), n=len(items), metrics=metrics,
                       backend="evalscope", seconds=seconds), items
 
 
@@ -180,12 +180,3 @@ def _item(review: dict[str, Any], kind: str) -> ItemRecord:
     return ItemRecord(review["index"], prompt, score.get("extracted_prediction") or "", target,
                       float(score["value"][score.get("main_score_name") or "accuracy"]),
                       {**extra, "generated": prediction})
-
-
-def _stderr(scores: list[float]) -> float | None:
-    """The standard error of the mean: the sample standard deviation over sqrt(n) (None for one item)."""
-    n = len(scores)
-    if n < 2:
-        return None
-    mean = sum(scores) / n
-    return math.sqrt(sum((s - mean) ** 2 for s in scores) / (n - 1) / n)

@@ -25,9 +25,7 @@ from swiftk.contracts import Generator, SamplingParams
 from swiftk.contracts.evals import EvalTask
 from swiftk.contracts.generation import Scorer
 from swiftk.contracts.registry import lookup
-from swiftk.kernel.evals.results import ItemRecord, TaskResult
-
-log = logging.getLogger("swiftk.eval")
+from swiftk.kernel.evals.results import ItemRecord, TaskResult, standard_error
 
 
 class SwiftkLM(HFLM):  # type: ignore[misc]
@@ -150,19 +148,26 @@ def run_task(lm: SwiftkLM, task: EvalTask, items: list[dict[str, Any]], *, syste
         if score is not None:
             score.close()
     seconds = time.perf_counter() - started
-    figures = out["results"][task.name]
-    metrics = {k.split(",")[0]: float(v) for k, v in figures.items()
-               if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
+    metrics, stderrs = figures_of(out["results"][task.name])
     records = [record(task, s) for s in sorted(out["samples"][task.name], key=lambda s: s["doc"]["_i"])]
-    value, n = metrics[task.metric], len(records)
-    return TaskResult(task.name, task.metric, value, _stderr(figures.get(f"{task.metric}_stderr,none"), value, n),
-                      n, metrics, "lm-eval", seconds), records
+    stderr = stderrs.get(task.metric, standard_error([r.score for r in records]))
+    return TaskResult(task.name, task.metric, metrics[task.metric], stderr, len(records), metrics, "lm-eval",
+                      seconds), records
 
 
-def _stderr(reported: Any, mean: float, n: int) -> float | None:
-    if isinstance(reported, (int, float)) and reported == reported:
-        return float(reported)
-    return None if n < 2 else (mean * (1 - mean) / (n - 1)) ** 0.5  # a 0/1 score's sample standard error
+def figures_of(results: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
+    """lm-eval's figures of one task (``"acc,none": 0.5``, ``"acc_stderr,none": 0.1``...) as metric -> value and
+    metric -> stderr, in its order; a stderr it could not compute ("N/A", NaN) is left out."""
+    metrics, stderrs = {}, {}
+    for key, value in results.items():
+        name = key.split(",")[0]
+        if "," not in key or not isinstance(value, (int, float)) or value != value:
+            continue
+        if name.endswith("_stderr"):
+            stderrs[name.removesuffix("_stderr")] = float(value)
+        else:
+            metrics[name] = float(value)
+    return metrics, stderrs
 
 
 def record(task: EvalTask, sample: dict[str, Any]) -> ItemRecord:

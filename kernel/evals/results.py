@@ -8,6 +8,7 @@ table, ``swiftk eval --compare`` and the web UI read reports through :func:`read
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,6 +61,16 @@ class ItemRecord:
     target: str
     score: float
     extra: dict[str, Any] = field(default_factory=dict)  # per-item details (each option's log-likelihood...)
+
+
+def standard_error(scores: list[float]) -> float | None:
+    """The standard error of the mean of per-item scores: their sample standard deviation over sqrt(n) (for 0/1
+    scores, sqrt(p (1 - p) / (n - 1))); None for fewer than two items."""
+    n = len(scores)
+    if n < 2:
+        return None
+    mean = sum(scores) / n
+    return math.sqrt(sum((s - mean) ** 2 for s in scores) / (n - 1) / n)
 
 
 def write_report(report: EvalReport, out_dir: Path, samples: dict[str, list[ItemRecord]] | None = None) -> Path:

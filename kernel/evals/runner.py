@@ -14,7 +14,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,7 +49,7 @@ def resolve(specs: list[str], include_path: str | None = None) -> list[Resolved]
     """Each of ``specs`` as a task; a :class:`TaskError` naming every unknown one with its close matches."""
     import swiftk.plugins  # noqa: F401  (the built-in tasks and rewards)
 
-    ours = {s.name for s in registered("eval_task")}
+    ours = {s.name for s in registered("eval_task")}  # jsonl among them: it is named by its file
     resolved, unknown = [], []
     lm_eval_tasks: list[str] | None = None
     for spec in specs:
@@ -69,11 +68,18 @@ def resolve(specs: list[str], include_path: str | None = None) -> list[Resolved]
             else:
                 unknown.append(spec)
     if unknown:
-        known = sorted(ours - {"jsonl"}) + (lm_eval_tasks or [])
+        known = own_tasks() + (lm_eval_tasks or [])
         raise TaskError("; ".join(_unknown(name, known) for name in unknown) +
-                        f". swiftk's own tasks: {', '.join(sorted(ours - {'jsonl'}))}; a path ending in .jsonl is a "
-                        f"task of your rows; `swiftk eval --list-tasks` lists lm-eval's {len(lm_eval_tasks or [])}.")
+                        f". swiftk's own tasks: {', '.join(own_tasks())}; a path ending in .jsonl is a task of your "
+                        f"rows; `swiftk eval --list-tasks` lists lm-eval's {len(lm_eval_tasks or [])}.")
     return resolved
+
+
+def own_tasks() -> list[str]:
+    """The registered tasks that are asked for by name (all but jsonl, which is asked for by its file)."""
+    import swiftk.plugins  # noqa: F401  (the built-in tasks)
+
+    return [s.name for s in registered("eval_task") if s.name != "jsonl"]
 
 
 def split_options(spec: str) -> tuple[str, dict[str, Any]]:
@@ -169,24 +175,22 @@ def run_tasks(lm: Any, tasks: list[Resolved], *, system_prompt: str | None, limi
 
 @contextmanager
 def lm_eval_quiet() -> Iterator[None]:
-    """lm-eval's warnings about configs it was handed on purpose, and its progress bars, are not the user's."""
+    """lm-eval's warnings about configs it was handed on purpose are not the user's. (Its progress bars still
+    print: tqdm reads TQDM_DISABLE once, when it is first imported.)"""
     logger = logging.getLogger("lm_eval")
-    level, bars = logger.level, os.environ.get("TQDM_DISABLE")
+    level = logger.level
     logger.setLevel(logging.ERROR)
-    os.environ["TQDM_DISABLE"] = "1"
     try:
         yield
     finally:
         logger.setLevel(level)
-        if bars is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = bars
 
 
 def run_native(lm: Any, r: Resolved, limit: int | None) -> tuple[TaskResult, list[ItemRecord]]:
     """One of lm-eval's own tasks, as lm-eval defines it (prompts, few-shot, metrics)."""
     from lm_eval import simple_evaluate
+
+    from swiftk.kernel.evals.lmeval import figures_of
 
     started = time.perf_counter()
     lm.templated = False
@@ -197,14 +201,11 @@ def run_native(lm: Any, r: Resolved, limit: int | None) -> tuple[TaskResult, lis
         if _offline_failure(exc):
             raise TaskError(missing_data(r.name, exc)) from None
         raise
-    figures = out["results"][r.name]
-    metrics = {k.split(",")[0]: float(v) for k, v in figures.items()
-               if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
+    metrics, stderrs = figures_of(out["results"][r.name])
     main = next(iter(metrics))
-    stderr = figures.get(f"{main}_stderr,{next(k for k in figures if k.startswith(main + ',')).split(',')[1]}")
     n = int(out.get("n-samples", {}).get(r.name, {}).get("effective", 0))
-    return TaskResult(r.name, main, metrics[main], float(stderr) if isinstance(stderr, float) else None, n, metrics,
-                      "lm-eval", time.perf_counter() - started), []
+    return TaskResult(r.name, main, metrics[main], stderrs.get(main), n, metrics, "lm-eval",
+                      time.perf_counter() - started), []
 
 
 def _offline_failure(exc: BaseException) -> bool:
@@ -220,7 +221,7 @@ def missing_data(name: str, exc: BaseException) -> str:
              f"here" if path else "Fetch its dataset where the hub is reachable and copy the Hugging Face cache here")
     return (f"eval task '{name}' (lm-eval) needs its dataset{f' {path}' if path else ''}, which is not in this "
             f"machine's Hugging Face cache, and the hub is out of reach (offline). {fetch}; or use swiftk's own "
-            f"offline tasks (quickstart, arithmetic, countdown, facts, humaneval). ({type(exc).__name__}: "
+            f"offline tasks ({', '.join(own_tasks())}). ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:200] if str(exc) else ''})")
 
 

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from swiftk.kernel.errors import SwiftkError
-from swiftk.kernel.evals.results import ItemRecord, TaskResult
-from swiftk.kernel.evals.runner import Resolved, TaskError
+from swiftk.kernel.evals.results import ItemRecord, TaskResult, standard_error
+from swiftk.kernel.evals.runner import Resolved, TaskError, own_tasks
 
 READY = re.compile(r"ready at (http://\S+/v1)")
 LETTERS = "ABCDEFGHIJ"
@@ -43,9 +43,8 @@ def run_on_endpoint(url: str, model: str, api_key: str | None, tasks: list[Resol
 
     native = [t.name for t in tasks if t.task is None]
     if native:
-        raise TaskError(f"--backend evalscope runs swiftk's tasks (quickstart, arithmetic, countdown, facts, "
-                        f"humaneval, .jsonl files), not lm-eval's own {', '.join(native)}; use --backend lm-eval "
-                        f"for those")
+        raise TaskError(f"--backend evalscope runs swiftk's tasks ({', '.join(own_tasks())}, .jsonl files), not "
+                        f"lm-eval's own {', '.join(native)}; use --backend lm-eval for those")
     results, samples = [], {}
     work = Path(tempfile.mkdtemp(prefix="swiftk-evalscope-"))
     for r in tasks:
@@ -67,7 +66,8 @@ def run_on_endpoint(url: str, model: str, api_key: str | None, tasks: list[Resol
             finally:
                 score.close()
             value = sum(rec.score for rec in records) / len(records)
-            result = replace(result, metric=task.metric, value=value, stderr=_stderr(value, len(records)),
+            result = replace(result, metric=task.metric, value=value,
+                             stderr=standard_error([rec.score for rec in records]),
                              metrics={**result.metrics, task.metric: value})
         results.append(result)
         samples[task.name] = records
@@ -80,10 +80,6 @@ def mcq_row(item: dict[str, Any]) -> dict[str, str]:
     question = re.sub(r"\s*Answer:\s*$", "", item["prompt"]).removeprefix("Question: ")
     options = {LETTERS[i]: c.strip() for i, c in enumerate(item["choices"])}
     return {"question": question, **options, "answer": LETTERS[item["gold"]]}
-
-
-def _stderr(p: float, n: int) -> float | None:
-    return None if n < 2 else (p * (1 - p) / (n - 1)) ** 0.5
 
 
 def serve_and_run(target: Any, tasks: list[Resolved], args: Any, say: Callable[[str], None]
