@@ -91,6 +91,14 @@ def test_tasks_run_during_training_and_land_in_the_run(tmp_path: Path, tiny_addi
     assert report.tasks[0].value == evals[-1]["eval_addition_eval_exact_match"]
 
 
+def test_an_lm_eval_task_whose_data_is_not_here_says_what_to_fetch(tiny_addition_model: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", str(tiny_addition_model), "--tasks", "hellaswag", "--limit", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "eval task 'hellaswag' (lm-eval) needs its dataset Rowan/hellaswag" in err
+    assert "hf download Rowan/hellaswag --repo-type dataset" in err and "offline" in err
+
+
 def test_an_unknown_task_in_a_config_is_a_config_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = write_config(tmp_path / "c.toml", (REPO / "configs" / "tiny_sft.toml").read_text(),
                        dir=f'"{tmp_path / "run"}"')
