@@ -5,8 +5,8 @@ and the plugins' metrics side by side. Every other record is an **event**: ``{"e
 Every record ends with ``"schema": SCHEMA_VERSION``.
 
 Writers build records here (the kernel's ``Reporter`` calls ``make(name, fields)`` and ``step_event(record)``);
-readers (``swiftk plot``, benches, tests, the web UI) get typed records back from ``read`` / ``from_record`` and
-never index raw dicts. The rules:
+readers (``swiftk plot``, benches, tests, the web UI) get typed records back from ``read`` / ``from_record`` (or
+``Tail``, which follows a live run's file) and never index raw dicts. The rules:
 
 - **Every field is declared.** An unknown event name, a field the event does not have, a missing field or a value
   of the wrong type is an ``EventError`` at once, before anything is written. There is no free ``extra`` dict:
@@ -112,6 +112,19 @@ class StopRequestedEvent(Event):
 
     event: ClassVar[str] = "stop_requested"
     by: str  # the hook that asked
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunStartEvent(Event):
+    """The first record of every attempt (a resume writes another at the step it resumed from): what a reader
+    needs to show progress and to tell a live run from a dead one."""
+
+    event: ClassVar[str] = "run_start"
+    total_steps: int  # the step the run ends at
+    world_size: int
+    stage: str  # the stage's name: sft, dpo, grpo...
+    pid: int  # the main process (rank 0)
+    host: str  # the machine it runs on (a pid means nothing elsewhere)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -249,9 +262,10 @@ class AuditEvent(Event):
 
 
 EVENTS: dict[str, type[Event]] = {cls.event: cls for cls in (
-    EvalEvent, CheckpointSavedEvent, ResumedEvent, MetricsTruncatedEvent, StopRequestedEvent, RunEndEvent,
-    RunPausedEvent, RewardFailedEvent, PluginCodeChangedEvent, PluginReloadedEvent, PluginReloadRejectedEvent,
-    PluginFailedEvent, PluginQuarantinedEvent, HostDiedEvent, HostRestartedEvent, HostShutdownEvent, AuditEvent,
+    EvalEvent, CheckpointSavedEvent, ResumedEvent, MetricsTruncatedEvent, StopRequestedEvent, RunStartEvent,
+    RunEndEvent, RunPausedEvent, RewardFailedEvent, PluginCodeChangedEvent, PluginReloadedEvent,
+    PluginReloadRejectedEvent, PluginFailedEvent, PluginQuarantinedEvent, HostDiedEvent, HostRestartedEvent,
+    HostShutdownEvent, AuditEvent,
 )}  # by the name writers pass to Reporter.event; StepEvent is written by Reporter.step
 
 E = TypeVar("E", bound=Event)
@@ -316,9 +330,13 @@ def read(path: str | Path) -> list[Event]:
     """Every record of a ``metrics.jsonl``, in order. A last line without its newline is still being written
     (the run is live) and is left out; any other bad line is an ``EventError`` naming the file and line."""
     text = Path(path).read_text(encoding="utf-8")
-    lines = text.split("\n")[:-1]  # a complete line ends with "\n"; what follows the last one is partial
+    return _parse(text.split("\n")[:-1], path, 1)  # a complete line ends with "\n"; what follows is partial
+
+
+def _parse(lines: list[str], path: str | Path, first: int) -> list[Event]:
+    """The events of complete ``lines`` of ``path``, the first being line number ``first``."""
     events = []
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(lines, first):
         if not line.strip():
             continue
         try:
@@ -326,6 +344,42 @@ def read(path: str | Path) -> list[Event]:
         except (EventError, json.JSONDecodeError) as exc:
             raise EventError(f"{path}:{number}: {exc}") from None
     return events
+
+
+class Tail:
+    """A ``metrics.jsonl`` read as it grows: each ``read()`` parses only the complete lines appended since the last,
+    so following a live run costs what it wrote, not its whole history. A file that shrank (a resume rewrote it
+    without the dropped steps) or was replaced is read again from its start: ``events`` then holds the new
+    history and ``read()`` returns all of it. A missing file is no events yet."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.events: list[Event] = []
+        self._offset = 0
+        self._line = 0
+        self._identity: tuple[int, int] | None = None
+
+    def read(self) -> list[Event]:
+        """The events appended since the last call (or every event, after the file was rewritten)."""
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return []
+        identity = (stat.st_dev, stat.st_ino)
+        if identity != self._identity or stat.st_size < self._offset:
+            self._identity, self._offset, self._line, self.events = identity, 0, 0, []
+        if stat.st_size == self._offset:
+            return []
+        with self.path.open("rb") as handle:
+            handle.seek(self._offset)
+            chunk = handle.read(stat.st_size - self._offset)
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # a last line without its newline is still being written
+        lines = complete.decode("utf-8").split("\n")[:-1]
+        new = _parse(lines, self.path, self._line + 1)  # a bad line raises: the next read() tries it again
+        self._line += len(lines)
+        self._offset += len(complete)
+        self.events += new
+        return new
 
 
 def steps(events: Iterable[Event]) -> list[StepEvent]:

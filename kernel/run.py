@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shlex
 import shutil
+import socket
 import sys
 import time
 from contextlib import nullcontext
@@ -434,6 +436,8 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
         restore(run, resume_from)
     if dist.is_main:
         (run_dir / "config.toml").write_text(resolved_toml(cfg), encoding="utf-8")
+    reporter.event("run_start", step=run.step, total_steps=total_steps, world_size=dist.world_size,
+                   stage=cfg.train.stage, pid=os.getpid(), host=socket.gethostname())
 
     try:
         return train_and_report(run, options, say)

@@ -41,6 +41,7 @@ EXAMPLES: list[events.Event] = [STEP, *(make(name, fields) for name, fields in {
     "resumed": {"step": 4, "path": "run/checkpoints/step-000004"},
     "metrics_truncated": {"step": 4, "dropped_records": 9},
     "stop_requested": {"step": 5, "by": "swiftk_step_end"},
+    "run_start": {"step": 0, "total_steps": 450, "world_size": 2, "stage": "sft", "pid": 4100, "host": "node-a"},
     "run_end": {"step": 7, "status": "failed"},
     "run_paused": {"step": 3, "reason": "60% of reward values failed over the last 3 rollouts"},
     "reward_failed": {"step": 3, "plugin": "module:judge", "reward": "judge", "outcome": "timeout", "failed": 16,
@@ -182,3 +183,29 @@ def test_a_tiny_run_writes_only_typed_records(tiny_config: Path, tmp_path: Path)
     assert [e.step for e in of_kind(records, CheckpointSavedEvent)] == [4, 5]
     assert [(e.step, e.status) for e in of_kind(records, RunEndEvent)] == [(4, "completed"), (5, "completed")]
     assert [e.step for e in of_kind(records, ResumedEvent)] == [4]
+
+
+def test_tail_reads_only_what_was_appended_and_restarts_after_a_rewrite(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    tail = events.Tail(path)
+    assert tail.read() == []  # no file yet: no events
+    first = [make("run_start", {"step": 0, "total_steps": 9, "world_size": 1, "stage": "sft", "pid": 1,
+                                "host": "h"}), STEP]
+    path.write_text("".join(map(events.to_line, first)))
+    assert tail.read() == first
+    assert tail.read() == []
+    line = events.to_line(make("run_end", {"step": 3, "status": "completed"}))
+    with path.open("a") as handle:
+        handle.write(line[:20])  # a line being written is not read yet
+        handle.flush()
+        assert tail.read() == []
+        handle.write(line[20:])
+    assert [e.event for e in tail.read()] == ["run_end"]
+    assert len(tail.events) == 3
+    path.write_text(events.to_line(first[0]))  # a resume rewrote the file shorter
+    assert tail.read() == [first[0]] and tail.events == [first[0]]
+    with path.open("a") as handle:
+        handle.write('{"event": "nope", "step": 1}\n')
+    for _ in range(2):  # the bad line stays bad, and keeps its number
+        with pytest.raises(EventError, match=r"metrics.jsonl:2: .*unknown event 'nope'"):
+            tail.read()
