@@ -56,6 +56,7 @@ COMMANDS = {
     "sandbox": Command("swiftk.kernel.cli.sandbox", "check the multi-tenant sandbox (doctor)"),
     "datasets": Command("swiftk.kernel.cli.datasets", "list the named datasets a config's dataset_name accepts"),
     "env": Command("swiftk.kernel.cli.env", "install, list or remove tools' managed environments (vllm, evalscope)"),
+    "init": Command("swiftk.kernel.cli.init", "write a commented starter config by answering a few questions"),
 }
 
 
