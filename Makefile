@@ -1,5 +1,6 @@
 # `make run`: set up .venv if needed, then LoRA-fine-tune SmolLM2-135M-Instruct (configs/quickstart.toml).
-# `make test`: set up .venv if needed, then ruff, mypy --strict (contracts/, hosts/, shm/, native/) and the tests
+# `make test`: set up .venv if needed (and Chromium, for the browser tests of `swiftk web`), then ruff, mypy --strict
+# (contracts/, hosts/, shm/, native/) and the tests
 # (the 15 slowest are listed at the end; a hanging test fails after its limit with every process's stacks).
 # `make test-engines`: the tests that need the managed vLLM environment (installed first if missing).
 SHELL := /bin/bash
@@ -10,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 export TRL_EXPERIMENTAL_SILENCE ?= 1
 
-.PHONY: run test test-engines lint typecheck pytest setup clean
+.PHONY: run test test-engines lint typecheck pytest browser setup clean
 
 setup: $(STAMP)
 
@@ -41,7 +42,11 @@ typecheck: $(STAMP)
 
 # Tests marked `engines` need the managed vLLM environment (a ~2 min install, then 30-140 s per engine start):
 # `make test-engines` runs them; pytest's "deselected" count says how many `make test` leaves out.
-pytest: $(STAMP)
+# The browser tests of `swiftk web` drive Debian's chromium: installed here when missing and this user may.
+browser: $(STAMP)
+	@scripts/ensure_chromium.sh $(PY)
+
+pytest: $(STAMP) browser
 	$(PY) -m pytest -q --durations=15 -m "not engines"
 
 test-engines: $(STAMP)

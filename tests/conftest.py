@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import os
+import queue
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,6 +55,37 @@ def tiny_config(tmp_path: Path) -> Path:
         tmp_path / "tiny.toml", text,
         max_steps="12", batch_size="16", save_every="4", every="6", dir=f'"{tmp_path / "run"}"',
     )
+
+
+class ServerProcess:
+    """A ``swiftk`` server command (serve, web) in a subprocess, its stdout read until a line has ``marker``:
+    ``self.line`` is that line. A server that exits or stays silent past ``timeout`` fails the test with its
+    stderr."""
+
+    def __init__(self, args: list[str], marker: str, timeout: float, **popen: object) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "swiftk", *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, **popen)  # type: ignore[call-overload]
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in self.proc.stdout], daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = lines.get(timeout=1)
+            except queue.Empty:
+                if self.proc.poll() is None and time.monotonic() < deadline:
+                    continue
+                self.stop()
+                raise AssertionError(f"swiftk {args[0]} printed no {marker!r} line (exit {self.proc.returncode}): "
+                                     f"{self.proc.stderr.read()}") from None
+            if marker in line:
+                self.line = line
+                return
+
+    def stop(self) -> int:
+        """SIGTERM, and the exit code (0: a clean stop)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=60)
 
 
 @pytest.fixture(scope="session")

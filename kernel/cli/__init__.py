@@ -44,7 +44,9 @@ class Command(NamedTuple):
 
 
 COMMANDS = {
+    "init": Command("swiftk.kernel.cli.init", "write a commented starter config by answering a few questions"),
     "run": Command("swiftk.kernel.cli.run", "train from a config file"),
+    "web": Command("swiftk.kernel.cli.web", "launch, watch and compare runs and chat with a checkpoint in a browser"),
     "plot": Command("swiftk.kernel.cli.plot", "draw a run's loss and learning-rate curves"),
     "export": Command("swiftk.kernel.cli.export", "merge, quantize or GGUF-convert a finished run's model"),
     "infer": Command("swiftk.kernel.cli.infer", "chat with a finished run or a model, or answer a file of prompts"),
@@ -56,7 +58,6 @@ COMMANDS = {
     "sandbox": Command("swiftk.kernel.cli.sandbox", "check the multi-tenant sandbox (doctor)"),
     "datasets": Command("swiftk.kernel.cli.datasets", "list the named datasets a config's dataset_name accepts"),
     "env": Command("swiftk.kernel.cli.env", "install, list or remove tools' managed environments (vllm, evalscope)"),
-    "init": Command("swiftk.kernel.cli.init", "write a commented starter config by answering a few questions"),
 }
 
 

@@ -58,9 +58,14 @@ class Comparison:
     labels: tuple[str, ...]
     rows: tuple[TaskRow, ...]
 
-    def table(self) -> str:
+    def cells_text(self) -> tuple[list[str], list[list[str]]]:
+        """The head and rows of the table as text (what the terminal and the web page show)."""
         head = ["task", "metric", *self.labels, *(f"Δ {label}" for label in self.labels[1:])]
         rows = [[r.task, r.metric, *map(_value_text, r.cells), *map(_delta_text, r.cells[1:])] for r in self.rows]
+        return head, rows
+
+    def table(self) -> str:
+        head, rows = self.cells_text()
         notes = [f"  {r.task} @ {label}: {c.note}" for r in self.rows
                  for label, c in zip(self.labels, r.cells, strict=True) if c.note and c.note != MISSING]
         foot = f"Δ against {self.labels[0]}; * where |Δ| > {Z95} × sqrt(se_a² + se_b²) (~95 %; none without both)"

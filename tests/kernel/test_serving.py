@@ -6,9 +6,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import queue
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -19,6 +16,8 @@ import openai
 import pytest
 
 from swiftk.kernel.cli import main
+
+from ..conftest import ServerProcess
 
 KEY = "sk-test-serving"
 TINY_CHAT = """
@@ -62,33 +61,13 @@ def swiftk(*args: str) -> list[str]:
     return [sys.executable, "-m", "swiftk", *args]
 
 
-class Server:
+class Server(ServerProcess):
     """``swiftk serve ... --port 0`` in a subprocess, read until it prints its URL."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None, timeout: float = 240) -> None:
-        self.proc = subprocess.Popen(swiftk("serve", *args, "--port", "0"), stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=env)
-        lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(line) for line in self.proc.stdout], daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = lines.get(timeout=1)
-            except queue.Empty:
-                if self.proc.poll() is None and time.monotonic() < deadline:
-                    continue
-                self.stop()
-                raise AssertionError(f"swiftk serve printed no URL (exit {self.proc.returncode}): "
-                                     f"{self.proc.stderr.read()}") from None
-            if "ready at " in line:
-                self.url = line.split("ready at ")[1].split()[0]
-                self.host_port = self.url.removeprefix("http://").removesuffix("/v1")
-                return
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=60)
+        super().__init__(["serve", *args, "--port", "0"], "ready at ", timeout, env=env)
+        self.url = self.line.split("ready at ")[1].split()[0]
+        self.host_port = self.url.removeprefix("http://").removesuffix("/v1")
 
 
 @pytest.fixture(scope="module")
