@@ -8,9 +8,10 @@ import textwrap
 DESCRIPTION = textwrap.dedent("""\
     Serve a web page for the runs of a workspace (the current folder unless --workspace):
 
-      Launch   build a config from a form (checked with swiftk run's own messages), start and stop it
+      Launch   build a config from a form (checked with swiftk run's own messages), start, stop and
+               resume it
       Watch    a run's progress and curves as it trains, its memory, host restarts, reloads, tenants'
-               audit records and eval results
+               audit records and eval results; stop or resume it
       Compare  several runs' curves and eval results side by side
       Chat     talk to a finished run or a model folder, the answer streamed
 

@@ -123,6 +123,7 @@ def build(workspace: Workspace, launcher: Launcher, chat: Chat, refresh_s: float
                     check_button = gr.Button("Check", elem_id="launch-check")
                     start_button = gr.Button("Start", variant="primary", elem_id="launch-start")
                     stop_button = gr.Button("Stop", variant="stop", elem_id="launch-stop")
+                    resume_button = gr.Button("Resume", elem_id="launch-resume")
                 launch_status = gr.Markdown(elem_id="launch-status")
                 with gr.Row():
                     toml = gr.Code(label="config", language=None, interactive=False, elem_id="launch-toml")
@@ -136,7 +137,9 @@ def build(workspace: Workspace, launcher: Launcher, chat: Chat, refresh_s: float
                     watch_metric = gr.Dropdown(["lr"], value=None, allow_custom_value=True, label="second curve",
                                                elem_id="watch-metric")
                     watch_stop = gr.Button("Stop this run", variant="stop", elem_id="watch-stop")
+                    watch_resume = gr.Button("Resume this run", elem_id="watch-resume")
                 watch_status = gr.Markdown(elem_id="watch-status")
+                watch_action = gr.Markdown(elem_id="watch-action")  # what Stop / Resume did
                 watch_memory = gr.Markdown(elem_id="watch-memory")
                 with gr.Row():
                     loss_plot = gr.LinePlot(curves({}, LOSS_SERIES), x="step", y="value", color="series",
@@ -233,6 +236,14 @@ def build(workspace: Workspace, launcher: Launcher, chat: Chat, refresh_s: float
             except SwiftkError as exc:
                 return problem(exc)
 
+        def on_resume(name_v: str) -> str:
+            try:
+                launched = launcher.resume(str(name_v or "").strip())
+            except SwiftkError as exc:
+                return problem(exc)
+            return (f"▶ resumed **{launched.name}** from its latest checkpoint (pid {launched.process.pid}): "
+                    f"`swiftk run {workspace.relative(launched.config)} --resume`")
+
         def on_console(name_v: str) -> Any:
             name_v = str(name_v or "").strip()
             if name_v not in launcher.runs:
@@ -244,6 +255,7 @@ def build(workspace: Workspace, launcher: Launcher, chat: Chat, refresh_s: float
         check_button.click(on_check, form, [launch_status, toml])
         start_button.click(on_start, [*form, overwrite], [launch_status, toml, console])
         stop_button.click(on_stop, [name], [launch_status])
+        resume_button.click(on_resume, [name], [launch_status])
         timer.tick(on_console, [name], [console], show_progress="hidden")
 
         # -- Watch handlers --------------------------------------------------------------------------------------
@@ -278,7 +290,8 @@ def build(workspace: Workspace, launcher: Launcher, chat: Chat, refresh_s: float
         timer.tick(on_watch, [watch_run, watch_metric, watch_seen], watch_outputs, show_progress="hidden")
         watch_run.change(on_watch, [watch_run, watch_metric, gr.State(None)], watch_outputs)
         watch_metric.input(on_watch, [watch_run, watch_metric, gr.State(None)], watch_outputs)
-        watch_stop.click(on_stop, [watch_run], [watch_status])
+        watch_stop.click(on_stop, [watch_run], [watch_action])
+        watch_resume.click(on_resume, [watch_run], [watch_action])
 
         def on_runs(current: Any, selected: Any) -> tuple[Any, Any, Any]:
             names = views.names()

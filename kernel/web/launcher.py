@@ -35,6 +35,7 @@ class Launched:
     log: Path
     process: subprocess.Popen[bytes]
     started: float = field(default_factory=time.time)
+    stopping: bool = False  # Stop was asked: the process is saving its checkpoint and will exit
 
     @property
     def running(self) -> bool:
@@ -69,18 +70,40 @@ class Launcher:
                                   f"tick 'overwrite' to delete it and start afresh")
             self.workspace.web_dir.mkdir(parents=True, exist_ok=True)
             config = self.workspace.web_dir / f"{name}.toml"
-            log = self.workspace.web_dir / f"{name}.log"
             tmp = config.with_suffix(".toml.tmp")
             tmp.write_text(config_text, encoding="utf-8")
             os.replace(tmp, config)
-            command = [sys.executable, "-m", "swiftk", "run", str(config)] + (["--overwrite"] if overwrite else [])
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            with log.open("wb") as out:
-                process = subprocess.Popen(command, cwd=self.workspace.root, stdout=out, stderr=subprocess.STDOUT,
-                                           stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-            launched = Launched(name, config, log, process)
-            self.runs[name] = launched
-            return launched
+            return self.spawn(name, config, ["--overwrite"] if overwrite else [], "wb")
+
+    def resume(self, name: str) -> Launched:
+        """Continue NAME, launched from this page before, from its latest checkpoint (``swiftk run --resume``)."""
+        config = self.workspace.web_dir / f"{name}.toml"
+        with self.lock:
+            previous = self.runs.get(name)
+            if previous is not None and previous.stopping:
+                try:  # Stop was pressed and the run is still saving its checkpoint: resume after it
+                    previous.process.wait(timeout=self.grace_s)
+                except subprocess.TimeoutExpired:
+                    pass
+            if previous is not None and previous.running:
+                raise LaunchError(f"run {name!r} is running (pid {previous.process.pid}); nothing to resume")
+            if not config.is_file():
+                raise LaunchError(f"run {name!r} was not launched from this page (no {self.workspace.relative(config)})"
+                                  f"; resume it where it was started: swiftk run CONFIG --resume")
+            return self.spawn(name, config, ["--resume"], "ab")
+
+    def spawn(self, name: str, config: Path, flags: list[str], mode: str) -> Launched:
+        """``swiftk run CONFIG FLAGS`` in its own process group, its console to RUNS/_web/NAME.log (``mode``: "wb"
+        starts the log afresh, "ab" continues it)."""
+        log = self.workspace.web_dir / f"{name}.log"
+        command = [sys.executable, "-m", "swiftk", "run", str(config), *flags]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with log.open(mode) as out:
+            process = subprocess.Popen(command, cwd=self.workspace.root, stdout=out, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        launched = Launched(name, config, log, process)
+        self.runs[name] = launched
+        return launched
 
     def stop(self, name: str, grace_s: float | None = None) -> str:
         """Interrupt NAME (a checkpoint is saved), escalating if it does not end; what happened, in words."""
@@ -90,6 +113,7 @@ class Launcher:
         if not launched.running:
             return f"{name} is not running: {launched.exit_text()}"
         grace = self.grace_s if grace_s is None else grace_s
+        launched.stopping = True
         for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
             try:
                 os.killpg(launched.process.pid, sig)

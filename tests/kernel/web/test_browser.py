@@ -1,5 +1,5 @@
 """``swiftk web`` driven by a real Chromium (Playwright): launch a run from the form, watch its curve grow, stop it,
-compare it with another run, and chat with a finished run. Screenshots go to build/test-artifacts/web/."""
+resume it, compare it with another run, and chat with a finished run. Screenshots go to build/test-artifacts/web/."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def workspace(tmp_path: Path, quickstart_run: Path) -> Path:
     return root
 
 
-def test_launch_watch_stop_compare_and_chat_in_a_browser(workspace: Path, browser: Any) -> None:
+def test_launch_watch_stop_resume_compare_and_chat_in_a_browser(workspace: Path, browser: Any) -> None:
     server = WebServer("--workspace", str(workspace), "--refresh", "0.5")
     try:
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
@@ -113,9 +113,21 @@ def test_launch_watch_stop_compare_and_chat_in_a_browser(workspace: Path, browse
         # Stop it: the run saves a checkpoint and says it was interrupted.
         page.locator("#watch-stop").click()
         until(lambda: "interrupted" in status.inner_text(), 120, "the run to stop", page)
+        until(lambda: "exited 130" in page.locator("#watch-action").inner_text(), 60, "Stop's answer", page)
         run = events.read(workspace / "runs" / "web_tiny" / "metrics.jsonl")
         assert events.of_kind(run, events.RunEndEvent)[-1].status == "interrupted"
         assert list((workspace / "runs" / "web_tiny" / "checkpoints").iterdir())
+        stopped_at = step_of(status.inner_text())
+
+        # Resume: the run continues from its checkpoint; stop it again.
+        page.locator("#watch-resume").click()
+        until(lambda: "resumed" in page.locator("#watch-action").inner_text(), 60, "Resume's answer", page)
+        until(lambda: "running" in status.inner_text() and (step_of(status.inner_text()) or 0) > stopped_at, 120,
+              "the run to resume", page)
+        page.locator("#watch-stop").click()
+        until(lambda: "interrupted" in status.inner_text(), 120, "the resumed run to stop", page)
+        run = events.read(workspace / "runs" / "web_tiny" / "metrics.jsonl")
+        assert len(events.of_kind(run, events.RunStartEvent)) == 2
 
         # Compare: both runs' loss on one plot, and the eval report of the one that has one.
         page.get_by_role("tab", name="Compare").click()

@@ -29,7 +29,7 @@ def tiny_config(name: str, steps: int) -> str:
     return starter.config_text(starter.Answers(name=name, model="tiny", tuner="full", max_steps=steps))
 
 
-def test_a_launched_run_trains_stops_with_a_checkpoint_and_its_name_is_then_taken(workspace: Workspace) -> None:
+def test_a_launched_run_trains_stops_with_a_checkpoint_and_resumes_from_it(workspace: Workspace) -> None:
     launcher = Launcher(workspace)
     launched = launcher.start("t1", tiny_config("t1", 5000))
     view = RunView(workspace.runs / "t1")
@@ -53,6 +53,21 @@ def test_a_launched_run_trains_stops_with_a_checkpoint_and_its_name_is_then_take
         launcher.start("t1", tiny_config("t1", 5))
     with pytest.raises(LaunchError, match="was not started from this page"):
         launcher.stop("other")
+    with pytest.raises(LaunchError, match="was not launched from this page .* swiftk run CONFIG --resume"):
+        launcher.resume("other")
+
+    # Resume continues from the checkpoint the stop saved: a second attempt, starting at that step.
+    saved = events.of_kind(records, events.CheckpointSavedEvent)[-1].step
+    resumed = launcher.resume("t1")
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and view.refresh().status().step <= saved + 5:
+        assert resumed.running, launcher.log_tail("t1")
+        time.sleep(0.5)
+    starts = events.of_kind(view.events, events.RunStartEvent)
+    assert [s.step for s in starts] == [0, saved] and view.status().state == "running"
+    assert launcher.stop("t1").endswith("interrupted (resumable)")
+    log = launcher.log_tail("t1", lines=400)
+    assert log.count("interrupted at step") == 2  # the resumed attempt's console follows the first one's
 
 
 def test_shutdown_stops_every_run_still_going(workspace: Workspace) -> None:
