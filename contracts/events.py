@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -349,32 +350,44 @@ def _parse(lines: list[str], path: str | Path, first: int) -> list[Event]:
 class Tail:
     """A ``metrics.jsonl`` read as it grows: each ``read()`` parses only the complete lines appended since the last,
     so following a live run costs what it wrote, not its whole history. A file that shrank (a resume rewrote it
-    without the dropped steps) or was replaced is read again from its start: ``events`` then holds the new
-    history and ``read()`` returns all of it. A missing file is no events yet."""
+    without the dropped steps), was replaced, or starts differently (deleted and written again, even under the
+    same inode) is read again from its start: ``events`` then holds the new history and ``read()`` returns all of
+    it. A missing file is no events yet."""
+
+    HEAD = 256  # bytes of the file's start that identify it (its first record)
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.events: list[Event] = []
         self._offset = 0
         self._line = 0
-        self._identity: tuple[int, int] | None = None
+        self._identity: tuple[int, int, bytes] | None = None
 
     def read(self) -> list[Event]:
         """The events appended since the last call (or every event, after the file was rewritten)."""
         try:
-            stat = self.path.stat()
+            with self.path.open("rb") as handle:
+                stat = os.fstat(handle.fileno())
+                size = stat.st_size
+                head = handle.read(min(size, self.HEAD))
+                known = self._identity
+                shared = min(len(head), len(known[2])) if known is not None else 0
+                if known is None or known[:2] != (stat.st_dev, stat.st_ino) or size < self._offset \
+                        or known[2][:shared] != head[:shared]:
+                    self._identity, self._offset, self._line, self.events = (stat.st_dev, stat.st_ino, head), 0, 0, []
+                elif len(head) > len(known[2]):
+                    self._identity = (stat.st_dev, stat.st_ino, head)
+                if size == self._offset:
+                    return []
+                handle.seek(self._offset)
+                chunk = handle.read(size - self._offset)
         except FileNotFoundError:
             return []
-        identity = (stat.st_dev, stat.st_ino)
-        if identity != self._identity or stat.st_size < self._offset:
-            self._identity, self._offset, self._line, self.events = identity, 0, 0, []
-        if stat.st_size == self._offset:
-            return []
-        with self.path.open("rb") as handle:
-            handle.seek(self._offset)
-            chunk = handle.read(stat.st_size - self._offset)
         complete = chunk[: chunk.rfind(b"\n") + 1]  # a last line without its newline is still being written
-        lines = complete.decode("utf-8").split("\n")[:-1]
+        try:
+            lines = complete.decode("utf-8").split("\n")[:-1]
+        except UnicodeDecodeError as exc:
+            raise EventError(f"{self.path}: not UTF-8 text after line {self._line} ({exc.reason})") from None
         new = _parse(lines, self.path, self._line + 1)  # a bad line raises: the next read() tries it again
         self._line += len(lines)
         self._offset += len(complete)

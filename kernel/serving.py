@@ -297,8 +297,7 @@ class Service:
     def check_key(self, request: Request) -> None:
         if self.api_key is None:
             return
-        given = request.headers.get("authorization", "")
-        token = given[7:].strip() if given.lower().startswith("bearer ") else ""
+        token = bearer(request)
         if not hmac.compare_digest(token.encode(), self.api_key.encode()):
             what = "no API key was given" if not token else "the API key is wrong"
             raise APIError(401, f"{what}: send 'Authorization: Bearer KEY' with the key the server was started "
@@ -578,6 +577,12 @@ def run(app: Starlette, sock: socket.socket, on_ready: Callable[[], None], log_l
         await task
 
     asyncio.run(serve())
+
+
+def bearer(request: Request) -> str:
+    """The token of the request's ``Authorization: Bearer TOKEN`` header ('' when it has none)."""
+    given = request.headers.get("authorization", "")
+    return given[7:].strip() if given.lower().startswith("bearer ") else ""
 
 
 def loopback(host: str) -> bool:

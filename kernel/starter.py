@@ -223,7 +223,7 @@ def tuner_keys(a: Answers, rank: int, bnb_dtype: str) -> list[Line]:
     """The [train] keys of the tuner: the adapter's shape, and for qlora how the base is quantized."""
     if a.tuner == "full":
         return []
-    rank = a.lora_rank or rank
+    rank = a.lora_rank if a.lora_rank is not None else rank
     lines: list[Line] = [
         ("lora_rank", rank, "the adapter's rank: larger learns more, costs more"),
         ("lora_alpha", 2 * rank, "the adapter's scale is alpha / rank; keep it twice the rank"),
@@ -330,11 +330,12 @@ def train_lines(a: Answers, r: dict[str, Any], family: str, precision: str) -> l
         *stage_keys(a.stage, family),
         ("tuner_strategy", a.tuner, " | ".join(TUNERS) + " (the header says what this one does)"),
         *tuner_keys(a, r.get("rank", 8), "float32" if precision == "fp32" else "bfloat16"),
-        ("lr", a.lr or r["lr"], "the peak learning rate"),
+        ("lr", a.lr if a.lr is not None else r["lr"], "the peak learning rate"),
         ("scheduler", r.get("scheduler", "cosine"), "how the learning rate moves after warmup"),
         ("warmup_steps", r["warmup"], "steps from 0 up to lr"),
         ("weight_decay", r.get("weight_decay"), ""),
-        ("batch_size", a.batch_size or r["batch"], "examples per step; lower it if memory runs out"),
+        ("batch_size", a.batch_size if a.batch_size is not None else r["batch"],
+         "examples per step; lower it if memory runs out"),
         ("max_steps", max_steps, "the run's length in optimizer steps" + (" (wins over epochs)" if epochs else "")),
         ("epochs", epochs, "passes over the data"),
         ("seed", 0, ""),

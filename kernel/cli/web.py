@@ -46,54 +46,51 @@ def main(args: argparse.Namespace) -> int:
     import socket
     import sys
 
-    from swiftk.kernel.errors import SwiftkError
+    from swiftk.kernel import serving
+    from swiftk.kernel.served import UsageError
     from swiftk.kernel.web.workspace import Workspace
-
-    class UsageError(SwiftkError):
-        exit_code = 2
 
     if args.refresh < 0.2:
         raise UsageError(f"--refresh {args.refresh}: at least 0.2 seconds")
     workspace = Workspace.at(args.workspace, args.runs)
     os.chdir(workspace.root)  # a config's relative paths resolve where `swiftk run` will run it
-    from swiftk.kernel.web.app import is_loopback
-
+    local = serving.loopback(args.host)
     token = args.token or os.environ.get("SWIFTK_WEB_TOKEN") or None
-    if not is_loopback(args.host) and token is None:
+    if not local and token is None:
         token = secrets.token_urlsafe(24)
     if token is not None and len(token) < 16:
         raise UsageError("--token: at least 16 characters (or leave it out for a random one)")
-    listener = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        listener.bind((args.host, args.port))
+        sock = serving.bind(args.host, args.port)
     except OSError as exc:
-        raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror} (another server there? pass "
-                         f"--port N, or 0 for any free port)") from None
-    port = listener.getsockname()[1]
-    listener.listen(128)
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc} (another server there? "
+                         f"pass --port N, or 0 for any free port)") from None
+    port = sock.getsockname()[1]
 
-    import uvicorn
-
-    from swiftk.kernel.web.app import Server, build, http_app
+    from swiftk.kernel.web.app import build, http_app
     from swiftk.kernel.web.chat import Chat
     from swiftk.kernel.web.launcher import Launcher
 
     launcher = Launcher(workspace)
     chat = Chat(workspace)
     page = build(workspace, launcher, chat, refresh_s=args.refresh)
-    app = http_app(page, token)
-    shown = "localhost" if is_loopback(args.host) else (socket.gethostname() if args.host in ("0.0.0.0", "::")
-                                                         else args.host)
+    app = http_app(page, token, hosts=sorted({"localhost", "127.0.0.1", args.host}) if local else None)
+    shown = "localhost" if local else (socket.gethostname() if args.host in ("0.0.0.0", "::") else args.host)
     address = f"http://{shown}:{port}/" + (f"?token={token}" if token is not None else "")
-    print(f"swiftk web: {workspace.root} (runs: {workspace.relative(workspace.runs)}) at {address}", flush=True)
-    if token is not None:
-        print("swiftk web: every request needs the token above (it is set as a cookie when the address is opened)",
-              flush=True)
-    server = Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3))
+
+    def ready() -> None:
+        print(f"swiftk web: {workspace.root} (runs: {workspace.relative(workspace.runs)}) at {address}", flush=True)
+        if token is not None:
+            print("swiftk web: every request needs the token above (it is set as a cookie when the address is "
+                  "opened)", flush=True)
+
     try:
-        server.run(sockets=[listener])
+        serving.run(app, sock, ready)
     finally:
+        import signal
+
+        for sig in (signal.SIGINT, signal.SIGTERM):  # the runs' shutdown is bounded (~50 s): let it finish
+            signal.signal(sig, signal.SIG_IGN)
         launcher.shutdown()
         chat.close()
         print("swiftk web: stopped", file=sys.stderr, flush=True)

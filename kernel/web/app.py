@@ -19,26 +19,25 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import secrets
-import signal
 import threading
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
-
-import uvicorn
+from urllib.parse import urlencode
 
 from swiftk.kernel.errors import SwiftkError
 from swiftk.kernel.web.chat import Chat
-from swiftk.kernel.web.launcher import Launcher, machine_memory
+from swiftk.kernel.web.launcher import Launcher, machine_memory, memory_mib
 from swiftk.kernel.web.runs import RunView
-from swiftk.kernel.web.workspace import Workspace
+from swiftk.kernel.web.workspace import PathRefused, Workspace
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline machines: no analytics or version pings
 
 TOKEN_COOKIE = "swiftk_web_token"
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+UPLOADS = ("/upload", "/upload_progress")  # Gradio's upload routes (under /gradio_api)
+PACKAGE = re.compile(r"^package:[A-Za-z_][A-Za-z0-9_]*$")
 MAX_POINTS = 2000  # per curve sent to the browser; longer curves are thinned evenly (last point kept)
 DEFAULT = ""  # a form field left at the preset's value
 
@@ -225,7 +224,7 @@ def build(workspace: Workspace, launcher: Launcher, chat: Chat, refresh_s: float
             try:
                 chosen, text = checked(*form_values)
                 launched = launcher.start(chosen.name, text, overwrite=bool(overwrite_v))
-            except (SwiftkError, ValueError) as exc:
+            except (SwiftkError, ValueError, OSError) as exc:
                 return problem(exc), "", ""
             return (f"▶ started **{launched.name}** (pid {launched.process.pid}): `swiftk run "
                     f"{workspace.relative(launched.config)}`; follow it in **Watch**", text, "")
@@ -270,9 +269,11 @@ def build(workspace: Workspace, launcher: Launcher, chat: Chat, refresh_s: float
             status = view.status()
             memory = machine_memory()
             if status.pid is not None:
-                mib = launcher.memory_mib(status.pid)
+                mib = memory_mib(status.pid)
                 memory = (f"run process tree {mib:,.0f} MiB · " if mib is not None else "") + memory
-            key = (run_name, metric, len(view.events), view.error, status.state)
+            report = view.dir / "eval" / "results.json"
+            key = (run_name, metric, len(view.events), view.error, status.state,
+                   report.stat().st_mtime if report.is_file() else None)
             if key == seen:  # nothing new: only the memory line changes
                 return (*([gr.skip()] * (outputs - 1)), memory, seen)
             metrics = view.metric_names()
@@ -293,14 +294,13 @@ def build(workspace: Workspace, launcher: Launcher, chat: Chat, refresh_s: float
         watch_stop.click(on_stop, [watch_run], [watch_action])
         watch_resume.click(on_resume, [watch_run], [watch_action])
 
-        def on_runs(current: Any, selected: Any) -> tuple[Any, Any, Any]:
+        def on_runs() -> tuple[Any, Any, Any]:
             names = views.names()
             return (gr.update(choices=names), gr.update(choices=names),
                     gr.update(choices=finished(workspace)))
 
         run_timer = gr.Timer(max(5.0, refresh_s))
-        run_timer.tick(on_runs, [watch_run, compare_runs], [watch_run, compare_runs, chat_target],
-                       show_progress="hidden")
+        run_timer.tick(on_runs, None, [watch_run, compare_runs, chat_target], show_progress="hidden")
 
         # -- Compare handlers ------------------------------------------------------------------------------------
         def on_compare(names: list[str] | None, metric: str | None) -> Iterator[tuple[Any, Any, Any, str]]:
@@ -341,7 +341,8 @@ def build(workspace: Workspace, launcher: Launcher, chat: Chat, refresh_s: float
                 for text in chat.answer(target, turns, message, int(tokens), float(temperature)):
                     history[-1] = {"role": "assistant", "content": text}
                     yield history, "", gr.skip()
-            except SwiftkError as exc:
+            except Exception as exc:  # a bad target, a model that fails to load or to generate: said, not raised
+                history.pop()
                 history.pop()
                 yield history, message, problem(exc)
                 return
@@ -377,7 +378,11 @@ def model_path(workspace: Workspace, text: str) -> str:
     from swiftk.kernel import starter
 
     text = text.strip()
-    if text in starter.MODELS or text.startswith("package:"):
+    if text in starter.MODELS:
+        return text
+    if text.startswith("package:"):  # an installed package's folder; a sub path could lead anywhere
+        if not PACKAGE.match(text):
+            raise PathRefused(f"model {text!r}: give package:NAME (an installed package), without a path")
         return text
     if text.startswith((".", "/", "~")) or (workspace.root / text).exists():
         return workspace.relative(workspace.inside(text, "model folder"))
@@ -434,57 +439,43 @@ def problem(exc: BaseException) -> str:
 
 # ------------------------------------------------------------------------------------------------------- serving
 
-def is_loopback(host: str) -> bool:
-    return host in LOOPBACK or host.startswith("127.")
-
-
-def http_app(page: Any, token: str | None) -> Any:
-    """The FastAPI app serving ``page``; with a ``token`` every request must carry it."""
+def http_app(page: Any, token: str | None, hosts: list[str] | None = None) -> Any:
+    """The FastAPI app serving ``page``. With a ``token`` every request must carry it; with ``hosts`` (a loopback
+    bind) a request must name one of them in its Host header (another site's page cannot reach this one through
+    DNS rebinding). Uploads are refused whatever the request carries: the page has no file input, and an uploaded
+    file is a path the page never asked for."""
     import gradio as gr
     from fastapi import FastAPI, Request
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
     from starlette.responses import PlainTextResponse, RedirectResponse, Response
 
-    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-    if token is not None:
-        @app.middleware("http")
-        async def require_token(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-            given = request.query_params.get("token")
-            header = request.headers.get("authorization", "")
-            candidate = given or request.cookies.get(TOKEN_COOKIE) or (
-                header[7:] if header.lower().startswith("bearer ") else None)
-            if candidate is None or not secrets.compare_digest(candidate.encode(), token.encode()):
-                return PlainTextResponse("swiftk web: this page needs its access token. Open the address `swiftk web`"
-                                         " printed (it ends in ?token=...), or send 'Authorization: Bearer TOKEN'.\n",
-                                         status_code=401)
-            if given is not None and request.method == "GET":  # once: the token moves from the address to a cookie
-                query = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
-                target = request.url.path + ("?" + "&".join(f"{k}={v}" for k, v in query) if query else "")
-                response: Response = RedirectResponse(target, status_code=303)
-            else:
-                response = await call_next(request)
-            if given is not None:
-                response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
-            return response
+    from swiftk.kernel.serving import bearer
 
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        if request.url.path.rstrip("/").endswith(UPLOADS):
+            return PlainTextResponse("swiftk web takes no uploads\n", status_code=403)
+        if token is None:
+            return await call_next(request)
+        given = request.query_params.get("token")
+        candidate = given or request.cookies.get(TOKEN_COOKIE) or bearer(request)
+        if not candidate or not secrets.compare_digest(candidate.encode(), token.encode()):
+            return PlainTextResponse("swiftk web: this page needs its access token. Open the address `swiftk web` "
+                                     "printed (it ends in ?token=...), or send 'Authorization: Bearer TOKEN'.\n",
+                                     status_code=401)
+        if given is not None and request.method == "GET":  # once: the token moves from the address to a cookie
+            query = urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
+            response: Response = RedirectResponse(request.url.path + (f"?{query}" if query else ""), status_code=303)
+        else:
+            response = await call_next(request)
+        if given is not None:
+            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
+        return response
+
+    if hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])  # system fonts: nothing to download offline
     return gr.mount_gradio_app(app, page, path="", footer_links=[], ssr_mode=False, theme=theme)
-
-
-class Server(uvicorn.Server):
-    """uvicorn's server, but SIGINT and SIGTERM only ask it to finish: uvicorn re-raises the signal after its own
-    shutdown, which would kill this process before it stops the runs it launched."""
-
-    @contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        def finish(signum: int, frame: Any) -> None:
-            if self.should_exit and signum == signal.SIGINT:
-                self.force_exit = True  # a second Ctrl-C
-            self.should_exit = True
-
-        previous = {sig: signal.signal(sig, finish) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)

@@ -42,48 +42,50 @@ class Chat:
             raise PathRefused("choose a run (or type a model folder inside the workspace) to chat with")
         if "/" not in choice and (self.workspace.runs / choice).is_dir():
             return str(self.workspace.run_dir(choice))
-        return str(self.workspace.inside(choice, "model folder"))
+        return str(self.workspace.inside(choice, "model folder"))  # never a package: or hub spec: a folder here
 
-    def open(self, choice: str, engine: str = "hf") -> Session:
-        """Load ``choice`` (unless it is the one loaded); the previous target is closed first."""
+    def open_locked(self, choice: str, engine: str = "hf") -> Session:
+        """Load ``choice`` (unless it is the one loaded), closing the previous target first; the lock is held."""
         from swiftk.kernel.served import load, make_generator, resolve
 
         spec = self.target_path(choice)
-        with self.lock:
-            if self.session is not None and self.session.spec == spec:
-                return self.session
-            self.close_locked()
-            target = resolve(spec)
-            generation = target.generation_with(engine)
-            loaded = load(target)
-            generator = make_generator(target, loaded, generation, target.system_prompt)
-            self.session = Session(spec, target, loaded, generator, loaded.tokenizer.chat_template is not None)
+        if self.session is not None and self.session.spec == spec:
             return self.session
+        self.close_locked()
+        target = resolve(spec)
+        generation = target.generation_with(engine)
+        loaded = load(target)
+        generator = make_generator(target, loaded, generation, target.system_prompt)
+        self.session = Session(spec, target, loaded, generator, loaded.tokenizer.chat_template is not None)
+        return self.session
 
     def answer(self, choice: str, history: list[dict[str, str]], message: str, max_new_tokens: int = 128,
                temperature: float = 0.0) -> Iterator[str]:
         """The answer to ``message`` after ``history`` (``[{"role", "content"}]``), as it grows: each item is the
-        whole text so far."""
+        whole text so far. Loading and answering hold the lock together: no other turn can swap the target
+        between them."""
         from swiftk.kernel.cli.infer import pieces
 
-        session = self.open(choice)
-        generation = session.target.generation
-        sampling = generation.sampling(max_new_tokens=max_new_tokens, temperature=temperature)
-        system = session.target.system_prompt
-        messages = ([{"role": "system", "content": system}] if system else []) + history + [
-            {"role": "user", "content": message}]
-        prompt: Any = messages if session.chat else message
-        text = ""
         with self.lock:
-            for piece in pieces(session.generator, prompt, sampling):
+            session = self.open_locked(choice)
+            sampling = session.target.generation.sampling(max_new_tokens=max_new_tokens, temperature=temperature)
+            system = session.target.system_prompt
+            messages = ([{"role": "system", "content": system}] if system else []) + history + [
+                {"role": "user", "content": message}]
+            text = ""
+            for piece in pieces(session.generator, messages if session.chat else message, sampling):
                 text += piece
                 yield text
         if not text:
             yield ""
 
-    def close(self) -> None:
-        with self.lock:
-            self.close_locked()
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Free the loaded target (waiting up to ``timeout_s`` for a turn being answered)."""
+        if self.lock.acquire(timeout=timeout_s):
+            try:
+                self.close_locked()
+            finally:
+                self.lock.release()
 
     def close_locked(self) -> None:
         if self.session is not None:

@@ -61,15 +61,12 @@ class Launcher:
         """Write ``config_text`` (already validated) as NAME's config and start ``swiftk run`` on it."""
         run_dir = self.workspace.run_dir(name)
         with self.lock:
-            previous = self.runs.get(name)
-            if previous is not None and previous.running:
-                raise LaunchError(f"run {name!r} is already running (pid {previous.process.pid}); stop it first or "
-                                  f"choose another name")
+            self.refuse_if_running(name, "start it again")
             if run_dir.exists() and not overwrite:
                 raise LaunchError(f"{self.workspace.relative(run_dir)} already exists; choose another run name, or "
                                   f"tick 'overwrite' to delete it and start afresh")
             self.workspace.web_dir.mkdir(parents=True, exist_ok=True)
-            config = self.workspace.web_dir / f"{name}.toml"
+            config = self.config_path(name)
             tmp = config.with_suffix(".toml.tmp")
             tmp.write_text(config_text, encoding="utf-8")
             os.replace(tmp, config)
@@ -77,20 +74,31 @@ class Launcher:
 
     def resume(self, name: str) -> Launched:
         """Continue NAME, launched from this page before, from its latest checkpoint (``swiftk run --resume``)."""
-        config = self.workspace.web_dir / f"{name}.toml"
+        config = self.config_path(name)
+        previous = self.runs.get(name)
+        if previous is not None and previous.stopping:
+            try:  # Stop was pressed and the run is still saving its checkpoint: resume after it
+                previous.process.wait(timeout=self.grace_s)
+            except subprocess.TimeoutExpired:
+                pass
         with self.lock:
-            previous = self.runs.get(name)
-            if previous is not None and previous.stopping:
-                try:  # Stop was pressed and the run is still saving its checkpoint: resume after it
-                    previous.process.wait(timeout=self.grace_s)
-                except subprocess.TimeoutExpired:
-                    pass
-            if previous is not None and previous.running:
-                raise LaunchError(f"run {name!r} is running (pid {previous.process.pid}); nothing to resume")
+            self.refuse_if_running(name, "resume it")
             if not config.is_file():
                 raise LaunchError(f"run {name!r} was not launched from this page (no {self.workspace.relative(config)})"
                                   f"; resume it where it was started: swiftk run CONFIG --resume")
             return self.spawn(name, config, ["--resume"], "ab")
+
+    def config_path(self, name: str) -> Path:
+        return self.workspace.web_dir / f"{self.workspace.run_dir(name).name}.toml"  # run_dir: a name, not a path
+
+    def refuse_if_running(self, name: str, what: str) -> None:
+        """A run still training (started here, or anywhere on this machine per its run_start) cannot be started
+        again, resumed or overwritten: two processes would write one run folder."""
+        previous = self.runs.get(name)
+        pid = previous.process.pid if previous is not None and previous.running else live_pid(self.workspace, name)
+        if pid is not None:
+            raise LaunchError(f"run {name!r} is running (pid {pid}); stop it before you {what}, or choose another "
+                              f"name")
 
     def spawn(self, name: str, config: Path, flags: list[str], mode: str) -> Launched:
         """``swiftk run CONFIG FLAGS`` in its own process group, its console to RUNS/_web/NAME.log (``mode``: "wb"
@@ -106,32 +114,28 @@ class Launcher:
         return launched
 
     def stop(self, name: str, grace_s: float | None = None) -> str:
-        """Interrupt NAME (a checkpoint is saved), escalating if it does not end; what happened, in words."""
+        """Interrupt NAME (a checkpoint is saved), escalating if it does not end; what happened, in words. A run
+        this page did not start but which runs on this machine is sent SIGINT (Ctrl-C) without waiting."""
+        self.workspace.run_dir(name)
         launched = self.runs.get(name)
         if launched is None:
-            raise LaunchError(f"run {name!r} was not started from this page; stop it where it runs (Ctrl-C)")
+            pid = live_pid(self.workspace, name)
+            if pid is None:
+                raise LaunchError(f"run {name!r} is not running on this machine; nothing to stop")
+            os.kill(pid, signal.SIGINT)
+            return (f"{name}: sent Ctrl-C (SIGINT) to pid {pid}, which this page did not start; it stops after its "
+                    f"current step, saving a checkpoint")
         if not launched.running:
             return f"{name} is not running: {launched.exit_text()}"
-        grace = self.grace_s if grace_s is None else grace_s
         launched.stopping = True
-        for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(launched.process.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                launched.process.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        signal_until_done([launched.process], self.grace_s if grace_s is None else grace_s)
         return f"{name}: {launched.exit_text()}"
 
     def running(self) -> list[str]:
         return [name for name, launched in self.runs.items() if launched.running]
 
     def log_tail(self, name: str, lines: int = 40) -> str:
-        launched = self.runs.get(name)
-        path = launched.log if launched is not None else self.workspace.web_dir / f"{name}.log"
+        path = self.workspace.web_dir / f"{self.workspace.run_dir(name).name}.log"
         if not path.is_file():
             return ""
         with path.open("rb") as handle:
@@ -139,31 +143,74 @@ class Launcher:
             text = handle.read().decode("utf-8", "replace")
         return "\n".join(text.replace("\r", "\n").splitlines()[-lines:])
 
-    def memory_mib(self, pid: int) -> float | None:
-        """Resident memory of a run's process and its children (ranks, hosts, engines), in MiB."""
-        import psutil
+    def shutdown(self, grace_s: float = 30.0) -> None:
+        """Stop every run still going, all at once (the server is exiting)."""
+        going = [launched for launched in self.runs.values() if launched.running]
+        for launched in going:
+            launched.stopping = True
+        signal_until_done([launched.process for launched in going], grace_s)
 
-        try:
-            root = psutil.Process(pid)
-            processes = [root, *root.children(recursive=True)]
-        except psutil.Error:
-            return None
-        total = 0
-        for process in processes:
+
+def signal_until_done(processes: list[subprocess.Popen[bytes]], grace_s: float) -> None:
+    """SIGINT to each process's group (a run saves a checkpoint and exits), then SIGTERM after ``grace_s`` and
+    SIGKILL 10 s later to the groups still there; every group is signalled at once, waited for against one
+    deadline."""
+    for sig, wait in ((signal.SIGINT, grace_s), (signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+        left = [p for p in processes if p.poll() is None]
+        if not left:
+            return
+        for process in left:
             try:
-                total += process.memory_info().rss
-            except psutil.Error:
-                continue
-        return total / 2**20
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        for process in left:
+            try:
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
 
-    def shutdown(self) -> None:
-        """Stop every run still going (the server is exiting)."""
-        for name in self.running():
-            self.stop(name, grace_s=30.0)
+
+def live_pid(workspace: Workspace, name: str) -> int | None:
+    """The pid of NAME's main process when its last attempt is running on this machine (its events say so)."""
+    from swiftk.kernel.web.runs import RunView
+
+    return RunView(workspace.run_dir(name)).refresh().status().pid
 
 
-def machine_memory() -> str:
-    """This machine's memory, and each GPU's when ``nvidia-smi`` is there, in one line."""
+def memory_mib(pid: int) -> float | None:
+    """Resident memory of a run's process and its children (ranks, hosts, engines), in MiB."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return None
+    total = 0
+    for process in processes:
+        try:
+            total += process.memory_info().rss
+        except psutil.Error:
+            continue
+    return total / 2**20
+
+
+_MEMORY: list[tuple[float, str]] = []  # (when, line): one reading serves every browser tab for a few seconds
+
+
+def machine_memory(max_age_s: float = 5.0) -> str:
+    """This machine's memory, and each GPU's when ``nvidia-smi`` is there, in one line (read at most every
+    ``max_age_s``)."""
+    if _MEMORY and time.monotonic() - _MEMORY[0][0] < max_age_s:
+        return _MEMORY[0][1]
+    text = read_machine_memory()
+    _MEMORY[:] = [(time.monotonic(), text)]
+    return text
+
+
+def read_machine_memory() -> str:
     import shutil
 
     import psutil

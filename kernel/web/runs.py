@@ -46,7 +46,7 @@ class Status:
     loss: float | None
     tokens_per_s: float | None
     elapsed_s: float | None
-    pid: int | None  # the main process of a running run on this machine
+    pid: int | None  # the main process of a running run on this machine (None for one running elsewhere)
 
     @property
     def fraction(self) -> float:
@@ -111,7 +111,7 @@ class RunView:
         elif start is None and last is None:
             state = "waiting"
         elif start is not None and alive(start):
-            state, pid = "running", start.pid
+            state, pid = "running", start.pid if start.host == socket.gethostname() else None
         else:
             state = "stopped"
         return Status(state, last.step if last else (start.step if start else 0),

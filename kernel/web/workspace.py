@@ -34,7 +34,7 @@ class Workspace:
     @classmethod
     def at(cls, root: str | Path, runs: str | Path | None = None) -> Workspace:
         root = Path(root).expanduser().resolve()
-        runs_dir = (root / (runs if runs is not None else "runs")).expanduser().resolve()
+        runs_dir = (root / Path(runs if runs is not None else "runs").expanduser()).resolve()
         if not root.is_dir():
             raise PathRefused(f"workspace {root} is not a folder")
         return cls(root, runs_dir)
@@ -87,7 +87,11 @@ class Workspace:
         """Training-data files under the workspace (what the data field offers), workspace-relative."""
         found: list[str] = []
         for folder, subdirs, files in os.walk(self.root):
-            subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and d not in SKIP_DIRS)
+            here = Path(folder)
+            subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and d not in SKIP_DIRS
+                                and here / d != self.runs)
+            if "config.json" in files or "tokenizer_config.json" in files:
+                continue  # a model or tokenizer folder: its JSON files are not training data
             for name in sorted(files):
                 if name.endswith((".jsonl", ".json", ".parquet", ".csv")) and not name.startswith("."):
                     found.append(self.relative(Path(folder) / name))
@@ -96,7 +100,7 @@ class Workspace:
         return found
 
 
-SKIP_DIRS = {"runs", "node_modules", "__pycache__", "build", "dist", "site-packages", WEB_DIR}
+SKIP_DIRS = {"runs", "node_modules", "__pycache__", "build", "dist", "site-packages", WEB_DIR}  # and the runs folder
 
 
 def activity(run_dir: Path) -> float:

@@ -204,6 +204,15 @@ def test_tail_reads_only_what_was_appended_and_restarts_after_a_rewrite(tmp_path
     assert len(tail.events) == 3
     path.write_text(events.to_line(first[0]))  # a resume rewrote the file shorter
     assert tail.read() == [first[0]] and tail.events == [first[0]]
+    other = make("run_start", {"step": 0, "total_steps": 9, "world_size": 1, "stage": "dpo", "pid": 2, "host": "h"})
+    with path.open("w") as handle:  # the same inode, longer than what was read: another run's file
+        handle.write("".join(map(events.to_line, [other, STEP, STEP])))
+    assert tail.read() == [other, STEP, STEP] and tail.events == [other, STEP, STEP]
+    path.write_bytes(path.read_bytes() + b'{"step": 4, "loss": "\xff"}\n')
+    with pytest.raises(EventError, match="not UTF-8 text after line 3"):
+        tail.read()
+    path.write_text(events.to_line(first[0]))
+    tail.read()
     with path.open("a") as handle:
         handle.write('{"event": "nope", "step": 1}\n')
     for _ in range(2):  # the bad line stays bad, and keeps its number

