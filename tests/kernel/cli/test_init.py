@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import re
 import select
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from swiftk.contracts import events
 from swiftk.kernel.config import load_config
 
 SWIFTK = [str(Path(sys.executable).parent / "swiftk")]
@@ -115,8 +115,8 @@ def test_yes_writes_a_config_that_swiftk_run_trains(tmp_path: Path) -> None:
                           f"output.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
-    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in steps if "loss" in s][-1] == 3
+    steps = events.steps(events.read(tmp_path / "run" / "metrics.jsonl"))
+    assert steps[-1].step == 3
 
 
 def test_an_unknown_stage_or_model_exits_2_naming_the_choices(tmp_path: Path) -> None:
