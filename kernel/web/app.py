@@ -56,7 +56,7 @@ class Views:
         run_dir = self.workspace.run_dir(name)
         with self.lock:
             view = self.views.get(name)
-            if view is None or view.dir != run_dir:
+            if view is None:
                 view = self.views[name] = RunView(run_dir)
             return view.refresh()
 
@@ -271,7 +271,7 @@ def build(workspace: Workspace, launcher: Launcher, chat: Chat, refresh_s: float
             if status.pid is not None:
                 mib = memory_mib(status.pid)
                 memory = (f"run process tree {mib:,.0f} MiB · " if mib is not None else "") + memory
-            report = view.dir / "eval" / "results.json"
+            report = view.report_path
             key = (run_name, metric, len(view.events), view.error, status.state,
                    report.stat().st_mtime if report.is_file() else None)
             if key == seen:  # nothing new: only the memory line changes
@@ -305,14 +305,13 @@ def build(workspace: Workspace, launcher: Launcher, chat: Chat, refresh_s: float
         # -- Compare handlers ------------------------------------------------------------------------------------
         def on_compare(names: list[str] | None, metric: str | None) -> Iterator[tuple[Any, Any, Any, str]]:
             try:
-                chosen, metric = compare_choice(views, names, metric)
+                chosen, metrics, metric = compare_choice(views, names, metric)
             except SwiftkError as exc:
                 yield gr.skip(), gr.skip(), gr.skip(), problem(exc)
                 return
             if not chosen:
                 yield gr.skip(), None, gr.skip(), "choose runs to compare"
                 return
-            metrics = list(dict.fromkeys(m for v in chosen for m in v.metric_names()))
             table, note = compare_table(chosen)
             frame = curves({v.name: v.curve(metric) for v in chosen} if metric else {})
             # Gradio's chart keeps its first series (colours, legend) on a data update, and redraws with the value
@@ -394,11 +393,13 @@ def default_metric(metrics: list[str]) -> str | None:
     return evals[0] if evals else ("lr" if "lr" in metrics else (metrics[0] if metrics else None))
 
 
-def compare_choice(views: Views, names: list[str] | None, metric: str | None) -> tuple[list[RunView], str | None]:
-    """The chosen runs' views, and the metric to draw: the one asked for if any of them has it, else loss."""
+def compare_choice(views: Views, names: list[str] | None,
+                   metric: str | None) -> tuple[list[RunView], list[str], str | None]:
+    """The chosen runs' views, every metric any of them has, and the one to draw: the one asked for if any of
+    them has it, else loss."""
     chosen = [views.get(name) for name in names or []]
     metrics = list(dict.fromkeys(m for v in chosen for m in v.metric_names()))
-    return chosen, metric if metric in metrics else ("loss" if "loss" in metrics else default_metric(metrics))
+    return chosen, metrics, metric if metric in metrics else ("loss" if "loss" in metrics else default_metric(metrics))
 
 
 def compare_table(views: list[RunView]) -> tuple[Any, str]:
@@ -406,9 +407,8 @@ def compare_table(views: list[RunView]) -> tuple[Any, str]:
     import pandas as pd
 
     from swiftk.kernel.evals.report import compare
-    from swiftk.kernel.web.runs import eval_report
 
-    reports = [(v.name, eval_report(v.dir)) for v in views]
+    reports = [(v.name, v.eval_report()) for v in views]
     present = [(label, report) for label, report in reports if report is not None]
     missing = [label for label, report in reports if report is None]
     note = f"no eval results in: {', '.join(missing)}" if missing else ""

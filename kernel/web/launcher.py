@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from swiftk.kernel.errors import SwiftkError
@@ -34,7 +34,6 @@ class Launched:
     config: Path
     log: Path
     process: subprocess.Popen[bytes]
-    started: float = field(default_factory=time.time)
     stopping: bool = False  # Stop was asked: the process is saving its checkpoint and will exit
 
     @property

@@ -18,7 +18,6 @@ from typing import Any
 from swiftk.contracts import events
 from swiftk.contracts.events import (
     AuditEvent,
-    CheckpointSavedEvent,
     EvalEvent,
     HostDiedEvent,
     HostRestartedEvent,
@@ -185,30 +184,32 @@ class RunView:
                  ", ".join(f"{k}: {v}" for k, v in (e.layers or {}).items())]
                 for e in events.of_kind(self.events, AuditEvent)]
 
-    def checkpoints(self) -> list[str]:
-        return [e.path for e in events.of_kind(self.events, CheckpointSavedEvent)]
+    @property
+    def report_path(self) -> Path:
+        """Where ``swiftk eval RUN`` and the run's own ``[eval] tasks`` write its latest report."""
+        from swiftk.kernel.evals.results import RESULTS
+
+        return self.dir / "eval" / RESULTS
+
+    def eval_report(self) -> Any:
+        """The run's latest eval report, or None (none yet, or unreadable: the page shows no results rather than
+        failing)."""
+        from swiftk.kernel.evals.results import read_report
+
+        if not self.report_path.is_file():
+            return None
+        try:
+            return read_report(self.report_path)
+        except Exception:  # a report being rewritten, or of another schema: the next refresh reads it
+            return None
 
     def eval_rows(self) -> list[list[Any]]:
         """[task, metric, value, ± stderr, n, step] of the run's latest eval report (``RUN/eval/results.json``)."""
-        report = eval_report(self.dir)
+        report = self.eval_report()
         if report is None:
             return []
         return [[t.task, t.metric, round(t.value, 4), None if t.stderr is None else round(t.stderr, 4), t.n,
                  report.step] for t in report.tasks]
-
-
-def eval_report(run_dir: Path) -> Any:
-    """The run's latest eval report, or None (none yet, or unreadable: the page shows no results rather than
-    failing)."""
-    from swiftk.kernel.evals.results import RESULTS, read_report
-
-    path = run_dir / "eval" / RESULTS
-    if not path.is_file():
-        return None
-    try:
-        return read_report(path)
-    except Exception:  # a report being rewritten, or of another schema: the next refresh reads it
-        return None
 
 
 def alive(start: RunStartEvent) -> bool:
