@@ -1,6 +1,7 @@
-"""Managed environments: one virtual environment per tool that pins its own stack (vLLM, EvalScope).
+"""Managed environments: one virtual environment per tool that pins its own stack (vLLM, EvalScope, llm-compressor).
 
-vLLM pins its own torch and transformers, EvalScope an older ``datasets``, which the training venv cannot share
+vLLM pins its own torch and transformers, EvalScope an older ``datasets``, llm-compressor an older transformers,
+which the training venv cannot share
 (DESIGN.md, "Managed environments for tools that pin their own stack"). So swiftk creates a venv per tool under a
 root folder (the ``env_dir`` argument, else ``$SWIFTK_ENV_DIR``, else ``~/.cache/swiftk/envs``), installs the
 tool's pinned packages into it once (with a progress display), records what it installed in a marker file, and
@@ -8,7 +9,8 @@ reuses it while the spec is the same. A file lock keeps two processes from insta
 trainer runs the tool's own script with that venv's python; it never imports the tool.
 
 swiftk itself is not installed into a tool's venv: the vLLM engine script needs only the standard library, zmq,
-msgpack and vLLM (with its torch), the EvalScope runner only EvalScope, so an edit to swiftk never makes an
+msgpack and vLLM (with its torch), the EvalScope runner only EvalScope, the quantization runner only llm-compressor,
+so an edit to swiftk never makes an
 environment stale.
 """
 
@@ -18,6 +20,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -31,6 +34,8 @@ from swiftk.kernel.errors import SwiftkError
 
 VLLM_VERSION = "0.32.0"
 EVALSCOPE_VERSION = "1.14.1"
+LLMCOMPRESSOR_VERSION = "0.14.0.1"
+CPU_TORCH = "torch==2.13.0"  # the CPU build pip finds on this machine's disk; a bare "torch" means a CUDA build
 MARKER = "swiftk-env.json"  # in the env's folder: the spec it was built from; written last
 LOG = "install.log"
 
@@ -71,7 +76,16 @@ def _evalscope(cuda: bool) -> EnvSpec:
                    check="import evalscope.run, openai")
 
 
-TOOLS = {"vllm": _vllm, "evalscope": _evalscope}  # tool name -> its spec given whether the trainer sees CUDA
+def _llmcompressor(cuda: bool) -> EnvSpec:
+    # It pins transformers < this venv's and compressed-tensors to its own release. Without CUDA, the CPU torch is
+    # named first so that pip does not fetch a CUDA build (~3 GB) for a machine that cannot use it; ~1.5 GB, 45 s.
+    packages = (f"llmcompressor=={LLMCOMPRESSOR_VERSION}",)
+    return EnvSpec("llmcompressor", packages if cuda else (CPU_TORCH, *packages),
+                   check="import llmcompressor, compressed_tensors")
+
+
+# tool name -> its spec given whether the trainer sees CUDA
+TOOLS = {"vllm": _vllm, "evalscope": _evalscope, "llmcompressor": _llmcompressor}
 
 
 def cuda_available() -> bool:
@@ -165,6 +179,34 @@ def list_envs(env_dir: str | Path | None = None) -> list[EnvInfo]:
         size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
         found.append(EnvInfo(folder.name, folder, marker.packages if marker else (), size / 2**20))
     return found
+
+
+def supervise(command: list[str], log: Path, what: str, timeout_s: float, env: dict[str, str],
+              error: type[SwiftkError]) -> None:
+    """Run a tool's runner script in its own process group, its output to ``log``; raise ``error`` (with the
+    log's last and error lines) if it fails or outlives ``timeout_s`` (then it and its children are killed)."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True)  # its own group: a timeout kills the tool's workers too
+        try:
+            code = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise error(f"{what} did not finish within {timeout_s:g} s; killed it (pid {proc.pid}). "
+                        f"{log_excerpt(log)}") from None
+    if code != 0:
+        raise error(f"{what} failed (exit {code}). {log_excerpt(log)}")
+
+
+def log_excerpt(log: Path, tail: int = 15) -> str:
+    """A log's error lines and last lines, for an error message."""
+    lines = log.read_text(errors="replace").splitlines()
+    errors = [line for line in lines if "Error" in line or "ERROR" in line or "Traceback" in line][-10:]
+    parts = [f"Its log ({log}) ends:", *(f"    {line}" for line in lines[-tail:])]
+    if errors:
+        parts[1:1] = ["Error lines:", *(f"    {line}" for line in errors)]
+    return "\n".join(parts)
 
 
 # ------------------------------------------------------------------------------------------------ internals

@@ -1,4 +1,4 @@
-"""``swiftk env``: the managed environments of tools that pin their own stack (vLLM, EvalScope)."""
+"""``swiftk env``: the managed environments of tools that pin their own stack (vLLM, EvalScope, llm-compressor)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("List, install or remove the virtual environments swiftk manages for tools it runs in "
-                          "their own process (vllm, evalscope). They live under --env-dir, else $SWIFTK_ENV_DIR, else "
-                          "~/.cache/swiftk/envs; a generator that needs one installs it on first use.")
+                          "their own process (vllm, evalscope, llmcompressor). They live under --env-dir, else "
+                          "$SWIFTK_ENV_DIR, else ~/.cache/swiftk/envs; a command that needs one installs it on first "
+                          "use.")
     parser.add_argument("action", choices=["list", "install", "remove"])
-    parser.add_argument("tool", nargs="?", help="the tool (install, remove): vllm or evalscope")
+    parser.add_argument("tool", nargs="?", help="the tool (install, remove): vllm, evalscope or llmcompressor")
     parser.add_argument("--env-dir", help="the folder holding the environments")
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -60,8 +58,9 @@ def run_evalscope(task: str, kind: Literal["qa", "mcq"], rows: list[dict], *, ba
     (work_dir / "job.json").write_text(json.dumps(job, indent=1))
     started = time.monotonic()
     # -I: neither the user site nor the runner's folder (with this evalscope.py) on its sys.path
-    _supervise([str(python), "-I", str(RUNNER), str(work_dir / "job.json")], work_dir / LOG, task, timeout_s,
-               {**os.environ, **OFFLINE, "SWIFTK_EVALSCOPE_API_KEY": api_key or "EMPTY"})
+    envs.supervise([str(python), "-I", str(RUNNER), str(work_dir / "job.json")], work_dir / LOG,
+                   f"evalscope task '{task}'", timeout_s,
+                   {**os.environ, **OFFLINE, "SWIFTK_EVALSCOPE_API_KEY": api_key or "EMPTY"}, EvalScopeError)
     return read_results(task, kind, out_dir, seconds=time.monotonic() - started)
 
 
@@ -124,32 +123,6 @@ def read_results(task: str, kind: Literal["qa", "mcq"], out_dir: Path,
 
 
 # ------------------------------------------------------------------------------------------------ internals
-
-
-def _supervise(command: list[str], log: Path, task: str, timeout_s: float, env: dict[str, str]) -> None:
-    """Run the runner, its output to ``log``; raise EvalScopeError (with the log's last and error lines) if it
-    fails or outlives ``timeout_s`` (then it and its children are killed)."""
-    with log.open("w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True)  # its own group: a timeout kills EvalScope's workers too
-        try:
-            code = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise EvalScopeError(f"evalscope task '{task}' did not finish within {timeout_s:g} s; killed it (pid "
-                                 f"{proc.pid}). {_log_excerpt(log)}") from None
-    if code != 0:
-        raise EvalScopeError(f"evalscope task '{task}' failed (exit {code}). {_log_excerpt(log)}")
-
-
-def _log_excerpt(log: Path, tail: int = 15) -> str:
-    lines = log.read_text(errors="replace").splitlines()
-    errors = [line for line in lines if "Error" in line or "ERROR" in line or "Traceback" in line][-10:]
-    parts = [f"Its log ({log}) ends:", *(f"    {line}" for line in lines[-tail:])]
-    if errors:
-        parts[1:1] = ["Error lines:", *(f"    {line}" for line in errors)]
-    return "\n".join(parts)
 
 
 def _one(out_dir: Path, pattern: str, task: str) -> Path:

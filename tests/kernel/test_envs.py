@@ -35,6 +35,14 @@ def test_evalscope_spec_is_the_pinned_plain_package_whichever_device() -> None:
     assert spec.packages == (f"evalscope=={envs.EVALSCOPE_VERSION}",) and "transformers" in spec.remove
 
 
+def test_llmcompressor_spec_names_the_cpu_torch_first_without_cuda() -> None:
+    """Without it pip takes a CUDA build of torch (~3 GB) that this machine cannot use."""
+    cpu, gpu = envs.spec("llmcompressor", cuda=False), envs.spec("llmcompressor", cuda=True)
+    assert cpu.packages == (envs.CPU_TORCH, f"llmcompressor=={envs.LLMCOMPRESSOR_VERSION}")
+    assert gpu.packages == (f"llmcompressor=={envs.LLMCOMPRESSOR_VERSION}",)
+    assert "compressed_tensors" in cpu.check
+
+
 def test_the_root_is_the_argument_then_the_environment_variable_then_the_cache(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SWIFTK_ENV_DIR", str(tmp_path / "from-env"))
