@@ -83,6 +83,22 @@ def model_folder(model_cfg: ModelConfig, tokenizer: Any, *, model: torch.nn.Modu
     return folder
 
 
+def vllm_cpu_refusal(folder: Path) -> str | None:
+    """Why vLLM's CPU build cannot serve the model folder, or None. FP8 compressed-tensors weights: for W8A16
+    vLLM 0.32 on CPU finds no kernel ("Failed to find a kernel that can implement the ScaledMM linear layer"); for
+    W8A8 it picks a torch scaled-mm kernel whose worker died mid-generation here."""
+    try:
+        quantization = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return None
+    groups = quantization.get("config_groups") or {} if quantization.get("quant_method") == "compressed-tensors" \
+        else {}
+    if any((group.get("weights") or {}).get("type") == "float" for group in groups.values()):
+        return (f"{folder} holds FP8 weights (compressed-tensors), which vLLM's CPU build does not run. Serve it with "
+                f"--engine hf on this machine (transformers decompresses it), or with vLLM on a GPU")
+    return None
+
+
 def save_weights(model: torch.nn.Module, folder: Path) -> None:
     """config.json and model.safetensors of a causal LM under the HF names vLLM loads: a PEFT model's base weights
     without its adapters (those are synced as adapters); tied tensors are saved once."""

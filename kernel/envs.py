@@ -195,6 +195,10 @@ def supervise(command: list[str], log: Path, what: str, timeout_s: float, env: d
             proc.wait()
             raise error(f"{what} did not finish within {timeout_s:g} s; killed it (pid {proc.pid}). "
                         f"{log_excerpt(log)}") from None
+        except BaseException:  # Ctrl-C reaches only this process: the tool's own group would outlive it
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
     if code != 0:
         raise error(f"{what} failed (exit {code}). {log_excerpt(log)}")
 

@@ -1,15 +1,24 @@
-"""``swiftk export``: a finished run's model as a merged HF folder, a bitsandbytes-quantized HF folder, or a
-GGUF file for llama.cpp-family runtimes.
+"""``swiftk export``: a finished run's model as a merged HF folder, a quantized HF folder (bitsandbytes, or GPTQ, AWQ
+and FP8 in compressed-tensors format through llm-compressor), or a GGUF file for llama.cpp-family runtimes; each
+checked right after it is written (``kernel/export_check.py``, ``export_report.json``).
 
 What is exported is ``RUN_DIR/final``: a PEFT adapter (lora, qlora, dora) is put back on the base model that
 ``RUN_DIR/config.toml`` names, rebuilt exactly as in training (quantized, for QLoRA) and checked against the
 base-weights fingerprint the run's checkpoints recorded; a full model (full, galore, freeze) is read as is.
+
+The export is written into ``OUT.partial`` beside ``OUT``, checked there, and only then renamed to ``OUT``: a
+folder at ``OUT`` is always a checked one. One that fails its check is kept as ``OUT.rejected`` with its report,
+and the command fails.
 """
 
 from __future__ import annotations
 
+import gc
 import json
+import os
+import shutil
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,17 +29,28 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from swiftk.kernel import checkpoint
+from swiftk.kernel import checkpoint, envs, export_check
 from swiftk.kernel.config import RunConfig, load_config, stage_class
 from swiftk.kernel.errors import SwiftkError
 
-QUANTIZE = ("bnb-nf4", "bnb-int8", "gptq", "awq", "fp8")
-GGUF_TYPES = ("f16", "q8_0")
-NEEDS_LLM_COMPRESSOR = ("gptq", "awq", "fp8")
+BNB = ("bnb-nf4", "bnb-int8")
+COMPRESSED = ("gptq", "awq", "fp8", "fp8-dynamic")  # through llm-compressor, in its own environment
+QUANTIZE = (*BNB, *COMPRESSED)
+CALIBRATED = ("gptq", "awq")
+BITS = {"gptq": (4, 8), "awq": (4,), "fp8": (8,), "fp8-dynamic": (8,)}
+GROUP_SIZES = (128, 64, 32)  # tried in order when --group-size is not given: the largest that divides every layer
+GGUF_TYPES = ("f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+QUANTIZE_TIMEOUT_S = 6 * 3600
 
 
 class ExportError(SwiftkError):
     """The run cannot be exported as asked."""
+
+
+class ExportArgumentError(ExportError):
+    """The arguments ask for something no export can be."""
+
+    exit_code = 2
 
 
 @dataclass
@@ -43,24 +63,94 @@ class Trained:
     adapter: bool
 
 
-def export(run_dir: str | Path, out: str | Path, merge: bool = False, quantize: str | None = None,
-           gguf: str | None = None, overwrite: bool = False) -> list[str]:
-    """Write what was asked into ``out``; returns the lines that say what was written."""
-    run_dir, out = Path(run_dir), Path(out)
-    if quantize in NEEDS_LLM_COMPRESSOR:
-        raise ExportError(
-            f"--quantize {quantize}: swiftk writes GPTQ, AWQ and FP8 checkpoints through llm-compressor, which pins "
-            f"an older transformers than this environment's and so is not installed with swiftk. Export the merged "
-            f"model (`swiftk export {run_dir} --merge --out DIR`), then in a separate venv `pip install llmcompressor` "
-            f"and run its `oneshot(model=DIR, recipe=...)` (a GPU is needed for GPTQ/AWQ calibration at any size). "
-            f"On CPU here: --quantize bnb-nf4 | bnb-int8, or --gguf q8_0.")
+@dataclass
+class Quant:
+    """How to quantize with llm-compressor (``COMPRESSED`` schemes)."""
+
+    bits: int | None = None  # None: the scheme's first in BITS
+    group_size: int | None = None  # None: the largest of GROUP_SIZES that divides every layer
+    calib: str = "auto"  # "auto" (the run's training rows and Python's documentation) or a data file
+    samples: int = 128  # calibration sequences of export_check.CHUNK tokens
+    dampening: float = 0.01  # GPTQ's Hessian dampening, a fraction of its mean diagonal
+
+
+def check_arguments(merge: bool, quantize: str | None, gguf: str | None, quant: Quant,
+                    max_ppl_ratio: float | None) -> None:
+    """Refuse (exit 2) what cannot be exported whatever the run: a scheme's bits, sizes, files."""
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ExportArgumentError(f"--quantize {quantize}: one of {', '.join(QUANTIZE)}")
+    if gguf is not None and gguf not in GGUF_TYPES:
+        raise ExportArgumentError(f"--gguf {gguf}: one of {', '.join(GGUF_TYPES)} (the K-quants need llama.cpp's "
+                                  f"llama-quantize on the f16 file)")
     if quantize and gguf:
-        raise ExportError("give --quantize or --gguf, not both")
+        raise ExportArgumentError("give --quantize or --gguf, not both")
     if not (merge or quantize or gguf):
-        raise ExportError("nothing to export: add --merge (merged HF folder), --quantize bnb-nf4|bnb-int8 or "
-                          "--gguf f16|q8_0")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ExportError(f"--out {out} exists and is not empty; choose another folder or pass --overwrite")
+        raise ExportArgumentError("nothing to export: add --merge (merged HF folder), --quantize "
+                                  f"{'|'.join(QUANTIZE)} or --gguf {'|'.join(GGUF_TYPES)}")
+    scheme = quantize if quantize in COMPRESSED else None
+    if quant.bits is not None and (scheme is None or quant.bits not in BITS[scheme]):
+        allowed = "; ".join(f"{name}: {'/'.join(map(str, bits))}" for name, bits in BITS.items())
+        raise ExportArgumentError(f"--bits {quant.bits} with {f'--quantize {quantize}' if quantize else 'no scheme'}: "
+                                  f"the bits each scheme writes are {allowed} (bitsandbytes and GGUF name their "
+                                  f"bits in their type)")
+    if quant.group_size is not None and scheme not in ("gptq", "awq"):
+        raise ExportArgumentError(f"--group-size is for --quantize gptq|awq (integer weights in groups); "
+                                  f"{quantize or gguf or 'a merged folder'} has none")
+    if quant.group_size is not None and (quant.group_size < 8 or quant.group_size & (quant.group_size - 1)):
+        raise ExportArgumentError(f"--group-size {quant.group_size}: give a power of two of at least 8 "
+                                  f"(128 is usual; 64 or 32 where a layer's width is not a multiple of 128)")
+    if (quant.calib != "auto" or quant.samples != Quant.samples) and scheme not in CALIBRATED:
+        raise ExportArgumentError(f"--calib and --calib-samples are for --quantize gptq|awq; "
+                                  f"{quantize or gguf or 'a merged folder'} is written without calibration")
+    if quant.calib != "auto" and not Path(quant.calib).is_file():
+        raise ExportArgumentError(f"--calib {quant.calib}: no such file. Give a data file in any of swiftk's "
+                                  f"formats (JSONL, JSON, parquet) or a .txt file, or 'auto' (the run's own "
+                                  f"training rows and general English text)")
+    if quant.samples < 1:
+        raise ExportArgumentError(f"--calib-samples {quant.samples}: give at least 1")
+    if max_ppl_ratio is not None and not max_ppl_ratio >= 1:  # NaN too: it would pass everything
+        raise ExportArgumentError(f"--max-ppl-ratio {max_ppl_ratio}: a bound below 1 would refuse the unquantized "
+                                  f"model itself; give 1 or more")
+
+
+def check_out(run_dir: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an --out that replacing could destroy: the run, a folder holding it, its final/ or checkpoints/, and a
+    folder of other files (only an empty one, or an earlier export with its report, is replaced with --overwrite)."""
+    target, run = out.resolve(), run_dir.resolve()
+    kept = [run / "final", run / "checkpoints"]  # RUN/merged and the like may be replaced; these never
+    if not out.name or target == Path.home() or target == Path.cwd() or target == run or target in run.parents \
+            or any(target == k or k in target.parents for k in kept):
+        raise ExportArgumentError(f"--out {out}: name a new folder outside the run (it is replaced as a whole), "
+                                  f"e.g. --out {run.name}-export")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ExportArgumentError(f"--out {out} is a file; name a folder")
+    if any(out.iterdir()):
+        if not overwrite:
+            raise ExportError(f"--out {out} exists and is not empty; choose another folder or pass --overwrite")
+        if not (out / export_check.REPORT).is_file():
+            raise ExportError(f"--out {out} holds files that are not a swiftk export (no {export_check.REPORT}); "
+                              f"--overwrite replaces only an earlier export. Choose another folder, or empty it")
+
+
+def kind_of(merge: bool, quantize: str | None, gguf: str | None, bits: int | None) -> str:
+    """The export's name in ``export_check.MAX_PPL_RATIO`` and its report."""
+    if quantize in ("gptq", "awq"):
+        return f"{quantize}-{bits}"
+    return quantize or gguf or "merge"
+
+
+def export(run_dir: str | Path, out: str | Path, merge: bool = False, quantize: str | None = None,
+           gguf: str | None = None, overwrite: bool = False, quant: Quant | None = None,
+           max_ppl_ratio: float | None = None, env_dir: str | None = None, check: bool = True) -> list[str]:
+    """Write what was asked into ``out`` and check it; returns the lines that say what was written. ``check`` False
+    (the merge at the end of a sharded run, as the unsharded merge): written and reloaded, not measured."""
+    quant = quant or Quant()
+    check_arguments(merge, quantize, gguf, quant, max_ppl_ratio)
+    run_dir, out = Path(run_dir), Path(out)
+    require_run(run_dir)
+    check_out(run_dir, out, overwrite)
     final = run_dir / "final"
     if merge and final.is_dir() and not (final / "adapter_config.json").is_file():
         raise ExportError(
@@ -71,7 +161,30 @@ def export(run_dir: str | Path, out: str | Path, merge: bool = False, quantize: 
         from transformers import AutoTokenizer
 
         check_bpe(AutoTokenizer.from_pretrained(final))
+    if (quantize or gguf) and stage_class(load_config(run_dir / "config.toml", saved=True).train).reward_head:
+        raise ExportError(f"--{'quantize' if quantize else 'gguf'} {quantize or gguf}: {run_dir} trained a reward "
+                          f"model (a scalar head), which these formats do not carry; export an adapter run with "
+                          f"--merge, or use a full run's final/ folder as it is")
+    if quantize in COMPRESSED:
+        envs.ensure("llmcompressor", env_dir=env_dir, progress=True)  # before the model: a failed install costs less
     trained = load_trained(run_dir)
+    reward = stage_class(trained.cfg.train).reward_head
+    if quantize in CALIBRATED:
+        quant.group_size = group_size(trained.model, quant.group_size)
+    timings: dict[str, float] = {}
+    started = time.monotonic()
+    tokenizer, cfg = trained.tokenizer, trained.cfg
+    length = export_check.sequence_length(trained.model)
+    held = export_check.HeldOut([], "none: not measured", [], [])
+    if check or quantize in CALIBRATED:
+        held = export_check.held_out(cfg, tokenizer, length)
+    prompts, expected = export_check.sample_prompts(cfg) if check and not reward else ([], [])
+    reference = export_check.Figures()
+    if check and not reward:
+        autocast = reference_autocast(cfg, trained.model)
+        reference = export_check.measure(trained.model, tokenizer, held, prompts, cfg, autocast)
+    timings["reference"] = time.monotonic() - started
+
     lines = []
     model = trained.model
     if trained.adapter:
@@ -79,20 +192,105 @@ def export(run_dir: str | Path, out: str | Path, merge: bool = False, quantize: 
 
         model = merged(model, trained.cfg.train)
         lines.append(f"merged the {trained.cfg.train.tuner_strategy} adapter into the base ({model.dtype})")
-    out.mkdir(parents=True, exist_ok=True)
-    if quantize:
-        write_bnb(model, trained.tokenizer, out, quantize)
-        lines.append(f"{out} ({quantize} HF folder; AutoModelForCausalLM.from_pretrained loads it)")
-    elif gguf:
-        source = gguf_source(trained.cfg)
-        path = write_gguf(model, trained.tokenizer, out / f"{run_dir.resolve().name}-{gguf}.gguf", gguf, source)
-        lines.append(f"{path} (GGUF {gguf}; llama.cpp, or transformers with gguf_file=)")
-    else:
-        from swiftk.kernel.tuners import save_final
-
-        save_final(model, trained.tokenizer, out)
-        lines.append(f"{out} (merged HF folder, safetensors)")
+    bf16 = export_check.bf16_bytes(model)
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        started = time.monotonic()
+        gguf_file, bits, what = write(model, tokenizer, staging, run_dir, quantize, gguf, quant, held, cfg, env_dir)
+        timings["write"] = time.monotonic() - started
+        del model, trained  # the reference's figures are kept; its weights need not share memory with the export's
+        gc.collect()
+        kind = kind_of(merge, quantize, gguf, bits)
+        bound = max_ppl_ratio or export_check.MAX_PPL_RATIO[kind]
+        started = time.monotonic()
+        problem, exported = None, None
+        try:
+            loaded = export_check.load_export(staging, gguf_file, reward)
+            if not reward and check:
+                exported = export_check.measure(loaded, tokenizer, held, prompts, cfg)
+                problem = export_check.verdict(reference, exported, bound)
+            del loaded
+        except Exception as exc:  # noqa: BLE001 - whatever stops it loading or running is the check's finding
+            problem = f"it does not load or run: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+        timings["check"] = time.monotonic() - started
+        result = export_check.report(kind, bound, reference, exported, held, prompts, expected,
+                                     export_check.folder_bytes(staging), bf16, problem, timings,
+                                     export_check.weights_breakdown(staging))
+        result.update(run=str(run_dir.resolve()), out=str(out.resolve()), file=gguf_file, **what)
+        (staging / export_check.REPORT).write_text(json.dumps(result, indent=1))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if problem is not None:
+        rejected = out.with_name(out.name + ".rejected")
+        shutil.rmtree(rejected, ignore_errors=True)
+        os.replace(staging, rejected)
+        hints = "another scheme or more bits" if quantize or gguf else "exporting again (a merge should be exact)"
+        if quantize in CALIBRATED:
+            hints = (f"a smaller --group-size than {what.get('group_size')}, more --calib-samples, calibration data "
+                     f"closer to the model's use (--calib FILE), {hints}")
+        raise export_check.CheckError(
+            f"the {kind} export of {run_dir} fails its check: {problem}. It is kept in {rejected} with its report "
+            f"({export_check.REPORT}); {out} was not written. Try {hints}, or accept it with --max-ppl-ratio.")
+    try:
+        if out.exists():
+            shutil.rmtree(out)  # check_out let only an empty folder or an earlier export be replaced
+        os.replace(staging, out)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(out.with_name(out.name + ".rejected"), ignore_errors=True)  # an earlier try's, now superseded
+    lines.append(f"{out / gguf_file if gguf_file else out} ({describe(kind, what)})")
+    lines.append(summary(result))
     return lines
+
+
+def reference_autocast(cfg: RunConfig, model: torch.nn.Module) -> Any:
+    """The trained model computes as in training: bf16 autocast where it trained so (its adapter is fp32)."""
+    from swiftk.kernel.run import make_autocast
+
+    return make_autocast(cfg.train.precision, next(model.parameters()).device)
+
+
+def write(model: torch.nn.Module, tokenizer: Any, out: Path, run_dir: Path, quantize: str | None, gguf: str | None,
+          quant: Quant, held: Any, cfg: RunConfig, env_dir: str | None
+          ) -> tuple[str | None, int | None, dict[str, Any]]:
+    """Write the export into ``out``: (the GGUF file's name, the bits, what the report says about how)."""
+    from swiftk.kernel.tuners import save_final
+
+    if quantize in BNB:
+        write_bnb(model, tokenizer, out, quantize)
+        return None, 4 if quantize == "bnb-nf4" else 8, {}
+    if quantize in COMPRESSED:
+        return None, *write_compressed(model, tokenizer, out, quantize, quant, held, cfg, env_dir)
+    if gguf:
+        path = write_gguf(model, tokenizer, out / f"{run_dir.resolve().name}-{gguf}.gguf", gguf, gguf_source(cfg))
+        return path.name, None, {}
+    save_final(model, tokenizer, out)
+    return None, None, {}
+
+
+def describe(kind: str, what: dict[str, Any]) -> str:
+    if kind.startswith(("gptq", "awq", "fp8")):
+        return (f"{kind} in compressed-tensors format, {what.get('scheme_text', '')}; transformers and vLLM load it, "
+                f"`swiftk serve` serves it")
+    if kind.startswith("bnb"):
+        return f"{kind} HF folder; AutoModelForCausalLM.from_pretrained loads it"
+    if kind == "merge":
+        return "merged HF folder, safetensors"
+    return f"GGUF {kind}; llama.cpp, or transformers with gguf_file="
+
+
+def summary(result: dict[str, Any]) -> str:
+    ppl = result["perplexity"]
+    parts = [f"{name} perplexity {v['export']:.4g} vs {v['unquantized']:.4g} ({v['ratio']:.3f}x)"
+             for name, v in ppl.items() if v["ratio"] is not None]
+    same = sum(1 for a in result["answers"] if a["same"])
+    answers = f"; {same}/{len(result['answers'])} sample answers as before" if result["answers"] else ""
+    return (f"checked: {'; '.join(parts) or 'loads'}{answers}; {result['size_bytes'] / 2**20:.1f} MiB on disk, "
+            f"{result['size_ratio']:.2f}x bf16 (report: {export_check.REPORT})")
 
 
 def load_trained(run_dir: Path) -> Trained:
@@ -100,8 +298,7 @@ def load_trained(run_dir: Path) -> Trained:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     final = run_dir / "final"
-    if not (run_dir / "config.toml").is_file():
-        raise ExportError(f"{run_dir} is not a swiftk run directory (no config.toml)")
+    require_run(run_dir)
     if not final.is_dir():
         raise ExportError(f"{final} does not exist: the run did not finish, or ran with [output] save_final = "
                           f"false. Resume it to the end (`swiftk run CONFIG --resume`) first.")
@@ -111,6 +308,11 @@ def load_trained(run_dir: Path) -> Trained:
         auto = AutoModelForSequenceClassification if stage_class(cfg.train).reward_head else AutoModelForCausalLM
         return Trained(auto.from_pretrained(final).eval(), tokenizer, cfg, adapter=False)
     return Trained(rebuild_adapter_model(run_dir, cfg, tokenizer).eval(), tokenizer, cfg, adapter=True)
+
+
+def require_run(run_dir: Path) -> None:
+    if not (run_dir / "config.toml").is_file():
+        raise ExportError(f"{run_dir} is not a swiftk run directory (no config.toml)")
 
 
 def rebuild_adapter_model(run_dir: Path, cfg: RunConfig, tokenizer: Any) -> torch.nn.Module:
@@ -144,6 +346,91 @@ def rebuild_adapter_model(run_dir: Path, cfg: RunConfig, tokenizer: Any) -> torc
         raise ExportError(f"{run_dir / 'final'}: adapter weights {result.unexpected_keys[:3]} do not fit the model "
                           f"the run's config builds")
     return model
+
+
+# ---------------------------------------------------------------------------------------------- llm-compressor
+
+RUNNER = Path(__file__).with_name("quantize_runner.py")
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "HF_HUB_DISABLE_TELEMETRY": "1"}
+SCHEME_TEXT = {
+    "gptq": "W{bits}A16: symmetric int{bits} weights in groups of {group}, rounded by GPTQ",
+    "awq": "W{bits}A16: asymmetric int{bits} weights in groups of {group} (scale and zero point), scaled by AWQ",
+    "fp8": "W8A16: FP8 (e4m3) weights per output channel",
+    "fp8-dynamic": "W8A8: FP8 (e4m3) weights per output channel, activations FP8 per token at run time",
+}
+
+
+def write_compressed(model: torch.nn.Module, tokenizer: Any, out: Path, scheme: str, quant: Quant, held: Any,
+                     cfg: RunConfig, env_dir: str | None) -> tuple[int, dict[str, Any]]:
+    """Quantize the merged model with llm-compressor, run in its own environment on a bf16 copy; (bits, report)."""
+    from swiftk.kernel.tuners import save_final
+
+    bits = quant.bits or BITS[scheme][0]
+    group = group_size(model, quant.group_size) if scheme in CALIBRATED else None
+    length = export_check.sequence_length(model)
+    sequences, own = export_check.calibration(held, cfg, tokenizer, quant.calib, quant.samples, length) \
+        if scheme in CALIBRATED else ([], 0)
+    python = envs.ensure("llmcompressor", env_dir=env_dir, progress=False)  # installed before the model loaded
+    # Beside OUT (same disk, not a small /tmp); removed once quantized, kept with its log when llm-compressor fails.
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name.removesuffix('.partial')}.quantize-", dir=out.parent))
+    try:
+        save_final(model.to(torch.bfloat16), tokenizer, work / "merged")  # what the runner loads: bf16
+        calibration = None
+        if sequences:
+            calibration = work / "calibration.jsonl"
+            calibration.write_text("".join(json.dumps({"input_ids": ids}) + "\n" for ids in sequences))
+        job = {"source": str(work / "merged"), "out": str(out), "scheme": scheme, "bits": bits, "group_size": group,
+               "calibration": str(calibration) if calibration else None, "ignore": ["lm_head"],
+               "dampening": quant.dampening}
+        (work / "job.json").write_text(json.dumps(job, indent=1))
+        started = time.monotonic()
+        # -I: neither the user site nor this folder (with swiftk's modules) on the runner's sys.path
+        envs.supervise([str(python), "-I", str(RUNNER), str(work / "job.json")], work / "quantize.log",
+                       f"llm-compressor ({scheme}, {bits} bits)", QUANTIZE_TIMEOUT_S, {**os.environ, **OFFLINE},
+                       ExportError)
+        seconds = time.monotonic() - started
+    except ExportError:
+        shutil.rmtree(work / "merged", ignore_errors=True)  # the log and the job stay for the message to name
+        raise
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    what: dict[str, Any] = {
+        "scheme": scheme, "bits": bits, "group_size": group,
+        "scheme_text": SCHEME_TEXT[scheme].format(bits=bits, group=group),
+        "tool": f"llmcompressor {envs.LLMCOMPRESSOR_VERSION}", "quantize_seconds": round(seconds, 1),
+        "calibration": None if not sequences else {
+            "source": ("auto: the run's training rows, then Python's documentation" if quant.calib == "auto"
+                       else quant.calib),
+            "sequences": len(sequences), "from_the_run": own, "tokens_each": length},
+    }
+    return bits, what
+
+
+def linear_widths(model: torch.nn.Module) -> dict[str, int]:
+    """The input width of every linear layer llm-compressor quantizes (all but the LM head)."""
+    return {name: module.in_features for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")
+            and not any(part.startswith("lora_") for part in name.split("."))}  # an adapter's, before the merge
+
+
+def group_size(model: torch.nn.Module, asked: int | None) -> int:
+    """``asked`` if it divides every layer's width (else exit 2 naming them); unasked, the largest that does."""
+    widths = linear_widths(model)
+    for size in [asked] if asked else GROUP_SIZES:
+        if all(width % size == 0 for width in widths.values()):
+            return size
+    fits = [g for g in (256, 128, 64, 32, 16, 8) if all(width % g == 0 for width in widths.values())]
+    if asked:
+        odd = sorted({(name.split(".")[-1], width) for name, width in widths.items() if width % asked})
+        raise ExportArgumentError(
+            f"--group-size {asked} does not divide the input width of {', '.join(f'{n} ({w})' for n, w in odd[:4])}"
+            f"; this model's layers take {', '.join(map(str, fits)) or 'no power-of-two group'}")
+    raise ExportError(f"no group size of {'/'.join(map(str, GROUP_SIZES))} divides every linear layer's input width "
+                      f"({sorted(set(widths.values()))}); give --group-size "
+                      f"{fits[0] if fits else 'N'}" + ("" if fits else " (none of 8..256 fits: use --quantize fp8)"))
 
 
 # ---------------------------------------------------------------------------------------------- bitsandbytes
@@ -199,8 +486,9 @@ def permute_heads(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def write_gguf(model: torch.nn.Module, tokenizer: Any, path: Path, kind: str, source_gguf: Path | None) -> Path:
-    """A GGUF v3 file of a Llama-family model: f16 (norms f32) or q8_0 (matrices whose rows split into 32-value
-    blocks; the rest f16), with the tokenizer and chat template in its metadata."""
+    """A GGUF v3 file of a Llama-family model: f16 (norms f32), or q8_0, q5_1, q5_0, q4_1, q4_0 (matrices whose rows
+    split into 32-value blocks in that type; the rest f16), with the tokenizer and chat template in its
+    metadata. The K-quants (q4_k_m...) need llama.cpp's own quantizer: gguf-py only reads them."""
     config = model.config
     if config.model_type != "llama":
         raise ExportError(f"--gguf writes Llama-family models; this one is '{config.model_type}'. Convert the "
@@ -219,7 +507,7 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, path: Path, kind: str, so
                           f"convert the merged folder with llama.cpp's convert_hf_to_gguf.py")
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    file_type = gguf.LlamaFileType.MOSTLY_F16 if kind == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0
+    file_type = getattr(gguf.LlamaFileType, f"MOSTLY_{kind.upper()}")
 
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name(path.stem.replace("mistral", "m-istral"))  # transformers reads a "mistral" name as Mistral
@@ -251,8 +539,8 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, path: Path, kind: str, so
 def add_tensor(writer: Any, name: str | None, data: np.ndarray, kind: str) -> None:
     if data.ndim == 1:
         writer.add_tensor(name, data.astype(np.float32))
-    elif kind == "q8_0" and data.shape[-1] % 32 == 0:
-        qtype = gguf.GGMLQuantizationType.Q8_0
+    elif kind != "f16" and data.shape[-1] % 32 == 0:
+        qtype = getattr(gguf.GGMLQuantizationType, kind.upper())
         writer.add_tensor(name, gguf.quants.quantize(data.astype(np.float32), qtype), raw_dtype=qtype)
     else:
         writer.add_tensor(name, data.astype(np.float16))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import tempfile
@@ -96,6 +97,8 @@ def load_model(cfg: ModelConfig, vocab_size: int, device: torch.device, reward_h
     else:
         source = resolve_source(cfg.model_id)
         check_source(cfg.model_id, source, cfg.gguf_file)
+        if compressed_tensors_folder(Path(source)):
+            pack_zero_points_on_meta()
         try:
             # GGUF weights are dequantised fastest into float32; the cast to cfg.dtype comes after.
             model = AutoModelForCausalLM.from_pretrained(
@@ -248,6 +251,47 @@ def plain_copy(model: PreTrainedModel) -> PreTrainedModel:
     plain.tie_weights()
     plain.generation_config = model.generation_config
     return plain
+
+
+def compressed_tensors_folder(folder: Path) -> bool:
+    """Whether an HF folder holds a compressed-tensors checkpoint (GPTQ/AWQ/FP8 as `swiftk export` writes them)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors"
+
+
+def pack_zero_points_on_meta() -> None:
+    """Let transformers load compressed-tensors folders with asymmetric int weights (AWQ's, GPTQ's with zero points).
+
+    transformers 5.25 builds the quantized model on the meta device and compresses it there, to know the shapes
+    the checkpoint holds; compressed-tensors (0.19 to 0.20.1) packs the weights' shape on meta but leaves the
+    zero points at their unpacked shape ([576, 9] for SmolLM2's q_proj at group 64, where the file holds the
+    [72, 9] that packing 8 four-bit points per int32 gives), so loading refuses the folder that vLLM serves. This
+    gives the zero points on meta the packed shape compress() gives them on real tensors. Idempotent; nothing
+    where compressed-tensors is not installed."""
+    try:
+        from compressed_tensors.compressors.pack_quantized import base
+    except ImportError:
+        return
+    compressor = base.PackedQuantizationCompressor
+    if getattr(compressor.compress, "swiftk_packs_meta_zero_points", False):
+        return
+    original = compressor.compress.__func__
+
+    def compress(cls: Any, state_dict: Any, scheme: Any) -> Any:
+        weight, zero_point = state_dict.get("weight"), state_dict.get("weight_zero_point")
+        out = original(cls, state_dict, scheme)
+        args = scheme.weights
+        if (weight is not None and weight.device.type == "meta" and zero_point is not None and not args.symmetric
+                and args.strategy in base.PACK_ZP_STRATS):
+            rows = -(-zero_point.shape[0] * args.num_bits // 32)
+            out["weight_zero_point"] = torch.empty((rows, *zero_point.shape[1:]), dtype=torch.int32, device="meta")
+        return out
+
+    compress.swiftk_packs_meta_zero_points = True  # type: ignore[attr-defined]
+    compressor.compress = classmethod(compress)  # type: ignore[method-assign,assignment]
 
 
 def pick_device(name: str) -> torch.device:

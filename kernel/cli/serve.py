@@ -106,12 +106,17 @@ def serve_vllm(target: Any, generation: Any, name: str, host: str, port: int, ke
     import torch
 
     from swiftk.kernel import engine_files, envs, vllm_server
+    from swiftk.kernel.model import resolve_source
     from swiftk.kernel.served import UsageError, load_tokenizer_only, quiet
 
     if target.cfg is not None and target.cfg.model.init == "random" and target.adapter_dir is not None:
         raise UsageError(f"--engine vllm: {target.spec}'s base model is a random init ([model] init = 'random'), "
                          f"which vLLM cannot load from a folder; merge it first (`swiftk export {target.spec} --merge "
                          f"--out DIR`) and serve DIR, or use --engine hf.")
+    if not torch.cuda.is_available() and target.adapter_dir is None and target.run_dir is None:
+        refusal = engine_files.vllm_cpu_refusal(Path(resolve_source(target.model_cfg.model_id)))
+        if refusal:
+            raise UsageError(f"--engine vllm: {refusal}.")
     port = free_port(host, port)
     python = envs.ensure("vllm", env_dir=generation.env_dir, progress=True)
     with quiet():
