@@ -38,6 +38,9 @@ LLMCOMPRESSOR_VERSION = "0.14.0.1"
 CPU_TORCH = "torch==2.13.0"  # the CPU build pip finds on this machine's disk; a bare "torch" means a CUDA build
 MARKER = "swiftk-env.json"  # in the env's folder: the spec it was built from; written last
 LOG = "install.log"
+# What a tool's runner is started with: no hub or dataset download, no telemetry (these machines are offline).
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
 class EnvError(SwiftkError):

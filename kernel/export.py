@@ -351,8 +351,6 @@ def rebuild_adapter_model(run_dir: Path, cfg: RunConfig, tokenizer: Any) -> torc
 # ---------------------------------------------------------------------------------------------- llm-compressor
 
 RUNNER = Path(__file__).with_name("quantize_runner.py")
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "HF_HUB_DISABLE_TELEMETRY": "1"}
 SCHEME_TEXT = {
     "gptq": "W{bits}A16: symmetric int{bits} weights in groups of {group}, rounded by GPTQ",
     "awq": "W{bits}A16: asymmetric int{bits} weights in groups of {group} (scale and zero point), scaled by AWQ",
@@ -387,7 +385,7 @@ def write_compressed(model: torch.nn.Module, tokenizer: Any, out: Path, scheme: 
         started = time.monotonic()
         # -I: neither the user site nor this folder (with swiftk's modules) on the runner's sys.path
         envs.supervise([str(python), "-I", str(RUNNER), str(work / "job.json")], work / "quantize.log",
-                       f"llm-compressor ({scheme}, {bits} bits)", QUANTIZE_TIMEOUT_S, {**os.environ, **OFFLINE},
+                       f"llm-compressor ({scheme}, {bits} bits)", QUANTIZE_TIMEOUT_S, {**os.environ, **envs.OFFLINE},
                        ExportError)
         seconds = time.monotonic() - started
     except ExportError:

@@ -23,8 +23,6 @@ RUNNER = Path(__file__).with_name("evalscope_runner.py")
 BENCHMARK = {"qa": "general_qa", "mcq": "general_mcq"}
 LOG = "evalscope.log"
 LETTERS = "ABCDEFGHIJ"  # general_mcq's option columns, in order
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "HF_HUB_DISABLE_TELEMETRY": "1"}  # ModelScope has no offline switch; a local_path dataset fetches nothing
 
 
 class EvalScopeError(SwiftkError):
@@ -60,7 +58,8 @@ def run_evalscope(task: str, kind: Literal["qa", "mcq"], rows: list[dict], *, ba
     # -I: neither the user site nor the runner's folder (with this evalscope.py) on its sys.path
     envs.supervise([str(python), "-I", str(RUNNER), str(work_dir / "job.json")], work_dir / LOG,
                    f"evalscope task '{task}'", timeout_s,
-                   {**os.environ, **OFFLINE, "SWIFTK_EVALSCOPE_API_KEY": api_key or "EMPTY"}, EvalScopeError)
+                   # ModelScope has no offline switch; a local_path dataset fetches nothing
+                   {**os.environ, **envs.OFFLINE, "SWIFTK_EVALSCOPE_API_KEY": api_key or "EMPTY"}, EvalScopeError)
     return read_results(task, kind, out_dir, seconds=time.monotonic() - started)
 
 
