@@ -42,6 +42,7 @@ from swiftk.contracts.types import (
     sequence_logps,
     shifted_labels,
     supervised,
+    token_cross_entropy,
     token_logps,
 )
 
@@ -93,5 +94,6 @@ __all__ = [
     "sequence_logps",
     "shifted_labels",
     "supervised",
+    "token_cross_entropy",
     "token_logps",
 ]

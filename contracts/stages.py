@@ -120,6 +120,11 @@ class StepContext(Protocol):
     def forward_logits(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         """``[B, T, V]`` logits (a reward model: ``[B, 1, 1]`` scores) of ``batch``."""
 
+    def forward_outputs(self, model: torch.nn.Module, batch: Batch) -> ModelOutputs:
+        """``batch``'s outputs as the run's losses read them: the final hidden states and the head's weight when
+        ``[train] chunked_loss`` is on and the model allows it (no ``[B, T, V]`` logits until a loss reads
+        ``logits``), else the logits."""
+
     def unwrapped(self) -> torch.nn.Module:
         """The model itself, without its parallel wrapper (for generation, evaluation)."""
 
@@ -204,11 +209,13 @@ class Stage:
         """Anything to do once before the first step (e.g. score the data with the reference once)."""
 
     def forward(self, ctx: StepContext, model: torch.nn.Module, batch: Batch) -> ModelOutputs:
-        """What the loss needs of one micro-batch: the logits, and the reference's when the stage has one."""
+        """What the loss needs of one micro-batch: the model's outputs (``ctx.forward_outputs``), and the
+        reference's log-probs when the stage has one."""
         with ctx.autocast():
-            logits = ctx.forward_logits(model, batch)  # [B, T, V]
-        extras = ctx.reference.extras(batch) if ctx.reference is not None else {}
-        return ModelOutputs(logits, extras)
+            outputs = ctx.forward_outputs(model, batch)  # hidden states and head, or logits [B, T, V]
+        if ctx.reference is not None:
+            outputs.extras.update(ctx.reference.extras(batch))
+        return outputs
 
     def draw(self, step: int, grad_accum: int) -> int:
         """How many micro-batches the kernel reads from the data for the step after ``step``: ``[train]

@@ -7,8 +7,11 @@ They are plain dataclasses over tensors so that a plugin host can describe them 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+from swiftk.contracts.chunked import linear_cross_entropy, linear_token_logps
 
 # Label value that marks a position as "no loss here" (prompt, padding), as in PyTorch and transformers.
 IGNORE_INDEX = -100
@@ -80,34 +83,102 @@ def supervised(batch: Batch, outputs: ModelOutputs) -> tuple[torch.Tensor, torch
     return outputs.logits[:, :-1][mask], labels[mask]
 
 
-def token_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+def token_logps(logits: torch.Tensor | ModelOutputs, labels: torch.Tensor, temperature: float = 1.0
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of the labelled tokens under ``logits / temperature`` (0 where unlabelled), and the mask.
 
-    logits ``[B, T, V]``, labels ``[B, T]`` unshifted -> two ``[B, T-1]`` tensors: position t scores the token at
-    t+1. In float32, as gather minus logsumexp, so no ``[B, T, V]`` log-softmax is kept for backward."""
+    logits ``[B, T, V]`` (or a ``ModelOutputs``), labels ``[B, T]`` unshifted -> two ``[B, T-1]`` tensors: position t
+    scores the token at t+1. In float32, as gather minus logsumexp, so no ``[B, T, V]`` log-softmax is kept for
+    backward. Given ``ModelOutputs`` that hold hidden states, only the labelled positions are scored, from the
+    hidden states and the head chunk by chunk (``contracts.chunked``): no ``[B, T, V]`` logits at all."""
     targets = labels[:, 1:]  # [B, T-1]: the logits at t-1 score the token at t
     mask = targets != IGNORE_INDEX
-    scaled = logits[:, :-1].float() / temperature  # [B, T-1, V]
-    picked = scaled.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T-1]
-    return (picked - scaled.logsumexp(-1)) * mask, mask
+    if isinstance(logits, ModelOutputs) and logits.chunked:
+        assert logits.hidden is not None and logits.head is not None
+        picked = linear_token_logps(logits.hidden[:, :-1][mask], logits.head, targets[mask], temperature)
+        out = torch.zeros(mask.shape, dtype=torch.float32, device=picked.device)
+        return out.masked_scatter(mask, picked), mask  # [B, T-1]
+    full: torch.Tensor = logits.logits if isinstance(logits, ModelOutputs) else logits
+    scaled = full[:, :-1].float() / temperature  # [B, T-1, V]
+    chosen = scaled.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T-1]
+    return (chosen - scaled.logsumexp(-1)) * mask, mask
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(logits: torch.Tensor | ModelOutputs, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probabilities of each row's labelled tokens (after the causal shift), and their counts.
 
-    logits ``[B, T, V]``, labels ``[B, T]`` unshifted (``IGNORE_INDEX`` where not scored) -> (``[B]`` sum of
-    log p(token), ``[B]`` scored tokens). Divide the two for per-token means (IPO, SimPO, ORPO)."""
+    logits ``[B, T, V]`` (or a ``ModelOutputs``), labels ``[B, T]`` unshifted (``IGNORE_INDEX`` where not scored) ->
+    (``[B]`` sum of log p(token), ``[B]`` scored tokens). Divide the two for per-token means (IPO, SimPO, ORPO)."""
     logps, mask = token_logps(logits, labels)  # [B, T-1]
     return logps.sum(-1), mask.sum(-1)
 
 
-@dataclass
-class ModelOutputs:
-    """What the kernel's forward pass produced for a ``Batch``."""
+def token_cross_entropy(outputs: ModelOutputs, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of the labelled tokens (after the causal shift), summed, float32 0-dim.
 
-    logits: torch.Tensor  # [B, T, V]
+    From the logits when the outputs hold them, else from the hidden states and the head chunk by chunk
+    (``contracts.chunked``), scoring only the labelled positions; the two agree to float rounding."""
+    if outputs.chunked:
+        assert outputs.hidden is not None and outputs.head is not None
+        targets = labels[:, 1:]  # [B, T-1]
+        mask = targets != IGNORE_INDEX
+        return linear_cross_entropy(outputs.hidden[:, :-1][mask], outputs.head, targets[mask], label_smoothing)
+    # Shift the labels rather than the logits: the logits stay a view and are never copied.
+    return torch.nn.functional.cross_entropy(outputs.logits.flatten(0, 1).float(), shifted_labels(labels).flatten(),
+                                             ignore_index=IGNORE_INDEX, reduction="sum",
+                                             label_smoothing=label_smoothing)
+
+
+class _Logits:
+    """``ModelOutputs.logits``: the tensor given, or, for outputs made of hidden states and a head, ``hidden @
+    head.T`` computed on first read and kept (a loss that reads the logits gets them, as it always did)."""
+
+    def __get__(self, obj: ModelOutputs | None, owner: type[Any] | None = None) -> Any:
+        if obj is None:
+            return None  # the dataclass's default: outputs of hidden states have no logits until they are read
+        value = obj.__dict__.get("_logits")
+        if value is None:
+            if obj.hidden is None or obj.head is None:
+                raise ValueError("these ModelOutputs hold neither logits nor hidden states and a head")
+            value = obj.__dict__["_logits"] = obj.hidden @ obj.head.T  # [B, T, V]
+        return value
+
+    def __set__(self, obj: ModelOutputs, value: torch.Tensor | None) -> None:
+        obj.__dict__["_logits"] = value
+
+
+@dataclass(repr=False, eq=False)
+class ModelOutputs:
+    """What the kernel's forward pass produced for a ``Batch``.
+
+    Either the logits, or (the kernel's default for a causal LM, ``[train] chunked_loss``) the final hidden states
+    and the LM head's weight, with the logits left uncomputed: ``token_cross_entropy``, ``token_logps`` and
+    ``sequence_logps`` then work chunk by chunk, and reading ``logits`` computes them once (``hidden @ head.T``).
+    """
+
+    logits: _Logits = _Logits()  # [B, T, V] (a tensor; computed on first read from hidden and head)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. value-head outputs, ref log-probs
+    hidden: torch.Tensor | None = None  # [B, T, H]: the head's input, in the dtype its matmul runs in
+    head: torch.Tensor | None = None  # [V, H]: the head's weight, same dtype (logits = hidden @ head.T)
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the logits are still uncomputed, so losses can work from the hidden states and the head."""
+        return self.__dict__.get("_logits") is None and self.hidden is not None and self.head is not None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the outputs are (without computing the logits)."""
+        return self.hidden.device if self.chunked and self.hidden is not None else self.logits.device
+
+    def fields(self) -> dict[str, Any]:
+        """The fields as stored, without computing the logits (what crosses to a plugin host)."""
+        return {"logits": self.__dict__.get("_logits"), "extras": self.extras, "hidden": self.hidden,
+                "head": self.head}
+
+    def __repr__(self) -> str:
+        shapes = {k: tuple(v.shape) for k, v in self.fields().items() if isinstance(v, torch.Tensor)}
+        return f"ModelOutputs({shapes}, extras={sorted(self.extras)})"
 
 
 @dataclass

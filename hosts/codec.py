@@ -53,7 +53,7 @@ def _wire(value: Any, tensor: Callable[[torch.Tensor], Any]) -> Any:
         return [_wire(v, tensor) for v in value]
     record = RECORD_TYPES.get(type(value).__name__)
     if record is not None and type(value) is record:
-        return Struct(record.__name__, {name: _wire(getattr(value, name), tensor) for name in _field_names(record)})
+        return Struct(record.__name__, {name: _wire(v, tensor) for name, v in stored_fields(value).items()})
     raise Unsendable(f" is a {type(value).__module__}.{type(value).__qualname__}, which cannot be sent to a "
                      f"plugin host (only tensors, the contract's records and plain data cross)")
 
@@ -61,10 +61,15 @@ def _wire(value: Any, tensor: Callable[[torch.Tensor], Any]) -> Any:
 _FIELDS: dict[type[Any], tuple[str, ...]] = {}
 
 
-def _field_names(cls: type[Any]) -> tuple[str, ...]:
+def stored_fields(record: Any) -> dict[str, Any]:
+    """A contract record's fields as stored: ``ModelOutputs`` made of hidden states crosses without computing its
+    logits (the host computes them if its plugin reads them)."""
+    if isinstance(record, ModelOutputs):
+        return record.fields()
+    cls = type(record)
     if cls not in _FIELDS:
         _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))
-    return _FIELDS[cls]
+    return {name: getattr(record, name) for name in _FIELDS[cls]}
 
 
 def from_wire(value: Any, tensor: Callable[[TensorRef | CudaRef], torch.Tensor]) -> Any:
@@ -96,5 +101,5 @@ def tensor_bytes(value: Any, cuda: bool | None = None) -> int:
     if isinstance(value, Mapping):
         return sum(tensor_bytes(v, cuda) for v in value.values())
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return sum(tensor_bytes(getattr(value, f.name), cuda) for f in dataclasses.fields(value))
+        return sum(tensor_bytes(v, cuda) for v in stored_fields(value).values())
     return 0

@@ -127,7 +127,7 @@ class RemotePlugin:
         value = self.policy.fallback if policy == "fallback" else None
         if self.traits[hook].differentiable:  # a loss that cannot be computed contributes nothing to the update
             outputs = kwargs.get("outputs")
-            device = outputs.logits.device if outputs is not None else torch.device("cpu")
+            device = outputs.device if outputs is not None else torch.device("cpu")
             loss = torch.tensor(float(value or 0.0), device=device, requires_grad=True)
             return LossResult(loss, {"loss_skipped": 1.0})
         return value

@@ -160,6 +160,9 @@ class TrainConfig(Section):
         description="autocast; master weights fp32 (fp16 needs loss scaling, which is not built yet)"
     )
     gradient_checkpointing: bool = False
+    chunked_loss: bool = Field(
+        True, description="losses read the final hidden states and the LM head, chunk by chunk, instead of full "
+                          "[batch, seq, vocab] logits (off by itself where the model's head does not allow it)")
     max_grad_norm: float | None = Field(1.0, gt=0)
 
     @field_validator("precision", mode="before")

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from swiftk.contracts import Batch, Generator, LossResult, PluginError, StepState, checks
+from swiftk.contracts import Batch, Generator, LossResult, ModelOutputs, PluginError, StepState, checks
 from swiftk.contracts.engines import ParallelEngine
 from swiftk.contracts.rewards import PauseRun
 from swiftk.contracts.stages import LEARN, Stage
@@ -31,6 +31,7 @@ from swiftk.kernel.data import Loader
 from swiftk.kernel.dist import DistInfo, agreed, any_rank, mean_across_ranks, sum_across_ranks
 from swiftk.kernel.errors import SwiftkError
 from swiftk.kernel.generation import configured_generator, push_weights
+from swiftk.kernel.heads import ChunkedHead
 from swiftk.kernel.model import forward_logits
 from swiftk.kernel.parallel.none import OneProcess
 from swiftk.kernel.plugins import Plugins
@@ -76,6 +77,7 @@ class Run:
     logged: dict[str, float] = field(default_factory=dict)  # the stage's metrics for this step (ctx.log())
     stage_parameters: frozenset[str] = frozenset()  # added by Stage.adapt (a value head): never sent to a generator
     eval_tasks: list[Any] = field(default_factory=list)  # [eval] tasks, resolved (kernel.evals.runner.Resolved)
+    head: ChunkedHead | None = None  # forward passes to the hidden states ([train] chunked_loss), None: logits
 
     def state(self) -> StepState:
         return StepState(
@@ -97,6 +99,18 @@ class Run:
 
     def forward_logits(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         return forward_logits(model, batch)
+
+    def forward_outputs(self, model: torch.nn.Module, batch: Batch) -> ModelOutputs:
+        if self.head is not None and not self.head.verified:  # once: are the logits hidden @ head.T here?
+            why = self.head.differs(self.unwrapped(), batch)
+            if why:
+                self.head = None
+                self.say(f"chunked loss off: {why}; the losses read full logits")
+            else:
+                self.head.verified = True
+        if self.head is None:
+            return ModelOutputs(forward_logits(model, batch))
+        return self.head.outputs(model, batch)
 
     def unwrapped(self) -> torch.nn.Module:
         return self.parallel.unwrap(self.model)

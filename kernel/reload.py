@@ -80,7 +80,7 @@ class Reloader:
     paths: list[str]  # plugin files to watch (absolute)
     debounce_s: float = DEBOUNCE_S
     ready: queue.Queue[Candidate | Failure] = field(default_factory=queue.Queue)
-    last: tuple[Any, torch.Tensor, dict[str, torch.Tensor], Any] | None = None  # batch, logits, extras, state
+    last: tuple[Any, dict[str, Any], Any] | None = None  # batch, its outputs' fields (detached), state
     touched: dict[str, float] = field(default_factory=dict)  # path -> first event of the current burst
     quiet_since: dict[str, float] = field(default_factory=dict)
     hashes: dict[str, str] = field(default_factory=dict)
@@ -254,7 +254,8 @@ class Reloader:
 
     # -- swapping (the main thread, at a step boundary) -----------------------------------------------------
     def remember(self, batch: Any, outputs: ModelOutputs, state: Any) -> None:
-        self.last = (batch, outputs.logits.detach(), outputs.extras, state)
+        kept = outputs.fields()  # detached, without computing logits that are not there
+        self.last = (batch, {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kept.items()}, state)
 
     def apply(self, step: int, event: Any, say: Any) -> None:
         """Swap in every candidate that passes its probe; record every swap and rejection."""
@@ -305,18 +306,21 @@ class Reloader:
             raise RejectedEdit(f"the new host does not serve {', '.join(missing)}, which its host serves now")
 
     def probe(self, candidate: Candidate) -> None:
-        """A new loss must give a finite 0-dim loss on the last batch whose gradient reaches the logits."""
+        """A new loss must give a finite 0-dim loss on the last batch whose gradient reaches the model's outputs
+        (the logits, or the hidden states they are computed from)."""
         if self.last is None:
             return
-        batch, logits, extras, state = self.last
+        batch, kept, state = self.last
         for name, plugin in candidate.plugins.items():
             if not hasattr(plugin, "swiftk_loss_compute"):
                 continue
             manager = new_manager()
             manager.register(plugin, name=f"probe:{name}")
-            leaf = logits.clone().requires_grad_()
+            leaf_name = "logits" if kept["logits"] is not None else "hidden"
+            leaf = kept[leaf_name].clone().requires_grad_()
+            outputs = ModelOutputs(**{**kept, leaf_name: leaf})
             try:
-                result = manager.hook.swiftk_loss_compute(batch=batch, outputs=ModelOutputs(leaf, extras),
+                result = manager.hook.swiftk_loss_compute(batch=batch, outputs=outputs,
                                                           step=state.step, state=state)
                 try:
                     loss = checks.checked_loss(result).loss  # the contract every loss is held to
@@ -324,7 +328,7 @@ class Reloader:
                     raise RejectedEdit(f"{name}: on the last batch, swiftk_loss_compute {exc}; {exc.fix}") from None
                 loss.backward()
                 if leaf.grad is None or not bool(torch.isfinite(leaf.grad).all()):
-                    raise RejectedEdit(f"{name}: on the last batch, no finite gradient reaches the logits")
+                    raise RejectedEdit(f"{name}: on the last batch, no finite gradient reaches the {leaf_name}")
             except RejectedEdit:
                 raise
             except Exception as exc:

@@ -37,6 +37,7 @@ from swiftk.kernel.data import Loader, read_rows
 from swiftk.kernel.dist import DistInfo, from_env
 from swiftk.kernel.errors import CheckpointError, ConfigError, ModelLoadError, RunDirError
 from swiftk.kernel.generate import chat_prompt
+from swiftk.kernel.heads import ChunkedHead
 from swiftk.kernel.loop import Run, train
 from swiftk.kernel.model import check_source, load_model, load_tokenizer, pick_device, resolve_source
 from swiftk.kernel.plugins import (
@@ -262,6 +263,16 @@ def make_autocast(precision: str, device: torch.device) -> Any:
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def chunked_head(model: torch.nn.Module, chunked: bool, say: Any) -> ChunkedHead | None:
+    """The forward path to the hidden states of ``[train] chunked_loss``, or None (saying why, if the model is why)."""
+    if not chunked:
+        return None
+    head, why = ChunkedHead.of(model)
+    if head is None:
+        say(f"chunked loss off: {why}; the losses read full logits")
+    return head
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices; never biases, norms or other 1-d tensors. Each group names its tensors."""
     groups: list[dict[str, Any]] = [{"params": [], "names": [], "weight_decay": weight_decay},
@@ -401,8 +412,10 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
     autocast = make_autocast(cfg.train.precision, device)
     # The reference is copied from the model before sharding (a copy of an FSDP2 module is not a model), then
     # sharded like it.
-    reference = make_reference(cfg.model.ref_model_id, cfg.model, model, len(tokenizer), device, autocast) \
-        if stage.needs_reference else None
+    # Losses from the hidden states, chunk by chunk: not with a reward head, nor with parameters in shards.
+    chunked = cfg.train.chunked_loss and not stage.reward_head and not parallel.sharded
+    reference = make_reference(cfg.model.ref_model_id, cfg.model, model, len(tokenizer), device, autocast,
+                               chunked) if stage.needs_reference else None
     model = parallel.wrap(model, device, cfg.train.precision)  # DDP or FSDP2 (before the optimizer sees params)
     if reference is not None and reference.model is not None:
         reference.model = parallel.wrap_frozen(reference.model, device, cfg.train.precision)
@@ -423,7 +436,8 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
     reporter = Reporter(run_dir if dist.is_main else None, total_steps, cfg.log.progress, cfg.log.every)
     run = Run(cfg, run_dir, model, tokenizer, plugins, optimizer, scheduler, loader, device, dist, reporter,
               total_steps, autocast, stage, eval_samples, reference=reference, parallel=parallel,
-              stage_parameters=added, eval_tasks=eval_tasks(cfg.eval.tasks))
+              stage_parameters=added, eval_tasks=eval_tasks(cfg.eval.tasks),
+              head=chunked_head(parallel.unwrap(model), chunked, say))
     stage.prepare(run, train_samples, eval_samples)  # e.g. dpo: score every pair with the reference once
     if plugins.hosts is not None:  # host deaths, restarts and plugin failures go to metrics.jsonl and the console
         plugins.hosts.sink = lambda event, fields: host_event(run, event, fields)

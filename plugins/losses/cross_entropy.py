@@ -9,9 +9,7 @@ count, keeps the gradient independent of how the step is split into micro-batche
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
-from swiftk.contracts import IGNORE_INDEX, Batch, LossResult, ModelOutputs, hookimpl, register_loss, shifted_labels
+from swiftk.contracts import Batch, LossResult, ModelOutputs, hookimpl, register_loss, token_cross_entropy
 
 
 @register_loss("cross_entropy")
@@ -25,14 +23,6 @@ class CrossEntropy:
 
     @hookimpl
     def swiftk_loss_compute(self, batch: Batch, outputs: ModelOutputs) -> LossResult:
-        logits = outputs.logits  # [B, T, V]
-        # Shift the labels rather than the logits: the logits stay a view and are never copied.
-        targets = shifted_labels(batch.labels)  # [B, T]
-        total = F.cross_entropy(
-            logits.flatten(0, 1).float(),
-            targets.flatten(),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-            label_smoothing=self.label_smoothing,
-        )
+        # From the logits, or from the hidden states and the head chunk by chunk (never [B, T, V] at once).
+        total = token_cross_entropy(outputs, batch.labels, self.label_smoothing)
         return LossResult(total / max(batch.num_items_in_batch, 1))

@@ -138,7 +138,7 @@ class GRPO:
         for key in ("advantages", "num_sequences"):
             if key not in extras:
                 raise ValueError(f"loss 'grpo': the batch has no extras[{key!r}]; the stage must provide it")
-        logps, mask = token_logps(outputs.logits, batch.labels, self.temperature)  # [B, T-1]
+        logps, mask = token_logps(outputs, batch.labels, self.temperature)  # [B, T-1]
         loss, metrics = grpo_loss(
             logps, extras.get("old_logps"), extras.get("ref_logps"), extras["advantages"], mask, **self.options,
             num_items_in_batch=batch.num_items_in_batch, num_sequences=extras["num_sequences"],

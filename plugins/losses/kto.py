@@ -74,7 +74,7 @@ class KTO:
 
     @hookimpl
     def swiftk_loss_compute(self, batch: Batch, outputs: ModelOutputs) -> LossResult:
-        logps, _ = sequence_logps(outputs.logits, batch.labels)  # [2N]
+        logps, _ = sequence_logps(outputs, batch.labels)  # [2N]
         if "ref_logps" not in outputs.extras:
             raise ValueError("kto needs the reference model's log-probs; run it with [train] stage = \"kto\"")
         ref = outputs.extras["ref_logps"].to(logps.device).float()  # [2N]

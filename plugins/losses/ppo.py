@@ -126,7 +126,7 @@ class PPO:
             raise ValueError(f"loss 'ppo': missing batch extras {sorted(missing)} or model extras['values']; the "
                              f"stage must provide the rollout and the value head")
         extras = batch.extras
-        logps, mask = token_logps(outputs.logits, batch.labels, self.temperature)  # [B, T-1]
+        logps, mask = token_logps(outputs, batch.labels, self.temperature)  # [B, T-1]
         values = outputs.extras["values"][:, :-1].float()  # [B, T-1]: the value before emitting token t+1
         pg, metrics = ppo_policy_loss(logps, extras["old_logps"], extras["advantages"], mask,
                                       cliprange=self.cliprange)

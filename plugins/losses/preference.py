@@ -13,7 +13,7 @@ from swiftk.contracts import Batch, ModelOutputs, sequence_logps
 def split_logps(batch: Batch, outputs: ModelOutputs, average: bool) -> tuple[torch.Tensor, torch.Tensor,
                                                                             torch.Tensor]:
     """(chosen ``[B]``, rejected ``[B]``, token counts ``[2B]``): summed log-probs, or per-token means."""
-    logps, counts = sequence_logps(outputs.logits, batch.labels)  # [2B], [2B]
+    logps, counts = sequence_logps(outputs, batch.labels)  # [2B], [2B]
     if average:
         logps = logps / counts.clamp(min=1)
     half = logps.shape[0] // 2

@@ -135,7 +135,7 @@ class OnlineStage(Stage):
 
     def forward(self, ctx: StepContext, model: torch.nn.Module, batch: Batch) -> ModelOutputs:
         with ctx.autocast():
-            return ModelOutputs(ctx.forward_logits(model, batch))  # the reference's log-probs came with the rollout
+            return ctx.forward_outputs(model, batch)  # the reference's log-probs came with the rollout
 
     def sampling(self, greedy: bool = False, logprobs: bool = False) -> SamplingParams:
         t = self.train
@@ -313,7 +313,7 @@ class GRPO(OnlineStage):
             batch.extras["advantages"] = advantages[rows].float().to(ctx.device)
             if off_policy or correct:
                 with ctx.autocast():
-                    sampled, raw = token_logps(ctx.forward_logits, model, batch, (self.train.temperature, 1.0))
+                    sampled, raw = token_logps(ctx.forward_outputs, model, batch, (self.train.temperature, 1.0))
                 if off_policy:
                     batch.extras["old_logps"] = sampled
                 if correct and (engine := engine_logps(part, raw)) is not None:

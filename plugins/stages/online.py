@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from swiftk.contracts import IGNORE_INDEX, Batch, Completion, Message, SamplingParams
+from swiftk.contracts import IGNORE_INDEX, Batch, Completion, Message, ModelOutputs, SamplingParams
 from swiftk.contracts import token_logps as labelled_logps
 from swiftk.kernel.data import load_rows
 from swiftk.kernel.errors import DataError
@@ -138,17 +138,18 @@ def completion_mask(batch: Batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def token_logps(forward: Callable[[torch.nn.Module, Batch], torch.Tensor], model: torch.nn.Module, batch: Batch,
+def token_logps(forward: Callable[[torch.nn.Module, Batch], torch.Tensor | ModelOutputs], model: torch.nn.Module,
+                batch: Batch,
                 temperatures: Sequence[float] = (1.0,)) -> list[torch.Tensor]:
     """Per-token log-probs ``[B, T-1]`` of the labelled tokens (0 elsewhere) under ``model``, one tensor per
     temperature, from one forward without gradient or dropout."""
     training = model.training
     model.eval()
     try:
-        logits = forward(model, batch)  # [B, T, V]
+        outputs = forward(model, batch)  # logits [B, T, V], or hidden states and the head
     finally:
         model.train(training)
-    return [labelled_logps(logits, batch.labels, t)[0] for t in temperatures]
+    return [labelled_logps(outputs, batch.labels, t)[0] for t in temperatures]
 
 
 def engine_logps(rollouts: Sequence[Rollout], like: torch.Tensor) -> torch.Tensor | None:

@@ -1,0 +1,150 @@
+"""Cross-entropy and token log-probabilities straight from hidden states and the LM head, chunk by chunk.
+
+A causal LM's logits ``[B, T, V]`` are the biggest tensor of a fine-tuning step: SmolLM2's vocabulary of 49 152
+makes them 400 MB in float32 for 8 x 256 tokens, kept for backward with a float copy and its gradient. These
+functions take the final hidden states ``h`` ``[N, H]`` (only the scored tokens) and the head's weight ``W``
+``[V, H]`` instead, and compute ``z = h W^T`` a chunk of rows at a time, so that no more than one chunk of logits
+exists at once (the idea of Liger's FusedLinearCrossEntropy and of Cut Cross-Entropy, Wijmans et al. 2024):
+
+- ``linear_cross_entropy``: sum over rows of ``(1-e) (lse(z) - z_y) + e (lse(z) - mean(z))`` (``e`` the label
+  smoothing). Its gradients do not depend on anything after the loss but a scale, so they are computed in the
+  forward pass, chunk by chunk (``dz = softmax(z) - (1-e) onehot(y) - e/V``), and only ``dh`` ``[N, H]`` and
+  ``dW`` ``[V, H]`` are kept: one matmul fewer than recomputing them in backward.
+- ``linear_token_logps``: ``log p(y) = z_y/t - lse(z/t)`` per row. What comes after it (DPO's sigmoid, GRPO's
+  clipped ratio) weights each row's gradient, so backward recomputes each chunk's logits:
+  ``dz = g (onehot(y) - softmax(z/t)) / t``.
+
+The matmuls run in the dtype ``h`` and ``W`` come in (bfloat16 under autocast, as the model's own head would);
+softmax, log-sum-exp and the gradient of ``z`` in float32, as ``F.cross_entropy(logits.float())`` does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+CHUNK_ELEMENTS = 1 << 23  # logits per chunk: 32 MB in float32, whatever the vocabulary
+
+
+def chunk_rows(vocab: int, elements: int = CHUNK_ELEMENTS) -> int:
+    """Rows of logits per chunk: ``elements`` logits, at least 16 rows (a matmul too thin is slow)."""
+    return max(16, elements // max(vocab, 1))
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         label_smoothing: float = 0.0, chunk: int | None = None) -> torch.Tensor:
+    """Summed cross-entropy of ``hidden @ weight.T`` against ``targets``, never holding all the logits.
+
+    hidden ``[N, H]``, weight ``[V, H]``, targets ``[N]`` (every row scored) -> a float32 scalar. Differentiable in
+    ``hidden`` and ``weight``; equal to ``F.cross_entropy((hidden @ weight.T).float(), targets, reduction="sum",
+    label_smoothing=...)`` and its gradients."""
+    check(hidden, weight, targets)
+    differentiable = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    result: torch.Tensor = _LinearCrossEntropy.apply(hidden, weight, targets, float(label_smoothing),  # type: ignore[no-untyped-call]
+                                                     chunk or chunk_rows(weight.shape[0]), differentiable)
+    return result
+
+
+def linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                       chunk: int | None = None) -> torch.Tensor:
+    """``log softmax(hidden @ weight.T / temperature)[row, target]`` per row, float32 ``[N]``; differentiable in
+    ``hidden`` and ``weight``, with one chunk of logits alive at a time in forward and in backward."""
+    check(hidden, weight, targets)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    result: torch.Tensor = _LinearTokenLogps.apply(hidden, weight, targets, float(temperature),  # type: ignore[no-untyped-call]
+                                                   chunk or chunk_rows(weight.shape[0]))
+    return result
+
+
+def check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> None:
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden [N, H] and weight [V, H] expected, got {tuple(hidden.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets [N] expected for hidden {tuple(hidden.shape)}, got {tuple(targets.shape)}")
+
+
+def chunk_logits(h: torch.Tensor, weight: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``[c, V]`` float32 logits of one chunk of rows."""
+    z = (h @ weight.T).float()
+    return z if temperature == 1.0 else z.div_(temperature)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                smoothing: float, chunk: int, differentiable: bool) -> torch.Tensor:
+        wants_h = differentiable and ctx.needs_input_grad[0]
+        wants_w = differentiable and ctx.needs_input_grad[1]
+        vocab = weight.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if wants_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if wants_w else None
+        for start in range(0, hidden.shape[0], chunk):
+            h, y = hidden[start:start + chunk], targets[start:start + chunk]
+            z = chunk_logits(h, weight)  # [c, V]
+            lse = z.logsumexp(-1)  # [c]
+            picked = z.gather(1, y.unsqueeze(1)).squeeze(1)  # [c]
+            rows = lse - picked
+            if smoothing:
+                rows = (1 - smoothing) * rows + smoothing * (lse - z.mean(-1))
+            total += rows.sum()
+            if grad_h is None and grad_w is None:
+                continue
+            dz = z.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
+            dz.scatter_add_(1, y.unsqueeze(1), torch.full_like(picked, -(1 - smoothing)).unsqueeze(1))
+            if smoothing:
+                dz.sub_(smoothing / vocab)
+            dz = dz.to(weight.dtype)
+            if grad_h is not None:
+                grad_h[start:start + chunk] = dz @ weight
+            if grad_w is not None:
+                grad_w.addmm_(dz.T.float(), h.float())
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_h, grad_w = ctx.saved_tensors
+        scale = grad_out.float()
+        dh = None if grad_h is None else (grad_h * scale.to(grad_h.dtype))
+        dw = None if grad_w is None else (grad_w * scale).to(ctx.weight_dtype)
+        return dh, dw, None, None, None, None
+
+
+class _LinearTokenLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                temperature: float, chunk: int) -> torch.Tensor:
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lses = torch.empty_like(out)
+        for start in range(0, hidden.shape[0], chunk):
+            z = chunk_logits(hidden[start:start + chunk], weight, temperature)  # [c, V]
+            lses[start:start + chunk] = z.logsumexp(-1)
+            y = targets[start:start + chunk].unsqueeze(1)
+            out[start:start + chunk] = z.gather(1, y).squeeze(1) - lses[start:start + chunk]
+        ctx.save_for_backward(hidden, weight, targets, lses)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        hidden, weight, targets, lses = ctx.saved_tensors
+        t, chunk = ctx.temperature, ctx.chunk
+        wants_h, wants_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if wants_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if wants_w else None
+        g = grad_out.float()
+        for start in range(0, hidden.shape[0], chunk):
+            h, gc = hidden[start:start + chunk], g[start:start + chunk]
+            z = chunk_logits(h, weight, t)
+            dz = z.sub_(lses[start:start + chunk].unsqueeze(1)).exp_().mul_(-gc.unsqueeze(1) / t)  # -g p / t
+            dz.scatter_add_(1, targets[start:start + chunk].unsqueeze(1), (gc / t).unsqueeze(1))
+            if grad_h is not None:
+                grad_h[start:start + chunk] = dz.to(weight.dtype) @ weight
+            if grad_w is not None:
+                grad_w.addmm_(dz.T, h.float())
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
