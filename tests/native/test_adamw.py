@@ -106,3 +106,67 @@ def test_bad_inputs_are_refused_with_the_reason(adamw) -> None:
         NativeOptimizer([q], adamw, lr=1e-3).step()
     with pytest.raises(TypeError, match="unknown argument.*momentum"):
         NativeOptimizer([q], adamw, lr=1e-3, momentum=0.9)
+
+
+def fit(dtype: torch.dtype, lr: float = 1e-3, steps: int = 100, **options: object) -> tuple[float, torch.nn.Parameter,
+                                                                                          torch.optim.Optimizer]:
+    """Least squares towards a fixed target: the loss after ``steps`` of torch's AdamW (``options`` None) or
+    native_adamw with ``options``, parameters in ``dtype``. Its updates (lr 1e-3 on values ~1) are under half a
+    bfloat16 step, which is what rounding to nearest loses."""
+    generator = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4096, 64, generator=generator).to(dtype))
+    target = torch.randn(4096, 64, generator=generator)
+    groups = [{"params": [w], "weight_decay": 0.01}]
+    optimizer = torch.optim.AdamW(groups, lr=lr) if options.pop("torch", False) else native_adamw(groups, lr, **options)
+    loss = torch.zeros(())
+    for _ in range(steps):
+        loss = ((w.float() - target) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return loss.item(), w, optimizer
+
+
+def test_bfloat16_moments_with_stochastic_rounding_follow_torch_adamw_over_100_steps(adamw) -> None:
+    want, reference, _ = fit(torch.float32, torch=True)
+    got, w, optimizer = fit(torch.float32, bf16_moments=True, stochastic_rounding=True)
+    state = optimizer.state[w]
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16  # 4 bytes per parameter, not 8
+    assert got == pytest.approx(want, rel=1e-5)
+    assert float((w - reference).detach().abs().mean()) < 5e-4  # the parameters, not only the loss
+    nearest, w_nearest, _ = fit(torch.float32, bf16_moments=True)
+    assert float((w_nearest - reference).detach().abs().mean()) > 1.5 * float((w - reference).detach().abs().mean())
+
+
+def test_stochastic_rounding_keeps_bfloat16_parameters_learning(adamw) -> None:
+    want = fit(torch.float32, torch=True)[0]
+    stalled = fit(torch.bfloat16)[0]  # rounded to nearest: most updates round back to the old value
+    learning, w, _ = fit(torch.bfloat16, stochastic_rounding=True, bf16_moments=True)
+    assert w.dtype == torch.bfloat16
+    assert learning == pytest.approx(want, rel=2e-3) and stalled > want * 1.05, (want, stalled, learning)
+
+
+def test_stochastic_rounding_is_reproducible_and_exact_on_resume(adamw) -> None:
+    options = {"stochastic_rounding": True, "bf16_moments": True, "seed": 7}
+    straight = params(torch.bfloat16)
+    run(native_adamw([{"params": straight, "weight_decay": 0.1}], 1e-3, **options), straight, range(20))
+    again = params(torch.bfloat16)
+    first = native_adamw([{"params": again, "weight_decay": 0.1}], 1e-3, **options)
+    run(first, again, range(8))
+    state = first.state_dict()
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in again]
+    second = native_adamw([{"params": resumed, "weight_decay": 0.1}], 1e-3, **options)
+    second.load_state_dict(state)
+    assert all(second.state[p]["exp_avg_sq"].dtype == torch.bfloat16 for p in resumed)
+    run(second, resumed, range(8, 20))
+    assert all(torch.equal(a, b) for a, b in zip(straight, resumed, strict=True))
+    other = params(torch.bfloat16)
+    run(native_adamw([{"params": other, "weight_decay": 0.1}], 1e-3, **{**options, "seed": 8}), other, range(20))
+    assert not all(torch.equal(a, b) for a, b in zip(straight, other, strict=True)), "the seed picks the draws"
+
+
+def test_bfloat16_moment_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="amsgrad keeps float32 moments"):
+        native_adamw([{"params": params()}], 1e-3, amsgrad=True, bf16_moments=True)
+    with pytest.raises(ValueError, match="seed must be"):
+        native_adamw([{"params": params()}], 1e-3, seed=-1)
