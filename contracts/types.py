@@ -77,9 +77,13 @@ def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
 
 
 def supervised(batch: Batch, outputs: ModelOutputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """The logits ``[N, V]`` and labels ``[N]`` of the supervised tokens, after the causal shift."""
+    """The logits ``[N, V]`` and labels ``[N]`` of the supervised tokens, after the causal shift (from the hidden
+    states of those tokens alone, when the outputs hold hidden states and no logits yet)."""
     labels = batch.labels[:, 1:]  # [B, T-1]: the logits at t-1 score the token at t
     mask = labels != IGNORE_INDEX
+    if outputs.chunked:
+        assert outputs.hidden is not None and outputs.head is not None
+        return outputs.hidden[:, :-1][mask] @ outputs.head.T, labels[mask]
     return outputs.logits[:, :-1][mask], labels[mask]
 
 

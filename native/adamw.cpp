@@ -24,7 +24,7 @@ using Hyper = std::map<std::string, double>;
 std::map<std::string, double> defaults() {
   return {{"lr", 1e-3}, {"beta1", 0.9}, {"beta2", 0.999}, {"eps", 1e-8}, {"weight_decay", 1e-2},
           {"amsgrad", 0.0}, {"maximize", 0.0}, {"bf16_moments", 0.0}, {"stochastic_rounding", 0.0},
-          {"seed", 0.0}};
+          {"seed", 0.0}, {"group", 0.0}};
 }
 
 std::map<std::string, at::Tensor> init_state(const at::Tensor& param, const Hyper& h) {
@@ -69,6 +69,7 @@ void step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& 
   const auto moments = swiftk::hyper(h, "bf16_moments") != 0.0 ? at::kBFloat16 : at::kFloat;
   const bool stochastic = swiftk::hyper(h, "stochastic_rounding") != 0.0;
   const auto seed = uint64_t(int64_t(swiftk::hyper(h, "seed")));
+  const auto group = uint64_t(int64_t(swiftk::hyper(h, "group")));  // so that groups draw different bits
 
   std::vector<swiftk::AdamScalars> scalars;
   std::vector<swiftk::Rounding> rounding;
@@ -84,7 +85,8 @@ void step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& 
     scalars.emplace_back(swiftk::hyper(h, "lr"), swiftk::hyper(h, "beta1"), swiftk::hyper(h, "beta2"),
                          swiftk::hyper(h, "eps"), swiftk::hyper(h, "weight_decay"), steps[i], amsgrad,
                          swiftk::hyper(h, "maximize") != 0.0);
-    const uint64_t key = (seed * 0x2545F4914F6CDD1DULL) ^ (uint64_t(steps[i]) << 32) ^ uint64_t(i);
+    const uint64_t key = (seed * 0x2545F4914F6CDD1DULL) ^ (group * 0x9E3779B97F4A7C15ULL) ^
+                         (uint64_t(steps[i]) << 32) ^ uint64_t(i);
     rounding.push_back({stochastic, key});
   }
   swiftk::adam_update_all(params, grads, exp_avg, exp_avg_sq, max_sq, scalars, rounding);

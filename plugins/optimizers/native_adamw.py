@@ -44,6 +44,9 @@ def native_adamw(
         raise ValueError("native_adamw: amsgrad keeps float32 moments; set bf16_moments = false or amsgrad = false")
     if not 0 <= seed < 2**53:
         raise ValueError(f"native_adamw: seed must be in [0, 2^53), got {seed}")
+    for index, group in enumerate(param_groups):  # each group's rounding draws its own bits
+        if isinstance(group, dict):
+            group.setdefault("group", index)
     return NativeOptimizer(param_groups, builtin("adamw"), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                            amsgrad=amsgrad, maximize=maximize, bf16_moments=bf16_moments,
                            stochastic_rounding=stochastic_rounding, seed=seed)

@@ -6,7 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from swiftk.contracts import IGNORE_INDEX, ModelOutputs, sequence_logps, token_cross_entropy, token_logps
+from swiftk.contracts import (
+    IGNORE_INDEX,
+    Batch,
+    ModelOutputs,
+    sequence_logps,
+    supervised,
+    token_cross_entropy,
+    token_logps,
+)
 from swiftk.contracts.chunked import chunk_rows, linear_cross_entropy, linear_token_logps
 from swiftk.hosts.codec import stored_fields, tensor_bytes
 
@@ -98,6 +106,10 @@ def test_model_outputs_of_hidden_states_score_like_their_logits() -> None:
         want = torch.autograd.grad(fn(ModelOutputs(hidden @ head.T)), (hidden, head))
         for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    rows = Batch(labels, labels, None, num_items_in_batch=1)
+    picked, targets = supervised(rows, chunked)  # [N, V] of the labelled rows only
+    torch.testing.assert_close(picked, supervised(rows, ModelOutputs(hidden @ head.T))[0])
+    assert picked.shape == (int((labels[:, 1:] != IGNORE_INDEX).sum()), 50) and targets.shape == picked.shape[:1]
     assert chunked.chunked, "the chunked functions never compute the logits"
     full = ModelOutputs(hidden @ head.T)
     torch.testing.assert_close(chunked.logits, full.logits)  # a loss that reads them gets them, once

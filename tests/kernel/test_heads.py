@@ -74,6 +74,9 @@ def test_models_whose_logits_are_not_hidden_times_head_are_refused() -> None:
     lora_head = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj", "lm_head"]))
     head, why = ChunkedHead.of(lora_head)
     assert head is None and "not a plain Linear" in why
+    partitioned = tiny_llama()
+    partitioned.lm_head.weight.ds_id = 7  # what DeepSpeed ZeRO-3 marks the parameters it partitions with
+    assert "partitioned or offloaded" in ChunkedHead.of(partitioned)[1]
     torch.manual_seed(0)
     scaled = ScaledLlama(tiny_llama().config)
     head, why = ChunkedHead.of(scaled)
