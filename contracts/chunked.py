@@ -14,7 +14,7 @@ exists at once (the idea of Liger's FusedLinearCrossEntropy and of Cut Cross-Ent
   clipped ratio) weights each row's gradient, so backward recomputes each chunk's logits:
   ``dz = g (onehot(y) - softmax(z/t)) / t``.
 
-The matmuls run in the dtype ``h`` and ``W`` come in (bfloat16 under autocast, as the model's own head would);
+The matmuls run in the dtype ``h`` and ``W`` come in (the kernel picks it: ``kernel.heads.matmul_dtype``);
 softmax, log-sum-exp and the gradient of ``z`` in float32, as ``F.cross_entropy(logits.float())`` does.
 """
 

@@ -79,12 +79,22 @@ def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
 def supervised(batch: Batch, outputs: ModelOutputs) -> tuple[torch.Tensor, torch.Tensor]:
     """The logits ``[N, V]`` and labels ``[N]`` of the supervised tokens, after the causal shift (from the hidden
     states of those tokens alone, when the outputs hold hidden states and no logits yet)."""
+    if outputs.chunked:
+        hidden, head, targets, _ = labelled_hidden(outputs, batch.labels)
+        return hidden @ head.T, targets
     labels = batch.labels[:, 1:]  # [B, T-1]: the logits at t-1 score the token at t
     mask = labels != IGNORE_INDEX
-    if outputs.chunked:
-        assert outputs.hidden is not None and outputs.head is not None
-        return outputs.hidden[:, :-1][mask] @ outputs.head.T, labels[mask]
     return outputs.logits[:, :-1][mask], labels[mask]
+
+
+def labelled_hidden(outputs: ModelOutputs, labels: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For outputs of hidden states: the hidden states ``[N, H]`` that score a labelled token (after the causal
+    shift), the head ``[V, H]``, those tokens ``[N]``, and the ``[B, T-1]`` mask they were picked with."""
+    assert outputs.hidden is not None and outputs.head is not None, "outputs of hidden states expected"
+    targets = labels[:, 1:]  # [B, T-1]: the hidden state at t-1 scores the token at t
+    mask = targets != IGNORE_INDEX
+    return outputs.hidden[:, :-1][mask], outputs.head, targets[mask], mask
 
 
 def token_logps(logits: torch.Tensor | ModelOutputs, labels: torch.Tensor, temperature: float = 1.0
@@ -95,13 +105,13 @@ def token_logps(logits: torch.Tensor | ModelOutputs, labels: torch.Tensor, tempe
     scores the token at t+1. In float32, as gather minus logsumexp, so no ``[B, T, V]`` log-softmax is kept for
     backward. Given ``ModelOutputs`` that hold hidden states, only the labelled positions are scored, from the
     hidden states and the head chunk by chunk (``contracts.chunked``): no ``[B, T, V]`` logits at all."""
-    targets = labels[:, 1:]  # [B, T-1]: the logits at t-1 score the token at t
-    mask = targets != IGNORE_INDEX
     if isinstance(logits, ModelOutputs) and logits.chunked:
-        assert logits.hidden is not None and logits.head is not None
-        picked = linear_token_logps(logits.hidden[:, :-1][mask], logits.head, targets[mask], temperature)
+        hidden, head, scored, mask = labelled_hidden(logits, labels)
+        picked = linear_token_logps(hidden, head, scored, temperature)
         out = torch.zeros(mask.shape, dtype=torch.float32, device=picked.device)
         return out.masked_scatter(mask, picked), mask  # [B, T-1]
+    targets = labels[:, 1:]  # [B, T-1]: the logits at t-1 score the token at t
+    mask = targets != IGNORE_INDEX
     full: torch.Tensor = logits.logits if isinstance(logits, ModelOutputs) else logits
     scaled = full[:, :-1].float() / temperature  # [B, T-1, V]
     chosen = scaled.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T-1]
@@ -123,10 +133,8 @@ def token_cross_entropy(outputs: ModelOutputs, labels: torch.Tensor, label_smoot
     From the logits when the outputs hold them, else from the hidden states and the head chunk by chunk
     (``contracts.chunked``), scoring only the labelled positions; the two agree to float rounding."""
     if outputs.chunked:
-        assert outputs.hidden is not None and outputs.head is not None
-        targets = labels[:, 1:]  # [B, T-1]
-        mask = targets != IGNORE_INDEX
-        return linear_cross_entropy(outputs.hidden[:, :-1][mask], outputs.head, targets[mask], label_smoothing)
+        hidden, head, targets, _ = labelled_hidden(outputs, labels)
+        return linear_cross_entropy(hidden, head, targets, label_smoothing)
     # Shift the labels rather than the logits: the logits stay a view and are never copied.
     return torch.nn.functional.cross_entropy(outputs.logits.flatten(0, 1).float(), shifted_labels(labels).flatten(),
                                              ignore_index=IGNORE_INDEX, reduction="sum",

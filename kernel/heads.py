@@ -46,8 +46,8 @@ class ChunkedHead:
         base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
         get_head, get_decoder = getattr(base, "get_output_embeddings", None), getattr(base, "get_decoder", None)
         head = get_head() if callable(get_head) else None
-        if isinstance(head, torch.nn.Linear) and unusable(head.weight):
-            return None, unusable(head.weight)
+        if isinstance(head, torch.nn.Linear) and (why := unusable(head.weight)):
+            return None, why
         if type(head) is not torch.nn.Linear or head.bias is not None:
             what = "none" if head is None else type(head).__name__ + (" with a bias" if head is not None and
                                                                        getattr(head, "bias", None) is not None else "")
@@ -69,6 +69,14 @@ class ChunkedHead:
         weight = self.head.weight
         dtype = matmul_dtype(hidden.device, weight.dtype)
         return ModelOutputs(hidden=hidden.to(dtype), head=weight.to(dtype))
+
+    def check_once(self, model: torch.nn.Module, batch: Any) -> str:
+        """``differs`` on the first batch it is asked about, "" afterwards: why this path cannot be used."""
+        if self.verified:
+            return ""
+        why = self.differs(model, batch)
+        self.verified = not why
+        return why
 
     def differs(self, model: torch.nn.Module, batch: Any) -> str:
         """Why this model's logits are not ``hidden @ head.T`` on ``batch`` (empty when they are), from one

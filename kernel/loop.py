@@ -101,13 +101,9 @@ class Run:
         return forward_logits(model, batch)
 
     def forward_outputs(self, model: torch.nn.Module, batch: Batch) -> ModelOutputs:
-        if self.head is not None and not self.head.verified:  # once: are the logits hidden @ head.T here?
-            why = self.head.differs(self.unwrapped(), batch)
-            if why:
-                self.head = None
-                self.say(f"chunked loss off: {why}; the losses read full logits")
-            else:
-                self.head.verified = True
+        if self.head is not None and (why := self.head.check_once(self.unwrapped(), batch)):
+            self.head = None
+            self.say(f"chunked loss off: {why}; the losses read full logits")
         if self.head is None:
             return ModelOutputs(forward_logits(model, batch))
         return self.head.outputs(model, batch)

@@ -47,9 +47,8 @@ class ReferenceModel:
         model.eval()
         try:
             with adapters_off, self.autocast():
-                if self.head is not None and not self.head.verified:
-                    self.head.verified = not self.head.differs(model, batch)
-                    self.head = self.head if self.head.verified else None
+                if self.head is not None and self.head.check_once(model, batch):
+                    self.head = None
                 if self.head is not None:
                     return self.head.outputs(model, batch)
                 return ModelOutputs(forward_logits(model, batch))  # [rows, T, V]
