@@ -62,8 +62,10 @@ class ModelConfig(Section):
     architecture: dict[str, Any] | None = Field(
         None, description="transformers config for init='random', e.g. {model_type='llama', hidden_size=64}"
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="storage dtype of the loaded weights (trainable LoRA weights stay float32)"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="storage dtype of the loaded weights (trainable LoRA weights stay float32); 'auto': "
+                               "bfloat16 where the device computes it natively, else float32 (always float32 "
+                               "for a full fine-tune)"
     )
     device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'")
     attn_implementation: str = Field("sdpa", description="'sdpa', 'eager', 'flash_attention_2'")
@@ -155,9 +157,11 @@ class TrainConfig(Section):
     max_steps: int | None = Field(None, ge=1)
     epochs: float = Field(1.0, gt=0, validation_alias=AliasChoices("epochs", "num_train_epochs"))
     seed: int = 42
-    precision: Literal["bf16", "fp32"] = Field(
-        "bf16", validation_alias=AliasChoices("precision", "dtype"),
-        description="autocast; master weights fp32 (fp16 needs loss scaling, which is not built yet)"
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", validation_alias=AliasChoices("precision", "dtype"),
+        description="autocast; master weights fp32 (fp16 needs loss scaling, which is not built yet). 'auto': bf16 "
+                    "where the device computes it natively (CUDA from Ampere on, a CPU with AVX512-BF16 or AMX), "
+                    "fp32 where bf16 would be emulated (an AVX2-only CPU, ~11x slower)"
     )
     gradient_checkpointing: bool = False
     chunked_loss: bool = Field(

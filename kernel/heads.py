@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from swiftk.contracts import ModelOutputs
+from swiftk.kernel.precision import native_half
 
 NO_LOGITS = torch.empty(0, dtype=torch.long)  # logits_to_keep: the index of no position
 SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -131,12 +132,6 @@ def matmul_dtype(device: torch.device, weight_dtype: torch.dtype) -> torch.dtype
     if kind == "cpu" and dtype in (torch.bfloat16, torch.float16) and not native_half(dtype):
         return torch.float32
     return dtype
-
-
-def native_half(dtype: torch.dtype) -> bool:
-    """Whether this CPU computes ``dtype`` (bfloat16 or float16) matmuls natively."""
-    mkldnn = torch.ops.mkldnn
-    return bool(mkldnn._is_mkldnn_bf16_supported() if dtype == torch.bfloat16 else mkldnn._is_mkldnn_fp16_supported())
 
 
 def unusable(weight: torch.Tensor) -> str:

@@ -23,10 +23,9 @@ from transformers import (
 
 from swiftk.kernel.config import ModelConfig
 from swiftk.kernel.errors import ModelLoadError
+from swiftk.kernel.precision import torch_dtype
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_source(model_id: str) -> str:
@@ -83,7 +82,7 @@ def load_model(cfg: ModelConfig, vocab_size: int, device: torch.device, reward_h
     """Load (or build) the causal LM in ``cfg.dtype`` on ``device``; with ``reward_head_pad_id`` set, the same
     backbone with a scalar head read at each row's last token (a reward model; the id marks padding).
     ``quantization`` (a transformers ``BitsAndBytesConfig``) loads the linear layers in 4 or 8 bits."""
-    dtype = DTYPES[cfg.dtype]
+    dtype = torch_dtype(cfg.dtype, device)
     if quantization is not None:
         return load_quantized(cfg, vocab_size, device, reward_head_pad_id, quantization)
     if reward_head_pad_id is not None:
@@ -131,7 +130,7 @@ def load_quantized(cfg: ModelConfig, vocab_size: int, device: torch.device, rewa
     folder, and loaded back quantized.
     """
     device_map = cfg.device_map if cfg.device_map is not None else {"": str(device)}
-    kwargs = {"quantization_config": quantization, "device_map": device_map, "dtype": DTYPES[cfg.dtype],
+    kwargs = {"quantization_config": quantization, "device_map": device_map, "dtype": torch_dtype(cfg.dtype, device),
               "attn_implementation": cfg.attn_implementation, "trust_remote_code": cfg.trust_remote_code}
     if cfg.init == "pretrained" and not cfg.gguf_file and reward_head_pad_id is None:
         source = resolve_source(cfg.model_id)

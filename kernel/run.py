@@ -29,7 +29,7 @@ from swiftk.contracts import PluginError, SamplingParams
 from swiftk.contracts.conformance import describe
 from swiftk.contracts.stages import Stage
 from swiftk.hosts.supervisor import console
-from swiftk.kernel import checkpoint, launch
+from swiftk.kernel import checkpoint, launch, precision
 from swiftk.kernel import dist as distributed
 from swiftk.kernel import parallel as engines
 from swiftk.kernel.config import Locator, PluginSource, RunConfig, load_config
@@ -37,7 +37,7 @@ from swiftk.kernel.data import Loader, read_rows
 from swiftk.kernel.dist import DistInfo, from_env
 from swiftk.kernel.errors import CheckpointError, ConfigError, ModelLoadError, RunDirError
 from swiftk.kernel.generate import chat_prompt
-from swiftk.kernel.heads import ChunkedHead, native_half
+from swiftk.kernel.heads import ChunkedHead
 from swiftk.kernel.loop import Run, train
 from swiftk.kernel.model import check_source, load_model, load_tokenizer, pick_device, resolve_source
 from swiftk.kernel.plugins import (
@@ -163,7 +163,7 @@ def check_files(cfg: RunConfig) -> list[str]:
                         "tasks, or remove every")
     if cfg.eval.tasks:
         problems += eval_task_problems(cfg.eval.tasks)
-    if tuner_of(cfg.train).full_weights_master and cfg.model.dtype != "float32":
+    if tuner_of(cfg.train).full_weights_master and cfg.model.dtype not in ("float32", "auto"):
         problems.append(f"[model] dtype: '{cfg.model.dtype}' with tuner_strategy = '{cfg.train.tuner_strategy}' "
                         f"would train without "
                         f"fp32 master weights; keep 'float32' ([train] precision = 'bf16' still computes in bf16)")
@@ -257,8 +257,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_autocast(precision: str, device: torch.device) -> Any:
-    if precision == "fp32":
+def make_autocast(mode: str, device: torch.device) -> Any:
+    """The forward passes' autocast context for ``[train] precision`` = ``mode`` on ``device``."""
+    if precision.compute(mode, device) == "fp32":
         return nullcontext
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
@@ -383,8 +384,11 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
     if device.type == "cuda" and dist.world_size > 1:
         device = torch.device("cuda", dist.local_rank)
     say = print if dist.is_main else (lambda *a, **k: None)
+    asked = cfg.train.precision
+    cfg = precision.resolved(cfg, device, tuner_of(cfg.train).full_weights_master)  # "auto" as this device runs it
 
-    say(f"swiftk {swiftk.__version__} | run dir {run_dir} | device {device} | precision {cfg.train.precision}")
+    say(f"swiftk {swiftk.__version__} | run dir {run_dir} | device {device} | precision "
+        f"{precision.describe(asked, cfg.train.precision, device)}")
     tokenizer = load_tokenizer(cfg.model)
     stage = build_stage(cfg.train)
     source = DataSource(tokenizer, cfg.data, cfg.eval, plugins)
@@ -410,10 +414,6 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
         f"({cfg.train.tuner_strategy}), loaded in {time.perf_counter() - started:.1f} s")
 
     autocast = make_autocast(cfg.train.precision, device)
-    if cfg.train.precision == "bf16" and device.type == "cpu" and not native_half(torch.bfloat16):
-        say("precision bf16: this CPU has no native bfloat16 (no AVX512-BF16 or AMX), so autocast's matmuls are "
-            "emulated, several times slower than float32 (the tiny config: 130 tokens/s against 1500 on an AVX2 "
-            "EPYC); [train] precision = 'fp32' trains faster here")
     # The reference is copied from the model before sharding (a copy of an FSDP2 module is not a model), then
     # sharded like it.
     # Losses from the hidden states, chunk by chunk: not with a reward head, nor with parameters in shards (asked

@@ -65,7 +65,7 @@ TUNERS: dict[str, Choice] = {c.key: c for c in (
     Choice("full", "full", "every weight trains: the most memory, float32 weights"),
 )}
 
-PRECISIONS = ("bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp32")
 PREFERENCE_STAGES = ("dpo", "simpo", "orpo", "cpo", "kto", "rm")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -86,7 +86,7 @@ class Answers:
     epochs: int | None = None
     batch_size: int | None = None
     lora_rank: int | None = None
-    precision: str | None = None    # bf16 | fp32
+    precision: str | None = None    # auto | bf16 | fp32
     runs_dir: str = "runs"
 
 
@@ -114,7 +114,7 @@ def refusals(answers: Answers) -> list[str]:
         problems.append("lora_rank: tuner 'full' trains every weight and has no adapter rank; choose lora, or "
                         "leave lora_rank out")
     if a.precision is not None and a.precision not in PRECISIONS:
-        problems.append(f"precision {a.precision!r}: choose bf16 or fp32 (fp16 needs loss scaling, which swiftk "
+        problems.append(f"precision {a.precision!r}: choose auto, bf16 or fp32 (fp16 needs loss scaling, which swiftk "
                         f"does not have yet)")
     return problems
 
@@ -252,7 +252,7 @@ def config_text(answers: Answers, path: str | Path | None = None) -> str:
     kind = "grpo" if a.stage == "grpo" else "pairs" if a.stage in PREFERENCE_STAGES else "sft"
     r = RECIPES[family, kind]
     own_data = a.data is not None
-    precision = a.precision or "bf16"
+    precision = a.precision or "auto"
     tables = {
         "model": model_lines(a, family, precision),
         "data": data_lines(a, r),
@@ -299,6 +299,8 @@ def model_lines(a: Answers, family: str, precision: str) -> list[Line]:
     fp32 = a.tuner == "full" or precision == "fp32"
     dtype = ("float32", "full fine-tuning keeps fp32 master weights" if a.tuner == "full" else
              "precision fp32: weights in float32 too") if fp32 else (
+             "auto", "the frozen base weights in bf16 where the device computes bf16 natively, else float32; the "
+                     "adapter's stay fp32") if precision == "auto" else (
              "bfloat16", "the frozen base weights in bf16; the adapter's stay fp32")
     if a.model == "smollm2":
         first: list[Line] = [
@@ -339,7 +341,8 @@ def train_lines(a: Answers, r: dict[str, Any], family: str, precision: str) -> l
         ("max_steps", max_steps, "the run's length in optimizer steps" + (" (wins over epochs)" if epochs else "")),
         ("epochs", epochs, "passes over the data"),
         ("seed", 0, ""),
-        ("precision", precision, "bf16: compute in bfloat16 (weights stay fp32); fp32: slower, exact"),
+        ("precision", precision, "auto: bf16 where the device computes it natively, else fp32; bf16: compute in "
+                                 "bfloat16 (weights stay fp32); fp32: exact"),
     ]
 
 

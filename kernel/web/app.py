@@ -114,8 +114,8 @@ def build(workspace: Workspace, launcher: Launcher, chat: Chat, refresh_s: float
                     max_steps = gr.Textbox(label="max steps", placeholder="preset (epochs)", elem_id="launch-steps")
                     batch_size = gr.Textbox(label="batch size", placeholder="preset", elem_id="launch-batch")
                     lora_rank = gr.Textbox(label="LoRA rank", placeholder="preset", elem_id="launch-rank")
-                    precision = gr.Dropdown([("preset", DEFAULT), "bf16", "fp32"], value=DEFAULT, label="precision",
-                                            elem_id="launch-precision")
+                    precision = gr.Dropdown([("preset", DEFAULT), "auto", "bf16", "fp32"], value=DEFAULT,
+                                            label="precision", elem_id="launch-precision")
                 with gr.Row():
                     overwrite = gr.Checkbox(label="overwrite an existing run of this name", value=False,
                                             elem_id="launch-overwrite")

@@ -48,7 +48,7 @@ def test_bad_answers_are_all_reported_at_once() -> None:
         config_text(Answers(name="my run", model="smollm", stage="ppo", precision="fp16"))
     problems = "\n".join(caught.value.problems)
     assert "did you mean" not in problems and len(caught.value.problems) == 4
-    assert "smollm2, tiny" in problems and "sft, dpo" in problems and "bf16 or fp32" in problems
+    assert "smollm2, tiny" in problems and "sft, dpo" in problems and "auto, bf16 or fp32" in problems
 
 
 def test_check_reports_the_cli_messages_against_the_target_path_and_writes_nothing(tmp_path: Path) -> None:
