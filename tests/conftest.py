@@ -106,8 +106,8 @@ def quickstart_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_addition_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``configs/tiny_sft.toml`` as shipped (450 steps, ~3 min on 2 cores in float32): a full tiny model folder that
-    adds two-digit numbers (about 45 % of the held-out sums right, greedy, in float32; 60 % in bf16), trained once per
-    session; the starting point, teacher or policy of the online-RL tests. Read-only for the tests."""
+    adds two-digit numbers (about 45 % of the held-out sums right, greedy, in float32), trained once per session; the
+    starting point, teacher or policy of the online-RL tests. Read-only for the tests."""
     from swiftk.kernel.cli import main
 
     root = tmp_path_factory.mktemp("tiny_addition")
