@@ -1,6 +1,7 @@
 """What swiftk's kernel costs per step: the same tiny Llama, data and maths trained three ways, in one process.
 
     .venv/bin/python bench/kernel_overhead.py [--rounds 3] [--steps 40] [--warmup 10] [--precision bf16|fp32]
+                                              [--compile]
 
   swiftk      ``swiftk.kernel.run.execute`` on a TOML written to a temp dir; step times from its metrics.jsonl
   raw         a plain PyTorch loop: fused AdamW, the same cosine schedule, clip 1.0, bf16 autocast (or none at
@@ -13,6 +14,10 @@ cross-entropy / label tokens, in one precision (--precision; by default what swi
 where this CPU computes it natively, fp32 where it would be emulated). The runs are interleaved, (swiftk, raw,
 HF Trainer) x rounds, the order rotating by round; each run drops its first ``--warmup`` steps and takes its
 median step. Reported figures are medians over rounds.
+
+``--compile``: each framework compiled its own way: swiftk with ``[train] compile = true`` (its decoder layers),
+the raw loop with ``torch.compile(model)``, HF Trainer with ``torch_compile=True`` (the whole model for both);
+the compilation falls in the warm-up steps.
 
 Two timings per framework:
   *_tok_s       the framework's own step window (swiftk: batch fetch -> zero_grad, as in metrics.jsonl;
@@ -136,13 +141,13 @@ def toml_value(value: Any) -> str:
     return json.dumps(value) if isinstance(value, str) else repr(value)
 
 
-def swiftk_config(work: Path, steps: int, precision: str) -> Path:
+def swiftk_config(work: Path, steps: int, precision: str, compiled: bool) -> Path:
     tables: dict[str, dict[str, Any]] = {
         "model": {"model_id": str(TOKENIZER), "init": "random", "architecture": ARCH},
         "data": {"train_file": str(work / "train.jsonl"), "format": "text", "max_length": SEQ, "shuffle": False},
         "train": {"tuner_strategy": "full", "lr": LR, "scheduler": "cosine", "warmup_steps": 0,
                   "weight_decay": 0.0, "batch_size": BATCH, "grad_accum": 1, "max_steps": steps, "seed": SEED,
-                  "precision": precision, "max_grad_norm": CLIP},
+                  "precision": precision, "max_grad_norm": CLIP, "compile": compiled},
         "output": {"dir": str(work / "swiftk_run"), "save_final": False},
         "log": {"progress": "none"},
     }
@@ -155,10 +160,10 @@ def swiftk_config(work: Path, steps: int, precision: str) -> Path:
     return path
 
 
-def run_swiftk(work: Path, steps: int, precision: str) -> dict[str, Any]:
+def run_swiftk(work: Path, steps: int, precision: str, compiled: bool) -> dict[str, Any]:
     from swiftk.kernel.run import Options, execute
 
-    config = swiftk_config(work, steps, precision)
+    config = swiftk_config(work, steps, precision, compiled)
     with contextlib.redirect_stdout(sys.stderr):
         code = execute(Options(config=str(config), overrides=[], overwrite=True))
     assert code == 0, f"swiftk run exited with {code}"
@@ -173,10 +178,11 @@ def run_swiftk(work: Path, steps: int, precision: str) -> dict[str, Any]:
     }
 
 
-def run_raw(ids: torch.Tensor, vocab_size: int, steps: int, precision: str) -> dict[str, Any]:
+def run_raw(ids: torch.Tensor, vocab_size: int, steps: int, precision: str, compiled: bool) -> dict[str, Any]:
     model = build_model(vocab_size)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    forward = torch.compile(model) if compiled else model
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=True)  # as swiftk and HF Trainer
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps))
     mask = torch.ones(BATCH, SEQ, dtype=torch.long)
@@ -186,7 +192,7 @@ def run_raw(ids: torch.Tensor, vocab_size: int, steps: int, precision: str) -> d
         batch = ids[step * BATCH : (step + 1) * BATCH]  # [B, T]
         targets = F.pad(batch[:, 1:], (0, 1), value=IGNORE_INDEX)  # [B, T]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            logits = model(input_ids=batch, attention_mask=mask, use_cache=False).logits  # [B, T, V]
+            logits = forward(input_ids=batch, attention_mask=mask, use_cache=False).logits  # [B, T, V]
         total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                 ignore_index=IGNORE_INDEX, reduction="sum")
         loss = total / (targets != IGNORE_INDEX).sum()
@@ -216,7 +222,8 @@ class StepTimer(TrainerCallback):
         self.ends.append(now)
 
 
-def run_hf_trainer(ids: torch.Tensor, vocab_size: int, steps: int, work: Path, precision: str) -> dict[str, Any]:
+def run_hf_trainer(ids: torch.Tensor, vocab_size: int, steps: int, work: Path, precision: str, compiled: bool
+                   ) -> dict[str, Any]:
     model = build_model(vocab_size)
     rows = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r} for r in ids[: steps * BATCH]]
     args = TrainingArguments(
@@ -224,6 +231,7 @@ def run_hf_trainer(ids: torch.Tensor, vocab_size: int, steps: int, work: Path, p
         per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=LR, lr_scheduler_type="cosine",
         warmup_steps=0, weight_decay=0.0, max_grad_norm=CLIP, logging_steps=10**6, save_strategy="no",
         report_to=[], seed=SEED, train_sampling_strategy="sequential",  # the batches swiftk and raw see
+        torch_compile=compiled,
     )
     timer = StepTimer()
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=default_data_collator,
@@ -279,9 +287,9 @@ def one_round(work: Path, ids: torch.Tensor, vocab_size: int, args: argparse.Nam
     ``--retries`` times; the figures say how many runs were repeated and which stayed contended.
     """
     runs = {
-        "swiftk": lambda: run_swiftk(work, args.steps, args.precision),
-        "raw": lambda: run_raw(ids, vocab_size, args.steps, args.precision),
-        "hf_trainer": lambda: run_hf_trainer(ids, vocab_size, args.steps, work, args.precision),
+        "swiftk": lambda: run_swiftk(work, args.steps, args.precision, args.compile),
+        "raw": lambda: run_raw(ids, vocab_size, args.steps, args.precision, args.compile),
+        "hf_trainer": lambda: run_hf_trainer(ids, vocab_size, args.steps, work, args.precision, args.compile),
     }
     names = list(runs)
     figures = {}
@@ -301,7 +309,8 @@ def one_round(work: Path, ids: torch.Tensor, vocab_size: int, args: argparse.Nam
     return figures
 
 
-def report(rounds: list[dict[str, dict]], steps: int, warmup: int, max_other: float, precision: str) -> dict[str, Any]:
+def report(rounds: list[dict[str, dict]], steps: int, warmup: int, max_other: float, precision: str,
+           compiled: bool) -> dict[str, Any]:
     def median(name: str, key: str) -> float:
         return statistics.median(r[name][key] for r in rounds)
 
@@ -323,7 +332,7 @@ def report(rounds: list[dict[str, dict]], steps: int, warmup: int, max_other: fl
     out["contended_runs"] = [f"round {i + 1} {n}: {r[n]['other_cores']:.2f} cores"
                              for i, r in enumerate(rounds) for n in r if r[n]["other_cores"] > max_other]
     out |= {
-        "precision": precision, "rounds": len(rounds), "steps": steps, "warmup_steps": warmup,
+        "precision": precision, "compile": compiled, "rounds": len(rounds), "steps": steps, "warmup_steps": warmup,
         "tokens_per_step": BATCH * SEQ,
         "hf_trainer_optim": rounds[0]["hf_trainer"]["optim"], "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "transformers": transformers.__version__,
@@ -340,6 +349,7 @@ def main() -> None:
     parser.add_argument("--max-other-cores", type=float, default=0.1,
                         help="rerun a run during which other processes kept more cores than this busy")
     parser.add_argument("--retries", type=int, default=3, help="reruns allowed per contended run")
+    parser.add_argument("--compile", action="store_true", help="each framework with torch.compile (its own way)")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default=compute("auto", torch.device("cpu")),
                         help="all three frameworks' precision (default: swiftk's 'auto' on this CPU)")
     args = parser.parse_args()
@@ -357,7 +367,8 @@ def main() -> None:
         for index in range(args.rounds):
             log(f"round {index + 1}/{args.rounds} ({args.steps} steps of {BATCH} x {SEQ} tokens each)")
             rounds.append(one_round(work, ids, len(tokenizer), args, index))
-    print(json.dumps(report(rounds, args.steps, args.warmup, args.max_other_cores, args.precision)), flush=True)
+    print(json.dumps(report(rounds, args.steps, args.warmup, args.max_other_cores, args.precision,
+                            args.compile)), flush=True)
 
 
 if __name__ == "__main__":

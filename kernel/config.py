@@ -168,6 +168,20 @@ class TrainConfig(Section):
         True, description="losses read the final hidden states and the LM head, chunk by chunk, instead of full "
                           "[batch, seq, vocab] logits (off by itself where the model's head does not allow it)")
     max_grad_norm: float | None = Field(1.0, gt=0)
+    compile: bool = Field(False, description="torch.compile the model's repeated blocks (its decoder layers) for "
+                          "training steps; falls back to eager, with the reason, where compiling fails")
+    compile_config: dict[str, Any] = Field(default_factory=dict, description="torch.compile's arguments: mode "
+                                           "('default', 'reduce-overhead', 'max-autotune'), fullgraph, dynamic, "
+                                           "backend, options")
+
+    @field_validator("compile_config")
+    @classmethod
+    def _compile_arguments(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from swiftk.kernel.compiled import compile_options
+
+        if why := compile_options(value):
+            raise ValueError(why)
+        return value
 
     @field_validator("precision", mode="before")
     @classmethod

@@ -26,6 +26,7 @@ from swiftk.contracts.engines import ParallelEngine
 from swiftk.contracts.rewards import PauseRun
 from swiftk.contracts.stages import LEARN, Stage
 from swiftk.kernel import checkpoint
+from swiftk.kernel.compiled import CompiledBlocks
 from swiftk.kernel.config import RunConfig
 from swiftk.kernel.data import Loader
 from swiftk.kernel.dist import DistInfo, agreed, any_rank, mean_across_ranks, sum_across_ranks
@@ -78,6 +79,7 @@ class Run:
     stage_parameters: frozenset[str] = frozenset()  # added by Stage.adapt (a value head): never sent to a generator
     eval_tasks: list[Any] = field(default_factory=list)  # [eval] tasks, resolved (kernel.evals.runner.Resolved)
     head: ChunkedHead | None = None  # forward passes to the hidden states ([train] chunked_loss), None: logits
+    compiled: CompiledBlocks | None = None  # [train] compile: the blocks running compiled code
 
     def state(self) -> StepState:
         return StepState(
@@ -217,6 +219,8 @@ def train(run: Run) -> str:
             run.parallel.zero_grad(optimizer)
 
             run.step += 1
+            if run.compiled is not None:
+                run.compiled.report()  # after the first compiled step: the graph breaks, once
             for phase in run.stage.phases[learn_at + 1:]:  # after the update (e.g. push weights to a generator)
                 run.stage.run_phase(phase, run, micro)
             step_time = time.perf_counter() - started

@@ -32,6 +32,7 @@ from swiftk.hosts.supervisor import console
 from swiftk.kernel import checkpoint, launch, precision
 from swiftk.kernel import dist as distributed
 from swiftk.kernel import parallel as engines
+from swiftk.kernel.compiled import CompiledBlocks
 from swiftk.kernel.config import Locator, PluginSource, RunConfig, load_config
 from swiftk.kernel.data import Loader, read_rows
 from swiftk.kernel.dist import DistInfo, from_env
@@ -442,7 +443,9 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
     run = Run(cfg, run_dir, model, tokenizer, plugins, optimizer, scheduler, loader, device, dist, reporter,
               total_steps, autocast, stage, eval_samples, reference=reference, parallel=parallel,
               stage_parameters=added, eval_tasks=eval_tasks(cfg.eval.tasks),
-              head=chunked_head(parallel.unwrap(model), chunked and not parallel.sharded, say))
+              head=chunked_head(parallel.unwrap(model), chunked and not parallel.sharded, say),
+              compiled=CompiledBlocks.apply(parallel.unwrap(model), cfg.train.compile_config, say)
+              if cfg.train.compile else None)
     stage.prepare(run, train_samples, eval_samples)  # e.g. dpo: score every pair with the reference once
     if plugins.hosts is not None:  # host deaths, restarts and plugin failures go to metrics.jsonl and the console
         plugins.hosts.sink = lambda event, fields: host_event(run, event, fields)
