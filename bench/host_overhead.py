@@ -9,6 +9,10 @@ Prints one JSON line:
 - ``tensor64m_shm_ms``: a 64 MiB float32 tensor to a host (copied into a shared segment, mapped read-only
   there, one element read back), median; ``tensor64m_zmq_ms``: the same bytes sent through zmq to a process
   that wraps them in a tensor and answers; ``memcpy64m_ms``: an in-process 64 MiB copy;
+- ``head_loss_kept_ms`` / ``head_loss_copied_ms``: a cross-entropy loss in a host on 512 tokens' hidden states
+  and a frozen LM head of SmolLM2's shape (49 152 x 576, 113 MB), forward and backward, median: with the head
+  kept in its shared segment (copied once) and copied in at every call (as before it was kept); and the same
+  loss in-process, ``head_loss_inproc_ms``;
 - ``remote_loss_step_ratio``: median step time of the tiny-model SFT run with the loss in a host divided by
   the same run in-process (interleaved rounds, same machine, same data).
 Goals: host_rtt_us <= 60, tensor64m_shm_ms <= 1.5 x memcpy64m_ms, remote_loss_step_ratio <= 1.15.
@@ -26,17 +30,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import zmq
 
-from swiftk.contracts import Batch, ModelOutputs, StepState, events, hookimpl
+from swiftk.contracts import Batch, LossResult, ModelOutputs, StepState, events, hookimpl, token_cross_entropy
 from swiftk.hosts.group import HostGroup, HostSpec, Policy
 from swiftk.kernel.plugins import new_manager
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN = '''
-from swiftk.contracts import hookimpl
+from swiftk.contracts import LossResult, hookimpl, token_cross_entropy
 
 @hookimpl
 def swiftk_step_end(state, metrics):
@@ -45,6 +50,10 @@ def swiftk_step_end(state, metrics):
 @hookimpl
 def swiftk_eval_batch(batch, outputs, state):
     float(outputs.logits[0, 0, 0])  # touches the mapping: the bytes are there, zero-copy
+
+@hookimpl
+def swiftk_loss_compute(batch, outputs):
+    return LossResult(token_cross_entropy(outputs, batch.labels) / batch.num_items_in_batch)
 '''
 ECHO = '''
 import sys, zmq, torch
@@ -89,6 +98,7 @@ def host_figures(calls: int, tmp: Path) -> dict[str, float]:
         batch = Batch(ids, ids, None, 1)
         outputs = ModelOutputs(logits)
         shm = median_us(lambda: remote.hook.swiftk_eval_batch(batch=batch, outputs=outputs, state=state), 30) / 1e3
+        head_loss = head_loss_ms(remote, hosts.hosts[0].tensors.kept, state)
     finally:
         hosts.close()
 
@@ -114,7 +124,32 @@ def host_figures(calls: int, tmp: Path) -> dict[str, float]:
     return {"inproc_hook_us": round(inproc, 2), "host_rtt_us": round(rtt, 1), "zmq_rtt_us": round(zmq_rtt, 1),
             "tensor64m_shm_ms": round(shm, 2),
             "tensor64m_zmq_ms": round(through_zmq, 2), "memcpy64m_ms": round(memcpy, 2),
-            "shm_vs_memcpy": round(shm / memcpy, 2)}
+            "shm_vs_memcpy": round(shm / memcpy, 2), **head_loss}
+
+
+def head_loss_ms(remote: Any, kept: Any, state: StepState) -> dict[str, float]:
+    """A loss in the host on hidden states and SmolLM2's frozen head: kept between calls, copied every call."""
+    g = torch.Generator().manual_seed(0)
+    head = torch.randn(49152, 576, generator=g) * 0.02
+    hidden = torch.randn(1, 512, 576, generator=g)
+    labels = torch.randint(0, 49152, (1, 512), generator=g)
+    batch = Batch(labels, labels, None, 511)
+
+    def loss(where: Any) -> None:
+        outputs = ModelOutputs(hidden=hidden.clone().requires_grad_(), head=head)
+        where(outputs).loss.backward()
+
+    in_host = lambda o: remote.hook.swiftk_loss_compute(batch=batch, outputs=o, step=0, state=state)  # noqa: E731
+    in_process = lambda o: LossResult(token_cross_entropy(o, labels) / 511)  # noqa: E731
+    figures = {"head_loss_kept_ms": median_us(lambda: loss(in_host), 12) / 1e3}
+    wanted = kept.wanted
+    kept.wanted = lambda t: False  # every call copies the head into the per-call input slots, as before
+    try:
+        figures["head_loss_copied_ms"] = median_us(lambda: loss(in_host), 12) / 1e3
+    finally:
+        kept.wanted = wanted
+    figures["head_loss_inproc_ms"] = median_us(lambda: loss(in_process), 12) / 1e3
+    return {k: round(v, 1) for k, v in figures.items()}
 
 
 def step_time(config: Path) -> float:

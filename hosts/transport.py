@@ -1,6 +1,9 @@
 """How a host's calls carry tensors: as ``TensorRef`` / ``CudaRef`` descriptors into memory the kernel owns,
 never as bytes in a message.
 
+A large leaf tensor sent call after call (the LM head a loss in a host gets at every micro-batch) has a segment
+of its own that outlives the call (``KeptArena``): it is copied in once and again only when it changed.
+
 Arguments are staged in input segments the host maps read-only; results (and a loss's gradients) are written
 by the host into output segments the kernel sized, and copied out here. CUDA tensors cross as IPC handles of
 buffers the kernel keeps alive (each handle is sent once, then cached by the host); a sandboxed host, in another
@@ -19,9 +22,10 @@ from swiftk.hosts import messages as m
 from swiftk.hosts.codec import Unsendable, to_wire
 from swiftk.shm.cuda import CudaArena
 from swiftk.shm.refs import BadReference, CudaRef, TensorRef
-from swiftk.shm.segments import Arena, Segment
+from swiftk.shm.segments import Arena, KeptArena, Segment
 
 OUTPUT_IDS = 1 << 20  # output segments and buffers are numbered from here, inputs from 0
+KEPT_IDS = 1 << 19  # kept input segments from here
 MAX_OUTPUT = 1 << 36  # a host asking for more output space than this is broken
 
 
@@ -31,6 +35,7 @@ class Transport:
     def __init__(self) -> None:
         self.inputs = Arena(host_writable=False, announce=lambda s: None)
         self.outputs = Arena(host_writable=True, announce=lambda s: None, first_id=OUTPUT_IDS)
+        self.kept = KeptArena(announce=lambda s: None, first_id=KEPT_IDS)
         self.cuda_inputs: dict[torch.device, CudaArena] = {}
         self.cuda_outputs: dict[torch.device, CudaArena] = {}
         self.cuda_handles: dict[int, tuple[list[Any], bool]] = {}
@@ -63,6 +68,8 @@ class Transport:
                 grad_bytes[where] = grad_bytes.get(where, 0) + t.numel() * t.element_size() + 64
             if t.is_cuda and not cpu_only:
                 return self.cuda_arena(self.cuda_inputs, t.device, 0).put(t, needs)
+            if self.kept.wanted(t):
+                return self.kept.put(t, needs)
             # A sandboxed host gets CPU copies: CUDA IPC handles cannot be opened from another pid namespace.
             return self.inputs.put(t.cpu() if t.is_cuda else t, needs)
 
@@ -115,7 +122,7 @@ class Transport:
 
     def sync(self, send: Callable[[Segment], None]) -> None:
         """``send`` the host every segment it has not seen (all of them after a restart), before the request."""
-        for segment in (*self.inputs.segments, *self.outputs.segments):
+        for segment in (*self.inputs.segments, *self.kept.segments, *self.outputs.segments):
             if segment.id not in self.announced:
                 send(segment)
                 self.announced.add(segment.id)
@@ -123,6 +130,7 @@ class Transport:
     def close(self) -> None:
         """Free every segment and buffer."""
         self.inputs.close()
+        self.kept.close()
         self.outputs.close()
         for arena in (*self.cuda_inputs.values(), *self.cuda_outputs.values()):
             arena.close()

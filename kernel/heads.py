@@ -40,6 +40,7 @@ class ChunkedHead:
     def __init__(self, decoder: torch.nn.Module, head: torch.nn.Linear) -> None:
         self.decoder, self.head = decoder, head
         self.verified = False
+        self.cast: tuple[tuple[int, int, torch.dtype], torch.Tensor] | None = None  # a frozen head, cast once
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> tuple[ChunkedHead | None, str]:
@@ -67,9 +68,19 @@ class ChunkedHead:
     def outputs(self, model: torch.nn.Module, batch: Any) -> ModelOutputs:
         """The hidden states ``[B, T, H]`` and head ``[V, H]`` of ``batch``, in the head's compute dtype."""
         hidden, _ = self.run(model, batch, logits_to_keep=NO_LOGITS.to(batch.input_ids.device))
+        dtype = matmul_dtype(hidden.device, self.head.weight.dtype)
+        return ModelOutputs(hidden=hidden.to(dtype), head=self.weight(dtype))
+
+    def weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The head's weight in ``dtype``. A frozen head (LoRA, QLoRA) is cast once and the same tensor handed out
+        until the weight changes, so a loss in a plugin host finds it already in shared memory."""
         weight = self.head.weight
-        dtype = matmul_dtype(hidden.device, weight.dtype)
-        return ModelOutputs(hidden=hidden.to(dtype), head=weight.to(dtype))
+        if weight.dtype == dtype or weight.requires_grad:
+            return weight.to(dtype)  # the parameter itself, or a cast that gradients flow through
+        key = (weight._version, weight.data_ptr(), dtype)
+        if self.cast is None or self.cast[0] != key:
+            self.cast = (key, weight.detach().to(dtype))
+        return self.cast[1]
 
     def check_once(self, model: torch.nn.Module, batch: Any) -> str:
         """``differs`` on the first batch it is asked about, "" afterwards: why this path cannot be used."""

@@ -16,7 +16,9 @@ import fcntl
 import mmap
 import os
 import warnings
+import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -24,6 +26,8 @@ from swiftk.shm.refs import ALIGN, BadReference, TensorRef, aligned, dtype_name
 
 F_SEAL_FUTURE_WRITE = 0x0010  # Linux 5.1; not exported by Python's fcntl
 MIN_SEGMENT = 1 << 20
+KEEP_BYTES = 1 << 20  # a leaf tensor at least this large is kept in its own segment between calls
+SAMPLES = 16  # elements compared to tell whether a kept tensor changed behind its version counter
 
 
 class Segment:
@@ -132,6 +136,97 @@ class Arena:
         for segment in self.segments:
             segment.close()
         self.segments.clear()
+
+
+Stamp = tuple[int, int, tuple[float, ...]]
+
+
+@dataclass
+class _Kept:
+    tensor: weakref.ref[torch.Tensor]
+    segment: Segment
+    ref: TensorRef  # without requires_grad, which each call sets
+    stamp: Stamp | None = None  # the tensor's when it was last copied in
+
+
+class KeptArena:
+    """Input segments that outlive a call, one per large leaf tensor sent again and again (an LM head and its
+    weight sent to a loss in a host at every micro-batch): the tensor is copied in once, and again only when it
+    changed. It changed when its version counter moved (every in-place op, an optimizer step) or, since a write
+    through ``.data`` does not move it, when any of ``SAMPLES`` elements spread over it differs. The segment of a
+    tensor that is gone is reused for the next one that fits.
+    """
+
+    def __init__(self, announce: Callable[[Segment], None], first_id: int) -> None:
+        self.announce = announce
+        self.segments: list[Segment] = []
+        self.next_id = first_id
+        self.entries: dict[int, _Kept] = {}  # id(tensor) -> its slot
+        self.free: list[Segment] = []
+        self.copies = 0  # tensors copied in (a test and the bench read it)
+
+    @staticmethod
+    def wanted(tensor: torch.Tensor) -> bool:
+        """A tensor worth keeping: a contiguous CPU leaf (a parameter, a cached cast of one) of ``KEEP_BYTES``."""
+        return (tensor.is_leaf and tensor.device.type == "cpu" and tensor.is_contiguous()
+                and tensor.numel() * tensor.element_size() >= KEEP_BYTES)
+
+    def put(self, tensor: torch.Tensor, requires_grad: bool = False) -> TensorRef:
+        entry = self.entries.get(id(tensor))
+        if entry is None or entry.tensor() is not tensor or entry.ref.shape != tuple(tensor.shape) \
+                or entry.ref.dtype != dtype_name(tensor.dtype):
+            entry = self._slot(tensor)
+        stamp = _stamp(tensor)
+        if entry.stamp != stamp:
+            self.segment_view(entry).copy_(tensor.detach())
+            entry.stamp = stamp
+            self.copies += 1
+        ref = entry.ref
+        return TensorRef(ref.segment, ref.offset, ref.dtype, ref.shape, requires_grad)
+
+    @staticmethod
+    def segment_view(entry: _Kept) -> torch.Tensor:
+        return entry.segment.view(entry.ref)
+
+    def _slot(self, tensor: torch.Tensor) -> _Kept:
+        nbytes = tensor.numel() * tensor.element_size()
+        fits = sorted((s for s in self.free if s.size >= nbytes), key=lambda s: s.size)
+        if fits:
+            segment = fits[0]
+            self.free.remove(segment)
+        else:
+            size = (aligned(nbytes) + MIN_SEGMENT - 1) // MIN_SEGMENT * MIN_SEGMENT
+            segment = Segment(self.next_id, size, host_writable=False)
+            self.next_id += 1
+            self.segments.append(segment)
+            self.announce(segment)
+        key = id(tensor)
+        entry = _Kept(weakref.ref(tensor, lambda _: self._release(key)), segment,
+                      TensorRef(segment.id, 0, dtype_name(tensor.dtype), tuple(tensor.shape)))
+        old = self.entries.get(key)
+        if old is not None:  # the same id for another tensor, or this one reshaped: its old slot is free
+            self.free.append(old.segment)
+        self.entries[key] = entry
+        return entry
+
+    def _release(self, key: int) -> None:
+        entry = self.entries.get(key)
+        if entry is not None and entry.tensor() is None:
+            del self.entries[key]
+            self.free.append(entry.segment)
+
+    def close(self) -> None:
+        for segment in self.segments:
+            segment.close()
+        self.segments.clear()
+        self.entries.clear()
+        self.free.clear()
+
+
+def _stamp(tensor: torch.Tensor) -> Stamp:
+    flat = tensor.detach().reshape(-1)
+    picks = torch.linspace(0, flat.numel() - 1, SAMPLES, dtype=torch.float64).long()
+    return tensor._version, tensor.data_ptr(), tuple(flat[picks].tolist())
 
 
 class Mapping:

@@ -68,6 +68,23 @@ def test_the_hidden_states_give_the_models_own_loss_and_gradients(autocast: bool
         torch.testing.assert_close(chunked_grads[name], g, rtol=tol, atol=tol * float(g.abs().max()), msg=name)
 
 
+def test_a_frozen_head_is_cast_once_until_it_changes_and_a_trained_one_every_time() -> None:
+    model = tiny_llama()
+    head, _ = ChunkedHead.of(model)
+    assert head is not None
+    assert head.weight(torch.float32) is model.lm_head.weight, "no cast: the parameter itself"
+    model.lm_head.weight.requires_grad_(False)
+    first = head.weight(torch.bfloat16)
+    assert head.weight(torch.bfloat16) is first, "the same tensor, so a host finds it in shared memory"
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)
+    again = head.weight(torch.bfloat16)
+    assert again is not first and torch.equal(again, model.lm_head.weight.to(torch.bfloat16))
+    model.lm_head.weight.requires_grad_(True)
+    cast = head.weight(torch.bfloat16)
+    assert cast.grad_fn is not None and head.weight(torch.bfloat16) is not cast, "gradients flow through each cast"
+
+
 def test_models_whose_logits_are_not_hidden_times_head_are_refused() -> None:
     assert "scaled or capped (logit_scale = 0.25)" in ChunkedHead.of(tiny_llama(logit_scale=0.25))[1]
     from peft import LoraConfig, get_peft_model
