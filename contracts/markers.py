@@ -13,8 +13,10 @@ PROJECT_NAME = "swiftk"
 
 # Semantic version of the hook contract. Minor: hooks or optional arguments added (old plugins keep
 # working, because the kernel calls hooks with keywords and an implementation may take a subset).
-# Major: a hook removed or its meaning changed.
-CONTRACT_VERSION = "0.1.0"
+# Major: a hook removed or its meaning changed. Patch: what a plugin sees is unchanged, what crosses to a host
+# is not (0.1.1: model outputs as hidden states and the head, not logits; kept segments), so a host of another
+# patch is refused at the handshake.
+CONTRACT_VERSION = "0.1.1"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)

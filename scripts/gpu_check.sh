@@ -44,6 +44,22 @@ bad = {s: (full[s], resumed[s]) for s in resumed if abs(full[s] - resumed[s]) > 
 print("max steps compared:", len(resumed), "mismatches:", bad)
 sys.exit(1 if bad or not resumed else 0)
 PYEOF
+# [speed]: [train] compile on CUDA (inductor, Triton kernels): it must compile without falling back and train
+# the same curve as the eager run above (bf16: fused kernels round differently, so within 5 %).
+check tiny_compile_cuda bash -c "set -o pipefail; $SWIFTK run configs/tiny_sft.toml --overwrite \
+    --set model.device=\"'cuda'\" --set train.compile=true --set train.max_steps=60 --set output.save_every=30 \
+    --set output.dir=\"'$OUT/tiny_compiled'\" | tee $OUT/tiny_compiled.out; ! grep -q 'compile: failed' $OUT/tiny_compiled.out"
+check compile_matches $PY - "$OUT" <<'PYEOF'
+import sys
+from pathlib import Path
+from swiftk.contracts.events import read as events, steps
+read = lambda d: {r.step: (r.loss, r.tokens_per_s) for r in steps(events(Path(sys.argv[1]) / d / "metrics.jsonl"))}
+eager, compiled = read("tiny"), read("tiny_compiled")
+bad = {s: (eager[s][0], compiled[s][0]) for s in compiled if abs(eager[s][0] - compiled[s][0]) > 0.05 * eager[s][0]}
+median = lambda run: sorted(v[1] for s, v in run.items() if s > 10)[len(run) // 2 - 5]
+print("steps:", len(compiled), "mismatches:", bad, "tok/s eager", round(median(eager)), "compiled", round(median(compiled)))
+sys.exit(1 if bad or not compiled else 0)
+PYEOF
 # [architecture]: a stage with a frozen reference (dpo) on CUDA; a stage from a plugin file; the Generator
 # contract's hf generator (greedy, sampled with logprobs) on a CUDA model; ms-swift's [device] table: more GPUs
 # than exist is refused naming the device, num_gpus = 1 trains on it.
