@@ -24,8 +24,10 @@ with the settings a user would pick:
 It then zeroes the kernel's RSS high-water mark (``/proc/self/clear_refs``), runs ``--steps`` forward + backward +
 optimizer steps on random tokens (batch x seq, the same for every tuner, no gradient checkpointing), and
 reports ``peak_train_mb`` (VmHWM during training), ``rss_after_load_mb`` (the weights as loaded), what its
-tensors hold (weights, gradients, optimizer state, counted from the tensors themselves), and the median step
-time of steps 2.. (step 1 allocates the optimizer state and, for GaLore, takes the first SVDs).
+tensors hold (weights, gradients, optimizer state, counted from the tensors themselves),
+``saved_for_backward_mb`` (per dtype, what the model's first forward left for backward besides the parameters:
+activations, and the bf16 copies of weights autocast or a 4-bit layer made), and the median step time of steps
+2.. (step 1 allocates the optimizer state and, for GaLore, takes the first SVDs).
 
 stdout: one JSON line per tuner, then one line of ratios to full; everything else goes to stderr.
 """
@@ -96,6 +98,25 @@ def optimizer_state_mb(optimizer: torch.optim.Optimizer) -> float:
     return tensor_mb(found)
 
 
+def saved_for_backward(model: torch.nn.Module, into: dict[str, float], active: bool):
+    """While entered (``active``): what autograd keeps for backward beyond the parameters, in MB per dtype
+    (each storage once): the activations, and any dequantized or cast copy of a weight a layer saves."""
+    if not active:
+        return contextlib.nullcontext()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: set[int] = set()
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            into[str(tensor.dtype).removeprefix("torch.")] = into.get(str(tensor.dtype).removeprefix("torch."), 0.0) \
+                + storage.nbytes() / MIB
+        return tensor
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
+
+
 def child(tuner: str, folder: str, batch: int, seq: int, steps: int, loss_way: str) -> dict:
     import swiftk.plugins  # noqa: F401  (registers the optimizers)
     from swiftk.contracts import Batch, lookup, token_cross_entropy
@@ -123,9 +144,10 @@ def child(tuner: str, folder: str, batch: int, seq: int, steps: int, loss_way: s
     tokens = Batch(ids, ids, torch.ones_like(ids), num_items_in_batch=batch * (seq - 1))
     times, grads = [], 0.0
     model.train()
-    for _ in range(steps):
+    saved: dict[str, float] = {}
+    for step in range(steps):
         started = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16), saved_for_backward(model, saved, step == 0):
             if head is None:
                 loss = model(input_ids=ids, labels=ids).loss
             else:
@@ -142,6 +164,7 @@ def child(tuner: str, folder: str, batch: int, seq: int, steps: int, loss_way: s
             "peak_train_mb": round(rss_mb("VmHWM")), "peak_over_load_mb": round(rss_mb("VmHWM") - loaded),
             "weights_mb": round(weights), "grads_mb": round(grads),
             "optimizer_state_mb": round(optimizer_state_mb(optimizer)),
+            "saved_for_backward_mb": {k: round(v) for k, v in sorted(saved.items())},
             "step_s": round(statistics.median(times[1:] or times), 2), "first_step_s": round(times[0], 2),
             "batch": batch, "seq": seq, "loss": loss_way, "threads": torch.get_num_threads()}
 

@@ -1,8 +1,9 @@
 """How a host's calls carry tensors: as ``TensorRef`` / ``CudaRef`` descriptors into memory the kernel owns,
 never as bytes in a message.
 
-A large leaf tensor sent call after call (the LM head a loss in a host gets at every micro-batch) has a segment
-of its own that outlives the call (``KeptArena``): it is copied in once and again only when it changed.
+A large tensor sent call after call (the LM head a loss in a host gets at every micro-batch) has a segment of its
+own from its second call on, which outlives the call (``KeptArena``): it is copied in then and again only when it
+changed.
 
 Arguments are staged in input segments the host maps read-only; results (and a loss's gradients) are written
 by the host into output segments the kernel sized, and copied out here. CUDA tensors cross as IPC handles of
@@ -68,8 +69,8 @@ class Transport:
                 grad_bytes[where] = grad_bytes.get(where, 0) + t.numel() * t.element_size() + 64
             if t.is_cuda and not cpu_only:
                 return self.cuda_arena(self.cuda_inputs, t.device, 0).put(t, needs)
-            if self.kept.wanted(t):
-                return self.kept.put(t, needs)
+            if self.kept.wanted(t) and (kept := self.kept.put(t, needs)) is not None:
+                return kept
             # A sandboxed host gets CPU copies: CUDA IPC handles cannot be opened from another pid namespace.
             return self.inputs.put(t.cpu() if t.is_cuda else t, needs)
 

@@ -150,11 +150,12 @@ class _Kept:
 
 
 class KeptArena:
-    """Input segments that outlive a call, one per large leaf tensor sent again and again (an LM head and its
-    weight sent to a loss in a host at every micro-batch): the tensor is copied in once, and again only when it
-    changed. It changed when its version counter moved (every in-place op, an optimizer step) or, since a write
-    through ``.data`` does not move it, when any of ``SAMPLES`` elements spread over it differs. The segment of a
-    tensor that is gone is reused for the next one that fits.
+    """Input segments that outlive a call, one per large tensor sent again and again (the LM head's weight, sent
+    to a loss in a host at every micro-batch): a tensor is kept from the second call that sends the same tensor
+    object (the first goes the per-call way: a fresh tensor each call, logits or hidden states, is never kept),
+    copied in then, and again only when it changed. It changed when its version counter moved (every in-place
+    op, an optimizer step) or, since a write through ``.data`` does not move it, when any of ``SAMPLES`` elements
+    spread over it differs. The segment of a tensor that is gone is reused for the next one that fits.
     """
 
     def __init__(self, announce: Callable[[Segment], None], first_id: int) -> None:
@@ -162,19 +163,28 @@ class KeptArena:
         self.segments: list[Segment] = []
         self.next_id = first_id
         self.entries: dict[int, _Kept] = {}  # id(tensor) -> its slot
+        self.seen: dict[int, weakref.ref[torch.Tensor]] = {}  # tensors sent once, not kept yet
         self.free: list[Segment] = []
         self.copies = 0  # tensors copied in (a test and the bench read it)
 
     @staticmethod
     def wanted(tensor: torch.Tensor) -> bool:
-        """A tensor worth keeping: a contiguous CPU leaf (a parameter, a cached cast of one) of ``KEEP_BYTES``."""
+        """A tensor that may be kept: a contiguous CPU leaf (a parameter, a cached cast of one, not a result that
+        autograd made) of at least ``KEEP_BYTES``."""
         return (tensor.is_leaf and tensor.device.type == "cpu" and tensor.is_contiguous()
                 and tensor.numel() * tensor.element_size() >= KEEP_BYTES)
 
-    def put(self, tensor: torch.Tensor, requires_grad: bool = False) -> TensorRef:
+    def put(self, tensor: torch.Tensor, requires_grad: bool = False) -> TensorRef | None:
+        """The kept copy of ``tensor``, or None the first time it is sent (the caller copies it for this call)."""
         entry = self.entries.get(id(tensor))
         if entry is None or entry.tensor() is not tensor or entry.ref.shape != tuple(tensor.shape) \
                 or entry.ref.dtype != dtype_name(tensor.dtype):
+            sighting = self.seen.get(id(tensor))
+            if sighting is None or sighting() is not tensor:
+                key = id(tensor)
+                self.seen[key] = weakref.ref(tensor, lambda _: self._forget(key))
+                return None
+            del self.seen[id(tensor)]
             entry = self._slot(tensor)
         stamp = _stamp(tensor)
         if entry.stamp != stamp:
@@ -209,6 +219,11 @@ class KeptArena:
         self.entries[key] = entry
         return entry
 
+    def _forget(self, key: int) -> None:
+        sighting = self.seen.get(key)
+        if sighting is not None and sighting() is None:
+            del self.seen[key]
+
     def _release(self, key: int) -> None:
         entry = self.entries.get(key)
         if entry is not None and entry.tensor() is None:
@@ -220,6 +235,7 @@ class KeptArena:
             segment.close()
         self.segments.clear()
         self.entries.clear()
+        self.seen.clear()
         self.free.clear()
 
 

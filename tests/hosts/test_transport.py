@@ -1,5 +1,5 @@
-"""What a call to a host copies: a large leaf tensor sent again and again (the LM head) is copied once, and again
-only when it changed, however it changed."""
+"""What a call to a host copies: a large tensor sent again and again (the LM head) is kept from its second call,
+copied again only when it changed, however it changed; a fresh tensor each call is never kept."""
 
 from __future__ import annotations
 
@@ -64,9 +64,11 @@ def test_a_frozen_head_crosses_once_and_again_only_when_it_changed(host_loss: tu
         assert remote[0] == pytest.approx(local[0], rel=1e-6)
         torch.testing.assert_close(remote[1], local[1])
 
+    agrees()
+    assert transport.kept.copies == 0, "sent once: copied for that call only, as any tensor"
     for _ in range(3):
         agrees()
-    assert transport.kept.copies == 1, "the same head, unchanged: copied once"
+    assert transport.kept.copies == 1, "sent again, unchanged: kept, copied once"
     assert [s.id for s in transport.kept.segments] == [KEPT_IDS]
     with torch.no_grad():
         head.add_(0.05)  # an optimizer step moves its version counter
@@ -84,7 +86,9 @@ def test_a_trained_head_gets_its_gradient_from_the_kept_copy(host_loss: tuple[ob
     g = torch.Generator().manual_seed(1)
     head = (torch.randn(4096, 64, generator=g) * 0.1).requires_grad_()
     hidden, labels = torch.randn(2, 7, 64, generator=g), torch.randint(0, 4096, (2, 7), generator=g)
-    scored(manager, hidden, head, labels, True)
+    for _ in range(2):  # the second call reads the kept copy
+        head.grad = None
+        scored(manager, hidden, head, labels, True)
     remote_grad, head.grad = head.grad, None
     scored(manager, hidden, head, labels, False)
     torch.testing.assert_close(remote_grad, head.grad)
@@ -95,13 +99,18 @@ def test_kept_slots_are_reused_after_their_tensor_is_gone_and_small_or_derived_t
     announced, mapping = [], Mapping()
     arena = KeptArena(announced.append, first_id=7)
     big = torch.arange(KEEP_BYTES // 4, dtype=torch.float32)
+    assert arena.put(big) is None and not announced, "the first sending is not kept"
+    for _ in range(3):
+        assert arena.put(torch.ones(KEEP_BYTES // 4)) is None, "a fresh tensor each call is never kept"
     ref = arena.put(big)
     fd = announced[0].host_fd()
     mapping.attach(7, fd, announced[0].size, writable=False)
     assert torch.equal(mapping.view(ref), big)
     del big
     other = torch.ones(KEEP_BYTES // 4 - 100)
+    assert arena.put(other) is None
     assert arena.put(other).segment == 7 and len(announced) == 1, "the dead tensor's segment is reused"
+    assert not arena.seen, "forgotten once kept or gone"
     assert torch.equal(mapping.view(arena.put(other)), other)
     assert not KeptArena.wanted(torch.ones(10))
     assert not KeptArena.wanted(torch.ones(KEEP_BYTES, requires_grad=True) * 2), "not a leaf: new every call"
