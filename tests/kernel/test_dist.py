@@ -120,6 +120,19 @@ def test_ddp_two_processes_reproduce_one(reference: dict[int, float], tmp_path: 
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
+def test_compiled_blocks_under_ddp_and_fsdp2_reproduce_one_eager_process(reference: dict[int, float], tmp_path: Path,
+                                                                           backend: str) -> None:
+    path = config(tmp_path / "c.toml", tmp_path / "run", processes=2, backend=backend)
+    path.write_text(path.read_text().replace("[train]\n", "[train]\ncompile = true\n", 1))
+    done = swiftk(str(path), timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"compile: 2 x (FSDP)?LlamaDecoderLayer", done.stdout), done.stdout  # FSDP2 renames the class
+    assert "compile: failed" not in done.stdout and "compile: off" not in done.stdout, done.stdout
+    assert_matches(losses(tmp_path / "run"), reference)
+
+
+@pytest.mark.slow
 def test_fsdp2_two_processes_reproduce_one(reference: dict[int, float], tmp_path: Path) -> None:
     assert_matches(two_processes(tmp_path, backend="fsdp"), reference)
     final = load_file(tmp_path / "run/final/model.safetensors")  # gathered from the shards
