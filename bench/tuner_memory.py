@@ -1,7 +1,7 @@
 """Training memory and step time of each tuner on SmolLM2-135M (the embedded GGUF), each tuner in its own process.
 
     .venv/bin/python bench/tuner_memory.py [--tuners full,lora,qlora,dora,galore] [--batch 4] [--seq 256] [--steps 4]
-                                           [--model smollm2|1b] [--loss chunked|logits]
+                                           [--model smollm2|1b] [--loss chunked|logits] [--precision bf16|fp32]
 
 ``--model smollm2`` (default): the parent converts the GGUF once into an fp32 HF folder in a temp dir, so that
 every child loads from safetensors (a GGUF load dequantises through transient copies that would set the
@@ -20,6 +20,9 @@ with the settings a user would pick:
   dora    as lora, with DoRA's magnitude vectors
   qlora   NF4 base with double quantization, bf16 compute, LoRA as above
   galore  fp32 weights, galore_adamw rank 128 on every linear layer (update_proj_gap 200, scale 0.25)
+
+``--precision fp32`` (what ``precision = "auto"`` gives on a CPU without native bf16, where bf16 runs ~10x
+slower): no autocast, the LoRA/DoRA base stored in float32, QLoRA computing in float32.
 
 It then zeroes the kernel's RSS high-water mark (``/proc/self/clear_refs``), runs ``--steps`` forward + backward +
 optimizer steps on random tokens (batch x seq, the same for every tuner, no gradient checkpointing), and
@@ -55,8 +58,10 @@ TUNERS = ("full", "lora", "qlora", "dora", "galore")
 MIB = 2**20
 
 
-def train_values(tuner: str) -> dict:
-    common = {"tuner_strategy": tuner, "lr": 1e-4, "precision": "bf16"}
+def train_values(tuner: str, precision: str = "bf16") -> dict:
+    common = {"tuner_strategy": tuner, "lr": 1e-4, "precision": precision}
+    if tuner == "qlora" and precision == "fp32":
+        common["bnb_4bit_compute_dtype"] = "float32"
     if tuner in ("lora", "qlora", "dora"):  # each tuner's own keys: an unknown key under any other
         common |= {"lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "lora_target_modules": "all-linear"}
     if tuner == "galore":
@@ -64,8 +69,8 @@ def train_values(tuner: str) -> dict:
     return common
 
 
-def model_dtype(tuner: str) -> str:
-    return "bfloat16" if tuner in ("lora", "dora") else "float32"
+def model_dtype(tuner: str, precision: str = "bf16") -> str:
+    return "bfloat16" if tuner in ("lora", "dora") and precision == "bf16" else "float32"
 
 
 def rss_mb(field: str) -> float:
@@ -117,7 +122,7 @@ def saved_for_backward(model: torch.nn.Module, into: dict[str, float], active: b
     return torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
 
 
-def child(tuner: str, folder: str, batch: int, seq: int, steps: int, loss_way: str) -> dict:
+def child(tuner: str, folder: str, batch: int, seq: int, steps: int, loss_way: str, precision: str) -> dict:
     import swiftk.plugins  # noqa: F401  (registers the optimizers)
     from swiftk.contracts import Batch, lookup, token_cross_entropy
     from swiftk.kernel.config import ModelConfig, train_config
@@ -127,8 +132,8 @@ def child(tuner: str, folder: str, batch: int, seq: int, steps: int, loss_way: s
     from swiftk.kernel.tuners import apply_tuner, quantization_config
 
     torch.manual_seed(0)
-    train = train_config(train_values(tuner))
-    model = load_model(ModelConfig(model_id=folder, dtype=model_dtype(tuner)), 0, torch.device("cpu"),
+    train = train_config(train_values(tuner, precision))
+    model = load_model(ModelConfig(model_id=folder, dtype=model_dtype(tuner, precision)), 0, torch.device("cpu"),
                        quantization=quantization_config(train))
     model = apply_tuner(model, train)
     optimizer = lookup("optimizer", train.optimizer).target(param_groups(model, 0.0), train.lr,
@@ -147,7 +152,8 @@ def child(tuner: str, folder: str, batch: int, seq: int, steps: int, loss_way: s
     saved: dict[str, float] = {}
     for step in range(steps):
         started = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16), saved_for_backward(model, saved, step == 0):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"), \
+                saved_for_backward(model, saved, step == 0):
             if head is None:
                 loss = model(input_ids=ids, labels=ids).loss
             else:
@@ -159,7 +165,8 @@ def child(tuner: str, folder: str, batch: int, seq: int, steps: int, loss_way: s
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - started)
-    return {"tuner": tuner, "weights_dtype": "nf4" if tuner == "qlora" else model_dtype(tuner),
+    return {"tuner": tuner, "precision": precision,
+            "weights_dtype": "nf4" if tuner == "qlora" else model_dtype(tuner, precision),
             "trainable_params_m": round(trainable / 1e6, 3), "rss_after_load_mb": round(loaded),
             "peak_train_mb": round(rss_mb("VmHWM")), "peak_over_load_mb": round(rss_mb("VmHWM") - loaded),
             "weights_mb": round(weights), "grads_mb": round(grads),
@@ -190,12 +197,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--model", choices=["smollm2", "1b"], default="smollm2")
     parser.add_argument("--loss", choices=["chunked", "logits"], default="chunked")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                        help="fp32: no autocast, LoRA/DoRA bases in float32, QLoRA computing in float32 (what "
+                             "precision = 'auto' gives on a CPU without native bf16, ~10x faster there)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.child:
-        print(json.dumps(child(args.child, args.folder, args.batch, args.seq, args.steps, args.loss)), flush=True)
+        print(json.dumps(child(args.child, args.folder, args.batch, args.seq, args.steps, args.loss,
+                               args.precision)), flush=True)
         return
     results = {}
     with tempfile.TemporaryDirectory(prefix="swiftk-bench-") as folder:
@@ -204,7 +215,8 @@ def main() -> None:
             export_hf_folder(Path(folder), args.model)
         for tuner in args.tuners.split(","):
             command = [sys.executable, __file__, "--child", tuner, "--folder", folder, "--batch", str(args.batch),
-                       "--seq", str(args.seq), "--steps", str(args.steps), "--loss", args.loss]
+                       "--seq", str(args.seq), "--steps", str(args.steps), "--loss", args.loss,
+                       "--precision", args.precision]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 print(done.stderr[-3000:], file=sys.stderr)

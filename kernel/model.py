@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import logging
@@ -151,6 +152,24 @@ def load_quantized(cfg: ModelConfig, vocab_size: int, device: torch.device, rewa
             except (OSError, ValueError) as exc:
                 raise ModelLoadError(f"cannot quantize the model: {first_line(exc)}") from exc
     check_quantized(model, quantization)
+    return off_the_checkpoint(model)
+
+
+def off_the_checkpoint(model: torch.nn.Module) -> torch.nn.Module:
+    """Copy the CPU tensors that still view the checkpoint's memory-mapped file (embeddings, norms: what is not
+    quantized) into memory of their own, so that the mapping goes. Otherwise those views keep the whole file
+    mapped, and every page the quantization read stays resident: a 1.1 B model loaded in 4 bits from float32
+    safetensors held 3.8 GB of the file beside its 0.85 GB of tensors, and QLoRA peaked above LoRA."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if param.device.type == "cpu" and not isinstance(param, (bnb.nn.Params4bit, bnb.nn.Int8Params)):
+                param.data = param.data.clone()
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and buffer.device.type == "cpu":
+                module._buffers[name] = buffer.clone()
+    gc.collect()  # the last view of the mapping goes now, not at some later collection
     return model
 
 
