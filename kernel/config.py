@@ -177,6 +177,8 @@ class TrainConfig(Section):
     @field_validator("compile_config")
     @classmethod
     def _compile_arguments(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if not value:  # nothing to check (and torch need not be imported to say so)
+            return value
         from swiftk.kernel.compiled import compile_options
 
         if why := compile_options(value):
