@@ -107,7 +107,8 @@ class CompiledBlocks:
     def fall_back(self, exc: BaseException) -> None:
         self.eager = True
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()][:2] or [type(exc).__name__]
-        site = f" at {_user_site(exc)}" if _user_site(exc) else ""
+        site = _user_site(exc)
+        site = f" at {site}" if site else ""
         self.say(f"compile: failed, the model runs eagerly from here ({type(exc).__name__}{site}: "
                  f"{' '.join(lines)[:300]}). Fix that code, or leave fullgraph out of compile_config to let torch "
                  "run it eagerly between compiled pieces.")
@@ -162,4 +163,3 @@ class _Collect(logging.Handler):
         self.logger.removeHandler(self)
         self.logger.setLevel(self.saved[0])
         self.logger.propagate = self.saved[1]
-

@@ -26,7 +26,7 @@ from swiftk.shm.refs import ALIGN, BadReference, TensorRef, aligned, dtype_name
 
 F_SEAL_FUTURE_WRITE = 0x0010  # Linux 5.1; not exported by Python's fcntl
 MIN_SEGMENT = 1 << 20
-KEEP_BYTES = 1 << 20  # a leaf tensor at least this large is kept in its own segment between calls
+KEEP_BYTES = 1 << 20  # a tensor sent again that is at least this large is kept in a segment of its own
 SAMPLES = 16  # elements compared to tell whether a kept tensor changed behind its version counter
 
 
