@@ -90,8 +90,9 @@ class ServerProcess:
 
 @pytest.fixture(scope="session")
 def quickstart_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``configs/quickstart.toml`` as shipped (SmolLM2-135M, LoRA, 2 epochs: 76 steps, ~6 minutes on a 2-core AVX2 VM) with ``--merge``:
-    trained once per session, read-only for the tests (the adapter in final/, the merged model, samples.json).
+    """``configs/quickstart.toml`` as shipped (SmolLM2-135M, LoRA, 2 epochs: 76 steps, ~6 minutes on a 2-core AVX2
+    VM) with ``--merge``: trained once per session, read-only for the tests (the adapter in final/, the merged
+    model, samples.json).
     Shorter trainings learn the answer's form, not its fact: after 20, 30 (lr 2e-3), 40 or 60 steps the adapter
     answers the held-out "largest planet" question "Answer: Neptune." (the base model's belief), not Jupiter."""
     from swiftk.kernel.cli import main
