@@ -1,4 +1,4 @@
-"""What swiftk's kernel costs per step: the same tiny Llama, data and maths trained three ways, in one process.
+"""What swiftk's kernel costs per step: one model (tiny Llama, or SmolLM2 + LoRA) trained three ways, in one process.
 
     .venv/bin/python bench/kernel_overhead.py [--rounds 3] [--steps 40] [--warmup 10] [--precision bf16|fp32]
                                               [--compile] [--model tiny|smollm2] [--batch B] [--seq T]
