@@ -115,8 +115,8 @@ def saved_for_backward(model: torch.nn.Module, into: dict[str, float], active: b
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in params and storage.data_ptr() not in seen:
             seen.add(storage.data_ptr())
-            into[str(tensor.dtype).removeprefix("torch.")] = into.get(str(tensor.dtype).removeprefix("torch."), 0.0) \
-                + storage.nbytes() / MIB
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            into[dtype] = into.get(dtype, 0.0) + storage.nbytes() / MIB
         return tensor
 
     return torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
