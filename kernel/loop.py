@@ -4,6 +4,9 @@
             -> clip -> optimizer step -> scheduler step -> hook swiftk_step_end -> metrics.jsonl / progress
             -> eval and checkpoint at their intervals
 
+With ``[train] optimizer_in_backward`` the optimizer updates each parameter inside backward (kernel/in_backward.py)
+and the clip and step between backward and the scheduler are skipped.
+
 Everything user-defined is reached through the plugin manager's hooks, called with keywords only.
 """
 
@@ -33,6 +36,7 @@ from swiftk.kernel.dist import DistInfo, agreed, any_rank, mean_across_ranks, su
 from swiftk.kernel.errors import SwiftkError
 from swiftk.kernel.generation import configured_generator, push_weights
 from swiftk.kernel.heads import ChunkedHead
+from swiftk.kernel.in_backward import InBackward
 from swiftk.kernel.model import forward_logits
 from swiftk.kernel.parallel.none import OneProcess
 from swiftk.kernel.plugins import Plugins
@@ -78,6 +82,7 @@ class Run:
     logged: dict[str, float] = field(default_factory=dict)  # the stage's metrics for this step (ctx.log())
     stage_parameters: frozenset[str] = frozenset()  # added by Stage.adapt (a value head): never sent to a generator
     eval_tasks: list[Any] = field(default_factory=list)  # [eval] tasks, resolved (kernel.evals.runner.Resolved)
+    in_backward: InBackward | None = None  # [train] optimizer_in_backward: the optimizer steps inside backward
     head: ChunkedHead | None = None  # forward passes to the hidden states ([train] chunked_loss), None: logits
     compiled: CompiledBlocks | None = None  # [train] compile: the blocks running compiled code
 
@@ -176,6 +181,10 @@ def train(run: Run) -> str:
                 run.reporter.say(f"run paused at step {run.step}: {exc}\nA checkpoint of step {run.step} is "
                                  f"saved; fix the cause and continue with `swiftk run CONFIG --resume`.")
                 return "paused"
+            if run.in_backward is not None and len(micro) != 1:
+                raise TrainingError(f"stage '{cfg.train.stage}' learns from {len(micro)} micro-batches per step, "
+                                    f"but [train] optimizer_in_backward updates the weights in the first backward; "
+                                    f"leave optimizer_in_backward off for this stage")
             # The loss is normalised over the whole step, on every rank: its label tokens (or pairs, for a stage).
             num_items = int(sum_across_ranks(sum(b.num_items for b in micro)))
             step_loss = torch.zeros((), device=run.device)
@@ -191,24 +200,30 @@ def train(run: Run) -> str:
                     loss = checked_loss(result, run)
                 if run.reloader is not None:  # what a reloaded loss is probed on
                     run.reloader.remember(batch, outputs, run.state())
+                if run.in_backward is not None:  # the weights change during backward: a NaN loss must not reach it
+                    if not math.isfinite(float(loss.detach())):
+                        raise not_applied(run, f"the loss became {float(loss.detach())}")
+                    run.in_backward.arm()
                 run.parallel.backward(loss)
                 step_loss += loss.detach()
                 for key, value in result.metrics.items():
                     plugin_metrics[key] = plugin_metrics.get(key, 0.0) + value / len(micro)
 
-            grad_norm = run.parallel.clip_grad_norm(params, cfg.train.max_grad_norm)  # None: DeepSpeed clips in step
             # Each micro-batch loss is already divided by the step's global token count: the sum is the mean.
             loss_value = sum_across_ranks(float(step_loss))
-            if not (math.isfinite(loss_value) and math.isfinite(grad_norm or 0.0)):  # checked before the update
-                what = f"the loss became {loss_value}" if not math.isfinite(loss_value) else \
-                    f"the gradient norm became {grad_norm} (loss {loss_value:.4g})"
-                raise TrainingError(
-                    f"{what} at step {run.step + 1} (loss '{run.loss_name}'); the step was not "
-                    f"applied. Lower [train] lr, keep max_grad_norm set, or check the data and the loss; the last "
-                    f"checkpoint is {checkpoint.latest_checkpoint(run.run_dir) or 'none (save_every is not set)'}."
-                )
             lr = scheduler.get_last_lr()[0]
-            grad_norm = run.parallel.step(optimizer, grad_norm)  # DeepSpeed returns the norm it clipped with
+            if run.in_backward is not None:  # already applied, parameter by parameter
+                grad_norm = run.in_backward.finish()
+                if run.in_backward.not_finite:
+                    raise not_applied(run, f"the gradient of {len(run.in_backward.not_finite)} parameter(s) "
+                                           f"became non-finite (loss {loss_value:.4g})",
+                                      updated=run.in_backward.updated)
+            else:
+                grad_norm = run.parallel.clip_grad_norm(params, cfg.train.max_grad_norm or None)  # None: DeepSpeed
+                if not (math.isfinite(loss_value) and math.isfinite(grad_norm or 0.0)):  # before the update
+                    raise not_applied(run, f"the loss became {loss_value}" if not math.isfinite(loss_value) else
+                                      f"the gradient norm became {grad_norm} (loss {loss_value:.4g})")
+                grad_norm = run.parallel.step(optimizer, grad_norm)  # DeepSpeed returns the norm it clipped with
             if not math.isfinite(grad_norm):  # an engine that measures inside its step skips a non-finite one
                 raise TrainingError(
                     f"the gradient norm became {grad_norm} (loss {loss_value:.4g}) at step {run.step + 1} (loss "
@@ -253,6 +268,16 @@ def train(run: Run) -> str:
     if status == "interrupted" or cfg.output.save_final:
         save_checkpoint(run)
     return status
+
+
+def not_applied(run: Run, what: str, updated: int = 0) -> TrainingError:
+    """The error that stops a step whose update was not (or, inside backward, only partly) applied."""
+    applied = "the step was not applied" if not updated else \
+        f"optimizer_in_backward had already updated {updated} other parameter(s) in this backward"
+    return TrainingError(
+        f"{what} at step {run.step + 1} (loss '{run.loss_name}'); {applied}. Lower [train] lr, keep max_grad_norm "
+        f"set, or check the data and the loss; the last checkpoint is "
+        f"{checkpoint.latest_checkpoint(run.run_dir) or 'none (save_every is not set)'}.")
 
 
 def next_window(batches: Iterator[Batch], grad_accum: int) -> list[Batch]:

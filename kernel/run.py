@@ -39,6 +39,7 @@ from swiftk.kernel.dist import DistInfo, from_env
 from swiftk.kernel.errors import CheckpointError, ConfigError, ModelLoadError, RunDirError
 from swiftk.kernel.generate import chat_prompt
 from swiftk.kernel.heads import ChunkedHead
+from swiftk.kernel.in_backward import InBackward
 from swiftk.kernel.loop import Run, train
 from swiftk.kernel.model import check_source, load_model, load_tokenizer, pick_device, resolve_source
 from swiftk.kernel.plugins import (
@@ -445,7 +446,9 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
               stage_parameters=added, eval_tasks=eval_tasks(cfg.eval.tasks),
               head=chunked_head(parallel.unwrap(model), chunked and not parallel.sharded, say),
               compiled=CompiledBlocks.apply(parallel.unwrap(model), cfg.train.compile_config, say)
-              if cfg.train.compile else None)
+              if cfg.train.compile else None,
+              in_backward=InBackward([p for p in parallel.unwrap(model).parameters() if p.requires_grad], optimizer)
+              if cfg.train.optimizer_in_backward else None)
     stage.prepare(run, train_samples, eval_samples)  # e.g. dpo: score every pair with the reference once
     if plugins.hosts is not None:  # host deaths, restarts and plugin failures go to metrics.jsonl and the console
         plugins.hosts.sink = lambda event, fields: host_event(run, event, fields)

@@ -260,3 +260,9 @@ def test_the_qlora_example_config_validates(repo: Path) -> None:
     train = load_config(repo / "configs/qlora.toml").train
     assert (train.tuner_strategy, train.quantization_bit, train.bnb_4bit_quant_type) == ("qlora", 4, "nf4")
     assert quantization_config(train).bnb_4bit_use_double_quant
+
+
+def test_the_galore_example_config_validates(repo: Path) -> None:
+    train = load_config(repo / "configs/galore.toml").train
+    assert (train.tuner_strategy, train.optimizer, train.optimizer_in_backward) == ("galore", "galore_adamw", True)
+    assert train.max_grad_norm == 0 and train.optimizer_config["update_proj_gap"] == 50
