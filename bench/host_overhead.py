@@ -4,8 +4,10 @@
 
 Prints one JSON line:
 - ``inproc_hook_us``: a trivial hook through the kernel's plugin manager, in-process;
-- ``host_rtt_us``: the same hook served by a host (encode, zmq round trip, decode), median; ``zmq_rtt_us``:
-  a bare zmq round trip of a 4-byte frame between two processes, the transport's floor on this machine;
+- ``host_rtt_us``: the same hook served by a host (encode, a round trip on the session's Unix socket, decode),
+  median; ``socket_rtt_us``: a bare round trip of a 5-byte packet on a SOCK_SEQPACKET socketpair between two
+  processes, the transport's floor on this machine; ``zmq_rtt_us``: the same through a zmq PAIR socket (the
+  transport calls used before);
 - ``tensor64m_shm_ms``: a 64 MiB float32 tensor to a host (copied into a shared segment, mapped read-only
   there, one element read back), median; ``tensor64m_kept_ms``: the same tensor sent again, kept in its segment
   from the second call (nothing copied); ``tensor64m_zmq_ms``: the same bytes sent through zmq to a process
@@ -25,6 +27,7 @@ import argparse
 import json
 import os
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -56,6 +59,7 @@ def swiftk_eval_batch(batch, outputs, state):
 def swiftk_loss_compute(batch, outputs):
     return LossResult(token_cross_entropy(outputs, batch.labels) / batch.num_items_in_batch)
 '''
+SOCKET_ECHO = "import socket, sys\ns = socket.socket(fileno=int(sys.argv[1]))\nwhile True:\n    s.send(s.recv(64))\n"
 ECHO = '''
 import sys, zmq, torch
 s = zmq.Context().socket(zmq.PAIR); s.connect(sys.argv[1])
@@ -126,7 +130,17 @@ def host_figures(calls: int, tmp: Path) -> dict[str, float]:
         echo.wait()
         sock.close(linger=0)
         context.term()
-    return {"inproc_hook_us": round(inproc, 2), "host_rtt_us": round(rtt, 1), "zmq_rtt_us": round(zmq_rtt, 1),
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    echo = subprocess.Popen([sys.executable, "-c", SOCKET_ECHO, str(child.fileno())], pass_fds=(child.fileno(),))
+    child.close()
+    try:
+        socket_rtt = median_us(lambda: (parent.send(b"\x00ping"), parent.recv(64)), calls)
+    finally:
+        echo.kill()
+        echo.wait()
+        parent.close()
+    return {"inproc_hook_us": round(inproc, 2), "host_rtt_us": round(rtt, 1), "socket_rtt_us": round(socket_rtt, 1),
+            "zmq_rtt_us": round(zmq_rtt, 1),
             "tensor64m_shm_ms": round(shm, 2),
             "tensor64m_zmq_ms": round(through_zmq, 2), "memcpy64m_ms": round(memcpy, 2),
             "shm_vs_memcpy": round(shm / memcpy, 2), "tensor64m_kept_ms": round(kept_ms, 2), **head_loss}

@@ -94,6 +94,7 @@ def main() -> None:
         figures["host_reloads"] = len(reloads)
         figures["host_reload_ms_median"] = statistics.median(r.ready_ms for r in reloads)
         figures["host_swap_stall_ms"] = round(statistics.median(stalls), 1)
+        figures["host_swap_stalls_ms"] = [round(stall, 1) for stall in stalls]  # each, in order
         figures["step_ms_median"] = round(typical, 1)
     print(json.dumps(figures))
 

@@ -12,6 +12,7 @@ import ctypes
 import inspect
 import os
 import resource
+import select
 import signal
 import socket
 import sys
@@ -36,6 +37,7 @@ from swiftk.contracts.registry import (
 )
 from swiftk.contracts.types import LossResult
 from swiftk.hosts import messages as m
+from swiftk.hosts import wire
 from swiftk.hosts.codec import from_wire, tensor_bytes, to_wire
 from swiftk.hosts.sandbox import Policy, address_space_limit, confine
 from swiftk.shm.cuda import CudaMapping
@@ -87,15 +89,13 @@ def hook_infos(obj: object) -> tuple[list[m.HookInfo], list[str]]:
 
 
 class Session:
-    """One kernel this host serves: its sockets, the segments it sent, the plugins it built. A host serves one
+    """One kernel this host serves: its socket, the segments it sent, the plugins it built. A host serves one
     kernel, or (a shared host) every rank of a node: the first rank's session, then one per other rank."""
 
-    def __init__(self, context: zmq.Context[Any], call: str, heartbeat: str, control: str, fds: socket.socket,
-                 primary: bool) -> None:
-        self.calls = context.socket(zmq.PAIR)
-        self.calls.connect(call)
-        self.heartbeat, self.control, self.fds, self.primary = heartbeat, control, fds, primary
-        self.fds.setblocking(False)
+    def __init__(self, heartbeat: str, control: str, link: socket.socket, primary: bool) -> None:
+        self.heartbeat, self.control, self.link, self.primary = heartbeat, control, link, primary
+        self.link.setblocking(False)
+        self.reader = wire.Reader(link)
         self.mapping = Mapping()
         self.cuda = CudaMapping()
         self.instances: dict[int, object] = {}
@@ -122,10 +122,9 @@ class Server:
     def __init__(self, args: argparse.Namespace, token: str, sandbox: dict[str, str] | None = None) -> None:
         self.args, self.token, self.sandbox = args, token, sandbox
         self.context = zmq.Context()
-        self.sessions = [Session(self.context, args.call, args.heartbeat, args.control, socket.socket(fileno=args.fd),
-                                 primary=True)]
-        for call, heartbeat, control, channel in args.guest or []:  # the node's other ranks (a shared host)
-            self.sessions.append(Session(self.context, call, heartbeat, control, guest_channel(channel), False))
+        self.sessions = [Session(args.heartbeat, args.control, socket.socket(fileno=args.fd), primary=True)]
+        for heartbeat, control, channel in args.guest or []:  # the node's other ranks (a shared host)
+            self.sessions.append(Session(heartbeat, control, guest_channel(channel), False))
         self.imported: dict[str, Any] = {}  # source -> module, or the exception importing it raised
         self.use(self.sessions[0])
         self.control = threading.Thread(target=self.watch, name="swiftk-host-control", daemon=True)
@@ -133,7 +132,7 @@ class Server:
     def use(self, session: Session) -> None:
         """Serve ``session``'s request: its socket, segments and plugins."""
         self.session = session
-        self.calls, self.fds, self.mapping, self.cuda = session.calls, session.fds, session.mapping, session.cuda
+        self.link, self.mapping, self.cuda = session.link, session.mapping, session.cuda
         self.instances = session.instances
 
     # -- control thread: heartbeats, shutdown, parent watch -------------------------------------------------
@@ -178,82 +177,82 @@ class Server:
     def serve(self) -> int:
         self.control.start()
         while True:
-            frame = self.next_frame()  # also selects the session it came from
-            request = m.decode(frame)
+            request = self.next_request()  # also selects the session it came from
             if not self.session.greeted:  # a kernel's first message is its hello
                 if not isinstance(request, m.HelloRequest):
                     return 2
                 self.session.greeted = True
                 self.send(self.initialize(request))
                 continue
-            self.receive_segments()
             self.send(self.handle(request))
 
-    def next_frame(self) -> bytes:
-        """The next request, from whichever session sends one; busy-waits ``--spin-us`` first, since hook calls
-        come in bursts (batch start, loss, step end...) and a sleeping process takes tens of microseconds to
-        wake."""
+    def next_request(self) -> m.Message:
+        """The next request, from whichever session sends one, with the segments announced before it mapped;
+        busy-waits ``--spin-us`` first, since hook calls come in bursts (batch start, loss, step end...) and a
+        sleeping process takes tens of microseconds to wake."""
         end = time.perf_counter() + self.args.spin_us / 1e6
         while True:
             for session in self.sessions:
-                if session.closed:
-                    continue
-                try:
-                    frame: bytes = session.calls.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    continue
-                self.use(session)
-                return frame
+                if not session.closed and (request := self.take(session)) is not None:
+                    return request
             if time.perf_counter() >= end:
                 break
-        if len(self.sessions) == 1:
-            self.use(self.sessions[0])
-            return self.calls.recv()  # type: ignore[no-any-return]
-        poller = zmq.Poller()
-        for session in self.sessions:
-            if not session.closed:
-                poller.register(session.calls, zmq.POLLIN)
         while True:
-            ready = dict(poller.poll())
+            poller = select.poll()
             for session in self.sessions:
-                if session.calls in ready:
-                    self.use(session)
-                    return session.calls.recv()  # type: ignore[no-any-return]
+                if not session.closed:
+                    poller.register(session.link, select.POLLIN)
+            poller.poll()
+            for session in self.sessions:
+                if not session.closed and (request := self.take(session)) is not None:
+                    return request
+
+    def take(self, session: Session) -> m.Message | None:
+        """``session``'s next request if it is all here (mapping each segment announced on the way), else None.
+        A kernel that closed its socket is gone: the host leaves with its only kernel, and a shared host closes
+        that rank's session."""
+        while True:
+            try:
+                got = session.reader.read()
+            except wire.PeerGone:
+                self.leave(session, "its kernel closed its socket")
+                return None
+            if got is None:
+                return None
+            frame, fds = got
+            message = m.decode(frame)  # a malformed frame from the kernel ends this host (ProtocolError)
+            if isinstance(message, m.SegmentEvent):
+                if fds:
+                    session.mapping.attach(message.segment, fds[0], message.size, message.writable)
+                continue
+            for fd in fds:
+                os.close(fd)
+            self.use(session)
+            return message
 
     def send(self, message: m.Message) -> None:
-        """Reply to the session that asked. A kernel that takes no reply for ``REPLY_DEADLINE_S`` is gone: a host
-        leaves with its only kernel, and a shared host closes that rank's session and serves the others."""
-        frame, end = m.encode(message), time.monotonic() + REPLY_DEADLINE_S
-        while True:
-            try:
-                self.calls.send(frame, zmq.NOBLOCK)
-                return
-            except zmq.Again:
-                pass
-            if time.monotonic() >= end:
-                if self.session.primary:
-                    shutdown("its kernel takes no replies")
-                self.session.closed = True
-                if all(session.closed for session in self.sessions):
-                    shutdown("every kernel it served is gone")
-                return
-            self.calls.poll(100, zmq.POLLOUT)
+        """Reply to the session that asked. A kernel that takes no reply for ``REPLY_DEADLINE_S`` is gone."""
+        end = time.monotonic() + REPLY_DEADLINE_S
+        for packet in wire.packets(m.encode(message)):
+            while True:
+                try:
+                    if wire.try_send(self.link, packet):
+                        break
+                except wire.PeerGone:
+                    self.leave(self.session, "its kernel closed its socket")
+                    return
+                if time.monotonic() >= end:
+                    self.leave(self.session, "its kernel takes no replies")
+                    return
+                wire.wait(self.link, 0.1, writable=True)
 
-    def receive_segments(self) -> None:
-        """Map every segment the kernel announced; it sends them before the request that uses them."""
-        while True:
-            try:
-                data, fds, _, _ = socket.recv_fds(self.fds, 1024, 1)
-            except BlockingIOError:
-                return
-            if not data:  # the kernel closed its end
-                if self.session.primary:
-                    _exit(1)
-                self.session.closed = True
-                return
-            event = m.decode(data)
-            if isinstance(event, m.SegmentEvent) and fds:
-                self.mapping.attach(event.segment, fds[0], event.size, event.writable)
+    def leave(self, session: Session, reason: str) -> None:
+        """Close ``session``; the host exits with its primary kernel, or once every session is closed."""
+        if session.primary:
+            shutdown(reason)
+        session.closed = True
+        if all(s.closed for s in self.sessions):
+            shutdown("every kernel it served is gone")
 
     def initialize(self, hello: m.HelloRequest) -> m.HelloReply:
         sources = []
@@ -380,7 +379,6 @@ class Server:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="swiftk-host", description="serve one or more plugins for a kernel")
-    parser.add_argument("--call", required=True)
     parser.add_argument("--heartbeat", required=True)
     parser.add_argument("--control", required=True)
     parser.add_argument("--fd", type=int, required=True)
@@ -390,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spin-us", type=float, default=0.0)
     parser.add_argument("--no-death-signal", action="store_true", help="spawned by a kernel thread that may end")
     parser.add_argument("--sandbox", help="a tenant's sandbox policy (JSON): confine this host before serving")
-    parser.add_argument("--guest", nargs=4, action="append", metavar=("CALL", "HEARTBEAT", "CONTROL", "CHANNEL"),
+    parser.add_argument("--guest", nargs=3, action="append", metavar=("HEARTBEAT", "CONTROL", "CHANNEL"),
                         help="a shared host: also serve another rank of the node (its endpoints)")
     args = parser.parse_args(argv)
     if args.parent:  # else a sandbox launcher is the parent, and it watches the kernel

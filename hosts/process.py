@@ -121,10 +121,11 @@ class HostProcess:
         base = (self.sandbox.endpoint("h") if self.sandbox is not None
                 else f"ipc://@swiftk-{os.getpid()}-{next(_SPAWNED)}-{secrets.token_hex(4)}")
         self.channel = self.bind(lambda suffix: f"{base}-{suffix}")
-        self.channel.fds, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        link, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.channel.connect(link)
         self.token = secrets.token_hex(16)
-        command = [sys.executable, "-m", "swiftk.hosts", "--call", f"{base}-call", "--heartbeat",
-                   f"{base}-hb", "--control", f"{base}-ctl", "--fd", str(child.fileno()), "--parent",
+        command = [sys.executable, "-m", "swiftk.hosts", "--heartbeat", f"{base}-hb", "--control", f"{base}-ctl",
+                   "--fd", str(child.fileno()), "--parent",
                    str(os.getpid() if self.sandbox is None else 0),
                    "--heartbeat-interval", str(self.settings.heartbeat_interval_s),
                    "--spin-us", str(self.settings.spin_us)]
@@ -135,8 +136,8 @@ class HostProcess:
         shared = self.spec.shared
         if shared is not None:  # the node's other ranks: one more session each
             for rank in range(1, shared.local_world_size):
-                command += ["--guest", shared.endpoint(rank, "call"), shared.endpoint(rank, "hb"),
-                            shared.endpoint(rank, "ctl"), shared.channel(rank)]
+                command += ["--guest", shared.endpoint(rank, "hb"), shared.endpoint(rank, "ctl"),
+                            shared.channel(rank)]
             shared.publish(shared.token_key, self.token)
         # Passive OpenMP waits: a host that spins after its call would steal the cores the kernel needs next.
         env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "SWIFTK_HOST_TOKEN": self.token}

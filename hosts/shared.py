@@ -42,14 +42,15 @@ class GuestHost(Host):
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.listener.bind("\0" + self.shared.channel(rank))
         self.listener.listen(1)
-        self.channel.fds = self.listener  # until the host connects its segment channel
+        self.channel.connect(self.listener)  # until the host connects its socket
         self.token = self.shared.fetch(self.shared.token_key, self.settings.start_timeout_s)
         self.channel.last_beat = time.monotonic()
 
     def handshake(self, same_code: bool = True) -> m.HelloReply:
         self.listener.settimeout(self.settings.start_timeout_s)
         try:
-            self.channel.fds, _ = self.listener.accept()
+            link, _ = self.listener.accept()
+            self.channel.connect(link)
         except TimeoutError:
             raise HostStartError(f"the shared host '{self.spec.label}' of this node did not connect within "
                                  f"{self.settings.start_timeout_s:g} s (local rank 0 starts it)") from None

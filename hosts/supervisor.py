@@ -94,15 +94,6 @@ class Host(HostProcess):
         the reloader records the hash the host reports."""
         end = time.monotonic() + self.settings.start_timeout_s
         channel = self.channel
-        # A PAIR socket holds a message only once the host has connected: until then, watch the process (a host
-        # that dies before connecting, e.g. a sandbox that could not be built, would block the send forever).
-        while not channel.calls.poll(int(self.settings.heartbeat_interval_s * 1000), zmq.POLLOUT):
-            channel.check_alive("the handshake", starting=True)
-            if time.monotonic() >= end:
-                pid = self.pid
-                self.kill("did not connect")
-                raise HostStartError(f"host '{self.spec.label}' (pid {pid}) did not connect within "
-                                     f"{self.settings.start_timeout_s:g} s (see [hosts] start_timeout_s)")
         channel.send(m.encode(m.HelloRequest(CONTRACT_VERSION, self.token, self.spec.sources, self.spec.names)),
                      max(end - time.monotonic(), 0.001), "the handshake", starting=True)
         reply = channel.receive(max(end - time.monotonic(), 0.001), "the handshake", starting=True)
