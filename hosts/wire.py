@@ -34,6 +34,11 @@ class BadPacket(Exception):
     """A packet that is not part of a well-formed frame (no lead byte, or cut short)."""
 
 
+def closed(exc: OSError) -> Exception:
+    """What a socket error means: ``PeerGone`` when the peer closed its end, else the error itself."""
+    return PeerGone(str(exc)) if exc.errno in GONE else exc
+
+
 def packets(frame: bytes) -> Iterator[bytes]:
     """``frame`` as the packets that carry it (one when it fits in ``CHUNK``)."""
     view = memoryview(frame)
@@ -52,9 +57,7 @@ def try_send(sock: socket.socket, packet: bytes, fds: list[int] | None = None) -
     except BlockingIOError:
         return False
     except OSError as exc:
-        if exc.errno in GONE:
-            raise PeerGone(str(exc)) from None
-        raise
+        raise closed(exc) from None
 
 
 def wait(sock: socket.socket, timeout_s: float, writable: bool = False) -> bool:
@@ -90,9 +93,7 @@ class Reader:
             except BlockingIOError:
                 return None
             except OSError as exc:
-                if exc.errno in GONE:
-                    raise PeerGone(str(exc)) from None
-                raise
+                raise closed(exc) from None
             fds = received_fds(ancillary)
             if not data and not fds:
                 raise PeerGone("end of stream")
