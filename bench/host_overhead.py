@@ -146,7 +146,6 @@ def host_figures(calls: int, tmp: Path) -> dict[str, float]:
             "shm_vs_memcpy": round(shm / memcpy, 2), "tensor64m_kept_ms": round(kept_ms, 2), **head_loss}
 
 
-
 def head_loss_ms(remote: Any, state: StepState) -> dict[str, float]:
     """A loss in the host on hidden states and SmolLM2's frozen head: kept between calls, copied every call."""
     g = torch.Generator().manual_seed(0)

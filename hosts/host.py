@@ -191,21 +191,22 @@ class Server:
         busy-waits ``--spin-us`` first, since hook calls come in bursts (batch start, loss, step end...) and a
         sleeping process takes tens of microseconds to wake."""
         end = time.perf_counter() + self.args.spin_us / 1e6
-        while True:
-            for session in self.sessions:
-                if not session.closed and (request := self.take(session)) is not None:
-                    return request
-            if time.perf_counter() >= end:
-                break
-        while True:
+        while (request := self.any_request()) is None:
+            if time.perf_counter() < end:
+                continue
             poller = select.poll()
             for session in self.sessions:
                 if not session.closed:
                     poller.register(session.link, select.POLLIN)
             poller.poll()
-            for session in self.sessions:
-                if not session.closed and (request := self.take(session)) is not None:
-                    return request
+        return request
+
+    def any_request(self) -> m.Message | None:
+        """The first open session's request that is all here, else None."""
+        for session in self.sessions:
+            if not session.closed and (request := self.take(session)) is not None:
+                return request
+        return None
 
     def take(self, session: Session) -> m.Message | None:
         """``session``'s next request if it is all here (mapping each segment announced on the way), else None.

@@ -201,8 +201,8 @@ def train(run: Run) -> str:
                 if run.reloader is not None:  # what a reloaded loss is probed on
                     run.reloader.remember(batch, outputs, run.state())
                 if run.in_backward is not None:  # the weights change during backward: a NaN loss must not reach it
-                    if not math.isfinite(float(loss.detach())):
-                        raise not_applied(run, f"the loss became {float(loss.detach())}")
+                    if not math.isfinite(now := float(loss.detach())):
+                        raise not_applied(run, f"the loss became {now}")
                     run.in_backward.arm()
                 run.parallel.backward(loss)
                 step_loss += loss.detach()
