@@ -1,5 +1,5 @@
 """The parallel engine: what the kernel asks of whatever spreads a model over ranks (DDP, FSDP2, DeepSpeed ZeRO,
-later tensor and pipeline parallelism), and nothing more.
+tensor parallelism), and nothing more.
 
 The kernel's run assembly calls, in this order: ``wrap`` (and ``wrap_frozen`` for a reference model) before the
 optimizer is built, ``attach`` after; the step loop then calls ``backward`` per micro-batch and ``clip_grad_norm``,
@@ -38,6 +38,16 @@ class ParallelEngine(Protocol):
     @property
     def sharded(self) -> bool:
         """Parameters live in pieces across ranks: forward passes (eval, generation) must run on every rank."""
+        ...
+
+    @property
+    def data_shard(self) -> tuple[int, int]:
+        """(this rank's index, how many) among the groups of ranks that read different batches."""
+        ...
+
+    @property
+    def replicas(self) -> int:
+        """Ranks that read the same batch (a tensor-parallel group); 1 for data parallelism."""
         ...
 
     def wrap(self, model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:

@@ -141,6 +141,10 @@ class StepContext(Protocol):
     def call(self, hook: str, **kwargs: Any) -> Any:
         """Call a hook by name, keywords only."""
 
+    def data_sum(self, value: float) -> float:
+        """``value`` summed over the ranks that read different batches (the ranks of a tensor-parallel group read
+        the same one): a step's global token or sequence count."""
+
     def log(self, metrics: dict[str, float]) -> None:
         """Add ``metrics`` to this step's record (averaged across ranks), e.g. a rollout's rewards and lengths."""
 

@@ -412,11 +412,12 @@ HostsConfig = HostSettings  # [hosts]: the supervisor's own settings type (swift
 
 
 class DistributedConfig(Section):
-    """[distributed] several processes, or machines: torchrun DDP, FSDP2 or DeepSpeed ZeRO (see kernel/dist.py)."""
+    """[distributed] several processes, or machines: torchrun DDP, FSDP2, DeepSpeed ZeRO or tensor parallelism (see
+    kernel/dist.py)."""
 
     backend: str = Field(
         "ddp", description="a parallel engine (kernel/parallel/): 'ddp' (replicas), 'fsdp' (FSDP2, sharded per "
-                           "decoder layer) or 'deepspeed' (ZeRO)")
+                           "decoder layer), 'deepspeed' (ZeRO) or 'tp' (tensor parallel, FSDP2 across TP groups)")
     num_processes: int = Field(1, ge=1, description="processes per node; > 1 relaunches `swiftk run` under torchrun")
     nnodes: int = Field(1, ge=1, description="machines; start `swiftk run` on each with its own node_rank")
     node_rank: int = Field(0, ge=0, description="this machine's index, 0 .. nnodes-1 (0 hosts the rendezvous)")
@@ -430,6 +431,8 @@ class DistributedConfig(Section):
     offload_optimizer: bool = Field(False, description="deepspeed: optimizer state in CPU memory")
     offload_param: bool = Field(False, description="deepspeed, zero_stage 3: parameters in CPU memory")
     fsdp_reshard_after_forward: bool = Field(True, description="fsdp: free gathered layers after forward")
+    tp_size: int | None = Field(None, ge=1, description="tp: ranks that split each layer (default: every "
+                                "process of a node); the processes / tp_size groups read different data")
 
     @field_validator("backend")
     @classmethod
@@ -453,6 +456,8 @@ class DistributedConfig(Section):
                    if getattr(self, k) not in (None, False)]
         if ds_only and self.backend != "deepspeed":
             raise ValueError(f"{', '.join(ds_only)}: only for backend = 'deepspeed' (backend is '{self.backend}')")
+        if self.tp_size is not None and self.backend != "tp":
+            raise ValueError(f"tp_size: only for backend = 'tp' (backend is '{self.backend}')")
         if self.offload_param and self.zero_stage != 3:
             raise ValueError("offload_param needs zero_stage = 3")
         return self

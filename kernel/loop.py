@@ -147,6 +147,9 @@ class Run:
     def log(self, metrics: dict[str, float]) -> None:
         self.logged.update(metrics)
 
+    def data_sum(self, value: float) -> float:
+        return sum_across_ranks(value) / self.parallel.replicas
+
     def say(self, message: str) -> None:
         self.reporter.say(message)
 
@@ -186,7 +189,7 @@ def train(run: Run) -> str:
                                     f"but [train] optimizer_in_backward updates the weights in the first backward; "
                                     f"leave optimizer_in_backward off for this stage")
             # The loss is normalised over the whole step, on every rank: its label tokens (or pairs, for a stage).
-            num_items = int(sum_across_ranks(sum(b.num_items for b in micro)))
+            num_items = int(run.data_sum(sum(b.num_items for b in micro)))
             step_loss = torch.zeros((), device=run.device)
             plugin_metrics: dict[str, float] = {}
             for batch in micro:
@@ -210,7 +213,7 @@ def train(run: Run) -> str:
                     plugin_metrics[key] = plugin_metrics.get(key, 0.0) + value / len(micro)
 
             # Each micro-batch loss is already divided by the step's global token count: the sum is the mean.
-            loss_value = sum_across_ranks(float(step_loss))
+            loss_value = run.data_sum(float(step_loss))
             lr = scheduler.get_last_lr()[0]
             if run.in_backward is not None:  # already applied, parameter by parameter
                 grad_norm = run.in_backward.finish()
@@ -239,7 +242,7 @@ def train(run: Run) -> str:
             for phase in run.stage.phases[learn_at + 1:]:  # after the update (e.g. push weights to a generator)
                 run.stage.run_phase(phase, run, micro)
             step_time = time.perf_counter() - started
-            tokens = int(sum_across_ranks(sum(b.num_tokens for b in micro)))
+            tokens = int(run.data_sum(sum(b.num_tokens for b in micro)))
             plugin_metrics = mean_across_ranks({**run.logged, **plugin_metrics})
             run.logged = {}
             run.tokens_seen += tokens

@@ -277,15 +277,18 @@ def chunked_head(model: torch.nn.Module, chunked: bool, say: Any) -> ChunkedHead
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices; never biases, norms or other 1-d tensors. Each group names its tensors."""
-    groups: list[dict[str, Any]] = [{"params": [], "names": [], "weight_decay": weight_decay},
-                                    {"params": [], "names": [], "weight_decay": 0.0}]
+    """Decay matrices; never biases, norms or other 1-d tensors. Each group names its tensors, and holds one kind of
+    tensor: fused and foreach optimizers cannot mix DTensors with plain tensors, and tensor parallelism splits some
+    layers only."""
+    groups: dict[tuple[bool, type], dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            group = groups[0] if param.dim() >= 2 else groups[1]
+            decay = param.dim() >= 2
+            group = groups.setdefault((decay, type(param.data)), {"params": [], "names": [],
+                                                                  "weight_decay": weight_decay if decay else 0.0})
             group["params"].append(param)
             group["names"].append(name)
-    return [g for g in groups if g["params"]]
+    return [group for (decay, _), group in sorted(groups.items(), key=lambda item: not item[0][0])]  # decayed first
 
 
 def data_transform(plugins: Plugins, split: str) -> Any:
@@ -429,7 +432,7 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
     optimizer = plugins.call("swiftk_optimizer_build", param_groups=param_groups(parallel.unwrap(model),
                              weight_decay(cfg.train)), lr=cfg.train.lr, model=parallel.unwrap(model))
     loader = Loader(train_samples, cfg.train.batch_size, collate_fn, cfg.train.seed, cfg.data.shuffle,
-                    dist.rank, dist.world_size)
+                    *parallel.data_shard)  # a tensor-parallel group reads one batch
     steps_per_epoch = math.ceil(loader.batches_per_epoch / cfg.train.grad_accum)
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
     warmup = cfg.train.warmup_steps
@@ -486,8 +489,10 @@ def train_and_report(run: Run, options: Options, say: Any) -> int:
             run.reloader = Reloader(plugins, watched)
             run.reloader.start()
             say("watching for edits: " + ", ".join(watched))
-        say(f"training: {total_steps} steps of {cfg.total_batch(dist.world_size)} samples "
-            f"(batch_size {cfg.train.batch_size} x grad_accum {cfg.train.grad_accum}), from step {run.step}")
+        readers = run.parallel.data_shard[1]
+        say(f"training: {total_steps} steps of {cfg.total_batch(readers)} samples (batch_size "
+            f"{cfg.train.batch_size} x grad_accum {cfg.train.grad_accum}"
+            + (f" x {readers} data-parallel groups" if readers > 1 else "") + f"), from step {run.step}")
         status = train(run)
     finally:
         if run.reloader is not None:

@@ -1,10 +1,11 @@
 """The parallel engines, by name. ``[distributed] backend`` (or ``[device] parallel_method``) picks one; a new
-engine (tensor or pipeline parallelism) is a new module here and one line in ``ENGINES``.
+engine (pipeline parallelism) is a new module here and one line in ``ENGINES``.
 
     none       one process: every call is the plain PyTorch one           none.py
     ddp        a replica per rank, gradients all-reduced                   ddp.py
     fsdp       FSDP2: fully_shard per decoder layer                        fsdp.py
     deepspeed  DeepSpeed ZeRO-2/3 (optimizer offload, parameter offload)   deepspeed.py
+    tp         tensor parallel layers (DTensor), FSDP2 over the TP groups  tp.py
 
 What every engine offers is ``swiftk.contracts.engines.ParallelEngine``; the process group itself (setup, the
 ranks' agreements, teardown) is ``kernel.dist``'s. An engine's module is imported when it is chosen, so that
@@ -29,6 +30,7 @@ ENGINES: dict[str, str] = {
     "ddp": "swiftk.kernel.parallel.ddp:DDP",
     "fsdp": "swiftk.kernel.parallel.fsdp:FSDP2",
     "deepspeed": "swiftk.kernel.parallel.deepspeed:DeepSpeedZero",
+    "tp": "swiftk.kernel.parallel.tp:TensorParallel",
 }
 
 __all__ = ["ENGINES", "DeviceConfig", "apply_device", "config_problems", "create", "engine_class"]

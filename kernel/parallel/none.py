@@ -29,6 +29,16 @@ class OneProcess:
     def sharded(self) -> bool:
         return False
 
+    @property
+    def data_shard(self) -> tuple[int, int]:
+        """(this rank's index, how many) among the groups of ranks that read different batches."""
+        return self.info.rank, self.info.world_size
+
+    @property
+    def replicas(self) -> int:
+        """Ranks that read the same batch (a tensor-parallel group): a sum over all ranks counts it this often."""
+        return 1
+
     def wrap(self, model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
         return model
 
@@ -48,8 +58,10 @@ class OneProcess:
 
     def scaled(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss is already divided by the step's global token count; DDP, FSDP and DeepSpeed average
-        gradients over ranks, so it is scaled back by the world size to give the global sum's gradient."""
-        return loss * self.info.world_size if self.info.world_size > 1 else loss
+        gradients over the ranks that read different data, so it is scaled back by their count to give the global
+        sum's gradient."""
+        readers = self.data_shard[1]
+        return loss * readers if readers > 1 else loss
 
     def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float | None) -> float | None:
         """Clip and return the global gradient norm (a DTensor's norm is gathered whole)."""

@@ -45,7 +45,7 @@ from swiftk.contracts.stages import (
     StepContext,
     register_stage,
 )
-from swiftk.kernel.dist import any_rank, sum_across_ranks
+from swiftk.kernel.dist import any_rank
 from swiftk.kernel.errors import ConfigError
 from swiftk.plugins.stages.online import (
     Prompts,
@@ -328,7 +328,7 @@ class GRPO(OnlineStage):
             ctx.log({"rollout/is_weight_mean": sum(corrections) / len(corrections)})
         steps_of = [batches[i : i + accum] for i in range(0, len(batches), accum)]
         for step in steps_of:
-            sequences_in_step = sum_across_ranks(sum(len(b.input_ids) for b in step))
+            sequences_in_step = ctx.data_sum(sum(len(b.input_ids) for b in step))
             for batch in step:
                 batch.extras["num_sequences"] = torch.tensor(float(sequences_in_step), device=ctx.device)
         return steps_of

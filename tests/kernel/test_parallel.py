@@ -67,7 +67,7 @@ def test_every_backend_has_an_engine_that_meets_the_contract() -> None:
 
 def test_an_unknown_engine_is_named_with_suggestions() -> None:
     with pytest.raises(DistributedError, match=r"no parallel engine named 'fsdp3'; did you mean 'fsdp'\? "
-                                               r"\(engines: none, ddp, fsdp, deepspeed\)"):
+                                               r"\(engines: none, ddp, fsdp, deepspeed, tp\)"):
         parallel.engine_class("fsdp3")
 
 
@@ -148,8 +148,8 @@ def test_one_process_methods_refuse_several_gpus(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("method", "message"), [
-    ("tp", "'tp' (tensor parallelism) is not built yet; use one of 'none'"),
-    ("pp", "'pp' (pipeline parallelism) is not built yet"),
+    ("pp", "'pp' (pipeline parallelism) is not built yet; use one of 'none'"),
+    ("megatron", "'megatron' (Megatron-Core tensor + pipeline parallelism) is not built yet"),
     ("fdsp", "unknown parallel method 'fdsp'; did you mean 'fsdp'"),
 ])
 def test_unknown_and_unbuilt_methods_are_config_errors(method: str, message: str, tmp_path: Path) -> None:

@@ -1,0 +1,164 @@
+"""Tensor parallelism (DTensor): each decoder layer's attention and MLP split over ``tp_size`` ranks, Megatron's
+way, and FSDP2 over the ranks that remain (data parallel), the 2-D mesh that stands for "Megatron TP + ZeRO-3".
+
+    mesh (dp, tp), rank = dp_index * tp_size + tp_index: the ranks of a TP group are neighbours (one node)
+    q/k/v, gate/up    ColwiseParallel: output features (heads) split, no communication in forward
+    o, down           RowwiseParallel: input features split, one all-reduce per projection
+    the rest          whole on every rank of a TP group (embeddings, norms, the LM head); FSDP2 shards it over dp
+
+The ranks of a TP group read the same batch; the data is split over the dp groups only. LoRA follows its base
+layer: a column-split projection's ``lora_B`` is split by columns, a row-split one's ``lora_A`` by rows, so that
+the adapter's output is laid out like the base layer's. Checkpoints are FSDP2's: whole tensors gathered on
+rank 0, spread back on resume.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from swiftk.kernel.dist import DistInfo, DistributedError
+from swiftk.kernel.parallel.fsdp import FSDP2, decoder_layers
+
+# transformers' tensor-parallel plan words (a model's ``config.base_model_tp_plan``) that this engine applies
+STYLES = ("colwise", "rowwise")
+
+
+class TensorParallel(FSDP2):
+    """``[distributed] backend = "tp"``: ``tp_size`` ranks split every layer; ``world_size / tp_size`` groups of
+    them train on different data, their layers sharded with FSDP2 when there are several."""
+
+    name = "tp"
+
+    def __init__(self, info: DistInfo | None = None, options: Any = None) -> None:
+        super().__init__(info, options)
+        self.tp_size = tp_size(options, self.info.world_size)
+        self.dp_size = self.info.world_size // self.tp_size
+        self.mesh: Any = None
+
+    @classmethod
+    def problems(cls, options: Any) -> list[str]:
+        world = options.num_processes * options.nnodes
+        tp = tp_size(options, world)
+        if world % tp:
+            return [f"[distributed] tp_size = {tp} does not divide the {world} processes (num_processes = "
+                    f"{options.num_processes} x nnodes = {options.nnodes}): use a divisor of {world}"]
+        if options.nnodes > 1 and options.num_processes % tp:
+            return [f"[distributed] tp_size = {tp} would split a layer across machines (num_processes = "
+                    f"{options.num_processes} per node): a TP group must stay inside one node; use a divisor of "
+                    f"{options.num_processes}"]
+        return []
+
+    @property
+    def data_shard(self) -> tuple[int, int]:
+        return self.info.rank // self.tp_size, self.dp_size
+
+    @property
+    def replicas(self) -> int:
+        return self.tp_size
+
+    def wrap(self, model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.tensor.parallel import parallelize_module
+
+        if self.mesh is None:
+            self.mesh = init_device_mesh(device.type, (self.dp_size, self.tp_size), mesh_dim_names=("dp", "tp"))
+        parallelize_module(model, self.mesh["tp"], layer_plan(model, self.tp_size))
+        if self.dp_size > 1:
+            bf16 = precision == "bf16"
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                                          reduce_dtype=torch.float32 if bf16 else None)
+            reshard = self.options.fsdp_reshard_after_forward
+            for layer in decoder_layers(model):
+                fully_shard(layer, mesh=self.mesh["dp"], mp_policy=policy, reshard_after_forward=reshard)
+            fully_shard(model, mesh=self.mesh["dp"], mp_policy=policy, reshard_after_forward=reshard)
+        return model
+
+    def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float | None) -> float | None:
+        """The global norm over split and whole gradients alike (torch's own cannot mix DTensors with plain
+        tensors): each split gradient's norm is reduced over the ranks holding its pieces, a whole one counted
+        once."""
+        from torch.distributed.tensor import DTensor
+
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return 0.0
+        squares = []
+        for grad in grads:
+            norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+            squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2)
+        total = float(torch.stack(squares).sum().sqrt())
+        if max_norm is not None and math.isfinite(total) and total > max_norm:
+            scale = max_norm / (total + 1e-6)
+            for grad in grads:
+                grad.mul_(scale)
+        return total
+
+
+def tp_size(options: Any, world: int) -> int:
+    """``[distributed] tp_size``, or every process of a node when it is not set."""
+    size = getattr(options, "tp_size", None)
+    return int(size) if size else max(1, min(world, getattr(options, "num_processes", world)))
+
+
+def layer_plan(model: torch.nn.Module, tp: int) -> dict[str, Any]:
+    """``parallelize_module``'s plan for ``model``: its own ``base_model_tp_plan`` (transformers declares one for
+    Llama, Qwen2/3, Mistral, Gemma and others) applied to every projection it names, a LoRA-wrapped one included;
+    an architecture without a plan, or whose heads do not split ``tp`` ways, is an error naming it."""
+    import fnmatch
+
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    config = getattr(model, "config", None)
+    declared = dict(getattr(config, "base_model_tp_plan", None) or {})
+    if not declared:
+        kind = getattr(config, "model_type", type(model).__name__)
+        raise DistributedError(f"[distributed] backend = 'tp': {kind} models declare no tensor-parallel plan "
+                               f"(transformers' base_model_tp_plan); use backend = 'fsdp' or 'ddp'")
+    check_divisible(config, tp)
+    refuse_unsplittable(model)
+    patterns = {f"*{pattern}": style for pattern, style in declared.items() if style in STYLES}
+    plan: dict[str, Any] = {}
+    for name, module in model.named_modules():
+        style = next((s for p, s in patterns.items() if fnmatch.fnmatchcase(name, p)), None)
+        if style is None or not name:
+            continue
+        colwise = style == "colwise"
+        split = ColwiseParallel if colwise else RowwiseParallel
+        base = getattr(module, "base_layer", None)
+        if base is None:
+            plan[name] = split()
+            continue
+        plan[f"{name}.base_layer"] = split()
+        for adapter in getattr(module, "lora_B" if colwise else "lora_A", {}):
+            plan[f"{name}.{'lora_B' if colwise else 'lora_A'}.{adapter}"] = split()
+    if not plan:
+        raise DistributedError(f"[distributed] backend = 'tp': no module of {type(model).__name__} matches its "
+                               f"tensor-parallel plan {sorted(declared)}")
+    return plan
+
+
+def check_divisible(config: Any, tp: int) -> None:
+    """Heads, key-value heads and the MLP's width must split evenly over the TP group."""
+    sizes = {"num_attention_heads": getattr(config, "num_attention_heads", None),
+             "num_key_value_heads": getattr(config, "num_key_value_heads", None),
+             "intermediate_size": getattr(config, "intermediate_size", None)}
+    bad = [f"{key} = {value}" for key, value in sizes.items() if isinstance(value, int) and value % tp]
+    if bad:
+        raise DistributedError(f"[distributed] tp_size = {tp} does not divide the model's {' and '.join(bad)}: "
+                               f"each rank holds an equal part of every layer; choose a tp_size that divides them")
+
+
+def refuse_unsplittable(model: torch.nn.Module) -> None:
+    """Layers this engine cannot split yet: 4-bit (QLoRA) weights and DoRA's per-column magnitudes."""
+    for name, module in model.named_modules():
+        if type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            raise DistributedError(f"[distributed] backend = 'tp': {name} is a bitsandbytes quantised layer, which "
+                                   f"cannot be split over ranks; use tuner_strategy = 'lora' (unquantised) under "
+                                   f"tp, or backend = 'ddp' for QLoRA")
+        if getattr(module, "lora_magnitude_vector", None):
+            raise DistributedError(f"[distributed] backend = 'tp': {name} is a DoRA layer, whose magnitudes are "
+                                   f"not split yet; use LoRA under tp, or backend = 'fsdp' for DoRA")

@@ -1,0 +1,227 @@
+"""Tensor parallelism (``[distributed] backend = "tp"``) on CPU (gloo): the split layers give the one process's
+gradients; 2 ranks (tp 2) and 4 ranks (dp 2 x tp 2, FSDP2 over the TP groups) reproduce its loss curve and final
+weights; LoRA under tp merges back to the one process's model; DPO's reference is split like the model; layouts
+that cannot work are errors naming the setting."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from swiftk.kernel.cli import main
+from swiftk.kernel.config import DistributedConfig, load_config
+from swiftk.kernel.dist import DistInfo, DistributedError
+from swiftk.kernel.errors import ConfigError
+from swiftk.kernel.parallel import engine_class
+from swiftk.kernel.parallel.tp import TensorParallel, layer_plan
+
+from ..conftest import REPO
+from .test_dist import CONFIG, assert_matches, losses, swiftk, variant
+
+STEPS = 6
+
+
+def config(path: Path, out: Path, processes: int = 1, batch: int = 32, **distributed: object) -> Path:
+    """test_dist's tiny Llama with 2 key-value heads (grouped-query attention, split 2 ways), ``STEPS`` steps."""
+    table = {"num_processes": processes, **distributed}
+    lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in table.items())
+    text = CONFIG.format(batch=batch, steps=STEPS, out=out, save_every=3, distributed=lines)
+    path.write_text(text.replace("num_key_value_heads = 4", "num_key_value_heads = 2"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def one(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The one-process run, in this process."""
+    tmp = tmp_path_factory.mktemp("one")
+    assert main(["run", str(config(tmp / "c.toml", tmp / "run"))]) == 0
+    return tmp / "run"
+
+
+def assert_same_weights(got: Path, want: Path, name: str = "model.safetensors") -> None:
+    a, b = load_file(got / name), load_file(want / name)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=2e-5, msg=key)
+
+
+# ------------------------------------------------------------------------------------------ the split layers
+
+
+SPLIT = """
+import sys, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import parallelize_module
+from transformers import LlamaConfig, LlamaForCausalLM
+from swiftk.kernel.parallel.tp import layer_plan
+
+dist.init_process_group("gloo", init_method=sys.argv[1], rank=int(sys.argv[2]), world_size=2)
+torch.manual_seed(0)
+config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=50, tie_word_embeddings=False)
+whole, model = LlamaForCausalLM(config), None
+if sys.argv[3] == "lora":
+    from peft import LoraConfig, get_peft_model
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    whole = get_peft_model(whole, LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
+import copy
+model = copy.deepcopy(whole)
+parallelize_module(model, init_device_mesh("cpu", (2,)), layer_plan(model, 2))
+ids = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(1))
+for m in (whole, model):
+    m(input_ids=ids, labels=ids).loss.backward()
+want = dict(whole.named_parameters())
+split = [n for n, p in model.named_parameters() if isinstance(p, DTensor) and p.requires_grad]
+worst = max(float(((p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad) - want[n].grad).abs().max())
+            for n, p in model.named_parameters() if p.grad is not None)
+print("RESULT", len(split), worst)
+"""
+
+
+@pytest.mark.parametrize("tuner", ["full", "lora"])
+def test_split_layers_give_the_whole_models_gradients(tuner: str, tmp_path: Path) -> None:
+    """Every projection the model's plan names is split (LoRA: the base layer and the adapter matrix on the same
+    side), and the gradients of split and whole tensors equal the unsplit model's."""
+    script = tmp_path / "split.py"
+    script.write_text(SPLIT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ranks = [subprocess.Popen([sys.executable, str(script), f"tcp://127.0.0.1:{port}", str(rank), tuner],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in range(2)]
+    outputs = [rank.communicate(timeout=120)[0] for rank in ranks]
+    for out in outputs:
+        found = re.search(r"RESULT (\d+) (\S+)", out)
+        assert found, out
+        # 2 layers x 7 projections; LoRA: 7 matrices of each layer's adapters are split (B of 5, A of 2)
+        assert int(found[1]) == 14, out
+        assert float(found[2]) < 1e-6, out
+
+
+def test_the_plan_covers_lora_wrapped_projections() -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=40))
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "o_proj"]))
+    plan = layer_plan(peft_model, 2)
+    names = {name.removeprefix("base_model.model.model.layers.0."): type(style).__name__
+             for name, style in plan.items()}
+    assert names["self_attn.q_proj.base_layer"] == names["self_attn.q_proj.lora_B.default"] == "ColwiseParallel"
+    assert names["self_attn.o_proj.base_layer"] == names["self_attn.o_proj.lora_A.default"] == "RowwiseParallel"
+    assert names["mlp.up_proj"] == "ColwiseParallel" and names["mlp.down_proj"] == "RowwiseParallel"
+    assert "self_attn.q_proj.lora_A.default" not in names and not any("embed" in n or "lm_head" in n for n in plan)
+
+
+# ------------------------------------------------------------------------------------------ bad layouts
+
+
+def test_layouts_that_cannot_work_are_named() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                                         num_attention_heads=6, num_key_value_heads=3, vocab_size=40))
+    with pytest.raises(DistributedError, match=r"tp_size = 2 does not divide the model's num_key_value_heads = 3"):
+        layer_plan(llama, 2)
+    with pytest.raises(DistributedError, match=r"tp_size = 4 does not divide the model's num_attention_heads = 6 "
+                                               r"and num_key_value_heads = 3"):
+        layer_plan(llama, 4)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=40))
+    with pytest.raises(DistributedError, match=r"gpt2 models declare no tensor-parallel plan .* use backend = "
+                                               r"'fsdp' or 'ddp'"):
+        layer_plan(gpt2, 2)
+    options = DistributedConfig(backend="tp", num_processes=4, tp_size=3)
+    assert engine_class("tp").problems(options) == [
+        "[distributed] tp_size = 3 does not divide the 4 processes (num_processes = 4 x nnodes = 1): use a divisor "
+        "of 4"]
+    across = DistributedConfig(backend="tp", num_processes=2, nnodes=2, node_rank=0, master_port=29500, tp_size=4)
+    (problem,) = engine_class("tp").problems(across)
+    assert "tp_size = 4 would split a layer across machines" in problem
+    with pytest.raises(ValueError, match="tp_size: only for backend = 'tp'"):
+        DistributedConfig(backend="fsdp", tp_size=2)
+
+
+def test_a_tp_group_reads_one_batch() -> None:
+    """Ranks 0-1 and 2-3 are TP groups: they read the halves of the data, and a sum over all ranks counts each
+    group's batch twice."""
+    options = DistributedConfig(backend="tp", num_processes=4, tp_size=2)
+    shards = [TensorParallel(DistInfo(rank=r, world_size=4), options).data_shard for r in range(4)]
+    assert shards == [(0, 2), (0, 2), (1, 2), (1, 2)]
+    assert TensorParallel(DistInfo(rank=0, world_size=4), options).replicas == 2
+    pure = TensorParallel(DistInfo(rank=1, world_size=2), DistributedConfig(backend="tp", num_processes=2))
+    assert pure.data_shard == (0, 1) and pure.tp_size == 2
+
+
+def test_device_method_tp_is_the_tp_backend(tmp_path: Path) -> None:
+    from swiftk.kernel.parallel.config import apply_device
+
+    path = config(tmp_path / "c.toml", tmp_path / "run", processes=2)
+    path.write_text(path.read_text() + '[device]\nparallel_method = "tp"\nnum_gpus = 2\n')
+    cfg = load_config(path)
+    assert apply_device(cfg) == [] and (cfg.distributed.backend, cfg.distributed.num_processes) == ("tp", 2)
+
+
+@pytest.mark.slow
+def test_a_qlora_model_is_refused_under_tp(tmp_path: Path) -> None:
+    path = variant(config(tmp_path / "c.toml", tmp_path / "run", processes=2, backend="tp"), qlora=True)
+    done = swiftk(str(path), timeout=240)
+    assert done.returncode != 0
+    assert "is a bitsandbytes quantised layer, which cannot be split over ranks" in done.stdout + done.stderr
+
+
+def test_tp_size_that_does_not_divide_the_processes_stops_before_launching(tmp_path: Path) -> None:
+    from swiftk.kernel.run import Options, prepare
+
+    path = config(tmp_path / "c.toml", tmp_path / "run", processes=2, backend="tp", tp_size=4)
+    with pytest.raises(ConfigError, match=r"tp_size = 4 does not divide the 2 processes \(num_processes = 2"):
+        prepare(Options(config=str(path), overrides=[]))
+
+
+# ------------------------------------------------------------------------------------------ whole runs
+
+
+def test_tp2_reproduces_one_process(one: Path, tmp_path: Path) -> None:
+    """Both ranks read the whole batch of 32; the loss curve and the final weights are the one process's."""
+    done = swiftk(str(config(tmp_path / "c.toml", tmp_path / "run", processes=2, backend="tp")))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "steps of 32 samples (batch_size 32 x grad_accum 1)" in done.stdout
+    assert_matches(losses(tmp_path / "run"), losses(one))
+    assert_same_weights(tmp_path / "run/final", one / "final")
+
+
+@pytest.mark.slow
+def test_dp2_by_tp2_reproduces_one_process(one: Path, tmp_path: Path) -> None:
+    """4 ranks: two TP groups of 2, each reading half of the batch, their layers sharded by FSDP2 between them."""
+    done = swiftk(str(config(tmp_path / "c.toml", tmp_path / "run", processes=4, batch=16, backend="tp",
+                             tp_size=2)), timeout=360)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "steps of 32 samples (batch_size 16 x grad_accum 1 x 2 data-parallel groups)" in done.stdout
+    assert_matches(losses(tmp_path / "run"), losses(one))
+    assert_same_weights(tmp_path / "run/final", one / "final")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["lora", "dpo"])
+def test_lora_and_dpo_under_tp2_reproduce_one_process(kind: str, tmp_path: Path) -> None:
+    """LoRA's adapters split with their base layers, merged back (--merge) to the one process's model; DPO's
+    frozen reference split like the model."""
+    single = variant(config(tmp_path / "one.toml", tmp_path / "one"), **{kind: True})
+    assert main(["run", str(single), "--merge"]) == 0
+    double = variant(config(tmp_path / "two.toml", tmp_path / "two", processes=2, backend="tp"), **{kind: True})
+    done = swiftk(str(double), "--merge")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_matches(losses(tmp_path / "two"), losses(tmp_path / "one"))
+    if kind == "lora":
+        assert_same_weights(tmp_path / "two/final", tmp_path / "one/final", "adapter_model.safetensors")
+        assert_same_weights(tmp_path / "two/merged", tmp_path / "one/merged")
