@@ -105,8 +105,8 @@ fi
 # The process group: the ranks' agreements (CPU tensors) on gloo, CUDA tensors on NCCL, in one group.
 check process_group_cpu_gloo_cuda_nccl $PYTEST tests/kernel/test_dist.py -k process_group_carries
 # [distributed]: DDP over NCCL at world size 1 (torchrun) against the plain run: the machinery's overhead.
-check ddp_nccl_overhead bash -c "set -o pipefail; $PY bench/ddp_scaling.py --device cuda --processes 1 --steps 40 --warmup 10 \
-    | tee $OUT/ddp_scaling.json"
+check ddp_nccl_overhead bash -c "set -o pipefail; $PY bench/parallel_scaling.py --device cuda --layouts plain,world1 \
+    --steps 40 --warmup 10 | tee $OUT/parallel_scaling.json"
 # [tuners]: QLoRA with bitsandbytes' CUDA NF4 kernels on the tiny model (built, then quantized), then on SmolLM2
 # with a merged and a GGUF export of the run.
 check qlora_tiny_cuda $SWIFTK run configs/tiny_sft.toml --overwrite --set model.device="'cuda'" \

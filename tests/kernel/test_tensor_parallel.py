@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -202,13 +203,36 @@ def test_tp2_reproduces_one_process(one: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_dp2_by_tp2_reproduces_one_process(one: Path, tmp_path: Path) -> None:
-    """4 ranks: two TP groups of 2, each reading half of the batch, their layers sharded by FSDP2 between them."""
+    """4 ranks: two TP groups of 2, each reading half of the batch, their layers sharded by FSDP2 between them;
+    a resume from the middle replays the same steps."""
     done = swiftk(str(config(tmp_path / "c.toml", tmp_path / "run", processes=4, batch=16, backend="tp",
                              tp_size=2)), timeout=360)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "steps of 32 samples (batch_size 16 x grad_accum 1 x 2 data-parallel groups)" in done.stdout
     assert_matches(losses(tmp_path / "run"), losses(one))
     assert_same_weights(tmp_path / "run/final", one / "final")
+    # the checkpoint of step 3 (split and sharded weights and optimizer state gathered whole) resumes exactly
+    shutil.rmtree(tmp_path / f"run/checkpoints/step-{STEPS:06d}")
+    resumed = swiftk(str(tmp_path / "c.toml"), "--resume", timeout=360)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "from step 3" in resumed.stdout
+    assert_matches(losses(tmp_path / "run"), losses(one))
+
+
+@pytest.mark.slow
+def test_two_nodes_each_a_tp_group_reproduce_one_process(one: Path, tmp_path: Path) -> None:
+    """Two `swiftk run`s of 2 processes each at one loopback rendezvous: tp inside each "node", data parallel (FSDP2)
+    across them, as on two machines."""
+    from swiftk.kernel import launch
+
+    port = launch.free_port("127.0.0.1")
+    cfg = config(tmp_path / "c.toml", tmp_path / "run", processes=2, batch=16, backend="tp", tp_size=2, nnodes=2,
+                 master_port=port, join_timeout_s=120)
+    nodes = [swiftk(str(cfg), f"--set=distributed.node_rank={rank}", wait=False) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=360)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert "x 2 data-parallel groups" in outputs[0]
+    assert_matches(losses(tmp_path / "run"), losses(one))
 
 
 @pytest.mark.slow
