@@ -48,6 +48,7 @@ COMMANDS = {
     "run": Command("swiftk.kernel.cli.run", "train from a config file"),
     "web": Command("swiftk.kernel.cli.web", "launch, watch and compare runs and chat with a checkpoint in a browser"),
     "plot": Command("swiftk.kernel.cli.plot", "draw a run's loss and learning-rate curves"),
+    "plan": Command("swiftk.kernel.cli.plan", "the memory a config needs per GPU, and the layouts that fit"),
     "export": Command("swiftk.kernel.cli.export", "merge, quantize or GGUF-convert a finished run's model"),
     "infer": Command("swiftk.kernel.cli.infer", "chat with a finished run or a model, or answer a file of prompts"),
     "serve": Command("swiftk.kernel.cli.serve", "serve a finished run or a model over OpenAI's API"),

@@ -108,37 +108,44 @@ def layer_plan(model: torch.nn.Module, tp: int) -> dict[str, Any]:
     """``parallelize_module``'s plan for ``model``: its own ``base_model_tp_plan`` (transformers declares one for
     Llama, Qwen2/3, Mistral, Gemma and others) applied to every projection it names, a LoRA-wrapped one included;
     an architecture without a plan, or whose heads do not split ``tp`` ways, is an error naming it."""
-    import fnmatch
-
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     config = getattr(model, "config", None)
-    declared = dict(getattr(config, "base_model_tp_plan", None) or {})
-    if not declared:
+    if not getattr(config, "base_model_tp_plan", None):
         kind = getattr(config, "model_type", type(model).__name__)
         raise DistributedError(f"[distributed] backend = 'tp': {kind} models declare no tensor-parallel plan "
                                f"(transformers' base_model_tp_plan); use backend = 'fsdp' or 'ddp'")
     check_divisible(config, tp)
     refuse_unsplittable(model)
-    patterns = {f"*{pattern}": style for pattern, style in declared.items() if style in STYLES}
     plan: dict[str, Any] = {}
-    for name, module in model.named_modules():
-        style = next((s for p, s in patterns.items() if fnmatch.fnmatchcase(name, p)), None)
-        if style is None or not name:
-            continue
+    for name, (module, style) in split_modules(model).items():
         colwise = style == "colwise"
         split = ColwiseParallel if colwise else RowwiseParallel
-        base = getattr(module, "base_layer", None)
-        if base is None:
+        if getattr(module, "base_layer", None) is None:
             plan[name] = split()
             continue
         plan[f"{name}.base_layer"] = split()
-        for adapter in getattr(module, "lora_B" if colwise else "lora_A", {}):
-            plan[f"{name}.{'lora_B' if colwise else 'lora_A'}.{adapter}"] = split()
+        side = "lora_B" if colwise else "lora_A"
+        for adapter in getattr(module, side, {}):
+            plan[f"{name}.{side}.{adapter}"] = split()
     if not plan:
         raise DistributedError(f"[distributed] backend = 'tp': no module of {type(model).__name__} matches its "
-                               f"tensor-parallel plan {sorted(declared)}")
+                               f"tensor-parallel plan {sorted(config.base_model_tp_plan)}")
     return plan
+
+
+def split_modules(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, str]]:
+    """The modules the model's ``base_model_tp_plan`` splits, by name, with "colwise" or "rowwise"."""
+    import fnmatch
+
+    declared = dict(getattr(getattr(model, "config", None), "base_model_tp_plan", None) or {})
+    patterns = {f"*{pattern}": style for pattern, style in declared.items() if style in STYLES}
+    found = {}
+    for name, module in model.named_modules():
+        style = next((s for p, s in patterns.items() if fnmatch.fnmatchcase(name, p)), None)
+        if name and style is not None:
+            found[name] = (module, style)
+    return found
 
 
 def check_divisible(config: Any, tp: int) -> None:

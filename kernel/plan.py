@@ -1,0 +1,557 @@
+"""``swiftk plan``: the memory a config needs on each GPU, before anything is loaded, for the layout it asks for and
+for every layout swiftk can run on the GPUs named (``--gpus 8xA10``).
+
+    weights      every parameter in the dtype it is stored in: trainable ones in float32 (the tuners keep float32
+                 master weights), frozen ones in [model] dtype, QLoRA's linear layers in 4 bits (+ their scales)
+    gradients    float32, one per trainable parameter (DDP adds its buckets; none held in backward with
+                 [train] optimizer_in_backward)
+    optimizer    by [train] optimizer: AdamW 8 bytes per trainable parameter, adamw_8bit 2, Adafactor the factored
+                 moments, GaLore its projected moments and projections
+    activations  what autograd saves for backward, counted from a forward of the model on the meta device (shapes,
+                 no memory) at [train] batch_size x [data] max_length, so every architecture is counted as it
+                 computes; with gradient checkpointing, each layer's input plus one layer recomputed
+    logits       the LM head's output, its float32 copy and its gradient; with the chunked loss, one chunk's
+    runtime      the CUDA context and libraries' workspaces (1 GiB, measured on an H100 with torch 2.13); on CPU,
+                 this process's resident set once torch and transformers are imported
+
+Layouts divide these as their engines do: ZeRO-2 shards gradients and optimizer state, FSDP2 (ZeRO-3) all three
+plus a gathered layer, tensor parallelism the split projections (``kernel.parallel.tp``), ``device_map`` spreads
+the layers over the GPUs of one process. The figure is the peak a step reaches, counted as if activations and all
+gradients were alive at once (an upper bound by the activations freed while gradients appear), and the
+micro-batch at full length (shorter batches need less).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from swiftk.kernel.errors import SwiftkError
+
+GIB = 2**30
+CUDA_RUNTIME = 1.0 * GIB
+# GPU memory in GiB as the cards are sold, and whether they compute bfloat16 natively
+GPUS: dict[str, tuple[float, bool]] = {
+    "t4": (16, False), "v100": (32, False), "v100-16": (16, False), "a10": (24, True), "a10g": (24, True),
+    "l4": (24, True), "rtx3090": (24, True), "rtx4090": (24, True), "a6000": (48, True), "l40s": (48, True),
+    "a100": (80, True), "a100-40": (40, True), "a100-80": (80, True), "h100": (80, True), "h200": (141, True),
+    "b200": (192, True),
+}
+QUANTIZED_BYTES = {4: 0.5 + 1 / 64 + 4 / (64 * 256), 8: 1.0 + 4 / 4096}  # NF4 with double-quantised scales; int8 rows
+REFUSED_UNDER_TP = ("qlora", "dora")
+
+
+class PlanError(SwiftkError):
+    """The plan cannot be made: an unknown GPU, a model whose shape cannot be read."""
+
+
+@dataclass(frozen=True)
+class Gpus:
+    count: int
+    name: str
+    gib: float
+    bf16: bool
+
+    @classmethod
+    def parse(cls, text: str) -> Gpus:
+        """``8xA10``, ``2xH100``, ``4x24GB`` (any card with that memory, bf16 assumed), ``cpu``."""
+        text = text.strip().lower()
+        if text == "cpu":
+            import psutil
+
+            return cls(1, "cpu", psutil.virtual_memory().total / GIB, False)
+        memory = re.fullmatch(r"(?:(\d+)\s*[x*]\s*)?(\d+(?:\.\d+)?)\s*gi?b", text)
+        if memory:
+            return cls(int(memory[1] or 1), f"{memory[2]} GiB", float(memory[2]), True)
+        found = re.fullmatch(r"(?:(\d+)\s*[x*]\s*)?([a-z][a-z0-9-]*)", text)
+        if not found:
+            raise PlanError(f"--gpus {text!r}: write COUNTxNAME, e.g. 8xA10, 2xH100 or 4x24GB")
+        count, key = int(found[1] or 1), found[2]
+        if key not in GPUS:
+            raise PlanError(f"--gpus {text!r}: unknown GPU '{key}'; known: {', '.join(GPUS)}, or give the memory "
+                            f"(e.g. 8x24GB)")
+        gib, bf16 = GPUS[key]
+        return cls(count, key.upper(), gib, bf16)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the ranks share the model: ``dp`` groups reading different data, ``tp`` ranks splitting each layer."""
+
+    name: str
+    gpus: int
+    dp: int = 1
+    tp: int = 1
+    shard: str = "none"  # "none", "zero2" (gradients, optimizer state), "zero3" (and the weights)
+    spread: bool = False  # device_map: one process, its layers over the GPUs
+    offload_optimizer: bool = False
+    offload_param: bool = False
+
+
+@dataclass
+class Memory:
+    """Bytes per GPU (the busiest one)."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+    runtime: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.runtime
+
+    def as_gib(self) -> dict[str, float]:
+        return {k: round(v / GIB, 3) for k, v in {**dataclasses.asdict(self), "total": self.total}.items()}
+
+
+@dataclass
+class Model:
+    """What the plan knows of the tuned model, counted on the meta device."""
+
+    description: str
+    params: int
+    trainable: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    largest_layer: int  # parameters of the largest decoder layer
+    weight_bytes: float  # every parameter as stored
+    split_share: float  # the share of weight bytes in projections tensor parallelism splits
+    optimizer_bytes: float
+    act_layer: list[tuple[float, float]]  # per decoder layer: (bytes kept whole, bytes split by tp) per micro-batch
+    act_other: float  # saved outside the layers (embeddings, final norm) per micro-batch
+    layer_input: float  # one layer's input (what a checkpointed layer keeps)
+    quantized: int = 0  # parameters stored in 4 or 8 bits
+
+
+def hf_config(model_cfg: Any, vocab_size: int | None = None) -> Any:
+    """The transformers config of ``[model]`` without its weights: ``architecture`` for a random init, else the
+    folder's (or GGUF file's) config."""
+    from transformers import AutoConfig
+
+    from swiftk.kernel.model import check_source, resolve_source
+
+    if model_cfg.init == "random":
+        arch = dict(model_cfg.architecture or {})
+        if "model_type" not in arch:
+            raise PlanError("[model] init = 'random' needs `architecture` with at least model_type")
+        if vocab_size is not None:
+            arch.setdefault("vocab_size", vocab_size)
+        return AutoConfig.for_model(**arch)
+    source = resolve_source(model_cfg.model_id)
+    check_source(model_cfg.model_id, source, model_cfg.gguf_file)
+    try:
+        return AutoConfig.from_pretrained(source, gguf_file=model_cfg.gguf_file,
+                                          trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise PlanError(f"cannot read the model's config from '{source}': {str(exc).splitlines()[0]}") from None
+
+
+def measure(cfg: Any, config: Any, storage: torch.dtype, rows: int) -> Model:
+    """Build the tuned model on the meta device, count its parameters and run one forward to see what autograd
+    saves, layer by layer."""
+    from transformers import AutoModelForCausalLM
+
+    from swiftk.kernel.tuners import apply_tuner
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=storage, attn_implementation=register_attention())
+    train = cfg.train.model_copy(update={"gradient_checkpointing": False})
+    tuner = cfg.train.tuner_strategy
+    if tuner == "qlora":  # the 4-bit layers are counted below; the adapters are LoRA's
+        train = train.model_copy(update={"tuner_strategy": "lora"})
+    tuned = apply_tuner(model, train)
+    layers = decoder_layers(tuned)
+    quantized = quantized_names(tuned) if tuner == "qlora" else set()
+    bits = getattr(cfg.train, "quantization_bit", None) or 4
+    split = split_names(tuned)
+    weight_bytes = split_bytes = 0.0
+    trainable = total = 0
+    for name, param in tuned.named_parameters():
+        total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+            size = param.numel() * 4.0
+        elif name in quantized:
+            size = param.numel() * QUANTIZED_BYTES[bits]
+        else:
+            size = param.numel() * param.element_size()
+        weight_bytes += size
+        if any(name.startswith(prefix) for prefix in split):
+            split_bytes += size
+    act_layer, act_other, layer_input = activations(tuned, layers, config, rows, cfg.data.max_length)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model = Model(
+        description=f"{type(tuned.get_base_model() if hasattr(tuned, 'get_base_model') else tuned).__name__}",
+        params=total, trainable=trainable, layers=len(layers),
+        heads=getattr(text, "num_attention_heads", 0) or 0,
+        kv_heads=getattr(text, "num_key_value_heads", None) or getattr(text, "num_attention_heads", 0) or 0,
+        intermediate=getattr(text, "intermediate_size", 0) or 0, vocab=getattr(text, "vocab_size", 0) or 0,
+        largest_layer=max((sum(p.numel() for p in layer.parameters()) for layer in layers), default=0),
+        weight_bytes=weight_bytes, split_share=split_bytes / weight_bytes if weight_bytes else 0.0,
+        optimizer_bytes=optimizer_bytes(tuned, cfg.train), act_layer=act_layer, act_other=act_other,
+        layer_input=layer_input, quantized=sum(p.numel() for n, p in tuned.named_parameters() if n in quantized))
+    return model
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks (as FSDP2 shards them); none for a model that marks none."""
+    from swiftk.kernel.dist import DistributedError
+    from swiftk.kernel.parallel.fsdp import decoder_layers as blocks
+
+    try:
+        return blocks(model)
+    except DistributedError:
+        return []
+
+
+def quantized_names(model: torch.nn.Module) -> set[str]:
+    """The weights bitsandbytes would quantise: every linear layer's but the LM head's (QLoRA's default)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not head and "lora_" not in name:
+            names.add(f"{name}.weight")
+    return names
+
+
+def split_names(model: torch.nn.Module) -> list[str]:
+    """Module name prefixes tensor parallelism splits (those ``kernel.parallel.tp`` plans)."""
+    from swiftk.kernel.parallel.tp import split_modules
+
+    return [f"{name}." for name in split_modules(model)]
+
+
+def optimizer_bytes(model: torch.nn.Module, train: Any) -> float:
+    """The optimizer state of the trainable parameters, by ``[train] optimizer``."""
+    from swiftk.plugins.optimizers.galore import is_target
+
+    galore = train.tuner_strategy == "galore" or train.optimizer in ("galore_adamw", "native_projected_adamw")
+    name = "galore_adamw" if galore else train.optimizer
+    rank = int(train.optimizer_config.get("rank", getattr(train, "galore_rank", 128)))
+    targets = train.optimizer_config.get("target_modules", getattr(train, "galore_target_modules", "all-linear"))
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    total = 0.0
+    for pname, param in ((n, p) for n, p in model.named_parameters() if p.requires_grad):
+        n = param.numel()
+        if galore and is_target(pname, param, targets):
+            big, small = max(param.shape), min(param.shape)
+            r = min(rank, small)
+            total += 8.0 * r * big + 4.0 * r * small  # two moments in the projected space, the projection
+        elif name == "adamw_8bit":
+            total += 2.0 * n
+        elif name == "adafactor":
+            total += 4.0 * (sum(param.shape[-2:]) if param.dim() >= 2 else n)
+        elif name == "sgd":
+            total += 4.0 * n if train.optimizer_config.get("momentum") else 0.0
+        else:  # adamw, native_adamw, and plugins' optimizers, counted as AdamW
+            total += 8.0 * n
+    return total
+
+
+def activations(model: torch.nn.Module, layers: list[torch.nn.Module], config: Any, rows: int,
+                tokens: int) -> tuple[list[tuple[float, float]], float, float]:
+    """Bytes autograd saves during one forward of ``rows x tokens`` on the meta device: per decoder layer (kept
+    whole across a TP group, split by it), outside the layers, and one layer's input. A saved tensor whose last
+    dimension is the hidden size is kept whole under tensor parallelism; heads and the MLP's width are split."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = int(getattr(text, "hidden_size", 0) or 0)
+    params = {p.untyped_storage()._cdata for p in model.parameters()}  # weights (and their transposes) are not saved
+    seen: dict[int, tuple[float, bool]] = {}
+    alive: list[torch.Tensor] = []  # held until the end, so that storages are not reused and counted twice
+    marks: list[tuple[float, float]] = []
+    inputs: list[float] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if tensor.is_floating_point() and storage._cdata not in params:
+            whole = bool(tensor.dim() and tensor.shape[-1] == hidden)
+            seen.setdefault(storage._cdata, (float(storage.nbytes()), whole))
+            alive.append(tensor)
+        return tensor
+
+    def totals() -> tuple[float, float]:
+        whole = sum(size for size, kept in seen.values() if kept)
+        return whole, sum(size for size, _ in seen.values()) - whole
+
+    def before(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        marks.append(totals())
+        inputs.append(first_tensor_bytes(args, kwargs))
+
+    def after(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        marks.append(totals())
+
+    hooks = []
+    for layer in layers:
+        hooks.append(layer.register_forward_pre_hook(before, with_kwargs=True))
+        hooks.append(layer.register_forward_hook(after))
+    ids = torch.zeros(rows, tokens, dtype=torch.long, device="meta")
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, logits_to_keep=torch.empty(0, dtype=torch.long))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    end = totals()
+    pairs = zip(marks[::2], marks[1::2], strict=True)
+    per_layer = [(after[0] - before[0], after[1] - before[1]) for before, after in pairs]
+    other = sum(end) - sum(w + s for w, s in per_layer)
+    return per_layer, other, max(inputs, default=0.0)
+
+
+class FusedAttention(torch.autograd.Function):
+    """What a fused attention kernel (FlashAttention, PyTorch's flash and memory-efficient SDPA, the CPU flash
+    kernel) keeps for backward: queries, keys, values, the output and one float32 log-sum-exp per query and head.
+    The meta device would otherwise run SDPA's math path, which keeps the whole [heads, T, T] score matrix."""
+
+    @staticmethod
+    def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(query)
+        ctx.save_for_backward(query, key, value, out, query.new_empty(query.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        query, key, value = ctx.saved_tensors[:3]
+        return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def fused_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface: [B, H, T, D] in, [B, T, H, D] out."""
+    return FusedAttention.apply(query, key, value).transpose(1, 2).contiguous(), None
+
+
+def register_attention() -> str:
+    """The name ``fused_attention`` is registered under in transformers (with no mask: it needs none)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(PLAN_ATTENTION, fused_attention)
+    AttentionMaskInterface.register(PLAN_ATTENTION, lambda *args, **kwargs: None)
+    return PLAN_ATTENTION
+
+
+PLAN_ATTENTION = "swiftk_plan"
+
+
+def first_tensor_bytes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return float(value.numel() * value.element_size())
+    return 0.0
+
+
+# ------------------------------------------------------------------------------------------ layouts
+
+
+def layout_of(cfg: Any) -> Layout:
+    """The layout the config asks for ([device] written onto [distributed] first)."""
+    from swiftk.kernel.parallel.config import apply_device
+
+    apply_device(cfg)
+    d = cfg.distributed
+    n = d.num_processes * d.nnodes
+    if n == 1:
+        spread = cfg.model.device_map is not None
+        return Layout("device_map" if spread else "single", 1, spread=spread)
+    if d.backend == "tp":
+        tp = d.tp_size or d.num_processes
+        return Layout(f"tp{tp}" if tp == n else f"dp{n // tp}xtp{tp}", n, dp=n // tp, tp=tp,
+                      shard="zero3" if n > tp else "none")
+    if d.backend == "fsdp":
+        return Layout("fsdp", n, dp=n, shard="zero3")
+    if d.backend == "deepspeed":
+        stage = d.zero_stage or 2
+        return Layout(f"zero{stage}", n, dp=n, shard=f"zero{stage}", offload_optimizer=d.offload_optimizer,
+                      offload_param=d.offload_param)
+    return Layout("ddp", n, dp=n)
+
+
+def candidates(gpus: int, model: Model, tuner: str) -> list[Layout]:
+    """Every layout swiftk runs on ``gpus`` GPUs for this model and tuner."""
+    if gpus == 1:
+        return [Layout("single", 1)]
+    found = [Layout("ddp", gpus, dp=gpus), Layout("zero2", gpus, dp=gpus, shard="zero2")]
+    if tuner != "qlora":
+        found.append(Layout("fsdp", gpus, dp=gpus, shard="zero3"))
+    if tuner not in REFUSED_UNDER_TP:
+        for tp in range(2, gpus + 1):
+            if gpus % tp or not splits(model, tp):
+                continue
+            dp = gpus // tp
+            found.append(Layout(f"tp{tp}" if dp == 1 else f"dp{dp}xtp{tp}", gpus, dp=dp, tp=tp,
+                                shard="zero3" if dp > 1 else "none"))
+    found.append(Layout("device_map", gpus, spread=True))
+    return found
+
+
+def splits(model: Model, tp: int) -> bool:
+    return model.split_share > 0 and all(v % tp == 0 for v in (model.heads, model.kv_heads, model.intermediate) if v)
+
+
+def per_gpu(model: Model, layout: Layout, cfg: Any, runtime: float, chunk_bytes: float) -> Memory:
+    """``model``'s memory on the busiest GPU of ``layout``."""
+    weights, optimizer = model.weight_bytes, model.optimizer_bytes
+    gradients = 4.0 * model.trainable
+    trainable_share = 4.0 * model.trainable / weights if weights else 0.0
+    largest = 4.0 * model.largest_layer
+    if layout.tp > 1:  # the split projections' part of each figure, over tp
+        keep = 1 - model.split_share * (1 - 1 / layout.tp)
+        weights, gradients, optimizer = weights * keep, gradients * keep, optimizer * keep
+        largest /= layout.tp
+    shards = layout.dp if layout.shard != "none" else 1
+    if layout.shard == "zero3":
+        weights = weights / shards + 2 * largest  # the gathered layer and the next one, prefetched
+        gradients = gradients / shards + largest * min(1.0, trainable_share)
+    elif layout.shard == "zero2":
+        gradients /= shards
+    optimizer /= shards
+    if layout.shard == "none" and layout.dp > 1 and not layout.spread:
+        gradients *= 2  # DDP's buckets hold a second copy
+    if cfg.train.optimizer_in_backward:
+        gradients = 4.0 * model.largest_layer / max(layout.tp, 1) if model.trainable else 0.0
+    if layout.offload_optimizer:
+        optimizer = 0.0
+    if layout.offload_param:
+        weights = 2 * largest
+    act = activation_bytes(model, layout, cfg.train.gradient_checkpointing)
+    logits = logit_bytes(model, cfg, layout, chunk_bytes)
+    if layout.spread:
+        weights, gradients, optimizer, act = (x / layout.gpus for x in (weights, gradients, optimizer, act))
+    return Memory(weights, gradients, optimizer, act, logits, runtime)
+
+
+def activation_bytes(model: Model, layout: Layout, checkpointing: bool) -> float:
+    per_layer = [whole + split / layout.tp for whole, split in model.act_layer]
+    if not per_layer:
+        return model.act_other
+    if checkpointing:
+        return model.layer_input * len(per_layer) + max(per_layer) + model.act_other
+    return sum(per_layer) + model.act_other
+
+
+def logit_bytes(model: Model, cfg: Any, layout: Layout, chunk_bytes: float) -> float:
+    """The LM head's output: whole logits (compute dtype, a float32 copy in the loss, its gradient) unless the
+    chunked loss runs (not with sharded parameters: FSDP2, ZeRO-3, tensor parallelism)."""
+    chunked = cfg.train.chunked_loss and layout.shard != "zero3" and layout.tp == 1
+    if chunked:
+        return chunk_bytes
+    rows = rows_per_micro_batch(cfg)
+    compute = 2 if cfg.train.precision == "bf16" else 4
+    return float(rows * cfg.data.max_length * model.vocab * (compute + 4 + 4))
+
+
+def rows_per_micro_batch(cfg: Any) -> int:
+    """Sequences in one micro-batch: preference stages score two per pair, online RL ``num_generations`` per
+    prompt."""
+    from swiftk.kernel.plugins import stage_class
+
+    stage = stage_class(cfg.train)
+    per_item = 2 if stage.unit == "pairs" else int(getattr(cfg.train, "num_generations", 1) or 1)
+    return int(cfg.train.batch_size) * per_item
+
+
+# ------------------------------------------------------------------------------------------ the plan
+
+
+@dataclass
+class Plan:
+    model: Model
+    asked: Layout
+    asked_memory: Memory
+    gpus: Gpus | None
+    options: list[tuple[Layout, Memory]]
+    tuner: str
+    rows: int
+    tokens: int
+
+    def best(self) -> tuple[Layout, Memory] | None:
+        """The fitting layout with the least memory per GPU."""
+        fits = [(layout, memory) for layout, memory in self.options if self.fits(memory)]
+        return min(fits, key=lambda item: item[1].total) if fits else None
+
+    def fits(self, memory: Memory) -> bool:
+        return bool(self.gpus and memory.total <= self.gpus.gib * GIB)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": {k: v for k, v in dataclasses.asdict(self.model).items() if k != "act_layer"},
+            "tuner": self.tuner, "micro_batch": {"rows": self.rows, "tokens": self.tokens},
+            "asked": {"layout": dataclasses.asdict(self.asked), "per_gpu_gib": self.asked_memory.as_gib()},
+            "gpus": dataclasses.asdict(self.gpus) if self.gpus else None,
+            "options": [{"layout": layout.name, "per_gpu_gib": memory.as_gib(), "fits": self.fits(memory)}
+                        for layout, memory in self.options],
+            "best": self.best()[0].name if self.best() else None,
+        }
+
+
+def make_plan(cfg: Any, gpus: Gpus | None) -> Plan:
+    """The plan of ``cfg`` (a loaded ``RunConfig``) as asked, and on ``gpus`` when given."""
+    import psutil
+
+    from swiftk.contracts.chunked import CHUNK_ELEMENTS
+    from swiftk.kernel import precision
+
+    cpu = gpus is not None and gpus.name == "cpu" or (gpus is None and not torch.cuda.is_available())
+    bf16 = precision.native_bf16(torch.device("cpu")) if cpu else (gpus.bf16 if gpus else True)
+    full_weights = cfg.train.tuner_strategy in ("full", "galore")
+    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if bf16 and not full_weights else "float32")
+    compute = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if bf16 else "fp32")
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": compute}),
+                                 "model": cfg.model.model_copy(update={"dtype": dtype})})
+    rows = rows_per_micro_batch(cfg)
+    config = hf_config(cfg.model)
+    model = measure(cfg, config, precision.DTYPES[dtype], rows)
+    runtime = float(psutil.Process().memory_info().rss) if cpu else CUDA_RUNTIME
+    chunk = 3.0 * CHUNK_ELEMENTS * 4
+    asked = layout_of(cfg)
+    options = [(layout, per_gpu(model, layout, cfg, runtime, chunk))
+               for layout in candidates(gpus.count, model, cfg.train.tuner_strategy)] if gpus else []
+    return Plan(model, asked, per_gpu(model, asked, cfg, runtime, chunk), gpus, options, cfg.train.tuner_strategy,
+                rows, cfg.data.max_length)
+
+
+def render(plan: Plan) -> str:
+    """The plan as the console shows it."""
+    m = plan.model
+    lines = [f"model: {m.description} {m.params / 1e9:.3g} B params ({m.layers} layers, {m.heads} heads / "
+             f"{m.kv_heads} KV heads, vocab {m.vocab}); {plan.tuner}: {m.trainable / 1e6:.4g} M trainable"
+             + (f", {m.quantized / 1e9:.3g} B in 4/8 bits" if m.quantized else ""),
+             f"micro-batch: {plan.rows} x {plan.tokens} tokens per rank (a TP group shares one)"]
+    header = f"{'layout':<15} {'weights':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'logits':>8} {'runtime':>8} " \
+             f"{'total':>8}"
+    rows = [(plan.asked, plan.asked_memory, "(asked)")] + [(lay, mem, "") for lay, mem in plan.options]
+    if plan.gpus:
+        lines.append(f"GPUs: {plan.gpus.count} x {plan.gpus.name} ({plan.gpus.gib:g} GiB each)")
+        header += "  fits"
+    lines += ["", "GiB per GPU:", header]
+    for layout, memory, tag in rows:
+        values = memory.as_gib()
+        fits = ""
+        if plan.gpus and tag == "":
+            fits = "  yes" if plan.fits(memory) else "  no"
+        lines.append(f"{layout.name + (' ' + tag if tag else ''):<15} "
+                     + " ".join(f"{values[k]:>8.2f}" for k in ("weights", "gradients", "optimizer", "activations",
+                                                                 "logits", "runtime", "total")) + fits)
+    if plan.gpus:
+        best = plan.best()
+        lines.append("")
+        if best is None:
+            smallest = min(plan.options, key=lambda item: item[1].total)
+            lines.append(f"nothing fits {plan.gpus.gib:g} GiB: the smallest is {smallest[0].name} at "
+                         f"{smallest[1].total / GIB:.1f} GiB per GPU; lower batch_size or max_length, turn on "
+                         f"gradient_checkpointing, or use a lighter tuner (lora, qlora)")
+        else:
+            lines.append(f"least memory that fits: {best[0].name}, {best[1].total / GIB:.1f} of {plan.gpus.gib:g} "
+                         f"GiB per GPU")
+    return "\n".join(lines)
