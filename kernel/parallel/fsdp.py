@@ -23,6 +23,10 @@ class FSDP2(OneProcess):
 
     def wrap(self, model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
         """Before the optimizer is built: ``fully_shard`` replaces the parameters with DTensors."""
+        return self.shard(model, precision)
+
+    def shard(self, model: torch.nn.Module, precision: str, mesh: Any = None) -> torch.nn.Module:
+        """``fully_shard`` each decoder layer, then the whole model, over ``mesh`` (None: every rank)."""
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         bf16 = precision == "bf16"
@@ -30,8 +34,8 @@ class FSDP2(OneProcess):
                                       reduce_dtype=torch.float32 if bf16 else None)
         reshard = self.options.fsdp_reshard_after_forward
         for layer in decoder_layers(model):
-            fully_shard(layer, mp_policy=policy, reshard_after_forward=reshard)
-        fully_shard(model, mp_policy=policy, reshard_after_forward=reshard)
+            fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
         return model
 
     def wrap_frozen(self, model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:

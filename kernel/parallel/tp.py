@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from swiftk.kernel.dist import DistInfo, DistributedError
-from swiftk.kernel.parallel.fsdp import FSDP2, decoder_layers
+from swiftk.kernel.parallel.fsdp import FSDP2
 
 # transformers' tensor-parallel plan words (a model's ``config.base_model_tp_plan``) that this engine applies
 STYLES = ("colwise", "rowwise")
@@ -61,21 +61,12 @@ class TensorParallel(FSDP2):
 
     def wrap(self, model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         from torch.distributed.tensor.parallel import parallelize_module
 
         if self.mesh is None:
             self.mesh = init_device_mesh(device.type, (self.dp_size, self.tp_size), mesh_dim_names=("dp", "tp"))
         parallelize_module(model, self.mesh["tp"], layer_plan(model, self.tp_size))
-        if self.dp_size > 1:
-            bf16 = precision == "bf16"
-            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
-                                          reduce_dtype=torch.float32 if bf16 else None)
-            reshard = self.options.fsdp_reshard_after_forward
-            for layer in decoder_layers(model):
-                fully_shard(layer, mesh=self.mesh["dp"], mp_policy=policy, reshard_after_forward=reshard)
-            fully_shard(model, mesh=self.mesh["dp"], mp_policy=policy, reshard_after_forward=reshard)
-        return model
+        return self.shard(model, precision, self.mesh["dp"]) if self.dp_size > 1 else model
 
     def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float | None) -> float | None:
         """The global norm over split and whole gradients alike (torch's own cannot mix DTensors with plain
