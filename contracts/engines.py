@@ -34,6 +34,7 @@ class ParallelEngine(Protocol):
     """How the model trains across ranks. One process is an engine too: every call is the plain PyTorch one."""
 
     name: ClassVar[str]  # the name ``[distributed] backend`` gives it
+    optimizer_by_name: ClassVar[bool]  # ``optimizer_state`` keys parameters by name (DCP), else by index
 
     @property
     def sharded(self) -> bool:
@@ -96,7 +97,8 @@ class ParallelEngine(Protocol):
 
     def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
              optimizer_state: dict[str, Any], path: Path) -> None:
-        """Restore weights and optimizer state written by the same engine at the same world size."""
+        """Restore weights and optimizer state written at the same world size by the same engine, or, laid out
+        again for this one (``optimizer_by_name``), by another engine that keeps whole tensors."""
         ...
 
     def load_rng(self, path: Path) -> dict[str, Any] | None:

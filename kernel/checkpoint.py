@@ -65,6 +65,58 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def optimizer_by_name(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """An optimizer state dict in either layout it is saved in: ``torch.optim``'s (parameters by index, each group
+    naming its parameters in ``names``, as the kernel builds the groups) or DCP's full one (FSDP2, tp: by name).
+    Returns (per-parameter state by name, each name's group hyperparameters)."""
+    per_param, hyper = {}, {}
+    for group in state["param_groups"]:
+        names = group.get("names") or group["params"]
+        settings = {k: v for k, v in group.items() if k != "params"}
+        for index, name in zip(group["params"], names, strict=True):
+            hyper[name] = settings
+            if index in state["state"]:
+                per_param[name] = state["state"][index]
+    return per_param, hyper
+
+
+def optimizer_like(optimizer: torch.optim.Optimizer, state: dict[str, Any], by_name: bool) -> dict[str, Any]:
+    """``state`` (saved in either layout, by another engine or with other groups) laid out as ``optimizer`` holds
+    its parameters: by index for ``load_state_dict``, or ``by_name`` for DCP's ``set_optimizer_state_dict``. Each
+    group takes the saved hyperparameters of its first parameter's group."""
+    per_param, hyper = optimizer_by_name(state)
+    own = optimizer.state_dict()["param_groups"]
+    groups, states = [], {}
+    for group in own:
+        names = group["names"]
+        missing = [name for name in names if name not in hyper]
+        if missing:
+            raise ValueError(f"the checkpoint's optimizer state has no {missing[0]} (and {len(missing) - 1} more): "
+                             f"it was written for another model or tuner")
+        keys = names if by_name else group["params"]
+        groups.append({**hyper[names[0]], "names": names, "params": list(keys)})
+        states.update({key: per_param[name] for key, name in zip(keys, names, strict=True) if name in per_param})
+    return {"state": states, "param_groups": groups}
+
+
+def scheduler_like(state: dict[str, Any], groups: int) -> dict[str, Any]:
+    """A scheduler's state saved for another number of parameter groups (tensor parallelism splits its groups by
+    tensor kind): each per-group list (base and last learning rates, lambdas) is laid out for ``groups``, which
+    holds as long as every group was scheduled alike."""
+    lengths = {len(v) for v in state.values() if isinstance(v, list)}
+    if len(lengths) != 1:
+        return state
+    resized = {}
+    for key, value in state.items():
+        if isinstance(value, list) and value:
+            if any(item != value[0] for item in value):
+                raise ValueError(f"the scheduler's {key} differs between parameter groups ({value}): this checkpoint "
+                                 f"cannot continue with {groups} groups")
+            value = [value[0]] * groups
+        resized[key] = value
+    return resized
+
+
 def save(
     run_dir: Path,
     step: int,

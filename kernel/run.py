@@ -456,7 +456,8 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
     if plugins.hosts is not None:  # host deaths, restarts and plugin failures go to metrics.jsonl and the console
         plugins.hosts.sink = lambda event, fields: host_event(run, event, fields)
         sandbox_records(run)
-    run.meta = {"swiftk_version": swiftk.__version__, "world_size": dist.world_size,
+    run.meta = {"swiftk_version": swiftk.__version__, "world_size": dist.world_size, "engine": parallel.name,
+                "data_groups": parallel.data_shard[1],
                 "tuner_strategy": cfg.train.tuner_strategy, "base_fingerprint": fingerprint,
                 "train_data": cfg.data.train_path,
                 "config": cfg.model_dump(mode="json")}
@@ -552,7 +553,9 @@ def sandbox_records(run: Run) -> None:
 def restore(run: Run, path: Path) -> None:
     """Put the run back exactly where checkpoint ``path`` left it."""
     weights, state, meta = checkpoint.load(path)
-    changed = config_changes(meta.get("config", {}), run.meta["config"])
+    moved = layout_change(meta, run, path)  # another engine or world size: the same global batch, whole tensors
+    changed = [c for c in config_changes(meta.get("config", {}), run.meta["config"])
+               if not (moved and c.startswith("train.batch_size "))]
     if changed:
         raise CheckpointError(
             f"{path} was made with another config: {'; '.join(changed)}. An exact resume needs the same [model], "
@@ -568,16 +571,15 @@ def restore(run: Run, path: Path) -> None:
         raise CheckpointError(
             f"{path} was trained on other base weights (fingerprint {meta.get('base_fingerprint')} vs "
             f"{run.meta['base_fingerprint']} now); resume with the same [model] as the original run.")
-    if meta.get("world_size", 1) != run.dist.world_size:
-        raise CheckpointError(
-            f"{path} was written by {meta.get('world_size', 1)} processes and this run has {run.dist.world_size}; "
-            f"an exact resume needs the same world size (set [distributed] num_processes / nnodes as before), or "
-            f"consolidate it into a model folder (python -m swiftk.kernel.consolidate) and start a new run from it.")
+    optimizer_state, scheduler_state = state["optimizer"], state["scheduler"]
     try:
-        run.parallel.load(run.model, run.optimizer, weights, state["optimizer"], path)
+        if moved:  # the optimizer's groups and layout as this engine has them
+            optimizer_state = checkpoint.optimizer_like(run.optimizer, optimizer_state, run.parallel.optimizer_by_name)
+            scheduler_state = checkpoint.scheduler_like(scheduler_state, len(run.optimizer.param_groups))
+        run.parallel.load(run.model, run.optimizer, weights, optimizer_state, path)
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-    run.scheduler.load_state_dict(state["scheduler"])
+    run.scheduler.load_state_dict(scheduler_state)
     run.loader.load_state_dict(state["loader"])
     for name, plugin_state in state["plugins"].items():
         plugin = run.plugins.by_name.get(name)
@@ -585,7 +587,8 @@ def restore(run: Run, path: Path) -> None:
             plugin.load_state_dict(plugin_state)
     counters = state["counters"]
     run.step, run.tokens_seen, run.elapsed_s = counters["step"], counters["tokens_seen"], counters["elapsed_s"]
-    checkpoint.set_rng_state(run.parallel.load_rng(path) or state["rng"])  # each rank's own, when it has one
+    # each rank's own, when it has one; after a change of layout rank 0's (a TP group's ranks must agree)
+    checkpoint.set_rng_state((None if moved else run.parallel.load_rng(path)) or state["rng"])
     changed = {k: (v, run.plugins.code_hashes.get(k)) for k, v in meta.get("plugin_code", {}).items()
                if run.plugins.code_hashes.get(k) != v}
     if changed:
@@ -597,6 +600,35 @@ def restore(run: Run, path: Path) -> None:
     run.reporter.resume_at(run.step)
     run.reporter.event("resumed", step=run.step, path=str(path))
     run.reporter.say(f"resumed from {path} at step {run.step}")
+
+
+def layout_change(meta: dict[str, Any], run: Run, path: Path) -> bool:
+    """Whether checkpoint ``path`` was written by another engine or world size than this run's; raise if this run
+    cannot continue it exactly: DeepSpeed's partitions are its own, and the global batch (``batch_size`` x the
+    ranks reading different data) must stay the same, so that every step sees the same samples."""
+    engine, world = meta.get("engine", "none" if meta.get("world_size", 1) == 1 else None), meta.get("world_size", 1)
+    now = run.parallel.name
+    if world == run.dist.world_size and engine in (now, None):
+        return False
+    fix = "consolidate it into a model folder (python -m swiftk.kernel.consolidate) and start a new run from it"
+    if engine is None or "deepspeed" in (engine, now):
+        raise CheckpointError(
+            f"{path} was written by {world} processes ({engine or 'an older swiftk'}) and this run has "
+            f"{run.dist.world_size} ({now}); a resume across layouts needs whole tensors in the checkpoint (not "
+            f"DeepSpeed's partitions, nor a checkpoint older than this release): set [distributed] as before, or "
+            f"{fix}.")
+    saved = meta.get("config", {}).get("train", {}).get("batch_size", 0) * meta.get("data_groups", world)
+    global_batch = run.cfg.train.batch_size * run.parallel.data_shard[1]
+    if saved != global_batch:
+        groups = run.parallel.data_shard[1]
+        raise CheckpointError(
+            f"{path} trained on {saved} samples a micro-step ({engine}, {world} processes) and this run would take "
+            f"{global_batch} ({now}, {groups} data-parallel group{'s' if groups != 1 else ''} of batch_size "
+            f"{run.cfg.train.batch_size}); set [train] batch_size = {saved // groups} to continue it exactly, or "
+            f"{fix}.")
+    run.reporter.say(f"resuming a {engine} checkpoint of {world} process{'es' if world != 1 else ''} as {now} on "
+                     f"{run.dist.world_size}")
+    return True
 
 
 # Values a resume may change without breaking exactness: the run's length, where it runs, what it evaluates.

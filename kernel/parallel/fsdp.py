@@ -16,6 +16,7 @@ class FSDP2(OneProcess):
     """The trained model and a frozen reference are both sharded: no rank holds a whole copy of either."""
 
     name = "fsdp"
+    optimizer_by_name = True  # DCP's full optimizer state dict
 
     @property
     def sharded(self) -> bool:

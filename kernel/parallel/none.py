@@ -15,6 +15,7 @@ class OneProcess:
     """The model, the optimizer and the gradients whole on this rank (also each rank's part under DDP)."""
 
     name: ClassVar[str] = "none"
+    optimizer_by_name: ClassVar[bool] = False  # its optimizer state is saved by index (torch.optim's state_dict)
 
     def __init__(self, info: DistInfo | None = None, options: Any = None) -> None:
         self.info = info or DistInfo()

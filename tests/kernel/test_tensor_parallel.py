@@ -202,6 +202,35 @@ def test_tp2_reproduces_one_process(one: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_tp2_checkpoint_resumes_in_one_process_and_under_ddp(one: Path, tmp_path: Path) -> None:
+    """Checkpoints hold whole tensors: tp2's step 3 continues exactly in one process (batch 32) and under DDP on 2
+    ranks (batch 16 each: the same global batch), and one process's under tp2, with the optimizer state laid out
+    again for each engine. A global batch that changes is refused, naming the batch_size that continues it."""
+    done = swiftk(str(config(tmp_path / "c.toml", tmp_path / "tp2", processes=2, backend="tp")))
+    assert done.returncode == 0, done.stdout + done.stderr
+    shutil.rmtree(tmp_path / f"tp2/checkpoints/step-{STEPS:06d}")
+    for name, processes, batch, backend in (("alone", 1, 32, "ddp"), ("ddp2", 2, 16, "ddp"), ("bad", 1, 16, "ddp")):
+        shutil.copytree(tmp_path / "tp2", tmp_path / name)
+        cfg = config(tmp_path / f"{name}.toml", tmp_path / name, processes=processes, batch=batch, backend=backend)
+        resumed = swiftk(str(cfg), "--resume")
+        if name == "bad":
+            assert resumed.returncode != 0
+            assert "set [train] batch_size = 32 to continue it exactly" in resumed.stdout + resumed.stderr
+            continue
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        assert "resuming a tp checkpoint of 2 processes as" in resumed.stdout
+        assert_matches(losses(tmp_path / name), losses(one))
+    # and back: the one process's checkpoint (optimizer state by index) continues under tp2 (by name, split)
+    shutil.copytree(one, tmp_path / "to_tp")
+    shutil.rmtree(tmp_path / f"to_tp/checkpoints/step-{STEPS:06d}")
+    cfg = config(tmp_path / "to_tp.toml", tmp_path / "to_tp", processes=2, backend="tp")
+    resumed = swiftk(str(cfg), "--resume")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming a none checkpoint of 1 process as tp on 2" in resumed.stdout
+    assert_matches(losses(tmp_path / "to_tp"), losses(one))
+
+
+@pytest.mark.slow
 def test_dp2_by_tp2_reproduces_one_process(one: Path, tmp_path: Path) -> None:
     """4 ranks: two TP groups of 2, each reading half of the batch, their layers sharded by FSDP2 between them;
     a resume from the middle replays the same steps."""
