@@ -235,15 +235,20 @@ def reward_model_from_gguf(cfg: ModelConfig, pad_id: int) -> PreTrainedModel:
 
 
 def build_random(cfg: ModelConfig, vocab_size: int) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_config(random_config(cfg, vocab_size), attn_implementation=cfg.attn_implementation)
+
+
+def random_config(cfg: ModelConfig, vocab_size: int | None = None) -> Any:
+    """The transformers config ``[model] architecture`` describes (``vocab_size`` unless it sets its own)."""
     if not cfg.architecture or "model_type" not in cfg.architecture:
         raise ModelLoadError(
             "[model] init = 'random' needs `architecture` with at least model_type, e.g. "
             "architecture = { model_type = 'llama', hidden_size = 64, num_hidden_layers = 2, ... }"
         )
     arch = dict(cfg.architecture)
-    arch.setdefault("vocab_size", vocab_size)
-    config = AutoConfig.for_model(**arch)
-    return AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
+    if vocab_size is not None:
+        arch.setdefault("vocab_size", vocab_size)
+    return AutoConfig.for_model(**arch)
 
 
 def plain_copy(model: PreTrainedModel) -> PreTrainedModel:

@@ -133,20 +133,15 @@ class Model:
     quantized: int = 0  # parameters stored in 4 or 8 bits
 
 
-def hf_config(model_cfg: Any, vocab_size: int | None = None) -> Any:
+def hf_config(model_cfg: Any) -> Any:
     """The transformers config of ``[model]`` without its weights: ``architecture`` for a random init, else the
     folder's (or GGUF file's) config."""
     from transformers import AutoConfig
 
-    from swiftk.kernel.model import check_source, resolve_source
+    from swiftk.kernel.model import check_source, random_config, resolve_source
 
     if model_cfg.init == "random":
-        arch = dict(model_cfg.architecture or {})
-        if "model_type" not in arch:
-            raise PlanError("[model] init = 'random' needs `architecture` with at least model_type")
-        if vocab_size is not None:
-            arch.setdefault("vocab_size", vocab_size)
-        return AutoConfig.for_model(**arch)
+        return random_config(model_cfg)
     source = resolve_source(model_cfg.model_id)
     check_source(model_cfg.model_id, source, model_cfg.gguf_file)
     try:
@@ -233,12 +228,22 @@ def split_names(model: torch.nn.Module) -> list[str]:
 
 def optimizer_bytes(model: torch.nn.Module, train: Any) -> float:
     """The optimizer state of the trainable parameters, by ``[train] optimizer``."""
-    from swiftk.plugins.optimizers.galore import is_target
+    import inspect
 
-    galore = train.tuner_strategy == "galore" or train.optimizer in ("galore_adamw", "native_projected_adamw")
-    name = "galore_adamw" if galore else train.optimizer
-    rank = int(train.optimizer_config.get("rank", getattr(train, "galore_rank", 128)))
-    targets = train.optimizer_config.get("target_modules", getattr(train, "galore_target_modules", "all-linear"))
+    from swiftk.plugins.optimizers.galore import galore_adamw, is_target
+    from swiftk.plugins.optimizers.projected_adamw import native_projected_adamw
+    from swiftk.plugins.tuners.full import galore_optimizer
+
+    name, arguments = galore_optimizer(train) if train.tuner_strategy == "galore" else \
+        (train.optimizer, train.optimizer_config)
+    projecting = {"galore_adamw": galore_adamw, "native_projected_adamw": native_projected_adamw}.get(name)
+    galore = projecting is not None
+    if galore:  # the optimizer's own defaults under what the config sets
+        defaults = {k: v.default for k, v in inspect.signature(projecting).parameters.items()
+                    if v.default is not inspect.Parameter.empty}
+        arguments = {**defaults, **arguments}
+    rank = int(arguments.get("rank", 0))
+    targets = arguments.get("target_modules", ())
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     total = 0.0
     for pname, param in ((n, p) for n, p in model.named_parameters() if p.requires_grad):
@@ -266,29 +271,26 @@ def activations(model: torch.nn.Module, layers: list[torch.nn.Module], config: A
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = int(getattr(text, "hidden_size", 0) or 0)
     params = {p.untyped_storage()._cdata for p in model.parameters()}  # weights (and their transposes) are not saved
-    seen: dict[int, tuple[float, bool]] = {}
+    seen: set[int] = set()
     alive: list[torch.Tensor] = []  # held until the end, so that storages are not reused and counted twice
+    saved = [0.0, 0.0]  # bytes kept whole under tp, bytes split by it
     marks: list[tuple[float, float]] = []
     inputs: list[float] = []
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        if tensor.is_floating_point() and storage._cdata not in params:
-            whole = bool(tensor.dim() and tensor.shape[-1] == hidden)
-            seen.setdefault(storage._cdata, (float(storage.nbytes()), whole))
+        if tensor.is_floating_point() and storage._cdata not in params and storage._cdata not in seen:
+            seen.add(storage._cdata)
             alive.append(tensor)
+            saved[0 if tensor.dim() and tensor.shape[-1] == hidden else 1] += float(storage.nbytes())
         return tensor
 
-    def totals() -> tuple[float, float]:
-        whole = sum(size for size, kept in seen.values() if kept)
-        return whole, sum(size for size, _ in seen.values()) - whole
-
     def before(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        marks.append(totals())
+        marks.append((saved[0], saved[1]))
         inputs.append(first_tensor_bytes(args, kwargs))
 
     def after(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        marks.append(totals())
+        marks.append((saved[0], saved[1]))
 
     hooks = []
     for layer in layers:
@@ -301,10 +303,9 @@ def activations(model: torch.nn.Module, layers: list[torch.nn.Module], config: A
     finally:
         for hook in hooks:
             hook.remove()
-    end = totals()
     pairs = zip(marks[::2], marks[1::2], strict=True)
     per_layer = [(after[0] - before[0], after[1] - before[1]) for before, after in pairs]
-    other = sum(end) - sum(w + s for w, s in per_layer)
+    other = sum(saved) - sum(w + s for w, s in per_layer)
     return per_layer, other, max(inputs, default=0.0)
 
 
@@ -491,7 +492,7 @@ class Plan:
             "gpus": dataclasses.asdict(self.gpus) if self.gpus else None,
             "options": [{"layout": layout.name, "per_gpu_gib": memory.as_gib(), "fits": self.fits(memory)}
                         for layout, memory in self.options],
-            "best": self.best()[0].name if self.best() else None,
+            "best": best[0].name if (best := self.best()) else None,
         }
 
 
@@ -501,12 +502,12 @@ def make_plan(cfg: Any, gpus: Gpus | None) -> Plan:
 
     from swiftk.contracts.chunked import CHUNK_ELEMENTS
     from swiftk.kernel import precision
+    from swiftk.kernel.tuners import tuner_of
 
     cpu = gpus is not None and gpus.name == "cpu" or (gpus is None and not torch.cuda.is_available())
     bf16 = precision.native_bf16(torch.device("cpu")) if cpu else (gpus.bf16 if gpus else True)
-    full_weights = cfg.train.tuner_strategy in ("full", "galore")
-    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if bf16 and not full_weights else "float32")
-    compute = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if bf16 else "fp32")
+    dtype = precision.storage_when(cfg.model.dtype, bf16, tuner_of(cfg.train).full_weights_master)
+    compute = precision.compute_when(cfg.train.precision, bf16)
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": compute}),
                                  "model": cfg.model.model_copy(update={"dtype": dtype})})
     rows = rows_per_micro_batch(cfg)

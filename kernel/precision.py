@@ -34,16 +34,26 @@ def native_bf16(device: torch.device) -> bool:
 
 def compute(precision: str, device: torch.device) -> str:
     """``[train] precision`` as run on ``device``: "bf16" or "fp32"."""
+    return compute_when(precision, native_bf16(device))
+
+
+def compute_when(precision: str, bf16: bool) -> str:
+    """``[train] precision`` on a device that computes bfloat16 natively (``bf16``) or not."""
     if precision == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
+        return "bf16" if bf16 else "fp32"
     return precision
 
 
 def storage(dtype: str, device: torch.device, full_weights: bool = False) -> str:
     """``[model] dtype`` as loaded on ``device``: "auto" is bfloat16 where bf16 is native, float32 elsewhere, and
     float32 always for a tuner that trains every weight (``full_weights``: it needs float32 master weights)."""
+    return storage_when(dtype, native_bf16(device), full_weights)
+
+
+def storage_when(dtype: str, bf16: bool, full_weights: bool = False) -> str:
+    """``[model] dtype`` on a device that computes bfloat16 natively (``bf16``) or not."""
     if dtype == "auto":
-        return "bfloat16" if native_bf16(device) and not full_weights else "float32"
+        return "bfloat16" if bf16 and not full_weights else "float32"
     return dtype
 
 
