@@ -1,6 +1,7 @@
 """Tokens/s and peak memory per rank of each parallel layout, from the same script: one JSON line on stdout.
 
-    .venv/bin/python bench/parallel_scaling.py [--model tiny|smollm2] [--layouts plain,world1,ddp2,fsdp2,tp2,dp2xtp2]
+    .venv/bin/python bench/parallel_scaling.py [--model tiny|smollm2]
+                                               [--layouts plain,world1,ddp2,fsdp2,tp2,dp2xtp2,pp2,dp2xpp2]
                                                [--steps 40] [--warmup 10] [--global-batch 64] [--device cpu|cuda]
 
 Each layout is a real `swiftk run` in a subprocess on one config, with the same global batch:
@@ -10,6 +11,8 @@ Each layout is a real `swiftk run` in a subprocess on one config, with the same 
   fsdpN     N ranks with FSDP2 (parameters, gradients and optimizer state sharded per decoder layer)
   tpN       N ranks splitting every layer (tensor parallel); each reads the whole batch
   dpAxtpB   A groups of B tensor-parallel ranks, FSDP2 across the groups (A x B processes)
+  ppN       N pipeline stages (1F1B); the global batch in 2N micro-batches (grad_accum), each stage reads them all
+  dpAxppB   A pipelines of B stages, FSDP2 across the pipelines
 Models: ``tiny`` (the 3.2 M Llama of configs/tiny_sft.toml, full fine-tuning, its addition data, 32 tokens,
 precision "auto") and ``smollm2`` (SmolLM2-135M from the embedded GGUF, full fine-tuning in fp32, the quickstart
 data; 9 heads and 3 key-value heads: tp must divide 3).
@@ -66,6 +69,7 @@ tuner_strategy = "full"
 lr = 1e-4
 scheduler = "constant"
 batch_size = {batch}
+grad_accum = {accum}
 max_steps = {steps}
 seed = 0
 precision = "{precision}"
@@ -79,22 +83,22 @@ progress = "none"
 num_processes = {processes}
 {distributed}
 """
-LAYOUT = re.compile(r"^(plain|world1|(ddp|fsdp|tp)(\d+)|dp(\d+)xtp(\d+))$")
+LAYOUT = re.compile(r"^(plain|world1|(ddp|fsdp|tp|pp)(\d+)|dp(\d+)x(tp|pp)(\d+))$")
 
 
-def layout(name: str) -> tuple[int, int, dict[str, object]]:
-    """(processes, ranks reading different data, [distributed] values) of a layout's name."""
+def layout(name: str) -> tuple[int, int, int, dict[str, object]]:
+    """(processes, ranks reading different data, micro-batches a step, [distributed] values) of a layout's name."""
     found = LAYOUT.match(name)
     if not found:
-        raise SystemExit(f"unknown layout '{name}': use plain, world1, ddpN, fsdpN, tpN or dpAxtpB")
+        raise SystemExit(f"unknown layout '{name}': use plain, world1, ddpN, fsdpN, tpN, ppN, dpAxtpB or dpAxppB")
     if found[1] in ("plain", "world1"):
-        return 1, 1, {"backend": "ddp"}
+        return 1, 1, 1, {"backend": "ddp"}
     if found[2]:
         n = int(found[3])
         backend = found[2]
-        return n, 1 if backend == "tp" else n, {"backend": backend}
-    dp, tp = int(found[4]), int(found[5])
-    return dp * tp, dp, {"backend": "tp", "tp_size": tp}
+        return n, 1 if backend in ("tp", "pp") else n, 2 * n if backend == "pp" else 1, {"backend": backend}
+    dp, kind, n = int(found[4]), found[5], int(found[6])
+    return dp * n, dp, 2 * n if kind == "pp" else 1, {"backend": kind, f"{kind}_size": n}
 
 
 class PeakRss:
@@ -128,11 +132,12 @@ class PeakRss:
 
 
 def run(name: str, tmp: Path, args: argparse.Namespace) -> dict[str, object]:
-    processes, readers, distributed = layout(name)
+    processes, readers, accum, distributed = layout(name)
     out = tmp / name
     cfg = tmp / f"{name}.toml"
     spec = MODELS[args.model]
-    cfg.write_text(CONFIG.format(device=args.device, batch=args.global_batch // readers, steps=args.steps, out=out,
+    cfg.write_text(CONFIG.format(device=args.device, batch=args.global_batch // readers // accum, accum=accum,
+                                 steps=args.steps, out=out,
                                  processes=processes, model=spec["model"], data=spec["data"],
                                  precision=spec["precision"],
                                  distributed="\n".join(f"{k} = {json.dumps(v)}" for k, v in distributed.items())))
@@ -162,7 +167,7 @@ def run(name: str, tmp: Path, args: argparse.Namespace) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
-    parser.add_argument("--layouts", default="plain,world1,ddp2,fsdp2,tp2,dp2xtp2")
+    parser.add_argument("--layouts", default="plain,world1,ddp2,fsdp2,tp2,dp2xtp2,pp2,dp2xpp2")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--global-batch", type=int, default=64)

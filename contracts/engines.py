@@ -2,8 +2,9 @@
 tensor parallelism), and nothing more.
 
 The kernel's run assembly calls, in this order: ``wrap`` (and ``wrap_frozen`` for a reference model) before the
-optimizer is built, ``attach`` after; the step loop then calls ``backward`` per micro-batch and ``clip_grad_norm``,
-``step``, ``zero_grad`` per optimizer step; checkpoints go through ``full_weights``, ``optimizer_state`` and
+optimizer is built, ``attach`` after; the step loop then calls ``learn`` (the step's micro-batches through forward,
+the loss and ``backward``, in the order the engine runs them) and ``clip_grad_norm``, ``step``, ``zero_grad`` per
+optimizer step; checkpoints go through ``full_weights``, ``optimizer_state`` and
 ``save_shards``, a resume through ``load`` and ``load_rng``. Every rank makes the same calls in the same order:
 several are collectives.
 """
@@ -14,6 +15,43 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
+
+from swiftk.contracts.types import Batch, ModelOutputs
+
+
+class StepWork(Protocol):
+    """One optimizer step's micro-batches, as the kernel hands them to ``ParallelEngine.learn``. The engine decides
+    the order (one micro-batch after another, or a pipeline schedule interleaving them across ranks); what the
+    forward, the loss and the backward are stays the kernel's."""
+
+    @property
+    def micro(self) -> list[Batch]:
+        """The step's micro-batches (``grad_accum`` of them, or what the stage drew), on the device."""
+        ...
+
+    @property
+    def step(self) -> int:
+        """The optimizer step these micro-batches make (0-based: the number of steps done before it)."""
+        ...
+
+    def begin(self, batch: Batch) -> None:
+        """The ``swiftk_batch_start`` hook for one micro-batch (``forward`` calls it; an engine that runs the
+        model's parts itself calls it once per micro-batch on every rank)."""
+        ...
+
+    def forward(self, batch: Batch) -> ModelOutputs:
+        """The stage's forward of one micro-batch on the whole model."""
+        ...
+
+    def loss(self, batch: Batch, outputs: ModelOutputs) -> torch.Tensor:
+        """The loss plugin on ``outputs``, its contract checked; counted into ``total``."""
+        ...
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Back-propagate one micro-batch's loss (through the engine's ``backward``)."""
+        ...
+
+    total: torch.Tensor  # the summed loss of the micro-batches this rank scored (0-dim)
 
 
 class TrainPlan(Protocol):
@@ -35,6 +73,7 @@ class ParallelEngine(Protocol):
 
     name: ClassVar[str]  # the name ``[distributed] backend`` gives it
     optimizer_by_name: ClassVar[bool]  # ``optimizer_state`` keys parameters by name (DCP), else by index
+    whole_forward: ClassVar[bool]  # the unwrapped model generates (samples, [eval] generate); not a pipeline stage
 
     @property
     def sharded(self) -> bool:
@@ -65,6 +104,11 @@ class ParallelEngine(Protocol):
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model itself (for generation, saving, building the optimizer's parameter groups)."""
+        ...
+
+    def learn(self, work: StepWork) -> None:
+        """Every micro-batch of the step through forward, loss and backward, gradients accumulated; afterwards
+        ``work.total`` holds the step's loss on every rank that reads the batch."""
         ...
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -412,12 +412,13 @@ HostsConfig = HostSettings  # [hosts]: the supervisor's own settings type (swift
 
 
 class DistributedConfig(Section):
-    """[distributed] several processes, or machines: torchrun DDP, FSDP2, DeepSpeed ZeRO or tensor parallelism (see
-    kernel/dist.py)."""
+    """[distributed] several processes, or machines: torchrun DDP, FSDP2, DeepSpeed ZeRO, tensor or pipeline
+    parallelism (see kernel/dist.py)."""
 
     backend: str = Field(
         "ddp", description="a parallel engine (kernel/parallel/): 'ddp' (replicas), 'fsdp' (FSDP2, sharded per "
-                           "decoder layer), 'deepspeed' (ZeRO) or 'tp' (tensor parallel, FSDP2 across TP groups)")
+                           "decoder layer), 'deepspeed' (ZeRO), 'tp' (tensor parallel, FSDP2 across TP groups) or 'pp' "
+                           "(pipeline stages of consecutive layers, FSDP2 across pipelines)")
     num_processes: int = Field(1, ge=1, description="processes per node; > 1 relaunches `swiftk run` under torchrun")
     nnodes: int = Field(1, ge=1, description="machines; start `swiftk run` on each with its own node_rank")
     node_rank: int = Field(0, ge=0, description="this machine's index, 0 .. nnodes-1 (0 hosts the rendezvous)")
@@ -433,6 +434,14 @@ class DistributedConfig(Section):
     fsdp_reshard_after_forward: bool = Field(True, description="fsdp: free gathered layers after forward")
     tp_size: int | None = Field(None, ge=1, description="tp: ranks that split each layer (default: every "
                                 "process of a node); the processes / tp_size groups read different data")
+    pp_size: int | None = Field(None, ge=2, description="pp: pipeline stages, one per rank (default: every "
+                                "process); the processes / pp_size pipelines read different data")
+    pp_schedule: Literal["gpipe", "1f1b"] = Field(
+        "1f1b", description="pp: 'gpipe' (every forward, then every backward) or '1f1b' (one forward, one backward: "
+                            "activations of at most pp_size micro-batches held); the micro-batches are grad_accum's")
+    pp_balance: Literal["layers", "memory"] = Field(
+        "memory", description="pp: split the decoder layers evenly ('layers'), or so that every stage holds about "
+                              "as many parameters, the embeddings and LM head counted ('memory')")
 
     @field_validator("backend")
     @classmethod
@@ -458,6 +467,9 @@ class DistributedConfig(Section):
             raise ValueError(f"{', '.join(ds_only)}: only for backend = 'deepspeed' (backend is '{self.backend}')")
         if self.tp_size is not None and self.backend != "tp":
             raise ValueError(f"tp_size: only for backend = 'tp' (backend is '{self.backend}')")
+        pp_only = [k for k in ("pp_size", "pp_schedule", "pp_balance") if k in self.model_fields_set]
+        if pp_only and self.backend != "pp":
+            raise ValueError(f"{', '.join(pp_only)}: only for backend = 'pp' (backend is '{self.backend}')")
         if self.offload_param and self.zero_stage != 3:
             raise ValueError("offload_param needs zero_stage = 3")
         return self

@@ -67,7 +67,8 @@ def evaluate(
     (serving the current weights), asked only when the eval generates."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    # a pipeline stage holds the other stages' tensors on the meta device
+    device = next(p.device for p in model.parameters() if p.device.type != "meta")
     call("swiftk_eval_start", state=state)
     total, count = 0.0, 0
     starts = list(range(0, len(samples), cfg.batch_size))[: cfg.max_batches]

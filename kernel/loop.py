@@ -189,28 +189,10 @@ def train(run: Run) -> str:
                                     f"but [train] optimizer_in_backward updates the weights in the first backward; "
                                     f"leave optimizer_in_backward off for this stage")
             # The loss is normalised over the whole step, on every rank: its label tokens (or pairs, for a stage).
-            num_items = int(run.data_sum(sum(b.num_items for b in micro)))
-            step_loss = torch.zeros((), device=run.device)
-            plugin_metrics: dict[str, float] = {}
-            for batch in micro:
-                batch = batch.to(run.device)
-                batch.num_items_in_batch = num_items
-                call("swiftk_batch_start", batch=batch, step=run.step, state=run.state())
-                outputs = run.stage.forward(run, model, batch)  # logits [B, T, V], and what else the loss needs
-                with agreed("swiftk_loss_compute", run.step):  # a failure on one rank stops every rank
-                    result = call("swiftk_loss_compute", batch=batch, outputs=outputs, step=run.step,
-                                  state=run.state())
-                    loss = checked_loss(result, run)
-                if run.reloader is not None:  # what a reloaded loss is probed on
-                    run.reloader.remember(batch, outputs, run.state())
-                if run.in_backward is not None:  # the weights change during backward: a NaN loss must not reach it
-                    if not math.isfinite(now := float(loss.detach())):
-                        raise not_applied(run, f"the loss became {now}")
-                    run.in_backward.arm()
-                run.parallel.backward(loss)
-                step_loss += loss.detach()
-                for key, value in result.metrics.items():
-                    plugin_metrics[key] = plugin_metrics.get(key, 0.0) + value / len(micro)
+            work = StepWork(run, model, [b.to(run.device) for b in micro],
+                            int(run.data_sum(sum(b.num_items for b in micro))))
+            run.parallel.learn(work)  # forward, loss and backward of each micro-batch, in the engine's order
+            step_loss, plugin_metrics = work.total, work.metrics
 
             # Each micro-batch loss is already divided by the step's global token count: the sum is the mean.
             loss_value = run.data_sum(float(step_loss))
@@ -271,6 +253,45 @@ def train(run: Run) -> str:
     if status == "interrupted" or cfg.output.save_final:
         save_checkpoint(run)
     return status
+
+
+class StepWork:
+    """One step's micro-batches as the engine's ``learn`` runs them (contracts.engines.StepWork): the stage's
+    forward, the loss hook checked and counted, the backward (armed for optimizer_in_backward)."""
+
+    def __init__(self, run: Run, model: torch.nn.Module, micro: list[Batch], num_items: int) -> None:
+        self.run, self.model, self.micro, self.step = run, model, micro, run.step
+        for batch in micro:
+            batch.num_items_in_batch = num_items
+        self.total = torch.zeros((), device=run.device)
+        self.metrics: dict[str, float] = {}
+
+    def begin(self, batch: Batch) -> None:
+        self.run.plugins.call("swiftk_batch_start", batch=batch, step=self.step, state=self.run.state())
+
+    def forward(self, batch: Batch) -> ModelOutputs:
+        self.begin(batch)
+        return self.run.stage.forward(self.run, self.model, batch)  # logits [B, T, V], and what else the loss needs
+
+    def loss(self, batch: Batch, outputs: ModelOutputs) -> torch.Tensor:
+        run = self.run
+        result = run.plugins.call("swiftk_loss_compute", batch=batch, outputs=outputs, step=run.step,
+                                  state=run.state())
+        loss = checked_loss(result, run)
+        if run.reloader is not None:  # what a reloaded loss is probed on
+            run.reloader.remember(batch, outputs, run.state())
+        self.total += loss.detach()
+        for key, value in result.metrics.items():
+            self.metrics[key] = self.metrics.get(key, 0.0) + value / len(self.micro)
+        return loss
+
+    def backward(self, loss: torch.Tensor) -> None:
+        run = self.run
+        if run.in_backward is not None:  # the weights change during backward: a NaN loss must not reach it
+            if not math.isfinite(now := float(loss.detach())):
+                raise not_applied(run, f"the loss became {now}")
+            run.in_backward.arm()
+        run.parallel.backward(loss)
 
 
 def not_applied(run: Run, what: str, updated: int = 0) -> TrainingError:

@@ -480,6 +480,10 @@ def train_and_report(run: Run, options: Options, say: Any) -> int:
     cfg, plugins, reporter, dist, stage, total_steps = run.cfg, run.plugins, run.reporter, run.dist, run.stage, \
         run.total_steps
     prompts = sample_prompts(cfg, stage)
+    if prompts and not run.parallel.whole_forward:
+        say(f"samples: off under backend = '{run.parallel.name}' (no rank holds the whole model to answer with); "
+            f"try the trained model with `swiftk infer {run.run_dir}`")
+        prompts = []
     before = answer_samples(run, prompts) if prompts and run.step == 0 else []
     status = "failed"
     try:

@@ -1,11 +1,12 @@
 """The parallel engines, by name. ``[distributed] backend`` (or ``[device] parallel_method``) picks one; a new
-engine (pipeline parallelism) is a new module here and one line in ``ENGINES``.
+engine is a new module here and one line in ``ENGINES``.
 
     none       one process: every call is the plain PyTorch one           none.py
     ddp        a replica per rank, gradients all-reduced                   ddp.py
     fsdp       FSDP2: fully_shard per decoder layer                        fsdp.py
     deepspeed  DeepSpeed ZeRO-2/3 (optimizer offload, parameter offload)   deepspeed.py
     tp         tensor parallel layers (DTensor), FSDP2 over the TP groups  tp.py
+    pp         pipeline stages (torch.distributed.pipelining), GPipe/1F1B  pp.py
 
 What every engine offers is ``swiftk.contracts.engines.ParallelEngine``; the process group itself (setup, the
 ranks' agreements, teardown) is ``kernel.dist``'s. An engine's module is imported when it is chosen, so that
@@ -31,6 +32,7 @@ ENGINES: dict[str, str] = {
     "fsdp": "swiftk.kernel.parallel.fsdp:FSDP2",
     "deepspeed": "swiftk.kernel.parallel.deepspeed:DeepSpeedZero",
     "tp": "swiftk.kernel.parallel.tp:TensorParallel",
+    "pp": "swiftk.kernel.parallel.pp:PipelineParallel",
 }
 
 __all__ = ["ENGINES", "DeviceConfig", "apply_device", "config_problems", "create", "engine_class"]
@@ -61,4 +63,6 @@ def config_problems(cfg: Any) -> list[str]:
     [distributed] itself (how this process was started, what the chosen engine needs)."""
     from swiftk.kernel import dist
 
-    return apply_device(cfg) + dist.config_problems(cfg.distributed)
+    problems = apply_device(cfg) + dist.config_problems(cfg.distributed)
+    several = cfg.distributed.num_processes * cfg.distributed.nnodes > 1
+    return problems + (engine_class(cfg.distributed.backend).run_problems(cfg) if several and not problems else [])

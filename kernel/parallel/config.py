@@ -6,6 +6,7 @@
     parallel_method = "fsdp2"       ->  backend = "fsdp"
     parallel_method = "zero3"       ->  backend = "deepspeed", zero_stage = 3
     parallel_method = "tp"          ->  backend = "tp" (tensor parallel over every GPU)
+    parallel_method = "pp"          ->  backend = "pp" (a pipeline stage per GPU)
     parallel_method = "none"        ->  num_processes = 1
     num_gpus = 4                    ->  num_processes = 4 (on a machine without CUDA: 4 CPU processes on gloo)
 
@@ -35,9 +36,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "zero2_offload": {"backend": "deepspeed", "zero_stage": 2, "offload_optimizer": True},
     "zero3_offload": {"backend": "deepspeed", "zero_stage": 3, "offload_optimizer": True, "offload_param": True},
     "tp": {"backend": "tp"},
+    "pp": {"backend": "pp"},
 }
-NOT_BUILT = {"pp": "pipeline parallelism",
-             "megatron": "Megatron-Core tensor + pipeline parallelism"}
+NOT_BUILT = {"megatron": "Megatron-Core tensor + pipeline parallelism"}
 
 
 class DeviceConfig(BaseModel):
@@ -47,7 +48,7 @@ class DeviceConfig(BaseModel):
 
     parallel_method: str | None = Field(
         None, description="'none' (one process), 'ddp', 'fsdp2' (or 'fsdp'), 'deepspeed', 'zero2', 'zero3', "
-        "'zero2_offload', 'zero3_offload' or 'tp'; sets [distributed] backend (and zero_stage, offload)")
+        "'zero2_offload', 'zero3_offload', 'tp' or 'pp'; sets [distributed] backend (and zero_stage, offload)")
     num_gpus: int | None = Field(
         None, ge=1, description="processes on this machine, one per GPU (sets [distributed] num_processes); "
         "without CUDA, that many CPU processes on gloo")
@@ -99,7 +100,8 @@ def distributed_values(device: DeviceConfig) -> tuple[dict[str, Any], list[str]]
         return values, []
     if values.get("num_processes", device.num_gpus) != device.num_gpus:
         return {}, [f"[device] parallel_method = '{device.parallel_method}' runs one process but num_gpus = "
-                    f"{device.num_gpus}: use 'ddp', 'fsdp2', 'tp' or a ZeRO stage ('zero2', 'zero3'), or num_gpus = 1"]
+                    f"{device.num_gpus}: use 'ddp', 'fsdp2', 'tp', 'pp' or a ZeRO stage ('zero2', 'zero3'), or "
+                    f"num_gpus = 1"]
     return {**values, "num_processes": device.num_gpus}, []
 
 

@@ -26,15 +26,17 @@ class FSDP2(OneProcess):
         """Before the optimizer is built: ``fully_shard`` replaces the parameters with DTensors."""
         return self.shard(model, precision)
 
-    def shard(self, model: torch.nn.Module, precision: str, mesh: Any = None) -> torch.nn.Module:
-        """``fully_shard`` each decoder layer, then the whole model, over ``mesh`` (None: every rank)."""
+    def shard(self, model: torch.nn.Module, precision: str, mesh: Any = None,
+              layers: list[torch.nn.Module] | None = None) -> torch.nn.Module:
+        """``fully_shard`` each decoder layer (``layers``, or those the model names), then the whole model, over
+        ``mesh`` (None: every rank)."""
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         bf16 = precision == "bf16"
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
                                       reduce_dtype=torch.float32 if bf16 else None)
         reshard = self.options.fsdp_reshard_after_forward
-        for layer in decoder_layers(model):
+        for layer in layers if layers is not None else decoder_layers(model):
             fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
         fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
         return model

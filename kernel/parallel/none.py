@@ -7,8 +7,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from swiftk.contracts.engines import TrainPlan
-from swiftk.kernel.dist import DistInfo
+from swiftk.contracts.engines import StepWork, TrainPlan
+from swiftk.kernel.dist import DistInfo, agreed
 
 
 class OneProcess:
@@ -16,6 +16,7 @@ class OneProcess:
 
     name: ClassVar[str] = "none"
     optimizer_by_name: ClassVar[bool] = False  # its optimizer state is saved by index (torch.optim's state_dict)
+    whole_forward: ClassVar[bool] = True  # the unwrapped model runs a whole forward (generation, samples)
 
     def __init__(self, info: DistInfo | None = None, options: Any = None) -> None:
         self.info = info or DistInfo()
@@ -24,6 +25,11 @@ class OneProcess:
     @classmethod
     def problems(cls, options: Any) -> list[str]:
         """What is wrong with ``options`` for this engine, found before anything starts."""
+        return []
+
+    @classmethod
+    def run_problems(cls, cfg: Any) -> list[str]:
+        """What the rest of the run's config (stage, [train], [eval]) asks that this engine cannot do."""
         return []
 
     @property
@@ -53,6 +59,14 @@ class OneProcess:
         return model
 
     # --- one optimizer step
+
+    def learn(self, work: StepWork) -> None:
+        """One micro-batch after another: forward, loss (a failure on one rank stops every rank), backward."""
+        for batch in work.micro:
+            outputs = work.forward(batch)
+            with agreed("swiftk_loss_compute", work.step):
+                loss = work.loss(batch, outputs)
+            work.backward(loss)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.scaled(loss).backward()

@@ -1,0 +1,476 @@
+"""Pipeline parallelism (``torch.distributed.pipelining``): the decoder layers split into ``pp_size`` stages of
+consecutive layers, one stage per rank, and the step's ``grad_accum`` micro-batches flowing through them on a GPipe
+or 1F1B schedule.
+
+    stage 0          the token embeddings, then its layers        sends hidden states [B, T, H] on
+    stage s          its layers                                    receives, runs, sends on; gradients come back
+    stage pp - 1     its layers, the final norm and the LM head    scores the logits with the loss plugin
+
+    mesh (dp, pp), rank = dp_index * pp_size + stage: with several pipelines, FSDP2 shards each stage over the
+    ranks that hold the same stage (``[distributed] num_processes / pp_size`` of them), which read different data.
+
+Every rank builds the model and keeps its stage's modules only, under their own names (``model.layers.5`` stays
+``model.layers.5``), so that checkpoints, ``--resume`` across layouts and the saved model are the one-process
+model's. Tied embeddings (SmolLM2, Llama 3.2, small Qwen2.5) are held by the first and the last stage, their
+gradients summed between the two after every step, so both copies stay equal; the checkpoint keeps one.
+
+A step's micro-batches are padded to one shape (right padding; rows of padding where a batch is short): every stage
+runs the causal mask alone, which gives every real token the output the padding mask would (padding comes after
+it), and padding is never labelled.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from swiftk.contracts import IGNORE_INDEX, Batch, ModelOutputs
+from swiftk.contracts.engines import StepWork
+from swiftk.kernel.dist import DistInfo, DistributedError, agreed
+from swiftk.kernel.parallel.fsdp import FSDP2
+
+# model types whose decoder is embeddings -> layers (rotary positions, causal or sliding-window masks) -> norm
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class PipelineParallel(FSDP2):
+    """``[distributed] backend = "pp"``: ``pp_size`` ranks each hold a stage of consecutive layers; ``world_size /
+    pp_size`` pipelines train on different data, each stage sharded with FSDP2 over them when there are several."""
+
+    name = "pp"
+    whole_forward = False  # no rank holds a whole model: no generation, no before/after samples
+
+    def __init__(self, info: DistInfo | None = None, options: Any = None) -> None:
+        super().__init__(info, options)
+        self.pp_size = pp_size(options, self.info.world_size)
+        self.dp_size = self.info.world_size // self.pp_size
+        self.stage = self.info.rank % self.pp_size
+        self.first, self.last = self.stage == 0, self.stage == self.pp_size - 1
+        self.part: StageModule | None = None
+        self.device = torch.device("cpu")
+        self.group: Any = None  # the ranks of this pipeline
+        self.tie_group: Any = None  # this pipeline's first and last stage, when they hold tied embeddings
+        self.tied: torch.nn.Parameter | None = None  # this rank's copy of the tied embedding
+        self.skip: set[int] = set()  # parameters counted by another stage (the last stage's tied copy)
+        self.schedule: Any = None  # training's, for micro-batches of shape
+        self.shape: tuple[int, int, int] | None = None
+        self.forward_only: tuple[tuple[int, int], Any] | None = None  # evaluation's, for batches of a shape
+        self.current: tuple[StepWork, list[Batch], list[BaseException]] | None = None
+
+    @classmethod
+    def problems(cls, options: Any) -> list[str]:
+        world = options.num_processes * options.nnodes
+        stages = pp_size(options, world)
+        if world < 2:
+            return ["[distributed] backend = 'pp' needs at least 2 processes (num_processes x nnodes): one per "
+                    "pipeline stage"]
+        if world % stages:
+            return [f"[distributed] pp_size = {stages} does not divide the {world} processes (num_processes = "
+                    f"{options.num_processes} x nnodes = {options.nnodes}): use a divisor of {world}"]
+        return []
+
+    @classmethod
+    def run_problems(cls, cfg: Any) -> list[str]:
+        from swiftk.contracts.stages import LEARN, Stage
+        from swiftk.kernel.config import stage_class
+
+        problems = []
+        stage = stage_class(cfg.train)
+        if stage.phases != (LEARN,) or stage.needs_reference or stage.reward_head or stage.forward is not Stage.forward:
+            problems.append(f"[train] stage = '{cfg.train.stage}': backend = 'pp' trains stages whose step is one "
+                            f"forward of the language model scored by a loss on its logits (sft); this one "
+                            f"generates, keeps a reference or a value head: use backend = 'fsdp' or 'tp'")
+        stages = pp_size(cfg.distributed, cfg.distributed.num_processes * cfg.distributed.nnodes)
+        if cfg.distributed.pp_schedule == "1f1b" and cfg.train.grad_accum < stages:
+            problems.append(f"[train] grad_accum = {cfg.train.grad_accum}: the 1F1B schedule needs at least as many "
+                            f"micro-batches per step as pipeline stages ({stages}); raise grad_accum (the stages "
+                            f"idle less the more there are) or set [distributed] pp_schedule = 'gpipe'")
+        if cfg.train.optimizer_in_backward:
+            problems.append("[train] optimizer_in_backward: not with backend = 'pp' (the schedule runs the "
+                            "backward passes); leave it off")
+        if cfg.data.packing:
+            problems.append("[data] packing: not with backend = 'pp' (the stages pass hidden states only, not where "
+                            "each packed document starts); set packing = false")
+        if (cfg.data.eval_file and cfg.eval.generates) or cfg.eval.tasks:
+            problems.append("[eval] generate / exact_match / tasks: no rank holds the whole model under backend = 'pp' "
+                            "to generate with; evaluate the trained model with `swiftk eval RUN`, or leave them off "
+                            "(eval_loss and the metric plugins run through the pipeline)")
+        return problems
+
+    @property
+    def data_shard(self) -> tuple[int, int]:
+        return self.info.rank // self.pp_size, self.dp_size
+
+    @property
+    def replicas(self) -> int:
+        return self.pp_size
+
+    # --- the model split into stages
+
+    def wrap(self, model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
+        """Keep this rank's stage of ``model``: the other stages' tensors go to the meta device (no memory; the
+        model keeps its shape and names, for checkpoints and the saved model) and stop training here."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from swiftk.kernel import precision as precisions
+        from swiftk.kernel.run import make_autocast
+
+        causal, decoder, layers = parts(model)
+        bounds = stage_bounds(layer_costs(decoder, causal, layers, self.options.pp_balance), self.pp_size)
+        head = causal.get_output_embeddings()
+        embedding = decoder.embed_tokens.weight
+        tied = head.weight is embedding
+        self.device = device
+        mesh = init_device_mesh(device.type, (self.dp_size, self.pp_size), mesh_dim_names=("dp", "pp"))
+        self.group = mesh["pp"].get_group()
+        if tied and embedding.requires_grad:  # every rank creates every pair's group, in the same order
+            for pipeline in range(self.dp_size):
+                ends = [pipeline * self.pp_size, pipeline * self.pp_size + self.pp_size - 1]
+                group = dist.new_group(ends)
+                if self.info.rank in ends:
+                    self.tie_group = group
+        own = torch.nn.ModuleList(layers[i] for i in range(bounds[self.stage], bounds[self.stage + 1]))
+        kept = [own, decoder.embed_tokens if self.first else None, decoder.norm if self.last else None,
+                head if self.last else None]
+        to_meta([m for m in (*layers, decoder.embed_tokens, decoder.norm, head) if m not in own and m not in kept],
+                {id(p) for m in kept if m is not None for p in m.parameters()})
+        compute = precisions.compute(precision, device) != "fp32"
+        self.part = StageModule(causal.config, *kept, decoder.rotary_emb, make_autocast(precision, device),
+                                embedding.dtype, torch.bfloat16 if compute else head.weight.dtype)
+        if self.dp_size > 1:  # replaces the parameters by sharded ones
+            self.shard(self.part, precision, mesh["dp"], layers=list(own))
+            if tied:  # the stage's sharded copy under both names again, so the model holds it once
+                decoder.embed_tokens.weight = head.weight = (self.part.embed or self.part.head).weight
+        causal.forward = self.pipelined_forward  # held-out evaluation's forward passes run through the stages
+        if tied and embedding.requires_grad and (self.first or self.last):
+            self.tied = self.part.embed.weight if self.first else self.part.head.weight
+            self.skip = {id(self.tied)} if self.last else set()  # the first stage's copy is counted
+        return model
+
+    def wrap_frozen(self, model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
+        raise DistributedError("[distributed] backend = 'pp' trains no stage with a reference model")
+
+    # --- one optimizer step
+
+    def learn(self, work: StepWork) -> None:
+        """The step's micro-batches through the pipeline: the first stage feeds their tokens, the last scores them
+        with the loss plugin; then the tied embedding's two copies add their gradients, and every stage learns the
+        step's loss from the last."""
+        batches = padded(work.micro)
+        for batch in batches:
+            work.begin(batch)
+        rows, length = batches[0].input_ids.shape
+        schedule = self.schedule_for(rows, length, len(batches))
+        failures: list[BaseException] = []
+        self.current = (work, batches, failures)
+        try:
+            with agreed("swiftk_loss_compute", work.step):  # a loss that failed on the last stage stops every rank
+                if self.first:
+                    schedule.step(torch.cat([b.input_ids for b in batches]))
+                elif self.last:
+                    schedule.step(target=torch.arange(len(batches), device=self.device), return_outputs=False)
+                else:
+                    schedule.step()
+                if failures:
+                    raise failures[0]
+        finally:
+            self.current = None
+        if self.tie_group is not None and self.tied is not None and self.tied.grad is not None:
+            dist.all_reduce(local(self.tied.grad), group=self.tie_group)
+        dist.broadcast(work.total, src=self.rank_of(self.pp_size - 1), group=self.group)
+
+    def loss_of(self, output: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The schedule's loss function on the last stage: micro-batch ``index``'s logits through the loss plugin.
+        A failure is kept for ``learn`` to raise once the schedule has finished (the other stages are waiting for
+        this one's gradients), and scores nothing meanwhile."""
+        assert self.current is not None
+        work, batches, failures = self.current
+        if not failures:
+            try:
+                return self.scaled(work.loss(batches[int(index)], ModelOutputs(output)))
+            except Exception as exc:  # noqa: BLE001 -- raised by learn, on every rank
+                failures.append(exc)
+        return (output * 0).sum()
+
+    def schedule_for(self, rows: int, length: int, micro: int) -> Any:
+        """The schedule for micro-batches of ``rows x length`` tokens; built again when the shape changes (the
+        stages exchange buffers of known shapes)."""
+        from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
+
+        if self.shape == (rows, length, micro):
+            return self.schedule
+        kind = ScheduleGPipe if self.options.pp_schedule == "gpipe" else Schedule1F1B
+        # each micro-batch's loss is already divided by the step's label count: gradients add up unscaled
+        self.schedule = kind(self.stage_of(rows, length), micro, loss_fn=self.loss_of, scale_grads=False)
+        self.shape = (rows, length, micro)
+        return self.schedule
+
+    def stage_of(self, rows: int, length: int) -> Any:
+        """This rank's stage for batches of ``rows x length`` tokens: what it receives and sends, declared."""
+        from torch.distributed.pipelining import PipelineStage
+
+        assert self.part is not None
+        meta = torch.device("meta")
+        hidden = torch.empty(rows, length, self.part.hidden_size, dtype=self.part.wire, device=meta,
+                             requires_grad=True)  # their gradients flow back
+        tokens = torch.empty(rows, length, dtype=torch.long, device=meta)
+        logits = torch.empty(rows, length, self.part.vocab_size, dtype=self.part.logits, device=meta,
+                             requires_grad=True)
+        return PipelineStage(self.part, self.stage, self.pp_size, self.device,
+                             input_args=tokens if self.first else hidden,
+                             output_args=logits if self.last else hidden, group=self.group)
+
+    def pipelined_forward(self, input_ids: torch.Tensor, **ignored: Any) -> Any:
+        """The unwrapped model's forward under pp: ``input_ids`` through every stage of this pipeline (each rank of
+        it calls this with the same batch, as held-out evaluation does), the logits sent from the last stage to all
+        of them. The causal mask alone, as in training; no cache."""
+        from torch.distributed.pipelining import ScheduleGPipe
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        assert self.part is not None
+        rows, length = input_ids.shape
+        if self.forward_only is None or self.forward_only[0] != (rows, length):
+            self.forward_only = ((rows, length), ScheduleGPipe(self.stage_of(rows, length), 1))
+        schedule = self.forward_only[1]
+        with torch.no_grad():
+            if self.first:
+                schedule.step(input_ids)
+                logits = None
+            else:
+                logits = schedule.step() if self.last else None
+            if logits is None:
+                logits = torch.empty(rows, length, self.part.vocab_size, dtype=self.part.logits, device=self.device)
+            dist.broadcast(logits, src=self.rank_of(self.pp_size - 1), group=self.group)
+        return CausalLMOutputWithPast(logits=logits)
+
+    def rank_of(self, stage: int) -> int:
+        """The global rank of ``stage`` in this rank's pipeline."""
+        return self.data_shard[0] * self.pp_size + stage
+
+    def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float | None) -> float | None:
+        """The norm over every stage's gradients (each stage's summed, the tied copy counted once), clipped alike
+        on every stage."""
+        squares = torch.zeros((), dtype=torch.float64, device=self.device)
+        grads = [p.grad for p in params if p.grad is not None]
+        for p in params:
+            if p.grad is not None and id(p) not in self.skip:
+                norm = torch.linalg.vector_norm(p.grad, dtype=torch.float32)
+                squares += (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).double() ** 2
+        dist.all_reduce(squares, group=self.group)
+        total = float(squares.sqrt())
+        if max_norm is not None and math.isfinite(total) and total > max_norm:
+            for grad in grads:
+                grad.mul_(max_norm / (total + 1e-6))
+        return total
+
+    # --- checkpoints: every stage's tensors, whole, gathered on rank 0
+
+    def full_weights(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        own = {name: whole(p.detach()) for name, p in model.named_parameters() if p.requires_grad}
+        merged: dict[str, torch.Tensor] = {}
+        for part in self.gathered(own):
+            merged.update(part)  # a tied embedding comes from the first and the last stage, equal
+        return merged if self.info.rank == 0 else own
+
+    def optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """By name (``optimizer_by_name``), every stage's groups merged where their settings agree."""
+        from swiftk.kernel.checkpoint import optimizer_by_name
+
+        per_param, hyper = optimizer_by_name(optimizer.state_dict())
+        state = {name: {k: whole(v) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+                 for name, values in per_param.items()}
+        groups: dict[int, dict[str, Any]] = {}
+        for name, settings in hyper.items():
+            groups.setdefault(id(settings), {**without_names(settings), "params": []})["params"].append(name)
+        merged: dict[str, Any] = {"state": {}, "param_groups": []}
+        for part in self.gathered({"state": state, "param_groups": list(groups.values())}):
+            merged["state"].update(part.get("state", {}))
+            for group in part.get("param_groups", []):
+                same = next((g for g in merged["param_groups"] if without_names(g) == without_names(group)), None)
+                if same is None:
+                    merged["param_groups"].append({**group, "params": list(group["params"])})
+                else:
+                    same["params"] += [name for name in group["params"] if name not in same["params"]]
+        return merged if self.info.rank == 0 else {}
+
+    def gathered(self, value: Any) -> list[Any]:
+        """``value`` of the first pipeline's every stage on rank 0 (the other pipelines hold the same tensors)."""
+        parts: list[Any] = [None] * self.info.world_size
+        mine = value if self.data_shard[0] == 0 else {}
+        dist.gather_object(mine, parts if self.info.rank == 0 else None, dst=0)
+        return parts if self.info.rank == 0 else []
+
+    def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
+             optimizer_state: dict[str, Any], path: Path) -> None:
+        """Whole tensors in, this stage's taken (a sharded one's piece cut on each rank, no communication); the
+        optimizer state laid out as this stage's optimizer holds it."""
+        from swiftk.kernel.checkpoint import optimizer_like
+
+        params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        missing = sorted(set(params) - set(weights))
+        if missing:
+            raise ValueError(f"the checkpoint has no {missing[0]} (and {len(missing) - 1} more): it was written for "
+                             f"another model or tuner")
+        with torch.no_grad():
+            for name, param in params.items():
+                local(param).copy_(local(like(weights[name], param)))
+        state = optimizer_like(optimizer, optimizer_state, by_name=False)
+        by_index = [p for group in optimizer.param_groups for p in group["params"]]
+        state["state"] = {index: {k: like(v, by_index[index]) if isinstance(v, torch.Tensor) and v.dim() else v
+                                  for k, v in values.items()} for index, values in state["state"].items()}
+        optimizer.load_state_dict(state)
+
+
+class StageModule(torch.nn.Module):
+    """One stage's forward: the embeddings on the first, its decoder layers (rotary positions and the causal mask
+    computed here, as the whole decoder does), the final norm and the LM head on the last."""
+
+    def __init__(self, config: Any, layers: torch.nn.ModuleList, embed: torch.nn.Module | None,
+                 norm: torch.nn.Module | None, head: torch.nn.Module | None, rotary: torch.nn.Module,
+                 autocast: Callable[[], Any], wire: torch.dtype, logits: torch.dtype) -> None:
+        super().__init__()
+        self.layers, self.embed, self.norm, self.head, self.rotary = layers, embed, norm, head, rotary
+        self.config, self.first, self.last = config, embed is not None, head is not None
+        self.autocast, self.wire, self.logits = autocast, wire, logits  # the dtypes it sends on, and returns
+        self.hidden_size, self.vocab_size = config.hidden_size, config.vocab_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        makers = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+        with self.autocast():
+            hidden = self.embed(x) if self.embed is not None else x
+            positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+            rotary = self.rotary(hidden, positions)
+            masks: dict[str, Any] = {}
+            for layer in self.layers:
+                kind = getattr(layer, "attention_type", "full_attention")
+                if kind not in masks:
+                    masks[kind] = makers[kind](config=self.config, inputs_embeds=hidden, attention_mask=None,
+                                               cache=None, position_ids=positions)
+                hidden = layer(hidden, attention_mask=masks[kind], position_ids=positions,
+                               position_embeddings=rotary)
+            if self.head is None or self.norm is None:
+                return hidden.to(self.wire)
+            logits: torch.Tensor = self.head(self.norm(hidden))
+            return logits
+
+
+def pp_size(options: Any, world: int) -> int:
+    """``[distributed] pp_size``, or every process when it is not set."""
+    size = getattr(options, "pp_size", None)
+    return int(size) if size else max(1, world)
+
+
+def parts(model: torch.nn.Module) -> tuple[Any, Any, torch.nn.ModuleList]:
+    """The causal LM under ``model`` (a PEFT wrapper's too), its decoder and the decoder's layers; an architecture
+    whose forward the stages do not reproduce is an error naming it."""
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(causal, "config", None)
+    kind = getattr(config, "model_type", type(causal).__name__)
+    decoder = getattr(causal, "model", None)
+    layers = getattr(decoder, "layers", None)
+    if kind not in ARCHITECTURES or not isinstance(layers, torch.nn.ModuleList) or \
+            not all(hasattr(decoder, a) for a in ("embed_tokens", "norm", "rotary_emb")):
+        raise DistributedError(f"[distributed] backend = 'pp': {kind} models are not split into pipeline stages yet "
+                               f"(built for {', '.join(ARCHITECTURES)}); use backend = 'fsdp' or 'ddp'")
+    return causal, decoder, layers
+
+
+def to_meta(modules: list[torch.nn.Module], kept: set[int]) -> None:
+    """The tensors of ``modules`` that no kept module shares (a tied embedding is shared) replaced by frozen ones
+    on the meta device: their memory is freed, their names and shapes stay."""
+    for module in modules:
+        for sub in module.modules():
+            for name, param in list(sub.named_parameters(recurse=False)):
+                if id(param) not in kept:
+                    sub.register_parameter(name, torch.nn.Parameter(param.detach().to("meta"), requires_grad=False))
+            for name, buffer in list(sub.named_buffers(recurse=False)):
+                sub.register_buffer(name, buffer.to("meta"))
+
+
+def layer_costs(decoder: Any, causal: Any, layers: torch.nn.ModuleList, balance: str) -> list[float]:
+    """Per decoder layer, what it weighs on its stage; the first stage also carries the embeddings and the last
+    the head, added to the first and last layer's cost (``balance = "memory"``: parameters; "layers": one each)."""
+    if balance == "layers":
+        return [1.0] * len(layers)
+    costs = [float(sum(p.numel() for p in layer.parameters())) for layer in layers]
+    costs[0] += sum(p.numel() for p in decoder.embed_tokens.parameters())
+    costs[-1] += sum(p.numel() for p in causal.get_output_embeddings().parameters()) + \
+        sum(p.numel() for p in decoder.norm.parameters())
+    return costs
+
+
+def stage_bounds(costs: list[float], stages: int) -> list[int]:
+    """Where each stage's layers start (and the last ends): ``stages`` runs of at least one layer, the heaviest run
+    as light as it can be."""
+    n = len(costs)
+    if stages > n:
+        raise DistributedError(f"[distributed] pp_size = {stages} is more pipeline stages than the model's {n} "
+                               f"decoder layers: each stage needs at least one; use pp_size <= {n}")
+    prefix = [0.0]
+    for cost in costs:
+        prefix.append(prefix[-1] + cost)
+    # best[s][i]: the lightest heaviest run splitting the first i layers into s runs; cut[s][i] where the last starts
+    best = [[math.inf] * (n + 1) for _ in range(stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, stages + 1):
+        for i in range(s, n - (stages - s) + 1):
+            for j in range(s - 1, i):
+                heaviest = max(best[s - 1][j], prefix[i] - prefix[j])
+                if heaviest < best[s][i] - 1e-9:
+                    best[s][i], cut[s][i] = heaviest, j
+    bounds, i = [n], n
+    for s in range(stages, 0, -1):
+        i = cut[s][i]
+        bounds.append(i)
+    return bounds[::-1]
+
+
+def padded(micro: list[Batch]) -> list[Batch]:
+    """The micro-batches at one shape: tokens and rows of padding (unlabelled, masked) after the real ones."""
+    import torch.nn.functional as F
+
+    if any(b.position_ids is not None for b in micro):
+        raise DistributedError("[distributed] backend = 'pp': batches with position ids (packed rows) cannot pass "
+                               "between pipeline stages; set [data] packing = false")
+    rows = max(b.input_ids.shape[0] for b in micro)
+    length = max(b.input_ids.shape[1] for b in micro)
+    out = []
+    for b in micro:
+        pad = (0, length - b.input_ids.shape[1], 0, rows - b.input_ids.shape[0])
+        mask = None if b.attention_mask is None else F.pad(b.attention_mask, pad, value=0)
+        out.append(Batch(F.pad(b.input_ids, pad, value=0), F.pad(b.labels, pad, value=IGNORE_INDEX), mask,
+                         b.num_items_in_batch, None, b.extras, b.real_tokens))
+    return out
+
+
+def like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out as ``param``: on its device, and cut into this rank's piece when ``param`` is sharded."""
+    full = full.to(param.device)
+    if not hasattr(param, "device_mesh"):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor whole on CPU (a sharded one gathered: a collective over the ranks holding its pieces)."""
+    full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+    return full.detach().cpu()
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a tensor (itself when it is not sharded)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def without_names(group: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in group.items() if k not in ("params", "names")}

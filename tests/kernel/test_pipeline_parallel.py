@@ -1,0 +1,186 @@
+"""Pipeline parallelism (``[distributed] backend = "pp"``) on CPU (gloo): the tiny Llama (tied embeddings) split
+into 2 stages reproduces the one-process loss curve, held-out loss and final weights on both schedules; 4 ranks
+(dp 2 x pp 2) do too; checkpoints resume under the same and other layouts; LoRA's adapter and merged model are the
+one process's; what cannot be pipelined is an error naming the setting."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from swiftk.kernel.cli import main
+from swiftk.kernel.config import DistributedConfig, load_config
+from swiftk.kernel.dist import DistInfo, DistributedError
+from swiftk.kernel.parallel import engine_class
+from swiftk.kernel.parallel.pp import PipelineParallel, parts, stage_bounds
+
+from .test_dist import CONFIG, assert_matches, losses, swiftk, variant
+from .test_tensor_parallel import assert_same_weights
+
+STEPS = 6
+
+
+def config(path: Path, out: Path, processes: int = 1, batch: int = 8, tied: bool = True, **distributed: object
+           ) -> Path:
+    """test_dist's tiny Llama (with tied embeddings), 2 micro-batches a step (1F1B needs one per stage), held-out
+    loss at steps 3 and 6."""
+    table = {"num_processes": processes, **distributed}
+    lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in table.items())
+    text = CONFIG.format(batch=batch, steps=STEPS, out=out, save_every=3, distributed=lines)
+    text = text.replace("tie_word_embeddings = false", f"tie_word_embeddings = {str(tied).lower()}")
+    text = text.replace("[train]\n", "[train]\ngrad_accum = 2\n")
+    text = text.replace("max_length = 32\n", 'max_length = 32\neval_file = "data/synthetic/addition_eval.jsonl"\n')
+    path.write_text(text + "[eval]\nevery = 3\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def one(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The one-process run, in this process."""
+    tmp = tmp_path_factory.mktemp("one")
+    assert main(["run", str(config(tmp / "c.toml", tmp / "run"))]) == 0
+    return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def untied(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The one-process run of the model with a head of its own."""
+    tmp = tmp_path_factory.mktemp("untied")
+    assert main(["run", str(config(tmp / "c.toml", tmp / "run", tied=False))]) == 0
+    return tmp / "run"
+
+
+def evals(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["eval_loss"] for r in rows if r.get("event") == "eval"}
+
+
+def assert_reproduces(run: Path, one: Path) -> None:
+    assert_matches(losses(run), losses(one))
+    got, want = evals(run), evals(one)
+    assert sorted(got) == [3, 6] and all(got[s] == pytest.approx(want[s], rel=1e-5) for s in got), (got, want)
+    assert_same_weights(run / "final", one / "final")
+
+
+# ------------------------------------------------------------------------------------------ the split
+
+
+def test_stages_balance_parameters_or_layers() -> None:
+    # embeddings on the first stage and the head on the last weigh like two layers each
+    costs = [3.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 3.0]
+    assert stage_bounds(costs, 2) == [0, 4, 8]
+    assert stage_bounds(costs, 4) == [0, 1, 4, 7, 8]
+    assert stage_bounds([1.0] * 6, 3) == [0, 2, 4, 6]
+    assert stage_bounds([1.0] * 5, 5) == [0, 1, 2, 3, 4, 5]
+    with pytest.raises(DistributedError, match="pp_size = 3 is more pipeline stages than the model's 2 decoder "
+                                                "layers"):
+        stage_bounds([1.0, 1.0], 3)
+
+
+def test_an_architecture_the_stages_do_not_reproduce_is_named() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=40))
+    with pytest.raises(DistributedError, match="gpt2 models are not split into pipeline stages yet"):
+        parts(model)
+
+
+def test_pipelines_read_different_data() -> None:
+    """Ranks 0-1 and 2-3 are pipelines: each reads its half of the data, every stage of it the same batch."""
+    options = DistributedConfig(backend="pp", num_processes=4, pp_size=2)
+    engines = [PipelineParallel(DistInfo(rank=r, world_size=4), options) for r in range(4)]
+    assert [e.data_shard for e in engines] == [(0, 2), (0, 2), (1, 2), (1, 2)]
+    assert [e.stage for e in engines] == [0, 1, 0, 1] and engines[0].replicas == 2
+
+
+def test_layouts_and_runs_that_cannot_be_pipelined_are_config_errors(tmp_path: Path) -> None:
+    from swiftk.kernel.parallel.config import apply_device
+
+    with pytest.raises(ValueError, match="pp_size, pp_schedule: only for backend = 'pp'"):
+        DistributedConfig(backend="ddp", pp_size=2, pp_schedule="gpipe")
+    (problem,) = engine_class("pp").problems(DistributedConfig(backend="pp", num_processes=3, pp_size=2))
+    assert "pp_size = 2 does not divide the 3 processes" in problem
+    path = config(tmp_path / "c.toml", tmp_path / "run", processes=2, backend="pp")
+    text = path.read_text().replace("grad_accum = 2", "grad_accum = 1").replace("[train]\n", '[train]\nstage = "dpo"\n')
+    text = text.replace("[data]\n", "[data]\npacking = true\n").replace("addition_train", "addition_pref_train")
+    path.write_text(text)
+    problems = PipelineParallel.run_problems(load_config(path))
+    assert len(problems) == 3, problems
+    assert "[train] stage = 'dpo': backend = 'pp' trains stages whose step is one forward" in problems[0]
+    assert "[train] grad_accum = 1: the 1F1B schedule needs at least as many micro-batches per step as " \
+           "pipeline stages (2)" in problems[1] and "pp_schedule = 'gpipe'" in problems[1]
+    assert "[data] packing: not with backend = 'pp'" in problems[2]
+    device = config(tmp_path / "d.toml", tmp_path / "run", processes=2)
+    device.write_text(device.read_text() + '[device]\nparallel_method = "pp"\nnum_gpus = 2\n')
+    cfg = load_config(device)
+    assert apply_device(cfg) == [] and (cfg.distributed.backend, cfg.distributed.num_processes) == ("pp", 2)
+
+
+# ------------------------------------------------------------------------------------------ whole runs
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+def test_two_stages_reproduce_one_process(schedule: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """Stage 0 holds the embeddings and layer 0, stage 1 layer 1, the norm and the head (tied to the embeddings
+    under 1F1B, its own under GPipe); the step's two micro-batches go through on either schedule: the loss curve,
+    the held-out loss (through the pipeline) and the final weights are the one process's."""
+    tied = schedule == "1f1b"
+    done = swiftk(str(config(tmp_path / "c.toml", tmp_path / "run", processes=2, tied=tied, backend="pp",
+                             pp_schedule=schedule)))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "steps of 16 samples (batch_size 8 x grad_accum 2)" in done.stdout
+    assert_reproduces(tmp_path / "run", request.getfixturevalue("one" if tied else "untied"))
+
+
+@pytest.mark.slow
+def test_dp2_by_pp2_reproduces_one_process_and_resumes(one: Path, tmp_path: Path) -> None:
+    """4 ranks: two pipelines of 2 stages, each reading half of the batch, every stage sharded by FSDP2 between
+    the pipelines; the checkpoint of step 3 resumes exactly."""
+    cfg = config(tmp_path / "c.toml", tmp_path / "run", processes=4, batch=4, backend="pp", pp_size=2)
+    done = swiftk(str(cfg), timeout=360)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "steps of 16 samples (batch_size 4 x grad_accum 2 x 2 data-parallel groups)" in done.stdout
+    assert_reproduces(tmp_path / "run", one)
+    shutil.rmtree(tmp_path / f"run/checkpoints/step-{STEPS:06d}")
+    resumed = swiftk(str(cfg), "--resume", timeout=360)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "from step 3" in resumed.stdout
+    assert_matches(losses(tmp_path / "run"), losses(one))
+
+
+@pytest.mark.slow
+def test_a_pp2_checkpoint_resumes_under_pp2_and_in_one_process_and_back(one: Path, tmp_path: Path) -> None:
+    """Checkpoints hold the whole model's tensors by name: pp2's step 3 continues under pp2 and in one process, and
+    one process's under pp2, each replaying the uninterrupted curve."""
+    done = swiftk(str(config(tmp_path / "c.toml", tmp_path / "pp2", processes=2, backend="pp")))
+    assert done.returncode == 0, done.stdout + done.stderr
+    runs = (("same", tmp_path / "pp2", 2, "pp"), ("alone", tmp_path / "pp2", 1, "ddp"), ("to_pp", one, 2, "pp"))
+    for name, source, processes, backend in runs:
+        shutil.copytree(source, tmp_path / name)
+        shutil.rmtree(tmp_path / f"{name}/checkpoints/step-{STEPS:06d}")
+        cfg = config(tmp_path / f"{name}.toml", tmp_path / name, processes=processes, backend=backend)
+        resumed = swiftk(str(cfg), "--resume")
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        assert "from step 3" in resumed.stdout
+        assert_matches(losses(tmp_path / name), losses(one))
+
+
+@pytest.mark.slow
+def test_lora_under_pp2_saves_and_merges_the_one_process_model(tmp_path: Path) -> None:
+    """Each stage trains the adapters of its layers; the saved adapter (every layer's) and the merged model are the
+    one process's."""
+    runs = {}
+    for name, processes, backend in (("one", 1, "ddp"), ("pp2", 2, "pp")):
+        cfg = variant(config(tmp_path / f"{name}.toml", tmp_path / name, processes=processes, backend=backend),
+                      lora=True)
+        cfg.write_text(cfg.read_text().replace("keep_last = 5", "keep_last = 5\nmerge = true")
+                       + '[samples]\nprompts = ["1 + 2 ="]\n')
+        runs[name] = swiftk(str(cfg))
+        assert runs[name].returncode == 0, runs[name].stdout + runs[name].stderr
+    assert_matches(losses(tmp_path / "pp2"), losses(tmp_path / "one"))
+    assert "samples: off under backend = 'pp' (no rank holds the whole model" in runs["pp2"].stdout
+    assert_same_weights(tmp_path / "pp2/final", tmp_path / "one/final", "adapter_model.safetensors")
+    assert_same_weights(tmp_path / "pp2/merged", tmp_path / "one/merged")
