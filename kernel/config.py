@@ -467,7 +467,8 @@ class DistributedConfig(Section):
             raise ValueError(f"{', '.join(ds_only)}: only for backend = 'deepspeed' (backend is '{self.backend}')")
         if self.tp_size is not None and self.backend != "tp":
             raise ValueError(f"tp_size: only for backend = 'tp' (backend is '{self.backend}')")
-        pp_only = [k for k in ("pp_size", "pp_schedule", "pp_balance") if k in self.model_fields_set]
+        pp_only = [k for k in ("pp_size", "pp_schedule", "pp_balance")  # a saved config.toml writes the defaults
+                   if getattr(self, k) != type(self).model_fields[k].default]
         if pp_only and self.backend != "pp":
             raise ValueError(f"{', '.join(pp_only)}: only for backend = 'pp' (backend is '{self.backend}')")
         if self.offload_param and self.zero_stage != 3:

@@ -15,10 +15,11 @@ for every layout swiftk can run on the GPUs named (``--gpus 8xA10``).
                  this process's resident set once torch and transformers are imported
 
 Layouts divide these as their engines do: ZeRO-2 shards gradients and optimizer state, FSDP2 (ZeRO-3) all three
-plus a gathered layer, tensor parallelism the split projections (``kernel.parallel.tp``), ``device_map`` spreads
-the layers over the GPUs of one process. The figure is the peak a step reaches, counted as if activations and all
-gradients were alive at once (an upper bound by the activations freed while gradients appear), and the
-micro-batch at full length (shorter batches need less).
+plus a gathered layer, tensor parallelism the split projections (``kernel.parallel.tp``), pipeline parallelism
+gives each stage its layers (split as ``kernel.parallel.pp`` splits them) and the activations of the micro-batches
+its schedule keeps in flight, ``device_map`` spreads the layers over the GPUs of one process. The figure is the
+peak a step reaches, counted as if activations and all gradients were alive at once (an upper bound by the
+activations freed while gradients appear), and the micro-batch at full length (shorter batches need less).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ GPUS: dict[str, tuple[float, bool]] = {
 }
 QUANTIZED_BYTES = {4: 0.5 + 1 / 64 + 4 / (64 * 256), 8: 1.0 + 4 / 4096}  # NF4 with double-quantised scales; int8 rows
 REFUSED_UNDER_TP = ("qlora", "dora")
+REFUSED_UNDER_PP = ("qlora",)
 
 
 class PlanError(SwiftkError):
@@ -86,6 +88,9 @@ class Layout:
     gpus: int
     dp: int = 1
     tp: int = 1
+    pp: int = 1  # pipeline stages
+    schedule: str = "1f1b"  # the pipeline's: "1f1b" or "gpipe"
+    micro: int = 1  # micro-batches a step (grad_accum): a pipeline keeps up to this many in flight
     shard: str = "none"  # "none", "zero2" (gradients, optimizer state), "zero3" (and the weights)
     spread: bool = False  # device_map: one process, its layers over the GPUs
     offload_optimizer: bool = False
@@ -131,6 +136,10 @@ class Model:
     act_other: float  # saved outside the layers (embeddings, final norm) per micro-batch
     layer_input: float  # one layer's input (what a checkpointed layer keeps)
     quantized: int = 0  # parameters stored in 4 or 8 bits
+    # what a pipeline stage can hold, in order: the embeddings, each decoder layer, the final norm and the head
+    # (a tied head counted again: the last stage holds a copy), as (parameters, bytes as stored, trainable)
+    units: list[tuple[int, float, int]] = dataclasses.field(default_factory=list)
+    pipelined: bool = False  # the architecture splits into pipeline stages (kernel.parallel.pp)
 
 
 def hf_config(model_cfg: Any) -> Any:
@@ -171,6 +180,10 @@ def measure(cfg: Any, config: Any, storage: torch.dtype, rows: int) -> Model:
     split = split_names(tuned)
     weight_bytes = split_bytes = 0.0
     trainable = total = 0
+    owner = {id(p): i + 1 for i, layer in enumerate(layers) for p in layer.parameters()}
+    embedding = tuned.get_input_embeddings()
+    owner.update({id(p): 0 for p in embedding.parameters()})
+    units = [[0, 0.0, 0] for _ in range(len(layers) + 2)]
     for name, param in tuned.named_parameters():
         total += param.numel()
         if param.requires_grad:
@@ -183,6 +196,11 @@ def measure(cfg: Any, config: Any, storage: torch.dtype, rows: int) -> Model:
         weight_bytes += size
         if any(name.startswith(prefix) for prefix in split):
             split_bytes += size
+        unit = units[owner.get(id(param), len(layers) + 1)]  # the final norm, the head: the last stage's
+        unit[0], unit[1], unit[2] = unit[0] + param.numel(), unit[1] + size, unit[2] + param.numel() * \
+            param.requires_grad
+    if tuned.get_output_embeddings().weight is embedding.weight:  # tied: the last stage holds a copy
+        units[-1] = [units[-1][0] + units[0][0], units[-1][1] + units[0][1], units[-1][2] + units[0][2]]
     act_layer, act_other, layer_input = activations(tuned, layers, config, rows, cfg.data.max_length)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     model = Model(
@@ -194,8 +212,21 @@ def measure(cfg: Any, config: Any, storage: torch.dtype, rows: int) -> Model:
         largest_layer=max((sum(p.numel() for p in layer.parameters()) for layer in layers), default=0),
         weight_bytes=weight_bytes, split_share=split_bytes / weight_bytes if weight_bytes else 0.0,
         optimizer_bytes=optimizer_bytes(tuned, cfg.train), act_layer=act_layer, act_other=act_other,
-        layer_input=layer_input, quantized=sum(p.numel() for n, p in tuned.named_parameters() if n in quantized))
+        layer_input=layer_input, quantized=sum(p.numel() for n, p in tuned.named_parameters() if n in quantized),
+        units=[(int(a), float(b), int(c)) for a, b, c in units], pipelined=pipelined(tuned, layers))
     return model
+
+
+def pipelined(model: torch.nn.Module, layers: list[torch.nn.Module]) -> bool:
+    """Whether ``kernel.parallel.pp`` splits this model into stages."""
+    from swiftk.kernel.dist import DistributedError
+    from swiftk.kernel.parallel.pp import parts
+
+    try:
+        parts(model)
+    except DistributedError:
+        return False
+    return bool(layers)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -369,6 +400,10 @@ def layout_of(cfg: Any) -> Layout:
         tp = d.tp_size or d.num_processes
         return Layout(f"tp{tp}" if tp == n else f"dp{n // tp}xtp{tp}", n, dp=n // tp, tp=tp,
                       shard="zero3" if n > tp else "none")
+    if d.backend == "pp":
+        pp = d.pp_size or n
+        return Layout(f"pp{pp}" if pp == n else f"dp{n // pp}xpp{pp}", n, dp=n // pp, pp=pp, schedule=d.pp_schedule,
+                      micro=cfg.train.grad_accum, shard="zero3" if n > pp else "none")
     if d.backend == "fsdp":
         return Layout("fsdp", n, dp=n, shard="zero3")
     if d.backend == "deepspeed":
@@ -378,8 +413,9 @@ def layout_of(cfg: Any) -> Layout:
     return Layout("ddp", n, dp=n)
 
 
-def candidates(gpus: int, model: Model, tuner: str) -> list[Layout]:
-    """Every layout swiftk runs on ``gpus`` GPUs for this model and tuner."""
+def candidates(gpus: int, model: Model, tuner: str, micro: int = 1) -> list[Layout]:
+    """Every layout swiftk runs on ``gpus`` GPUs for this model and tuner (a pipeline with at least as many
+    micro-batches a step as stages, ``grad_accum`` raised where it has fewer)."""
     if gpus == 1:
         return [Layout("single", 1)]
     found = [Layout("ddp", gpus, dp=gpus), Layout("zero2", gpus, dp=gpus, shard="zero2")]
@@ -392,6 +428,12 @@ def candidates(gpus: int, model: Model, tuner: str) -> list[Layout]:
             dp = gpus // tp
             found.append(Layout(f"tp{tp}" if dp == 1 else f"dp{dp}xtp{tp}", gpus, dp=dp, tp=tp,
                                 shard="zero3" if dp > 1 else "none"))
+    if model.pipelined and tuner not in REFUSED_UNDER_PP:
+        for pp in range(2, min(gpus, model.layers) + 1):
+            if gpus % pp == 0:
+                dp = gpus // pp
+                found.append(Layout(f"pp{pp}" if dp == 1 else f"dp{dp}xpp{pp}", gpus, dp=dp, pp=pp,
+                                    micro=max(micro, pp), shard="zero3" if dp > 1 else "none"))
     found.append(Layout("device_map", gpus, spread=True))
     return found
 
@@ -402,6 +444,9 @@ def splits(model: Model, tp: int) -> bool:
 
 def per_gpu(model: Model, layout: Layout, cfg: Any, runtime: float, chunk_bytes: float) -> Memory:
     """``model``'s memory on the busiest GPU of ``layout``."""
+    if layout.pp > 1:
+        return max((stage_memory(model, layout, cfg, runtime, chunk_bytes, stage) for stage in range(layout.pp)),
+                   key=lambda memory: memory.total)
     weights, optimizer = model.weight_bytes, model.optimizer_bytes
     gradients = 4.0 * model.trainable
     trainable_share = 4.0 * model.trainable / weights if weights else 0.0
@@ -432,6 +477,42 @@ def per_gpu(model: Model, layout: Layout, cfg: Any, runtime: float, chunk_bytes:
     return Memory(weights, gradients, optimizer, act, logits, runtime)
 
 
+def stage_memory(model: Model, layout: Layout, cfg: Any, runtime: float, chunk_bytes: float, stage: int) -> Memory:
+    """Pipeline stage ``stage``'s memory: its units' weights, gradients and optimizer state (sharded over the
+    pipelines with FSDP2 when there are several), the activations of its layers for each micro-batch in flight
+    (1F1B: up to ``pp - stage``; GPipe: all of them), and on the last stage the logits (1F1B scores one
+    micro-batch at a time; GPipe keeps every micro-batch's for backward)."""
+    from swiftk.kernel.parallel.pp import layer_costs_of, stage_bounds
+
+    layers = model.units[1:-1]
+    balance = getattr(cfg.distributed, "pp_balance", "memory") if cfg.distributed.backend == "pp" else "memory"
+    costs = layer_costs_of([u[0] for u in layers], model.units[0][0], model.units[-1][0], balance)
+    bounds = stage_bounds(costs, layout.pp)
+    first, last = stage == 0, stage == layout.pp - 1
+    held = [model.units[1 + i] for i in range(bounds[stage], bounds[stage + 1])]
+    held += [model.units[0]] if first else []
+    held += [model.units[-1]] if last else []
+    weights = sum(u[1] for u in held)
+    trainable = sum(u[2] for u in held)
+    gradients = 4.0 * trainable
+    optimizer = model.optimizer_bytes * trainable / model.trainable if model.trainable else 0.0
+    if layout.dp > 1:  # FSDP2 across the pipelines: a layer gathered at a time (and the next, prefetched)
+        largest = max((u[1] for u in held), default=0.0)
+        weights = weights / layout.dp + 2 * largest
+        gradients = gradients / layout.dp + min(largest, gradients)
+        optimizer /= layout.dp
+    in_flight = layout.micro if layout.schedule == "gpipe" else min(layout.micro, layout.pp - stage)
+    per_layer = [whole + split for whole, split in model.act_layer[bounds[stage]:bounds[stage + 1]]]
+    if cfg.train.gradient_checkpointing and per_layer:
+        act = in_flight * model.layer_input * len(per_layer) + max(per_layer)
+    else:
+        act = in_flight * sum(per_layer)
+    act += in_flight * model.act_other if last else 0.0
+    logits = logit_bytes(model, cfg, layout, chunk_bytes) * (layout.micro if layout.schedule == "gpipe" else 1) \
+        if last else 0.0
+    return Memory(weights, gradients, optimizer, act, logits, runtime)
+
+
 def activation_bytes(model: Model, layout: Layout, checkpointing: bool) -> float:
     per_layer = [whole + split / layout.tp for whole, split in model.act_layer]
     if not per_layer:
@@ -444,7 +525,7 @@ def activation_bytes(model: Model, layout: Layout, checkpointing: bool) -> float
 def logit_bytes(model: Model, cfg: Any, layout: Layout, chunk_bytes: float) -> float:
     """The LM head's output: whole logits (compute dtype, a float32 copy in the loss, its gradient) unless the
     chunked loss runs (not with sharded parameters: FSDP2, ZeRO-3, tensor parallelism)."""
-    chunked = cfg.train.chunked_loss and layout.shard != "zero3" and layout.tp == 1
+    chunked = cfg.train.chunked_loss and layout.shard != "zero3" and layout.tp == 1 and layout.pp == 1
     if chunked:
         return chunk_bytes
     rows = rows_per_micro_batch(cfg)
@@ -517,7 +598,8 @@ def make_plan(cfg: Any, gpus: Gpus | None) -> Plan:
     chunk = 3.0 * CHUNK_ELEMENTS * 4
     asked = layout_of(cfg)
     options = [(layout, per_gpu(model, layout, cfg, runtime, chunk))
-               for layout in candidates(gpus.count, model, cfg.train.tuner_strategy)] if gpus else []
+               for layout in candidates(gpus.count, model, cfg.train.tuner_strategy, cfg.train.grad_accum)] \
+        if gpus else []
     return Plan(model, asked, per_gpu(model, asked, cfg, runtime, chunk), gpus, options, cfg.train.tuner_strategy,
                 rows, cfg.data.max_length)
 
@@ -528,7 +610,7 @@ def render(plan: Plan) -> str:
     lines = [f"model: {m.description} {m.params / 1e9:.3g} B params ({m.layers} layers, {m.heads} heads / "
              f"{m.kv_heads} KV heads, vocab {m.vocab}); {plan.tuner}: {m.trainable / 1e6:.4g} M trainable"
              + (f", {m.quantized / 1e9:.3g} B in 4/8 bits" if m.quantized else ""),
-             f"micro-batch: {plan.rows} x {plan.tokens} tokens per rank (a TP group shares one)"]
+             f"micro-batch: {plan.rows} x {plan.tokens} tokens per rank (a TP group or a pipeline shares one)"]
     header = f"{'layout':<15} {'weights':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'logits':>8} {'runtime':>8} " \
              f"{'total':>8}"
     rows = [(plan.asked, plan.asked_memory, "(asked)")] + [(lay, mem, "") for lay, mem in plan.options]

@@ -66,9 +66,6 @@ class PipelineParallel(FSDP2):
     def problems(cls, options: Any) -> list[str]:
         world = options.num_processes * options.nnodes
         stages = pp_size(options, world)
-        if world < 2:
-            return ["[distributed] backend = 'pp' needs at least 2 processes (num_processes x nnodes): one per "
-                    "pipeline stage"]
         if world % stages:
             return [f"[distributed] pp_size = {stages} does not divide the {world} processes (num_processes = "
                     f"{options.num_processes} x nnodes = {options.nnodes}): use a divisor of {world}"]
@@ -395,14 +392,22 @@ def to_meta(modules: list[torch.nn.Module], kept: set[int]) -> None:
 
 
 def layer_costs(decoder: Any, causal: Any, layers: torch.nn.ModuleList, balance: str) -> list[float]:
-    """Per decoder layer, what it weighs on its stage; the first stage also carries the embeddings and the last
-    the head, added to the first and last layer's cost (``balance = "memory"``: parameters; "layers": one each)."""
+    """Per decoder layer, what it weighs on its stage (``balance = "memory"``: parameters, the embeddings' added
+    to the first layer's and the head's and final norm's to the last; "layers": one each)."""
+    def count(module: torch.nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    return layer_costs_of([count(layer) for layer in layers], count(decoder.embed_tokens),
+                          count(causal.get_output_embeddings()) + count(decoder.norm), balance)
+
+
+def layer_costs_of(layers: list[int], first: int, last: int, balance: str) -> list[float]:
+    """``layer_costs`` from parameter counts: each layer's, the first stage's extra, the last stage's extra."""
     if balance == "layers":
         return [1.0] * len(layers)
-    costs = [float(sum(p.numel() for p in layer.parameters())) for layer in layers]
-    costs[0] += sum(p.numel() for p in decoder.embed_tokens.parameters())
-    costs[-1] += sum(p.numel() for p in causal.get_output_embeddings().parameters()) + \
-        sum(p.numel() for p in decoder.norm.parameters())
+    costs = [float(n) for n in layers]
+    costs[0] += first
+    costs[-1] += last
     return costs
 
 

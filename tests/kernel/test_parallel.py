@@ -67,7 +67,7 @@ def test_every_backend_has_an_engine_that_meets_the_contract() -> None:
 
 def test_an_unknown_engine_is_named_with_suggestions() -> None:
     with pytest.raises(DistributedError, match=r"no parallel engine named 'fsdp3'; did you mean 'fsdp'\? "
-                                               r"\(engines: none, ddp, fsdp, deepspeed, tp\)"):
+                                               r"\(engines: none, ddp, fsdp, deepspeed, tp, pp\)"):
         parallel.engine_class("fsdp3")
 
 
@@ -148,7 +148,6 @@ def test_one_process_methods_refuse_several_gpus(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("method", "message"), [
-    ("pp", "'pp' (pipeline parallelism) is not built yet; use one of 'none'"),
     ("megatron", "'megatron' (Megatron-Core tensor + pipeline parallelism) is not built yet"),
     ("fdsp", "unknown parallel method 'fdsp'; did you mean 'fsdp'"),
 ])

@@ -101,6 +101,7 @@ def test_layouts_and_runs_that_cannot_be_pipelined_are_config_errors(tmp_path: P
 
     with pytest.raises(ValueError, match="pp_size, pp_schedule: only for backend = 'pp'"):
         DistributedConfig(backend="ddp", pp_size=2, pp_schedule="gpipe")
+    DistributedConfig(backend="ddp", pp_schedule="1f1b", pp_balance="memory")  # the defaults, as config.toml saves
     (problem,) = engine_class("pp").problems(DistributedConfig(backend="pp", num_processes=3, pp_size=2))
     assert "pp_size = 2 does not divide the 3 processes" in problem
     path = config(tmp_path / "c.toml", tmp_path / "run", processes=2, backend="pp")

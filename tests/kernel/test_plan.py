@@ -4,6 +4,7 @@ its errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -132,8 +133,8 @@ def test_tuners_and_optimizers_change_what_is_counted(tmp_path: Path) -> None:
 def test_layouts_divide_the_memory_as_their_engines_do(tmp_path: Path) -> None:
     plan = make_plan(tiny(tmp_path), Gpus.parse("4xA100"))
     options = {layout.name: memory for layout, memory in plan.options}
-    # tp 4 would need 4 | 2 key-value heads: not offered; dp 2 x tp 2 is
-    assert set(options) == {"ddp", "zero2", "fsdp", "dp2xtp2", "device_map"}
+    # tp 4 would need 4 | 2 key-value heads: not offered; dp 2 x tp 2 is; 4 stages of 3 layers are not, 2 are
+    assert set(options) == {"ddp", "zero2", "fsdp", "dp2xtp2", "dp2xpp2", "device_map"}
     single = plan.asked_memory
     assert options["ddp"].weights == single.weights and options["ddp"].gradients == 2 * single.gradients
     assert options["zero2"].optimizer == pytest.approx(single.optimizer / 4)
@@ -176,3 +177,28 @@ def test_nothing_fits_and_bad_gpus_are_said(tmp_path: Path) -> None:
     assert Gpus.parse("4x24GB").gib == 24 and Gpus.parse("2xA100-40").gib == 40 and Gpus.parse("H200").count == 1
     assert make_plan(tiny(tmp_path), Gpus.parse("cpu")).asked_memory.runtime > 100 * 2**20  # this process
     assert GIB == 2**30
+
+
+def test_pipeline_stages_are_planned_as_the_engine_splits_them(tmp_path: Path) -> None:
+    """Each stage holds what kernel.parallel.pp gives it (the same split, the same bytes), and the activations of
+    the micro-batches its schedule keeps in flight: 1F1B's first stage pp of them, GPipe's every one."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from swiftk.kernel.parallel.pp import layer_costs, parts, stage_bounds
+    from swiftk.kernel.plan import stage_memory
+
+    cfg = tiny(tmp_path, 'tuner_strategy = "full"\ngrad_accum = 4', "distributed.num_processes=2",
+               "distributed.backend='pp'", "distributed.pp_schedule='gpipe'")
+    plan = make_plan(cfg, Gpus.parse("2xA100"))
+    assert plan.asked.name == "pp2" and (plan.asked.micro, plan.asked.schedule) == (4, "gpipe")
+    assert "pp2" in {layout.name for layout, _ in plan.options}
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg.model.architecture))
+    causal, decoder, layers = parts(model)
+    bounds = stage_bounds(layer_costs(decoder, causal, layers, "memory"), 2)
+    first = [*decoder.embed_tokens.parameters(), *(p for layer in layers[:bounds[1]] for p in layer.parameters())]
+    gpipe = [stage_memory(plan.model, plan.asked, cfg, 0.0, 0.0, stage) for stage in (0, 1)]
+    assert gpipe[0].weights == pytest.approx(sum(4.0 * p.numel() for p in first))
+    assert sum(m.weights for m in gpipe) == pytest.approx(plan.model.weight_bytes)
+    one_f = dataclasses.replace(plan.asked, schedule="1f1b")
+    assert stage_memory(plan.model, one_f, cfg, 0.0, 0.0, 0).activations == pytest.approx(gpipe[0].activations / 2)
+    assert per_gpu(plan.model, plan.asked, cfg, 0.0, 0.0).total == max(m.total for m in gpipe)
