@@ -4,6 +4,8 @@
             -> clip -> optimizer step -> scheduler step -> hook swiftk_step_end -> metrics.jsonl / progress
             -> eval and checkpoint at their intervals
 
+The micro-batches' forward, loss and backward run in the parallel engine's order (``ParallelEngine.learn`` over a
+``StepWork``): one after another, or interleaved across the ranks of a pipeline (kernel/parallel/pp.py).
 With ``[train] optimizer_in_backward`` the optimizer updates each parameter inside backward (kernel/in_backward.py)
 and the clip and step between backward and the scheduler are skipped.
 

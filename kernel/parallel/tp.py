@@ -4,7 +4,9 @@ way, and FSDP2 over the ranks that remain (data parallel), the 2-D mesh that sta
     mesh (dp, tp), rank = dp_index * tp_size + tp_index: the ranks of a TP group are neighbours (one node)
     q/k/v, gate/up    ColwiseParallel: output features (heads) split, no communication in forward
     o, down           RowwiseParallel: input features split, one all-reduce per projection
-    the rest          whole on every rank of a TP group (embeddings, norms, the LM head); FSDP2 shards it over dp
+    embeddings        split by vocabulary rows: each rank looks up its rows, one all-reduce
+    LM head           split by vocabulary rows, the logits gathered whole for the loss plugin
+    the rest          whole on every rank of a TP group (norms); FSDP2 shards it over dp
 
 The ranks of a TP group read the same batch; the data is split over the dp groups only. LoRA follows its base
 layer: a column-split projection's ``lora_B`` is split by columns, a row-split one's ``lora_A`` by rows, so that
@@ -22,8 +24,9 @@ import torch
 from swiftk.kernel.dist import DistInfo, DistributedError
 from swiftk.kernel.parallel.fsdp import FSDP2
 
-# transformers' tensor-parallel plan words (a model's ``config.base_model_tp_plan``) that this engine applies
-STYLES = ("colwise", "rowwise")
+# transformers' tensor-parallel plan words (a model's ``config.base_model_tp_plan`` and ``_tp_plan``) this engine
+# applies: projections split by output columns or input rows, the embeddings and the LM head by vocabulary
+STYLES = ("colwise", "rowwise", "embedding_rowwise", "colwise_gather_output")
 
 
 class TensorParallel(FSDP2):
@@ -61,11 +64,10 @@ class TensorParallel(FSDP2):
 
     def wrap(self, model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor.parallel import parallelize_module
 
         if self.mesh is None:
             self.mesh = init_device_mesh(device.type, (self.dp_size, self.tp_size), mesh_dim_names=("dp", "tp"))
-        parallelize_module(model, self.mesh["tp"], layer_plan(model, self.tp_size))
+        split(model, self.mesh["tp"], self.tp_size, self.dp_size)
         return self.shard(model, precision, self.mesh["dp"]) if self.dp_size > 1 else model
 
     def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float | None) -> float | None:
@@ -95,10 +97,25 @@ def tp_size(options: Any, world: int) -> int:
     return int(size) if size else max(1, min(world, getattr(options, "num_processes", world)))
 
 
-def layer_plan(model: torch.nn.Module, tp: int) -> dict[str, Any]:
+def split(model: torch.nn.Module, mesh: Any, tp: int, dp: int = 1) -> None:
+    """Split ``model``'s layers over the ``tp`` ranks of ``mesh`` (``layer_plan``); tied embeddings stay one
+    parameter (both uses split by vocabulary rows alike), whose gradient sums both uses."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight is embedding.weight
+    parallelize_module(model, mesh, layer_plan(model, tp, dp))
+    if tied:
+        head.weight = embedding.weight
+
+
+def layer_plan(model: torch.nn.Module, tp: int, dp: int = 1) -> dict[str, Any]:
     """``parallelize_module``'s plan for ``model``: its own ``base_model_tp_plan`` (transformers declares one for
-    Llama, Qwen2/3, Mistral, Gemma and others) applied to every projection it names, a LoRA-wrapped one included;
-    an architecture without a plan, or whose heads do not split ``tp`` ways, is an error naming it."""
+    Llama, Qwen2/3, Mistral, Gemma and others) applied to every projection it names, a LoRA-wrapped one included,
+    and its ``_tp_plan``'s vocabulary-parallel embeddings and LM head (under FSDP2 over ``dp`` groups too, when
+    their rows divide evenly over the dp x tp ranks: DCP cannot load a checkpoint into uneven 2-D shards; else they
+    stay whole); an architecture without a plan, or whose heads do not split ``tp`` ways, is an error naming it."""
+    from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     config = getattr(model, "config", None)
@@ -109,7 +126,13 @@ def layer_plan(model: torch.nn.Module, tp: int) -> dict[str, Any]:
     check_divisible(config, tp)
     refuse_unsplittable(model)
     plan: dict[str, Any] = {}
+    rows = model.get_input_embeddings().weight.shape[0]
     for name, (module, style) in split_modules(model).items():
+        if style in ("embedding_rowwise", "colwise_gather_output"):  # by vocabulary (an adapted one stays whole)
+            if getattr(module, "base_layer", None) is None and (dp == 1 or rows % (dp * tp) == 0):
+                plan[name] = RowwiseParallel(input_layouts=Replicate()) if style == "embedding_rowwise" else \
+                    ColwiseParallel(output_layouts=Replicate())
+            continue
         colwise = style == "colwise"
         split = ColwiseParallel if colwise else RowwiseParallel
         if getattr(module, "base_layer", None) is None:
@@ -126,10 +149,12 @@ def layer_plan(model: torch.nn.Module, tp: int) -> dict[str, Any]:
 
 
 def split_modules(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, str]]:
-    """The modules the model's ``base_model_tp_plan`` splits, by name, with "colwise" or "rowwise"."""
+    """The modules the model's plans split, by name, with their style (``STYLES``)."""
     import fnmatch
 
-    declared = dict(getattr(getattr(model, "config", None), "base_model_tp_plan", None) or {})
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    declared = {**dict(getattr(getattr(model, "config", None), "base_model_tp_plan", None) or {}),
+                **dict(getattr(causal, "_tp_plan", None) or {})}
     patterns = {f"*{pattern}": style for pattern, style in declared.items() if style in STYLES}
     found = {}
     for name, module in model.named_modules():

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.distributed.tensor import Replicate
 
 from swiftk.kernel.cli import main
 from swiftk.kernel.config import DistributedConfig, load_config
@@ -61,14 +62,13 @@ SPLIT = """
 import sys, torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.parallel import parallelize_module
 from transformers import LlamaConfig, LlamaForCausalLM
-from swiftk.kernel.parallel.tp import layer_plan
+from swiftk.kernel.parallel.tp import split
 
 dist.init_process_group("gloo", init_method=sys.argv[1], rank=int(sys.argv[2]), world_size=2)
 torch.manual_seed(0)
 config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, vocab_size=50, tie_word_embeddings=False)
+                     num_key_value_heads=2, vocab_size=50, tie_word_embeddings=sys.argv[3] == "tied")
 whole, model = LlamaForCausalLM(config), None
 if sys.argv[3] == "lora":
     from peft import LoraConfig, get_peft_model
@@ -76,7 +76,7 @@ if sys.argv[3] == "lora":
     whole = get_peft_model(whole, LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
 import copy
 model = copy.deepcopy(whole)
-parallelize_module(model, init_device_mesh("cpu", (2,)), layer_plan(model, 2))
+split(model, init_device_mesh("cpu", (2,)), 2)
 ids = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(1))
 for m in (whole, model):
     m(input_ids=ids, labels=ids).loss.backward()
@@ -88,10 +88,11 @@ print("RESULT", len(split), worst)
 """
 
 
-@pytest.mark.parametrize("tuner", ["full", "lora"])
-def test_split_layers_give_the_whole_models_gradients(tuner: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("tuner", "split"), [("full", 16), ("tied", 15), ("lora", 14)])
+def test_split_layers_give_the_whole_models_gradients(tuner: str, split: int, tmp_path: Path) -> None:
     """Every projection the model's plan names is split (LoRA: the base layer and the adapter matrix on the same
-    side), and the gradients of split and whole tensors equal the unsplit model's."""
+    side), the embeddings and the LM head by vocabulary (tied ones staying one tensor), and the gradients of split
+    and whole tensors equal the unsplit model's."""
     script = tmp_path / "split.py"
     script.write_text(SPLIT)
     with socket.socket() as s:
@@ -104,8 +105,9 @@ def test_split_layers_give_the_whole_models_gradients(tuner: str, tmp_path: Path
     for out in outputs:
         found = re.search(r"RESULT (\d+) (\S+)", out)
         assert found, out
-        # 2 layers x 7 projections; LoRA: 7 matrices of each layer's adapters are split (B of 5, A of 2)
-        assert int(found[1]) == 14, out
+        # 2 layers x 7 projections, the embeddings and the head (one tensor when tied); LoRA: 7 matrices of each
+        # layer's adapters are split (B of 5, A of 2), the frozen embeddings and head too (not counted)
+        assert int(found[1]) == split, out
         assert float(found[2]) < 1e-6, out
 
 
@@ -122,7 +124,11 @@ def test_the_plan_covers_lora_wrapped_projections() -> None:
     assert names["self_attn.q_proj.base_layer"] == names["self_attn.q_proj.lora_B.default"] == "ColwiseParallel"
     assert names["self_attn.o_proj.base_layer"] == names["self_attn.o_proj.lora_A.default"] == "RowwiseParallel"
     assert names["mlp.up_proj"] == "ColwiseParallel" and names["mlp.down_proj"] == "RowwiseParallel"
-    assert "self_attn.q_proj.lora_A.default" not in names and not any("embed" in n or "lm_head" in n for n in plan)
+    assert "self_attn.q_proj.lora_A.default" not in names
+    # by vocabulary: the embeddings' rows (each rank looks up its own) and the head's, its logits gathered whole
+    embed, head = plan["base_model.model.model.embed_tokens"], plan["base_model.model.lm_head"]
+    assert (type(embed).__name__, type(head).__name__) == ("RowwiseParallel", "ColwiseParallel")
+    assert embed.input_layouts == (Replicate(),) and head.output_layouts == (Replicate(),)
 
 
 # ------------------------------------------------------------------------------------------ bad layouts
@@ -231,11 +237,19 @@ def test_a_tp2_checkpoint_resumes_in_one_process_and_under_ddp(one: Path, tmp_pa
 
 
 @pytest.mark.slow
-def test_dp2_by_tp2_reproduces_one_process(one: Path, tmp_path: Path) -> None:
-    """4 ranks: two TP groups of 2, each reading half of the batch, their layers sharded by FSDP2 between them;
-    a resume from the middle replays the same steps."""
-    done = swiftk(str(config(tmp_path / "c.toml", tmp_path / "run", processes=4, batch=16, backend="tp",
-                             tp_size=2)), timeout=360)
+def test_dp2_by_tp2_reproduces_one_process(tmp_path: Path) -> None:
+    """4 ranks: two TP groups of 2, each reading half of the batch, their layers sharded by FSDP2 between them
+    (the 128-row embeddings and head split by vocabulary too: 2-D shards); a resume from the middle replays the
+    same steps."""
+    def wide(path: Path) -> Path:  # vocabulary rows that divide over the 4 ranks
+        path.write_text(path.read_text().replace("num_key_value_heads = 2,", "num_key_value_heads = 2, "
+                                                 "vocab_size = 128,"))
+        return path
+
+    one = tmp_path / "one"
+    assert main(["run", str(wide(config(tmp_path / "one.toml", one)))]) == 0
+    done = swiftk(str(wide(config(tmp_path / "c.toml", tmp_path / "run", processes=4, batch=16, backend="tp",
+                                  tp_size=2))), timeout=360)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "steps of 32 samples (batch_size 16 x grad_accum 1 x 2 data-parallel groups)" in done.stdout
     assert_matches(losses(tmp_path / "run"), losses(one))
