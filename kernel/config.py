@@ -441,7 +441,7 @@ class DistributedConfig(Section):
                             "activations of at most pp_size micro-batches held); the micro-batches are grad_accum's")
     pp_balance: Literal["layers", "memory"] = Field(
         "memory", description="pp: split the decoder layers evenly ('layers'), or so that every stage holds about "
-                              "as many parameters, the embeddings and LM head counted ('memory')")
+                              "as many bytes of parameters, the embeddings and LM head counted ('memory')")
 
     @field_validator("backend")
     @classmethod

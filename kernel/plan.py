@@ -44,7 +44,6 @@ GPUS: dict[str, tuple[float, bool]] = {
 }
 QUANTIZED_BYTES = {4: 0.5 + 1 / 64 + 4 / (64 * 256), 8: 1.0 + 4 / 4096}  # NF4 with double-quantised scales; int8 rows
 REFUSED_UNDER_TP = ("qlora", "dora")
-REFUSED_UNDER_PP = ("qlora",)
 
 
 class PlanError(SwiftkError):
@@ -428,9 +427,9 @@ def candidates(gpus: int, model: Model, tuner: str, micro: int = 1) -> list[Layo
             dp = gpus // tp
             found.append(Layout(f"tp{tp}" if dp == 1 else f"dp{dp}xtp{tp}", gpus, dp=dp, tp=tp,
                                 shard="zero3" if dp > 1 else "none"))
-    if model.pipelined and tuner not in REFUSED_UNDER_PP:
+    if model.pipelined:  # every tuner; QLoRA's 4-bit layers in one pipeline only (FSDP2 cannot shard them)
         for pp in range(2, min(gpus, model.layers) + 1):
-            if gpus % pp == 0:
+            if gpus % pp == 0 and (tuner != "qlora" or pp == gpus):
                 dp = gpus // pp
                 found.append(Layout(f"pp{pp}" if dp == 1 else f"dp{dp}xpp{pp}", gpus, dp=dp, pp=pp,
                                     micro=max(micro, pp), shard="zero3" if dp > 1 else "none"))
@@ -486,7 +485,7 @@ def stage_memory(model: Model, layout: Layout, cfg: Any, runtime: float, chunk_b
 
     layers = model.units[1:-1]
     balance = getattr(cfg.distributed, "pp_balance", "memory") if cfg.distributed.backend == "pp" else "memory"
-    costs = layer_costs_of([u[0] for u in layers], model.units[0][0], model.units[-1][0], balance)
+    costs = layer_costs_of([u[1] for u in layers], model.units[0][1], model.units[-1][1], balance)
     bounds = stage_bounds(costs, layout.pp)
     first, last = stage == 0, stage == layout.pp - 1
     held = [model.units[1 + i] for i in range(bounds[stage], bounds[stage + 1])]

@@ -87,6 +87,11 @@ class PipelineParallel(FSDP2):
             problems.append(f"[train] grad_accum = {cfg.train.grad_accum}: the 1F1B schedule needs at least as many "
                             f"micro-batches per step as pipeline stages ({stages}); raise grad_accum (the stages "
                             f"idle less the more there are) or set [distributed] pp_schedule = 'gpipe'")
+        world = cfg.distributed.num_processes * cfg.distributed.nnodes
+        if cfg.train.tuner_strategy == "qlora" and stages < world:
+            problems.append(f"[train] tuner_strategy = 'qlora': its 4-bit layers cannot be sharded by FSDP2 across "
+                            f"the {world // stages} pipelines of pp_size = {stages}; set [distributed] pp_size = "
+                            f"{world} (one pipeline over every process)")
         if cfg.train.optimizer_in_backward:
             problems.append("[train] optimizer_in_backward: not with backend = 'pp' (the schedule runs the "
                             "backward passes); leave it off")
@@ -392,20 +397,22 @@ def to_meta(modules: list[torch.nn.Module], kept: set[int]) -> None:
 
 
 def layer_costs(decoder: Any, causal: Any, layers: torch.nn.ModuleList, balance: str) -> list[float]:
-    """Per decoder layer, what it weighs on its stage (``balance = "memory"``: parameters, the embeddings' added
-    to the first layer's and the head's and final norm's to the last; "layers": one each)."""
-    def count(module: torch.nn.Module) -> int:
-        return sum(p.numel() for p in module.parameters())
+    """Per decoder layer, what it weighs on its stage (``balance = "memory"``: the bytes of its parameters as
+    stored, 4-bit ones included, the embeddings' added to the first layer's and the head's and final norm's to the
+    last; "layers": one each)."""
 
-    return layer_costs_of([count(layer) for layer in layers], count(decoder.embed_tokens),
-                          count(causal.get_output_embeddings()) + count(decoder.norm), balance)
+    def size(module: torch.nn.Module) -> float:
+        return float(sum(p.numel() * p.element_size() for p in module.parameters()))
+
+    return layer_costs_of([size(layer) for layer in layers], size(decoder.embed_tokens),
+                          size(causal.get_output_embeddings()) + size(decoder.norm), balance)
 
 
-def layer_costs_of(layers: list[int], first: int, last: int, balance: str) -> list[float]:
-    """``layer_costs`` from parameter counts: each layer's, the first stage's extra, the last stage's extra."""
+def layer_costs_of(layers: list[float], first: float, last: float, balance: str) -> list[float]:
+    """``layer_costs`` from sizes: each layer's, the first stage's extra, the last stage's extra."""
     if balance == "layers":
         return [1.0] * len(layers)
-    costs = [float(n) for n in layers]
+    costs = list(layers)
     costs[0] += first
     costs[-1] += last
     return costs

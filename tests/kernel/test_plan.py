@@ -156,14 +156,17 @@ def test_the_config_s_own_layout_is_planned(tmp_path: Path) -> None:
 
 def test_ms_swifts_70b_qlora_claim_on_8_a10s() -> None:
     """Llama-3-70B QLoRA on 8 x A10 (24 GB): no data-parallel layout fits (each GPU would hold the whole 4-bit
-    model, ~41 GiB); spreading the layers over the 8 GPUs (device_map) does."""
+    model, ~41 GiB); spreading the layers over the 8 GPUs does, in one process (device_map) or as 8 pipeline
+    stages (pp8, each holding its tenth of the layers and 8 micro-batches' activations)."""
     done = subprocess.run([sys.executable, "-m", "swiftk", "plan", "configs/plan_llama3_70b_qlora.toml", "--gpus",
                            "8xA10", "--json"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     plan = json.loads(done.stdout.strip().splitlines()[-1])
     assert 70e9 < plan["model"]["params"] < 71e9 and plan["model"]["quantized"] > 68e9
     fits = {option["layout"]: option["fits"] for option in plan["options"]}
-    assert fits == {"ddp": False, "zero2": False, "device_map": True} and plan["best"] == "device_map"
+    assert fits == {"ddp": False, "zero2": False, "pp8": True, "device_map": True} and plan["best"] == "device_map"
+    pp8 = next(option["per_gpu_gib"] for option in plan["options"] if option["layout"] == "pp8")
+    assert 41 / 8 * 0.9 < pp8["weights"] < 41 / 8 * 1.1  # the stages balanced by bytes: 4-bit layers, bf16 head
     assert 30 < plan["asked"]["per_gpu_gib"]["weights"] < 45
 
 
