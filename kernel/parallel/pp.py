@@ -88,6 +88,10 @@ class PipelineParallel(FSDP2):
                             f"micro-batches per step as pipeline stages ({stages}); raise grad_accum (the stages "
                             f"idle less the more there are) or set [distributed] pp_schedule = 'gpipe'")
         world = cfg.distributed.num_processes * cfg.distributed.nnodes
+        layers = decoder_layer_count(cfg.model)
+        if layers is not None and stages > layers:
+            problems.append(f"[distributed] pp_size = {stages} is more pipeline stages than the model's {layers} "
+                            f"decoder layers: each stage needs at least one; use pp_size <= {layers}")
         if cfg.train.tuner_strategy == "qlora" and stages < world:
             problems.append(f"[train] tuner_strategy = 'qlora': its 4-bit layers cannot be sharded by FSDP2 across "
                             f"the {world // stages} pipelines of pp_size = {stages}; set [distributed] pp_size = "
@@ -367,6 +371,21 @@ def pp_size(options: Any, world: int) -> int:
     """``[distributed] pp_size``, or every process when it is not set."""
     size = getattr(options, "pp_size", None)
     return int(size) if size else max(1, world)
+
+
+def decoder_layer_count(model_cfg: Any) -> int | None:
+    """``num_hidden_layers`` of ``[model]``'s config, read without weights (None when it cannot be read here: the
+    split then says it when the model is built)."""
+    from swiftk.kernel.errors import SwiftkError
+    from swiftk.kernel.plan import hf_config
+
+    try:
+        config = hf_config(model_cfg)
+    except (SwiftkError, OSError, ValueError):
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    count = getattr(text, "num_hidden_layers", None)
+    return count if isinstance(count, int) else None
 
 
 def parts(model: torch.nn.Module) -> tuple[Any, Any, torch.nn.ModuleList]:

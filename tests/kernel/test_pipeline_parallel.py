@@ -119,6 +119,9 @@ def test_layouts_and_runs_that_cannot_be_pipelined_are_config_errors(tmp_path: P
     (problem,) = PipelineParallel.run_problems(load_config(qlora))
     assert "'qlora': its 4-bit layers cannot be sharded by FSDP2 across the 2 pipelines" in problem
     assert "pp_size = 4" in problem
+    deep = config(tmp_path / "s.toml", tmp_path / "run", processes=3, backend="pp", pp_schedule="gpipe")
+    (problem,) = PipelineParallel.run_problems(load_config(deep))
+    assert "pp_size = 3 is more pipeline stages than the model's 2 decoder layers" in problem
     device = config(tmp_path / "d.toml", tmp_path / "run", processes=2)
     device.write_text(device.read_text() + '[device]\nparallel_method = "pp"\nnum_gpus = 2\n')
     cfg = load_config(device)
