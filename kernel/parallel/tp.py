@@ -134,14 +134,14 @@ def layer_plan(model: torch.nn.Module, tp: int, dp: int = 1) -> dict[str, Any]:
                     ColwiseParallel(output_layouts=Replicate())
             continue
         colwise = style == "colwise"
-        split = ColwiseParallel if colwise else RowwiseParallel
+        parallel = ColwiseParallel if colwise else RowwiseParallel
         if getattr(module, "base_layer", None) is None:
-            plan[name] = split()
+            plan[name] = parallel()
             continue
-        plan[f"{name}.base_layer"] = split()
+        plan[f"{name}.base_layer"] = parallel()
         side = "lora_B" if colwise else "lora_A"
         for adapter in getattr(module, side, {}):
-            plan[f"{name}.{side}.{adapter}"] = split()
+            plan[f"{name}.{side}.{adapter}"] = parallel()
     if not plan:
         raise DistributedError(f"[distributed] backend = 'tp': no module of {type(model).__name__} matches its "
                                f"tensor-parallel plan {sorted(config.base_model_tp_plan)}")
