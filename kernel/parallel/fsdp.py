@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +84,26 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
         raise DistributedError(f"[distributed] backend = 'fsdp': no decoder layers found in {type(model).__name__} "
                                f"(no _no_split_modules); use backend = 'ddp'")
     return layers
+
+
+def clip_mixed(params: list[torch.nn.Parameter], max_norm: float | None, skip: set[int] | None = None,
+               group: Any = None, device: torch.device | None = None) -> float:
+    """The global gradient norm over split (DTensor) and whole gradients alike, clipped in place above ``max_norm``
+    (torch's ``clip_grad_norm_`` cannot mix them): each split gradient's norm is reduced over the ranks holding
+    its pieces, a whole one counted once. ``skip``: parameters (by id) whose gradient another rank counts;
+    ``group``: ranks holding the model's other parts, whose squares are summed in (on ``device``, the group's)."""
+    import torch.distributed as dist
+
+    grads = [p.grad for p in params if p.grad is not None]
+    squares = torch.zeros((), dtype=torch.float64, device=device or (grads[0].device if grads else None))
+    for p in params:
+        if p.grad is not None and id(p) not in (skip or ()):
+            norm = torch.linalg.vector_norm(p.grad, dtype=torch.float32)
+            squares += (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).double() ** 2
+    if group is not None:
+        dist.all_reduce(squares, group=group)
+    total = float(squares.sqrt())
+    if max_norm is not None and math.isfinite(total) and total > max_norm:
+        for grad in grads:
+            grad.mul_(max_norm / (total + 1e-6))
+    return total

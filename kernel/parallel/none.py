@@ -17,6 +17,7 @@ class OneProcess:
     name: ClassVar[str] = "none"
     optimizer_by_name: ClassVar[bool] = False  # its optimizer state is saved by index (torch.optim's state_dict)
     whole_forward: ClassVar[bool] = True  # the unwrapped model runs a whole forward (generation, samples)
+    group_size: int = 1  # ranks that read one batch and split the model between them (a TP group, a pipeline)
 
     def __init__(self, info: DistInfo | None = None, options: Any = None) -> None:
         self.info = info or DistInfo()
@@ -38,13 +39,14 @@ class OneProcess:
 
     @property
     def data_shard(self) -> tuple[int, int]:
-        """(this rank's index, how many) among the groups of ranks that read different batches."""
-        return self.info.rank, self.info.world_size
+        """(this rank's index, how many) among the groups of ranks that read different batches: neighbouring
+        ranks form a group of ``group_size``."""
+        return self.info.rank // self.group_size, self.info.world_size // self.group_size
 
     @property
     def replicas(self) -> int:
-        """Ranks that read the same batch (a tensor-parallel group): a sum over all ranks counts it this often."""
-        return 1
+        """Ranks that read the same batch (a TP group, a pipeline): a sum over all ranks counts it this often."""
+        return self.group_size
 
     def wrap(self, model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
         return model
@@ -122,3 +124,12 @@ class OneProcess:
     def load_rng(self, path: Path) -> dict[str, Any] | None:
         own = path / f"rng.rank-{self.info.rank}.pt"
         return torch.load(own, weights_only=False) if own.is_file() else None
+
+
+def indivisible(key: str, size: int, options: Any) -> list[str]:
+    """``[distributed] key = size`` (ranks per group) that does not divide the processes, as a problem."""
+    world = options.num_processes * options.nnodes
+    if world % size == 0:
+        return []
+    return [f"[distributed] {key} = {size} does not divide the {world} processes (num_processes = "
+            f"{options.num_processes} x nnodes = {options.nnodes}): use a divisor of {world}"]

@@ -9,10 +9,11 @@ or 1F1B schedule.
     mesh (dp, pp), rank = dp_index * pp_size + stage: with several pipelines, FSDP2 shards each stage over the
     ranks that hold the same stage (``[distributed] num_processes / pp_size`` of them), which read different data.
 
-Every rank builds the model and keeps its stage's modules only, under their own names (``model.layers.5`` stays
-``model.layers.5``), so that checkpoints, ``--resume`` across layouts and the saved model are the one-process
-model's. Tied embeddings (SmolLM2, Llama 3.2, small Qwen2.5) are held by the first and the last stage, their
-gradients summed between the two after every step, so both copies stay equal; the checkpoint keeps one.
+Every rank builds the model and keeps its stage's tensors; the other stages' move to the meta device (no
+memory), under their own names (``model.layers.5`` stays ``model.layers.5``), so that checkpoints, ``--resume``
+across layouts and the saved model are the one-process model's. Tied embeddings (SmolLM2, Llama 3.2, small
+Qwen2.5) are held by the first and the last stage, their gradients summed between the two after every step, so
+both copies stay equal; the checkpoint keeps one.
 
 A step's micro-batches are padded to one shape (right padding; rows of padding where a batch is short): every stage
 runs the causal mask alone, which gives every real token the output the padding mask would (padding comes after
@@ -32,7 +33,8 @@ import torch.distributed as dist
 from swiftk.contracts import IGNORE_INDEX, Batch, ModelOutputs
 from swiftk.contracts.engines import StepWork
 from swiftk.kernel.dist import DistInfo, DistributedError, agreed
-from swiftk.kernel.parallel.fsdp import FSDP2
+from swiftk.kernel.parallel.fsdp import FSDP2, clip_mixed
+from swiftk.kernel.parallel.none import indivisible
 
 # model types whose decoder is embeddings -> layers (rotary positions, causal or sliding-window masks) -> norm
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
@@ -47,7 +49,7 @@ class PipelineParallel(FSDP2):
 
     def __init__(self, info: DistInfo | None = None, options: Any = None) -> None:
         super().__init__(info, options)
-        self.pp_size = pp_size(options, self.info.world_size)
+        self.pp_size = self.group_size = pp_size(options, self.info.world_size)
         self.dp_size = self.info.world_size // self.pp_size
         self.stage = self.info.rank % self.pp_size
         self.first, self.last = self.stage == 0, self.stage == self.pp_size - 1
@@ -64,12 +66,7 @@ class PipelineParallel(FSDP2):
 
     @classmethod
     def problems(cls, options: Any) -> list[str]:
-        world = options.num_processes * options.nnodes
-        stages = pp_size(options, world)
-        if world % stages:
-            return [f"[distributed] pp_size = {stages} does not divide the {world} processes (num_processes = "
-                    f"{options.num_processes} x nnodes = {options.nnodes}): use a divisor of {world}"]
-        return []
+        return indivisible("pp_size", pp_size(options, options.num_processes * options.nnodes), options)
 
     @classmethod
     def run_problems(cls, cfg: Any) -> list[str]:
@@ -107,14 +104,6 @@ class PipelineParallel(FSDP2):
                             "to generate with; evaluate the trained model with `swiftk eval RUN`, or leave them off "
                             "(eval_loss and the metric plugins run through the pipeline)")
         return problems
-
-    @property
-    def data_shard(self) -> tuple[int, int]:
-        return self.info.rank // self.pp_size, self.dp_size
-
-    @property
-    def replicas(self) -> int:
-        return self.pp_size
 
     # --- the model split into stages
 
@@ -259,20 +248,8 @@ class PipelineParallel(FSDP2):
         return self.data_shard[0] * self.pp_size + stage
 
     def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float | None) -> float | None:
-        """The norm over every stage's gradients (each stage's summed, the tied copy counted once), clipped alike
-        on every stage."""
-        squares = torch.zeros((), dtype=torch.float64, device=self.device)
-        grads = [p.grad for p in params if p.grad is not None]
-        for p in params:
-            if p.grad is not None and id(p) not in self.skip:
-                norm = torch.linalg.vector_norm(p.grad, dtype=torch.float32)
-                squares += (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).double() ** 2
-        dist.all_reduce(squares, group=self.group)
-        total = float(squares.sqrt())
-        if max_norm is not None and math.isfinite(total) and total > max_norm:
-            for grad in grads:
-                grad.mul_(max_norm / (total + 1e-6))
-        return total
+        """The norm over every stage's gradients (the tied copy counted once), clipped alike on every stage."""
+        return clip_mixed(params, max_norm, self.skip, self.group, self.device)
 
     # --- checkpoints: every stage's tensors, whole, gathered on rank 0
 

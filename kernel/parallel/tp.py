@@ -16,13 +16,13 @@ rank 0, spread back on resume.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from swiftk.kernel.dist import DistInfo, DistributedError
-from swiftk.kernel.parallel.fsdp import FSDP2
+from swiftk.kernel.parallel.fsdp import FSDP2, clip_mixed
+from swiftk.kernel.parallel.none import indivisible
 
 # transformers' tensor-parallel plan words (a model's ``config.base_model_tp_plan`` and ``_tp_plan``) this engine
 # applies: projections split by output columns or input rows, the embeddings and the LM head by vocabulary
@@ -37,30 +37,20 @@ class TensorParallel(FSDP2):
 
     def __init__(self, info: DistInfo | None = None, options: Any = None) -> None:
         super().__init__(info, options)
-        self.tp_size = tp_size(options, self.info.world_size)
+        self.tp_size = self.group_size = tp_size(options, self.info.world_size)
         self.dp_size = self.info.world_size // self.tp_size
         self.mesh: Any = None
 
     @classmethod
     def problems(cls, options: Any) -> list[str]:
-        world = options.num_processes * options.nnodes
-        tp = tp_size(options, world)
-        if world % tp:
-            return [f"[distributed] tp_size = {tp} does not divide the {world} processes (num_processes = "
-                    f"{options.num_processes} x nnodes = {options.nnodes}): use a divisor of {world}"]
+        tp = tp_size(options, options.num_processes * options.nnodes)
+        if problems := indivisible("tp_size", tp, options):
+            return problems
         if options.nnodes > 1 and options.num_processes % tp:
             return [f"[distributed] tp_size = {tp} would split a layer across machines (num_processes = "
                     f"{options.num_processes} per node): a TP group must stay inside one node; use a divisor of "
                     f"{options.num_processes}"]
         return []
-
-    @property
-    def data_shard(self) -> tuple[int, int]:
-        return self.info.rank // self.tp_size, self.dp_size
-
-    @property
-    def replicas(self) -> int:
-        return self.tp_size
 
     def wrap(self, model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
@@ -71,24 +61,7 @@ class TensorParallel(FSDP2):
         return self.shard(model, precision, self.mesh["dp"]) if self.dp_size > 1 else model
 
     def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float | None) -> float | None:
-        """The global norm over split and whole gradients alike (torch's own cannot mix DTensors with plain
-        tensors): each split gradient's norm is reduced over the ranks holding its pieces, a whole one counted
-        once."""
-        from torch.distributed.tensor import DTensor
-
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return 0.0
-        squares = []
-        for grad in grads:
-            norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
-            squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2)
-        total = float(torch.stack(squares).sum().sqrt())
-        if max_norm is not None and math.isfinite(total) and total > max_norm:
-            scale = max_norm / (total + 1e-6)
-            for grad in grads:
-                grad.mul_(scale)
-        return total
+        return clip_mixed(params, max_norm)
 
 
 def tp_size(options: Any, world: int) -> int:
