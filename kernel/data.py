@@ -146,6 +146,10 @@ class Tokenize:
         except (TypeError, KeyError, ValueError, AttributeError, jinja2.TemplateError) as exc:
             raise DataError(f"{where}: cannot render the row ({self.fmt} format): {type(exc).__name__}: {exc}") \
                 from None
+        return self.encode(segments, templated)
+
+    def encode(self, segments: list[tuple[str, bool]], templated: bool) -> Sample:
+        """The segments tokenized one by one; labels only on the trained ones."""
         ids: list[int] = []
         labels: list[int] = []
         for index, (text, trained) in enumerate(segments):
@@ -157,6 +161,10 @@ class Tokenize:
             ids.append(self.tokenizer.eos_token_id)
             labels.append(self.tokenizer.eos_token_id)
         return Sample(ids, labels)
+
+    def render(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
+        """The chat template's text of ``messages``."""
+        return str(self.tokenizer.apply_chat_template(messages, **kwargs))
 
     def segments(self, row: dict[str, Any]) -> tuple[list[tuple[str, bool]], bool]:
         """(text, trained) pieces of the row, and whether they came from the chat template."""
@@ -174,7 +182,7 @@ class Tokenize:
             raise ValueError("the tokenizer has no chat template; set [data] chat_template")
         if self.cfg.system_prompt and messages and messages[0].get("role") != "system":
             messages = [{"role": "system", "content": self.cfg.system_prompt}, *messages]
-        render = self.tokenizer.apply_chat_template
+        render = self.render
         segments: list[tuple[str, bool]] = []
         done = ""
         for i, message in enumerate(messages):

@@ -84,6 +84,7 @@ class Run:
     logged: dict[str, float] = field(default_factory=dict)  # the stage's metrics for this step (ctx.log())
     stage_parameters: frozenset[str] = frozenset()  # added by Stage.adapt (a value head): never sent to a generator
     eval_tasks: list[Any] = field(default_factory=list)  # [eval] tasks, resolved (kernel.evals.runner.Resolved)
+    processor: Any = None  # a vision-language model's processor (saved with the model)
     in_backward: InBackward | None = None  # [train] optimizer_in_backward: the optimizer steps inside backward
     head: ChunkedHead | None = None  # forward passes to the hidden states ([train] chunked_loss), None: logits
     compiled: CompiledBlocks | None = None  # [train] compile: the blocks running compiled code

@@ -64,6 +64,7 @@ from swiftk.kernel.tuners import (
     save_merged,
     tuner_of,
 )
+from swiftk.kernel.vlm import load_processor, load_vision_model
 
 
 @dataclass
@@ -315,6 +316,7 @@ class DataSource:
     data: Any  # [data]
     eval: Any  # [eval]
     plugins: Plugins
+    processor: Any = None  # a vision-language stage's: images and text
 
     def transform(self, split: str) -> Any:
         return data_transform(self.plugins, split)
@@ -394,9 +396,11 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
 
     say(f"swiftk {swiftk.__version__} | run dir {run_dir} | device {device} | precision "
         f"{precision.describe(asked, cfg.train.precision, device)}")
-    tokenizer = load_tokenizer(cfg.model)
     stage = build_stage(cfg.train)
-    source = DataSource(tokenizer, cfg.data, cfg.eval, plugins)
+    # A vision-language stage reads images through the model's processor; its tokenizer is the processor's.
+    processor = load_processor(cfg.model) if stage.vision else None
+    tokenizer = processor.tokenizer if processor is not None else load_tokenizer(cfg.model)
+    source = DataSource(tokenizer, cfg.data, cfg.eval, plugins, processor)
     train_samples = stage.load(cfg.data.train_path, "train", source)
     eval_samples = stage.load(cfg.data.eval_file, "eval", source) if cfg.data.eval_file else []
     collate_fn = stage.collate(source)
@@ -404,9 +408,12 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
         + (f", {len(eval_samples)} eval {stage.unit}" if eval_samples else ""))
 
     started = time.perf_counter()
-    model = load_model(cfg.model, len(tokenizer), device,
-                       reward_head_pad_id=tokenizer.pad_token_id if stage.reward_head else None,
-                       quantization=quantization_config(cfg.train))
+    if processor is not None:
+        model = load_vision_model(cfg.model, processor, device)
+    else:
+        model = load_model(cfg.model, len(tokenizer), device,
+                           reward_head_pad_id=tokenizer.pad_token_id if stage.reward_head else None,
+                           quantization=quantization_config(cfg.train))
     model = apply_tuner(patched_model(plugins, model, tokenizer, cfg), cfg.train, reward_head=stage.reward_head)
     own = {name for name, _ in model.named_parameters()}
     stage.adapt(model, tokenizer)  # e.g. ppo: a value head, trained with the model
@@ -423,7 +430,7 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
     # sharded like it.
     # Losses from the hidden states, chunk by chunk: not with a reward head, nor with parameters in shards (asked
     # again once the engine is attached: DeepSpeed knows its ZeRO stage only then).
-    chunked = cfg.train.chunked_loss and not stage.reward_head and not parallel.sharded
+    chunked = cfg.train.chunked_loss and not stage.reward_head and not stage.vision and not parallel.sharded
     reference = make_reference(cfg.model.ref_model_id, cfg.model, model, len(tokenizer), device, autocast,
                                chunked) if stage.needs_reference else None
     model = parallel.wrap(model, device, cfg.train.precision)  # DDP or FSDP2 (before the optimizer sees params)
@@ -446,7 +453,7 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
     reporter = Reporter(run_dir if dist.is_main else None, total_steps, cfg.log.progress, cfg.log.every)
     run = Run(cfg, run_dir, model, tokenizer, plugins, optimizer, scheduler, loader, device, dist, reporter,
               total_steps, autocast, stage, eval_samples, reference=reference, parallel=parallel,
-              stage_parameters=added, eval_tasks=eval_tasks(cfg.eval.tasks),
+              stage_parameters=added, eval_tasks=eval_tasks(cfg.eval.tasks), processor=processor,
               head=chunked_head(parallel.unwrap(model), chunked and not parallel.sharded, say),
               compiled=CompiledBlocks.apply(parallel.unwrap(model), cfg.train.compile_config, say)
               if cfg.train.compile else None,
@@ -664,8 +671,9 @@ def finish(run: Run, options: Options, prompts: list[str], before: list[str], sa
         return
     outputs = []
     if cfg.output.save_final:
-        final = save_final(model, run.tokenizer, run.run_dir / "final", cfg.train) if weights is None else \
-            distributed.save_gathered(model, run.tokenizer, run.run_dir / "final", weights)
+        saver = run.processor or run.tokenizer  # a processor saves the tokenizer and the image processor
+        final = save_final(model, saver, run.run_dir / "final", cfg.train) if weights is None else \
+            distributed.save_gathered(model, saver, run.run_dir / "final", weights)
         outputs.append(f"{final} ({'PEFT adapter' if isinstance(model, PeftModel) else 'HF model'})")
     if prompts:
         show_samples(prompts, before, after, say)
@@ -682,7 +690,7 @@ def finish(run: Run, options: Options, prompts: list[str], before: list[str], sa
                 say(f"merge: {line}")
             outputs.append(f"{run.run_dir / 'merged'} (merged HF model)")
         elif isinstance(model, PeftModel):
-            merged = save_merged(model, run.tokenizer, run.run_dir / "merged", cfg.train)
+            merged = save_merged(model, run.processor or run.tokenizer, run.run_dir / "merged", cfg.train)
             outputs.append(f"{merged} (merged HF model)")
     say(f"done: {run.step} steps in {run.elapsed_s:.0f} s of training. Run directory: {run.run_dir}")
     for line in [*outputs, f"{run.run_dir / 'metrics.jsonl'} (per-step metrics; `swiftk plot {run.run_dir}`)"]:

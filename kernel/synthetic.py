@@ -16,6 +16,7 @@ import random
 import string
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 Row = dict[str, str]
 
@@ -123,3 +124,57 @@ def preference_rows(rows: Iterable[Row], seed: int) -> list[dict[str, str]]:
     rng = random.Random(seed)
     return [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": wrong_answer(rng, r["completion"])}
             for r in rows]
+
+
+# ------------------------------------------------------------------------------------------ images
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
+SHAPES = ("square", "circle", "triangle")
+
+
+def shape_image(rng: random.Random, size: int = 32) -> tuple[Any, str, str, tuple[int, int, int, int]]:
+    """One coloured shape on a light background: the PIL image, its colour, its shape, and its box
+    (x0, y0, x1, y1 in pixels). Sizes and places vary so that a model must look to answer."""
+    from PIL import Image, ImageDraw
+
+    colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+    side = rng.randint(size // 4, size // 2)
+    x0, y0 = rng.randint(0, size - side), rng.randint(0, size - side)
+    box = (x0, y0, x0 + side, y0 + side)
+    image = Image.new("RGB", (size, size), (245, 245, 240))
+    draw = ImageDraw.Draw(image)
+    if shape == "square":
+        draw.rectangle(box, fill=COLOURS[colour])
+    elif shape == "circle":
+        draw.ellipse(box, fill=COLOURS[colour])
+    else:
+        draw.polygon([(x0, y0 + side), (x0 + side, y0 + side), (x0 + side // 2, y0)], fill=COLOURS[colour])
+    return image, colour, shape, box
+
+
+def shape_rows(folder: str | Path, n: int, seed: int, task: str = "vqa", size: int = 32) -> list[dict[str, Any]]:
+    """``n`` image rows in swiftk's multimodal format, their PNGs written to ``folder`` (paths relative to it):
+    ``vqa`` asks the shape's colour, ``caption`` describes it ("a red circle"), ``grounding`` asks for its box
+    as ``[x0, y0, x1, y1]`` in 0-99 (per cent of the side), ``pairs`` gives image + caption (CLIP-style)."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    rows: list[dict[str, Any]] = []
+    for i in range(n):
+        image, colour, shape, box = shape_image(rng, size)
+        name = f"{seed}_{i}.png"
+        image.save(out / name)
+        caption = f"a {colour} {shape}"
+        if task == "pairs":
+            rows.append({"image": name, "caption": caption})
+            continue
+        question, answer = {
+            "vqa": ("What colour is the shape?", colour),
+            "caption": ("Describe the image.", caption),
+            "grounding": (f"Where is the {shape}? Answer [x0, y0, x1, y1].",
+                          "[" + ", ".join(str(min(99, v * 100 // size)) for v in box) + "]"),
+        }[task]
+        rows.append({"messages": [
+            {"role": "user", "content": [{"type": "image", "image": name}, {"type": "text", "text": question}]},
+            {"role": "assistant", "content": answer}]})
+    return rows

