@@ -171,7 +171,10 @@ class Stage:
     needs_reference: ClassVar[bool] = False  # the kernel builds a frozen reference (ctx.reference)
     reward_head: ClassVar[bool] = False  # the model is a sequence classifier with one score
     writes_text: ClassVar[bool] = True  # the trained model answers prompts (before/after samples apply)
-    vision: ClassVar[bool] = False  # a vision-language model and its processor (DataContext.processor)
+    # A model that reads images, and its processor (DataContext.processor): "generative" (text from images and
+    # text: LLaVA, Idefics3, Qwen2-VL, or one composed by [model.vision]) or "dual" (an image and a text encoder:
+    # CLIP, SigLIP). "": a text model.
+    vision: ClassVar[str] = ""
 
     def __init__(self, train: Any) -> None:
         self.train = train

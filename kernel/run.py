@@ -409,7 +409,7 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
 
     started = time.perf_counter()
     if processor is not None:
-        model = load_vision_model(cfg.model, processor, device)
+        model = load_vision_model(cfg.model, processor, device, stage.vision)
     else:
         model = load_model(cfg.model, len(tokenizer), device,
                            reward_head_pad_id=tokenizer.pad_token_id if stage.reward_head else None,

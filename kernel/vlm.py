@@ -438,18 +438,27 @@ def image_inputs(batch: Batch) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------------ model
 
 
-def load_vision_model(cfg: ModelConfig, processor: Any, device: torch.device) -> torch.nn.Module:
-    """The vision-language model in ``cfg.dtype`` on ``device``: loaded, or composed (``[model.vision]``)."""
+def load_vision_model(cfg: ModelConfig, processor: Any, device: torch.device, kind: str = "generative"
+                      ) -> torch.nn.Module:
+    """The model in ``cfg.dtype`` on ``device``: a vision-language model (``kind`` "generative": loaded, or
+    composed by ``[model.vision]``), or an image and a text encoder trained to agree ("dual": CLIP, SigLIP)."""
     if cfg.vision is not None:
+        if kind != "generative":
+            raise ModelLoadError("[model.vision] composes a generative vision-language model; a dual encoder "
+                                 "(CLIP, SigLIP) is [model] model_id alone")
         return compose(cfg, processor, device)
     source = resolve_source(cfg.model_id)
     check_source(cfg.model_id, source, None)
+    auto = AutoModelForImageTextToText if kind == "generative" else AutoModel
     try:
-        model = AutoModelForImageTextToText.from_pretrained(
+        model = auto.from_pretrained(
             source, dtype=torch_dtype(cfg.dtype, device), attn_implementation=cfg.attn_implementation,
             trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load a vision-language model from '{source}': {first_line(exc)}") from exc
+    if kind == "dual" and not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
+        raise ModelLoadError(f"[model] model_id = '{cfg.model_id}' is a {type(model).__name__}, not an image and "
+                             f"text encoder pair (CLIP, SigLIP)")
     return model.to(device)
 
 

@@ -70,7 +70,7 @@ class VLM(Stage):
     config = VLMConfig
     task_types = ("sft",)
     unit = "samples"
-    vision = True
+    vision = "generative"
 
     def __init__(self, train: Any) -> None:
         super().__init__(train)
