@@ -1,7 +1,9 @@
 """Named datasets: ``hh-rlhf`` -> hub id, the task types it serves, its splits, and one row converter per task.
 
 A converter turns one raw row of the upstream layout into one record of ours (what ``kernel/data.py`` and
-``stages/pairs.py`` read), or raises ``SkipRow`` for a row that cannot be used (the reason is counted).
+``stages/pairs.py`` read), or raises ``SkipRow`` for a row that cannot be used (the reason is counted). A dataset
+whose upstream layout is not rows (COCO's annotation file and image folders, tar shards, a CSV beside frame
+folders) also has a ``reader``: it turns the folder into raw rows, which the converters then take one by one.
 Built-in datasets register themselves in their converter's module; a plugin does the same with
 ``register_dataset(...)``, from a file named in the config's ``plugins = [...]`` or from an entry point of the
 ``swiftk.datasets`` group (a ``DatasetSpec``, a list of them, a zero-argument function returning either, or a
@@ -12,18 +14,25 @@ from __future__ import annotations
 
 import difflib
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 Record = dict[str, Any]
 Converter = Callable[[Record], Record]  # raw upstream row -> our record; raises SkipRow to leave a row out
+# A folder-level reader: (data.dataset_path, hub split) -> the files it reads (their sizes and times fingerprint
+# the conversion) and its raw rows as (origin, row) pairs, read lazily. It raises FileNotFoundError, saying what it
+# looked for, when the layout is not there, and DatasetError for an entry that contradicts another.
+Reader = Callable[[Path, str], tuple[list[Path], Iterable[tuple[str, Record]]]]
 
-TASK_TYPES = ("sft", "preference", "kto")
+# "image_text": {"image", "caption"} pairs, what the clip stage (plugins/stages/clip.py) reads.
+TASK_TYPES = ("sft", "preference", "kto", "image_text")
 # Other names a config may use for a task type: swiftk's stage names, and "rlhf" as ms-swift writes it.
 TASK_ALIASES = {"dpo": "preference", "simpo": "preference", "orpo": "preference", "cpo": "preference",
-                "rm": "preference", "rlhf": "preference", "pairs": "preference"}
+                "rm": "preference", "rlhf": "preference", "pairs": "preference",
+                "clip": "image_text", "image-text": "image_text"}
 ENTRY_POINT_GROUP = "swiftk.datasets"
 
 
@@ -48,7 +57,9 @@ class DatasetSpec:
     """One named dataset. ``converters`` maps each task type it serves to a row converter (the first is the
     default task); ``splits`` maps, per task, our split name to the hub's (``"train"`` -> ``"train_prefs"``);
     ``files`` maps a hub split to glob patterns of its files in a downloaded folder, tried before the hub's
-    usual names (``train.jsonl.gz``, ``train-00000-of-00001.parquet``, ``train/*.parquet``)."""
+    usual names (``train.jsonl.gz``, ``train-00000-of-00001.parquet``, ``train/*.parquet``). With a ``reader``,
+    ``data.dataset_path`` is read by it alone (neither ``files`` nor the HF caches are looked at), and ``fetch``
+    says how to get a local copy (else: ``huggingface-cli download <hub_id>``)."""
 
     name: str
     hub_id: str
@@ -58,6 +69,8 @@ class DatasetSpec:
     files: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     description: str = ""
     source: str = "?"  # the file that registered it
+    reader: Reader | None = None
+    fetch: str = ""
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -89,7 +102,7 @@ entry_point_problems: list[str] = []  # entry points that failed to load, named 
 def register_dataset(
     name: str, *, hub_id: str, converters: Mapping[str, Converter], aliases: tuple[str, ...] | list[str] = (),
     splits: Mapping[str, Mapping[str, str]] | None = None, files: Mapping[str, tuple[str, ...]] | None = None,
-    description: str = "", source: str | None = None,
+    description: str = "", source: str | None = None, reader: Reader | None = None, fetch: str = "",
 ) -> DatasetSpec:
     """Register ``name`` (and its aliases and hub id) as a dataset; returns its spec.
 
@@ -103,7 +116,7 @@ def register_dataset(
     if source is None:
         source = sys._getframe(1).f_code.co_filename
     spec = DatasetSpec(name, hub_id, dict(converters), tuple(aliases), dict(splits or {}), dict(files or {}),
-                       description, source)
+                       description, source, reader, fetch)
     key = name.casefold()
     for alias in {name, hub_id, *spec.aliases}:
         owner = _ALIASES.get(alias.casefold())
@@ -202,4 +215,5 @@ def add_loaded(target: Any, source: str) -> None:
         if not isinstance(spec, DatasetSpec):
             raise DatasetError(f"entry point {source} gave a {type(spec).__name__}, not a DatasetSpec")
         register_dataset(spec.name, hub_id=spec.hub_id, converters=spec.converters, aliases=spec.aliases,
-                         splits=spec.splits, files=spec.files, description=spec.description, source=source)
+                         splits=spec.splits, files=spec.files, description=spec.description, source=source,
+                         reader=spec.reader, fetch=spec.fetch)

@@ -8,11 +8,14 @@ Where the raw rows come from, in order (swiftk never downloads):
 3. the ``datasets`` library's cache (``HF_DATASETS_CACHE``, else ``$HF_HOME/datasets``), read with
    ``datasets.load_dataset(hub_id, split=...)`` in offline mode.
 Nothing found: ``DatasetNotFound``, saying where it looked and the exact command that fetches the dataset.
+A dataset with a folder-level ``reader`` (COCO, image shards, video frames) is read from ``dataset_path`` only.
 
 The converted file is ``<cache>/<name>/<task>-<split>-<hash>.jsonl`` (cache: the ``cache_dir`` argument, else
 ``$SWIFTK_CACHE/datasets``, else ``~/.cache/swiftk/datasets``), the hash covering the source files (path, size,
 mtime), the split, the task and the converter's code, so a changed source or converter is converted afresh and
-an unchanged one is reused. Next to it, ``<...>.manifest.json`` says what was read and why rows were skipped.
+an unchanged one is reused. Next to it, ``<...>.manifest.json`` says what was read and why rows were skipped, and
+``<...>.files/`` holds the images a converter gave as bytes (from a tar or parquet shard), one file per distinct
+image, named in the rows by their path relative to the converted file (where data files' images start from).
 """
 
 from __future__ import annotations
@@ -56,13 +59,15 @@ class Raw:
 def resolve_dataset(name: str, *, task_type: str | None = None, dataset_path: str | os.PathLike[str] | None = None,
                     split: str = "train", cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """The JSONL file of ``name``'s ``split``, converted for ``task_type``: ``{"messages": [...]}`` rows for sft,
-    ``{"prompt", "chosen", "rejected"}`` rows for preference and kto. Converted once, then reused."""
+    ``{"prompt", "chosen", "rejected"}`` rows for preference and kto, ``{"image", "caption"}`` rows for
+    image_text. Converted once, then reused."""
     spec = find_dataset(name)
     task = spec.task(task_type)
     hub_split = spec.hub_split(task, split)
     raw = locate(spec, task, hub_split, dataset_path)
     convert = spec.converters[task]
-    key = json.dumps([spec.hub_id, task, hub_split, code_hash(convert), raw.fingerprint])
+    code = code_hash(convert) if spec.reader is None else code_hash(convert) + code_hash(spec.reader)
+    key = json.dumps([spec.hub_id, task, hub_split, code, raw.fingerprint])
     out = cache_root(cache_dir) / slug(spec.name) / f"{task}-{slug(hub_split)}-{sha(key)[:16]}.jsonl"
     if not out.is_file():
         write_converted(spec, task, hub_split, raw, convert, out)
@@ -83,6 +88,8 @@ def summary(path: str | os.PathLike[str]) -> str:
 
 
 def locate(spec: DatasetSpec, task: str, hub_split: str, dataset_path: str | os.PathLike[str] | None) -> Raw:
+    if spec.reader is not None:
+        return from_reader(spec, task, hub_split, dataset_path)
     if dataset_path is not None:
         return from_path(spec, hub_split, Path(dataset_path).expanduser())
     tried = [("data.dataset_path", "not set")]
@@ -135,6 +142,26 @@ def from_path(spec: DatasetSpec, hub_split: str, path: Path) -> Raw:
     return files_raw(where, files, path)
 
 
+def from_reader(spec: DatasetSpec, task: str, hub_split: str, dataset_path: str | os.PathLike[str] | None) -> Raw:
+    """The raw rows of a dataset whose layout only its reader knows, from ``dataset_path`` (no cache has it)."""
+    assert spec.reader is not None
+    if dataset_path is None:
+        raise not_found(spec, task, hub_split, [("data.dataset_path", f"not set; '{spec.name}' is read from a "
+                                                 f"local copy in its upstream layout only")])
+    path = Path(dataset_path).expanduser().absolute()  # the rows name its files by absolute path
+    where = f"data.dataset_path = {path}"
+    if not path.exists():
+        raise not_found(spec, task, hub_split, [(where, "does not exist")])
+    try:
+        files, rows = spec.reader(path, hub_split)
+    except FileNotFoundError as exc:
+        raise not_found(spec, task, hub_split, [(where, str(exc))]) from None
+    root = path if path.is_dir() else path.parent
+    names = [str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in files]
+    label = f"{where}: {', '.join(names[:3])}" + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return Raw(label, fingerprint(files), lambda: iter(rows))
+
+
 def split_files(folder: Path, hub_split: str, patterns: tuple[str, ...] = ()) -> list[Path]:
     """The data files of ``hub_split`` in a folder laid out as on the hub: the spec's own patterns first, else
     every file named ``<split>.<ext>`` or ``<split>-<shard>.<ext>``, or inside a folder named ``<split>``."""
@@ -184,13 +211,15 @@ def offline() -> Iterator[None]:
 def not_found(spec: DatasetSpec, task: str, hub_split: str, tried: list[tuple[str, str]]) -> DatasetNotFound:
     local = f"data/{slug(spec.name)}"
     what = f"split '{hub_split}'" + (f" for task '{task}'" if task else "")
+    fetch = [f"  {line}" for line in spec.fetch.replace("{local}", local).splitlines()] or [
+        f"  huggingface-cli download {spec.hub_id} --repo-type dataset --local-dir {local}",
+        "  (or `hf download ...`, same arguments)"]
     return DatasetNotFound("\n".join([
         f"dataset '{spec.name}' ({spec.hub_id}, {what}): no local copy found (swiftk does not download). Looked at:",
         *(f"  {place}: {why}" for place, why in tried),
-        "Fetch it on a machine that reaches the hub:",
-        f"  huggingface-cli download {spec.hub_id} --repo-type dataset --local-dir {local}",
-        f"  (or `hf download ...`, same arguments), copy {local}/ here, and set data.dataset_path = \"{local}\" "
-        f"(the folder, or one of its data files).",
+        "Fetch it on a machine that reaches " + ("its source:" if spec.fetch else "the hub:"),
+        *fetch,
+        f"  then copy {local}/ here, and set data.dataset_path = \"{local}\" (the folder, or one of its data files).",
     ]))
 
 
@@ -198,11 +227,16 @@ def not_found(spec: DatasetSpec, task: str, hub_split: str, tried: list[tuple[st
 
 
 def files_raw(where: str, files: list[Path], folder: Path | None = None) -> Raw:
-    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     names = [str(p.relative_to(folder)) for p in files] if folder is not None else []
     label = f"{where}: {', '.join(names[:3])}" + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     label = label if names else where
-    return Raw(label, sha(json.dumps(stats)), lambda: (row for p in files for row in read_file(p)))
+    return Raw(label, fingerprint(files), lambda: (row for p in files for row in read_file(p)))
+
+
+def fingerprint(files: list[Path]) -> str:
+    """What changes when a source file (or a folder's list of files) does: paths, sizes, times."""
+    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return sha(json.dumps(stats))
 
 
 def dataset_raw(where: str, dataset: Any) -> Raw:
@@ -257,6 +291,7 @@ def write_converted(spec: DatasetSpec, task: str, hub_split: str, raw: Raw, conv
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
     skipped: Counter[str] = Counter()
     rows = kept = 0
+    store = FileStore(files_path(out))
     try:
         with tmp.open("w", encoding="utf-8") as handle:
             for where, row in raw.rows():
@@ -270,7 +305,7 @@ def write_converted(spec: DatasetSpec, task: str, hub_split: str, raw: Raw, conv
                     expected = (inspect.getdoc(convert) or "").split("\n")[0]
                     raise ConversionError(f"{where}: not a '{spec.name}' row for task '{task}' "
                                           f"({type(exc).__name__}: {exc}); expected: {expected}") from None
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                handle.write(json.dumps(record, ensure_ascii=False, default=store) + "\n")
                 kept += 1
         if not kept:
             reasons = ", ".join(f"{r}: {n}" for r, n in skipped.items()) or "no rows"
@@ -278,6 +313,8 @@ def write_converted(spec: DatasetSpec, task: str, hub_split: str, raw: Raw, conv
                                f"for task '{task}' ({reasons})")
         manifest = {"dataset": spec.name, "hub_id": spec.hub_id, "task_type": task, "split": hub_split,
                     "source": raw.where, "rows": rows, "kept": kept, "skipped": dict(skipped)}
+        if store.written:
+            manifest["files"] = {"folder": files_path(out).name, "count": len(store.written)}
         # Both files are written whole and renamed into place: ranks that resolve at once never read half a file.
         staged = manifest_path(tmp)
         staged.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
@@ -290,6 +327,46 @@ def write_converted(spec: DatasetSpec, task: str, hub_split: str, raw: Raw, conv
 
 def manifest_path(out: Path) -> Path:
     return out.with_suffix(".manifest.json")
+
+
+def files_path(out: Path) -> Path:
+    return out.with_suffix(".files")
+
+
+class FileStore:
+    """``json.dumps``'s ``default``: bytes in a record (an image from a shard) become a file in ``folder``, named by
+    their hash (one file per distinct image, written whole then renamed), and the record names it relative to the
+    converted file's folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.written: set[str] = set()
+
+    def __call__(self, value: Any) -> str:
+        if not isinstance(value, bytes | bytearray | memoryview):
+            raise TypeError(f"a converted record holds a {type(value).__name__}, which JSON cannot; "
+                            f"a converter returns JSON values (or bytes, stored as files)")
+        data = bytes(value)
+        name = sha(data)[:24] + image_suffix(data)
+        target = self.folder / name
+        if name not in self.written and not target.is_file():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            staged = target.with_name(f"{name}.{os.getpid()}.tmp")
+            staged.write_bytes(data)
+            os.replace(staged, target)
+        self.written.add(name)
+        return f"{self.folder.name}/{name}"
+
+
+def image_suffix(data: bytes) -> str:
+    """The suffix of the image formats shards hold, from their first bytes (PIL reads by content anyway)."""
+    if data[:3] == b"\xff\xd8\xff":
+        return ".jpg"
+    if data[:4] == b"\x89PNG":
+        return ".png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ".webp"
+    return ".gif" if data[:4] == b"GIF8" else ".img"
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
