@@ -238,6 +238,9 @@ class TrainConfig(Section):
         return registered("stage" if info.field_name == "stage" else "tuner", value)
 
 
+ANSWER_METRICS = {"exact_match", "vqa_accuracy", "box_iou"}  # built-in metrics that read generated answers
+
+
 class EvalConfig(Section):
     """[eval] held-out evaluation during training: loss and metrics on [data] eval_file, and benchmark tasks."""
 
@@ -261,7 +264,8 @@ class EvalConfig(Section):
 
     @property
     def generates(self) -> bool:
-        return self.generate or "exact_match" in self.metric_names()
+        """Whether eval generates answers: asked for, or a built-in metric of answers is selected."""
+        return self.generate or bool(ANSWER_METRICS & set(self.metric_names()))
 
 
 class SamplesConfig(Section):

@@ -67,3 +67,29 @@ def test_no_scored_tokens_or_predictions_report_nothing() -> None:
     for metric in metrics:
         metric.swiftk_eval_start(state=STATE)
     assert [metric.swiftk_eval_end(state=STATE) for metric in metrics] == [None, None, None]
+
+
+def answers(metric: object, predictions: list[str], references: list[str]) -> dict[str, float] | None:
+    metric.swiftk_eval_start(state=STATE)  # type: ignore[attr-defined]
+    metric.swiftk_eval_predictions(prompts=[""] * len(predictions), predictions=predictions,  # type: ignore
+                                   references=references, state=STATE)
+    return metric.swiftk_eval_end(state=STATE)  # type: ignore[attr-defined]
+
+
+def test_vqa_accuracy_normalises_answers_and_reports_each_answer_type() -> None:
+    from swiftk.plugins.metrics.vision import VQAAccuracy
+
+    got = answers(VQAAccuracy(), ["Yes.", "no", "Two", "3", "a red circle", "blue"],
+                  ["yes", "yes", "2", "4", "red circle", "green"])
+    assert got == {"eval_vqa_accuracy": 3 / 6, "eval_vqa_yes_no": 1 / 2, "eval_vqa_number": 1 / 2,
+                   "eval_vqa_other": 1 / 2}
+
+
+def test_box_iou_scores_overlap_and_counts_answers_without_a_box() -> None:
+    from swiftk.plugins.metrics.vision import BoxIoU
+
+    got = answers(BoxIoU(), ["[0, 0, 10, 10]", "[10, 10, 0, 0]", "[5, 0, 15, 10]", "somewhere left"],
+                  ["[0, 0, 10, 10]"] * 4)
+    assert got == {"eval_mean_iou": (1 + 1 + 1 / 3 + 0) / 4, "eval_iou50": 2 / 4, "eval_box_unreadable": 1 / 4}
+    with pytest.raises(ValueError, match="holds no"):
+        answers(BoxIoU(), ["[1, 2, 3, 4]"], ["top left"])
