@@ -79,3 +79,33 @@ def save_tiny_llava(out_dir: str | Path, image_size: int = 28, hidden: int = 64)
     LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
                    image_token="<image>", num_additional_image_tokens=1).save_pretrained(out)
     return out
+
+
+def save_tiny_clip(out_dir: str | Path, image_size: int = 28, hidden: int = 64) -> Path:
+    """A random-init CLIP folder (2-layer image and text encoders, each image cut into 7x7 patches; the character
+    tokenizer ending each text with ``</s>``, which CLIP's text encoder pools; a PIL CLIP image processor, which needs
+    no torchvision): what the dual-encoder tests train, loaded through the same ``AutoModel`` / ``AutoProcessor`` path
+    as a real CLIP folder. The weights are the same on every call (seed 0; the global RNG is left as it was)."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
+
+    out = Path(out_dir)
+    tokenizer = build_char_tokenizer()
+    bos, eos = tokenizer.bos_token, tokenizer.eos_token
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}", special_tokens=[(bos, tokenizer.bos_token_id), (eos, tokenizer.eos_token_id)])
+    tokenizer.model_max_length = 64  # the text encoder's positions
+    text = {"vocab_size": len(tokenizer), "hidden_size": hidden, "intermediate_size": hidden * 2,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": tokenizer.model_max_length,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id}
+    vision = {"hidden_size": hidden, "intermediate_size": hidden * 2, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "image_size": image_size, "patch_size": max(1, image_size // 7)}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=hidden))
+    model.save_pretrained(out)
+    images = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                   crop_size={"height": image_size, "width": image_size})
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(out)
+    return out

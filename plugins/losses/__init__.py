@@ -1,6 +1,7 @@
 """Built-in losses; each file registers one family."""
 
 from swiftk.plugins.losses import (
+    contrastive,
     cpo,
     cross_entropy,
     dpo,
@@ -16,5 +17,5 @@ from swiftk.plugins.losses import (
     z_loss,
 )
 
-__all__ = ["cpo", "cross_entropy", "dpo", "focal", "gkd", "grpo", "kto", "label_smoothing", "native_ce", "orpo", "ppo",
-           "reward", "z_loss"]
+__all__ = ["contrastive", "cpo", "cross_entropy", "dpo", "focal", "gkd", "grpo", "kto", "label_smoothing", "native_ce",
+           "orpo", "ppo", "reward", "z_loss"]
