@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -315,8 +316,10 @@ def require_run(run_dir: Path) -> None:
         raise ExportError(f"{run_dir} is not a swiftk run directory (no config.toml)")
 
 
-def rebuild_adapter_model(run_dir: Path, cfg: RunConfig, tokenizer: Any) -> torch.nn.Module:
-    """The base as training built it (same loader, seed, quantization and tuner), with the trained adapter."""
+def rebuild_adapter_model(run_dir: Path, cfg: RunConfig, tokenizer: Any,
+                          load_base: Callable[[torch.device], torch.nn.Module] | None = None) -> torch.nn.Module:
+    """The base as training built it (same loader, seed, quantization and tuner), with the trained adapter.
+    ``load_base(device)``: the loader of a base that is not a text model (a vision-language model's)."""
     from peft import set_peft_model_state_dict
 
     from swiftk.kernel.model import load_model, pick_device
@@ -329,8 +332,8 @@ def rebuild_adapter_model(run_dir: Path, cfg: RunConfig, tokenizer: Any) -> torc
     device = pick_device(cfg.model.device) if torch.cuda.is_available() else torch.device("cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        base = load_model(cfg.model, len(tokenizer), device, reward_head_pad_id=pad_id,
-                          quantization=quantization_config(cfg.train))
+        base = load_base(device) if load_base is not None else load_model(
+            cfg.model, len(tokenizer), device, reward_head_pad_id=pad_id, quantization=quantization_config(cfg.train))
         model = apply_tuner(base, cfg.train.model_copy(update={"gradient_checkpointing": False}))
     latest = checkpoint.latest_checkpoint(run_dir)
     if latest is not None:

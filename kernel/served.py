@@ -5,6 +5,9 @@ A **run** is a run directory (its ``config.toml`` and ``final/``): a PEFT adapte
 trained on (``export.load_trained``), a full model is read from ``final/``; its ``[data] system_prompt``, its
 tokenizer's chat template and its ``[generation]`` defaults apply. A **model** is a local HF folder, a hub id
 already in the local cache (the machine may be offline), or ``package:NAME`` with ``--gguf-file``.
+
+A vision-language target (a ``vlm`` run; a model folder whose config has a vision part: LLaVA, Idefics3...) loads
+with its processor (``kernel.vlm``) and generates with ``VisionGenerator``: its chats may hold images.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from swiftk.kernel.config import GenerationConfig, ModelConfig, RunConfig
+from swiftk.kernel.config import GenerationConfig, ModelConfig, RunConfig, stage_class
 from swiftk.kernel.errors import SwiftkError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -46,6 +49,7 @@ class Target:
     run_dir: Path | None = None
     cfg: RunConfig | None = None  # the run's saved config
     adapter_dir: Path | None = None  # a LoRA run's final/ (a PEFT adapter folder)
+    vision: bool = False  # a vision-language model: it reads images (through its processor) beside text
 
     @property
     def generation(self) -> GenerationConfig:
@@ -59,9 +63,13 @@ class Target:
 
         table = self.generation
         try:
-            return GenerationConfig.model_validate({**table.model_dump(), "engine": engine or table.engine})
+            generation = GenerationConfig.model_validate({**table.model_dump(), "engine": engine or table.engine})
         except ValidationError as exc:
             raise UsageError(f"--engine {engine}: {exc.errors()[0]['msg']}") from None
+        if self.vision and generation.engine != "hf":
+            raise UsageError(f"--engine {generation.engine}: {self.spec} is a vision-language model; swiftk "
+                             f"generates with those in its own process only: use --engine hf")
+        return generation
 
     @property
     def system_prompt(self) -> str | None:
@@ -78,10 +86,12 @@ class Target:
         if self.model_cfg.init == "random":
             base = f"a random-init {(self.model_cfg.architecture or {}).get('model_type', 'model')} (the run's seed)"
         if self.cfg is None:
-            return f"model {base}"
-        if self.adapter_dir is not None:
-            return f"run {self.run_dir}: {self.cfg.train.tuner_strategy} adapter on {base}"
-        return f"run {self.run_dir}: {self.cfg.train.tuner_strategy}-trained model (final/)"
+            what = f"model {base}"
+        elif self.adapter_dir is not None:
+            what = f"run {self.run_dir}: {self.cfg.train.tuner_strategy} adapter on {base}"
+        else:
+            what = f"run {self.run_dir}: {self.cfg.train.tuner_strategy}-trained model (final/)"
+        return what + (" · vision-language: reads images" if self.vision else "")
 
 
 def add_target_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -126,7 +136,9 @@ def resolve(spec: str, gguf_file: str | None = None) -> Target:
         raise TargetError(f"{spec}: no such folder here, and not in the Hugging Face cache (this machine may be "
                           f"offline). Download it where the hub is reachable (`hf download {spec}`) or give a local "
                           f"folder.")
-    return Target(spec, spec.rsplit("/", 1)[-1], ModelConfig(model_id=spec, gguf_file=gguf_file))
+    cached = None if gguf_file else try_to_load_from_cache(spec, "config.json")
+    return Target(spec, spec.rsplit("/", 1)[-1], ModelConfig(model_id=spec, gguf_file=gguf_file),
+                  vision=isinstance(cached, str) and has_vision_part(Path(cached)))
 
 
 def run_target(spec: str, run_dir: Path) -> Target:
@@ -143,9 +155,14 @@ def run_target(spec: str, run_dir: Path) -> Target:
                           f"with [output] save_final = false. {where}")
     cfg = load_config(run_dir / "config.toml", saved=True)
     name = run_dir.resolve().name
+    vision = stage_class(cfg.train).vision
+    if vision == "dual":
+        raise TargetError(f"{spec} trained an image and a text encoder ([train] stage = '{cfg.train.stage}'): they "
+                          f"embed, they do not generate, so there is nothing to chat with or serve")
     if (final / "adapter_config.json").is_file():
-        return Target(spec, name, cfg.model, run_dir, cfg, adapter_dir=final)
-    return Target(spec, name, ModelConfig(model_id=str(final), dtype=cfg.model.dtype), run_dir, cfg)
+        return Target(spec, name, cfg.model, run_dir, cfg, adapter_dir=final, vision=bool(vision))
+    return Target(spec, name, ModelConfig(model_id=str(final), dtype=cfg.model.dtype), run_dir, cfg,
+                  vision=bool(vision))
 
 
 def model_target(spec: str, folder: Path, gguf_file: str | None) -> Target:
@@ -154,7 +171,8 @@ def model_target(spec: str, folder: Path, gguf_file: str | None) -> Target:
         raise TargetError(f"--gguf-file {gguf_file}: {folder / gguf_file} does not exist"
                           + (f"; the folder holds {', '.join(found)}" if found else ""))
     name = Path(gguf_file).stem if gguf_file else folder.resolve().name
-    return Target(spec, name, ModelConfig(model_id=spec, gguf_file=gguf_file))
+    return Target(spec, name, ModelConfig(model_id=spec, gguf_file=gguf_file),
+                  vision=not gguf_file and has_vision_part(folder / "config.json"))
 
 
 def package_folder(spec: str) -> Path:
@@ -167,9 +185,22 @@ def package_folder(spec: str) -> Path:
 
 
 def hub_cached(repo_id: str, filename: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
     return isinstance(try_to_load_from_cache(repo_id, filename), str)
+
+
+def try_to_load_from_cache(repo_id: str, filename: str) -> Any:
+    from huggingface_hub import try_to_load_from_cache as cached
+
+    return cached(repo_id, filename)
+
+
+def has_vision_part(config_json: Path) -> bool:
+    """Whether a model folder's ``config.json`` describes a vision-language model (a ``vision_config`` beside the
+    text model's: LLaVA, Idefics3, Qwen2-VL, Gemma 3...), read before any weights."""
+    try:
+        return "vision_config" in json.loads(config_json.read_text())
+    except (OSError, ValueError):
+        return False
 
 
 # ----------------------------------------------------------------------------------------------------- loading
@@ -182,9 +213,10 @@ class Loaded:
     """A target's model and tokenizer in this process."""
 
     model: Any  # a PeftModel for an adapter run (unless merged)
-    tokenizer: Any
+    tokenizer: Any  # a vision-language model's: its processor's
     autocast: Autocast | None  # a run generates under its training precision
     adapter: bool  # the adapter is live (not merged): its base can be served too, with the adapter off
+    processor: Any = None  # a vision-language model's: images and text
 
     def base(self) -> AbstractContextManager[Any]:
         """A context in which the model is its base (the adapter off)."""
@@ -198,9 +230,10 @@ def load(target: Target, merged: bool = False) -> Loaded:
     from swiftk.kernel.model import load_model, load_tokenizer, pick_device
 
     with quiet():
+        if target.vision:
+            return load_vision(target, merged)
         if target.cfg is not None and target.run_dir is not None:
             from swiftk.kernel.export import load_trained
-            from swiftk.kernel.run import make_autocast
 
             trained = load_trained(target.run_dir)
             model, adapter = trained.model, trained.adapter
@@ -208,22 +241,63 @@ def load(target: Target, merged: bool = False) -> Loaded:
                 from swiftk.kernel.tuners import merged as merge
 
                 model, adapter = merge(model, target.cfg.train), False
-            device = next(model.parameters()).device
-            autocast = make_autocast(target.cfg.train.precision, device) if target.cfg.train.precision != "fp32" \
-                else None
-            return Loaded(model.eval(), trained.tokenizer, autocast, adapter)
+            return Loaded(model.eval(), trained.tokenizer, run_autocast(target, model), adapter)
         tokenizer = load_tokenizer(target.model_cfg)
         device = pick_device(target.model_cfg.device) if torch.cuda.is_available() else torch.device("cpu")
         model = load_model(target.model_cfg, len(tokenizer), device)
         return Loaded(model.eval(), tokenizer, None, False)
 
 
+def load_vision(target: Target, merged: bool) -> Loaded:
+    """A vision-language target's processor and model: a LoRA run's adapter back on its base as training built it
+    (the processor is the one the run saved beside the adapter), a full run's or a model's folder as it is."""
+    import torch
+
+    from swiftk.kernel.model import pick_device
+    from swiftk.kernel.vlm import load_processor, load_vision_model
+
+    if target.adapter_dir is None:
+        processor = load_processor(target.model_cfg)
+        device = pick_device(target.model_cfg.device) if torch.cuda.is_available() else torch.device("cpu")
+        model = load_vision_model(target.model_cfg, processor, device)
+        return Loaded(model.eval(), processor.tokenizer, run_autocast(target, model), False, processor)
+    from swiftk.kernel.export import rebuild_adapter_model
+    from swiftk.kernel.tuners import merged as merge
+
+    assert target.cfg is not None and target.run_dir is not None
+    cfg = target.cfg
+    processor = load_processor(ModelConfig(model_id=str(target.adapter_dir)))
+    model = rebuild_adapter_model(target.run_dir, cfg, processor.tokenizer,
+                                  lambda device: load_vision_model(cfg.model, processor, device))
+    adapter = not merged
+    if merged:
+        model = merge(model, cfg.train)
+    return Loaded(model.eval(), processor.tokenizer, run_autocast(target, model), adapter, processor)
+
+
+def run_autocast(target: Target, model: Any) -> Autocast | None:
+    """A run generates under its training precision; a model as its weights are."""
+    if target.cfg is None or target.cfg.train.precision == "fp32":
+        return None
+    from swiftk.kernel.run import make_autocast
+
+    return make_autocast(target.cfg.train.precision, next(model.parameters()).device)  # type: ignore[no-any-return]
+
+
 def make_generator(target: Target, loaded: Loaded, generation: GenerationConfig, system_prompt: str | None,
-                   report: Callable[[str], None] | None = None) -> Any:
+                   report: Callable[[str], None] | None = None, images_base: Path | None = None) -> Any:
     """The generator ``generation.engine`` names over the loaded model. An engine in its own process (vllm) starts
-    from the base weights' folder: what the model here has on top (the adapter, merged weights) is pushed to it."""
+    from the base weights' folder: what the model here has on top (the adapter, merged weights) is pushed to it.
+    A vision-language model's is ``VisionGenerator`` (hf only); ``images_base``: where its chats' relative image
+    paths start (None: the current directory)."""
     from swiftk.kernel.generation import configured_generator, push_weights
 
+    if loaded.processor is not None:
+        from swiftk.plugins.generators.hf import VisionGenerator
+
+        return VisionGenerator(loaded.model, loaded.processor, system_prompt=system_prompt,
+                               batch_size=generation.batch_size, autocast=loaded.autocast, base=images_base,
+                               **generation.engine_args)
     generator = configured_generator(generation, loaded.model, loaded.tokenizer, model_cfg=target.model_cfg,
                                      system_prompt=system_prompt, autocast=loaded.autocast, report=report)
     if generation.engine == "hf" or (target.cfg is None) or (target.adapter_dir is None):

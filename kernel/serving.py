@@ -9,6 +9,10 @@ server goes on serving after each.
 The ``hf`` generator is not thread-safe, so one worker thread owns it (``Worker``). Requests queue for it;
 non-streaming requests for the same model with the same sampling settings that wait together are answered by
 one ``generate`` call, up to ``max_batch`` sequences. Streaming requests are generated one at a time.
+
+A vision-language model (``Service.images``) takes OpenAI's ``image_url`` content parts in chat messages, each
+image a ``data:`` URL (the server fetches no web address and reads no file a client names); any other server
+refuses non-text parts with a 400 that says the model reads text only.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from swiftk.contracts import Completion, Generator, Message, SamplingParams
+from swiftk.kernel.errors import DataError
 
 # ------------------------------------------------------------------------------------------------ requests
 
@@ -74,14 +79,31 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[dict[str, Any]] | None = ""
 
-    def plain(self) -> Message:
-        content = self.content or ""
+    def plain(self, images: bool = False) -> Message:
+        """The message as the generator takes it: text, or (``images``: the model reads them) text and image parts."""
+        content: str | list[dict[str, Any]] = self.content or ""
         if not isinstance(content, str):
-            kinds = {part.get("type") for part in content} - {"text"}
+            kinds = sorted({str(part.get("type")) for part in content} - {"text", *(["image_url"] if images else [])})
             if kinds:
-                raise ValueError(f"content parts of type {', '.join(map(str, kinds))} are not supported; send text")
-            content = "".join(str(part.get("text", "")) for part in content)
+                what = "send text and image_url parts" if images else "this model reads text only; send text"
+                raise ValueError(f"content parts of type {', '.join(kinds)} are not supported: {what}")
+            if any(part.get("type") == "image_url" for part in content):
+                content = [image_part(part) if part.get("type") == "image_url" else
+                           {"type": "text", "text": str(part.get("text", ""))} for part in content]
+            else:
+                content = "".join(str(part.get("text", "")) for part in content)
         return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+
+def image_part(part: dict[str, Any]) -> dict[str, Any]:
+    """An ``image_url`` part whose image travels in the request: a ``data:`` URL, never a web address or a path."""
+    image = part.get("image_url")
+    url = image.get("url") if isinstance(image, dict) else image  # some clients send the URL alone
+    if not isinstance(url, str) or not url.startswith("data:"):
+        shown = f"{url[:60]!r}" if isinstance(url, str) else type(url).__name__
+        raise ValueError(f"image_url: the url is {shown}; send the image itself as a data: URL "
+                         f"(data:image/png;base64,...): this server fetches no web address and reads no file")
+    return {"type": "image_url", "image_url": {"url": url}}
 
 
 class ChatBody(Body):
@@ -210,21 +232,29 @@ class Worker:
 
     def prompt_tokens(self, job: Job) -> int:
         """The prompt tokens of ``job`` (rendered as the generator will render them); a template that rejects
-        the chat is the client's error."""
+        the chat, or an image that cannot be read, is the client's error."""
         total = 0
         for prompt in job.prompts:
             if isinstance(prompt, str):
                 total += len(self.tokenizer(prompt)["input_ids"])
                 continue
-            from swiftk.plugins.generators.hf import render_prompt
-
             try:
-                text = render_prompt(self.tokenizer, prompt, self.system_prompt)
+                total += self.chat_tokens(prompt)
+            except DataError as exc:  # an image that does not decode, an image placeholder written in the text
+                raise APIError(400, str(exc), param="messages") from None
             except Exception as exc:
                 raise APIError(400, f"the model's chat template rejects these messages: {exc}",
                                param="messages") from None
-            total += len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return total
+
+    def chat_tokens(self, chat: list[Message]) -> int:
+        measure = getattr(self.generator, "prompt_length", None)  # a generator that reads images counts their tokens
+        if measure is not None:
+            return int(measure(chat))
+        from swiftk.plugins.generators.hf import render_prompt
+
+        text = render_prompt(self.tokenizer, chat, self.system_prompt)
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def generate(self, batch: list[Job]) -> None:
         ready, counts = [], []
@@ -292,6 +322,7 @@ class Service:
     worker: Worker
     defaults: Any  # a GenerationConfig: the sampling defaults a request may override
     api_key: str | None = None
+    images: bool = False  # the model reads images: chat messages may hold image_url parts
     created: int = field(default_factory=lambda: int(time.time()))
 
     def check_key(self, request: Request) -> None:
@@ -377,7 +408,7 @@ def create_app(service: Service) -> Starlette:
         body: ChatBody = await parse(request, ChatBody)
         service.check_model(body.model)
         try:
-            messages = [m.plain() for m in body.messages]
+            messages = [m.plain(service.images) for m in body.messages]
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from None
         sampling = service.sampling(body, body.max_completion_tokens or body.max_tokens, body.logprobs)

@@ -73,9 +73,13 @@ def load_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> 
 
 
 def base_fingerprint(model: torch.nn.Module) -> str:
-    """A cheap checksum of the frozen weights, so a LoRA resume on a different base model is refused."""
+    """A cheap checksum of the frozen weights, so a LoRA resume on a different base model is refused. Adapter
+    weights are the run's, not the base's: left out even where a stage freezes them (the vlm stage's frozen vision
+    tower keeps its randomly initialised adapters)."""
+    adapters = set(getattr(model, "peft_config", {}))  # PEFT names each adapter's tensors ...lora_A.<adapter>...
     with torch.no_grad():
-        total = sum(float(p.double().sum()) for p in model.parameters() if not p.requires_grad)
+        total = sum(float(p.double().sum()) for name, p in model.named_parameters()
+                    if not p.requires_grad and adapters.isdisjoint(name.split(".")))
     return f"{total:.6e}"
 
 

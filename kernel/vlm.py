@@ -401,20 +401,10 @@ def greedy_answers(model: torch.nn.Module, processor: Any, prompts: list[VisionS
     answers: list[str] = []
     device = next(p.device for p in model.parameters())
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        right = vision_collate(chunk, pad)
-        width = right.input_ids.shape[1]
-        ids = torch.full_like(right.input_ids, pad)
-        mask = torch.zeros_like(right.input_ids)
-        for row, sample in enumerate(chunk):
-            n = len(sample.input_ids)
-            ids[row, width - n :] = right.input_ids[row, :n]
-            mask[row, width - n :] = 1
-        extras = {k: (left_aligned(v, chunk) if k in {k for s in chunk for k in s.tokens} else v).to(device)
-                  for k, v in image_inputs(right).items()}
+        inputs = {k: v.to(device) for k, v in prompt_batch(prompts[start : start + batch_size], pad).items()}
+        width = inputs["input_ids"].shape[1]
         with autocast():
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **extras,
-                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                                  eos_token_id=stops)
         answers += [text.strip() for text in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
     return answers
@@ -577,3 +567,20 @@ def feature_layer(model: torch.nn.Module) -> int | None:
     config = getattr(model, "config", None)
     layer = getattr(config, "vision_feature_layer", None)
     return layer if isinstance(layer, int) else None
+
+
+def prompt_batch(samples: list[VisionSample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Prompt samples (``VisionTokenize.prompt``) as ``model.generate``'s keywords, as ``greedy_answers`` batches
+    them: the ids left-padded (the answers start in one column), per-token columns moved likewise, the images'
+    tensors as ``vision_collate`` joins them."""
+    right = vision_collate(samples, pad_id)
+    width = right.input_ids.shape[1]
+    ids = torch.full_like(right.input_ids, pad_id)  # [B, T]
+    mask = torch.zeros_like(right.input_ids)
+    for row, sample in enumerate(samples):
+        n = len(sample.input_ids)
+        ids[row, width - n :] = right.input_ids[row, :n]
+        mask[row, width - n :] = 1
+    per_token = {k for s in samples for k in s.tokens}
+    extras = {k: left_aligned(v, samples) if k in per_token else v for k, v in image_inputs(right).items()}
+    return {"input_ids": ids, "attention_mask": mask, **extras}

@@ -27,6 +27,12 @@ DESCRIPTION = textwrap.dedent("""\
     max_concurrency). --engine vllm runs vLLM's own OpenAI server from its managed environment (`swiftk env
     install vllm`; a LoRA run's adapter is served under NAME, its base as NAME-base).
 
+    Images: a vision-language model (a `[train] stage = "vlm"` run, or a model folder whose config has a vision
+    part: LLaVA, Idefics3...) takes OpenAI's image_url content parts in chat messages, each image sent as a
+    data: URL ({"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}); the server fetches no
+    web address and reads no file a client names. Streaming works with images too. Such a model is served with
+    --engine hf only. A text model answers a request with image parts with a 400 error.
+
     Security: the server binds 127.0.0.1 unless --host says otherwise, and any other address needs an API key
     (--api-key KEY or $SWIFTK_API_KEY); clients then send 'Authorization: Bearer KEY'.
 
@@ -78,7 +84,7 @@ def main(args: argparse.Namespace) -> int:
         models[f"{name}-base"] = loaded.base
     worker = serving.Worker(generator, loaded.tokenizer, models, target.system_prompt,
                             max_batch=generation.max_concurrency)
-    service = serving.Service(worker, generation, key)
+    service = serving.Service(worker, generation, key, images=loaded.processor is not None)
     host, port = sock.getsockname()[:2]
     try:
         serving.run(serving.create_app(service), sock,

@@ -6,7 +6,8 @@ stops at EOS and at the template's end of turn, and at stop strings. Log-probabi
 model's raw logits (before temperature, top-k/p), as a re-forward of prompt + completion computes them.
 ``score`` (the ``Scorer`` capability) runs that re-forward on given continuations: left-padded batches, the LM
 head and a float32 log-softmax at the continuations' positions only, and one sequence for the pairs that differ
-only in their last token (a multiple-choice question's one-token options).
+only in their last token (a multiple-choice question's one-token options). ``VisionGenerator`` is the same engine
+for a vision-language model: chats whose messages hold images go through the model's processor.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -95,31 +97,30 @@ class HFGenerator:
 
     def generate(self, prompts: Sequence[str] | Sequence[list[Message]], sampling: SamplingParams, *,
                  templated: bool = False) -> list[Completion]:
-        texts, special = render_prompts(self.tokenizer, prompts, templated, self.system_prompt)
         per_batch = max(1, self.batch_size // sampling.n)  # a batch holds batch_size sequences
         completions: list[Completion] = []
         with self._generating(), _seeded(sampling.seed, self.model):
-            for start in range(0, len(texts), per_batch):
-                completions += self._batch(texts[start : start + per_batch], start, special, sampling)
+            for first, enc in self._inputs(prompts, templated, per_batch, sampling.n):
+                completions += self._batch(enc, first, sampling)
         return completions
 
     def stream(self, prompt: str | list[Message], sampling: SamplingParams, *,
                templated: bool = False) -> Iterator[str]:
         """The text of one completion as it is generated, cut before a stop string."""
-        texts, special = render_prompts(self.tokenizer, [prompt], templated, self.system_prompt)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         hold = max((len(s) for s in sampling.stop), default=1) - 1  # may be the start of a stop string
         failed: list[BaseException] = []
 
-        def work() -> None:
+        def work(enc: dict[str, torch.Tensor]) -> None:
             try:
-                self._run(self._encode(texts, special, 1), sampling, streamer=streamer)
+                self._run(enc, sampling, streamer=streamer)
             except BaseException as exc:  # the consumer would wait for text for ever
                 failed.append(exc)
                 streamer.end()  # type: ignore[no-untyped-call]
 
         with self._generating(), _seeded(sampling.seed, self.model):
-            worker = threading.Thread(target=work, name="swiftk-hf-stream")
+            _, enc = next(self._inputs([prompt], templated, 1, 1))
+            worker = threading.Thread(target=work, args=(enc,), name="swiftk-hf-stream")
             worker.start()
             text, sent = "", 0
             for piece in streamer:
@@ -194,6 +195,14 @@ class HFGenerator:
             self.tokenizer.padding_side, self.tokenizer.pad_token = side, pad
             self.model.train(was_training)
 
+    def _inputs(self, prompts: Sequence[str | list[Message]], templated: bool, per_batch: int,
+                n: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """The model's inputs for ``prompts``, ``per_batch`` prompts at a time (``n`` rows each), each with the index
+        of its first prompt."""
+        texts, special = render_prompts(self.tokenizer, prompts, templated, self.system_prompt)
+        for first in range(0, len(texts), per_batch):
+            yield first, self._encode(texts[first : first + per_batch], special, n)
+
     def _encode(self, texts: list[str], special: bool, n: int) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=special)
         device = next(self.model.parameters()).device
@@ -211,8 +220,7 @@ class HFGenerator:
         with torch.no_grad(), self.autocast() if self.autocast else torch.autocast(device.type, enabled=False):
             return self.model.generate(**enc, **kwargs, **extra)
 
-    def _batch(self, texts: list[str], first: int, special: bool, sampling: SamplingParams) -> list[Completion]:
-        enc = self._encode(texts, special, sampling.n)
+    def _batch(self, enc: dict[str, torch.Tensor], first: int, sampling: SamplingParams) -> list[Completion]:
         out = self._run(enc, sampling, return_dict_in_generate=True, output_logits=sampling.logprobs)
         new = out.sequences[:, enc["input_ids"].shape[1] :]  # [B * n, S]
         logprobs = None
@@ -297,6 +305,45 @@ class HFGenerator:
 
     def _decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+
+class VisionGenerator(HFGenerator):
+    """The in-process generator of a vision-language model. A chat's messages may hold image parts (``image``,
+    ``image_url``, ``video``, as training rows and OpenAI clients write them): each chat goes through the model's
+    processor as the vlm stage's eval prompts do (``kernel.vlm.VisionTokenize.prompt``), its images becoming their
+    tokens and pixels, batched left-padded. Raw text, scoring and everything after the prompt are ``HFGenerator``'s.
+    Not registered as an engine: ``kernel.served`` builds it for a model whose folder has a vision part."""
+
+    def __init__(self, model: Any, processor: Any, *, system_prompt: str | None = None, batch_size: int = 8,
+                 autocast: Autocast | None = None, base: Path | None = None) -> None:
+        from swiftk.kernel.config import DataConfig
+        from swiftk.kernel.vlm import VisionTokenize
+
+        super().__init__(model, processor.tokenizer, system_prompt=system_prompt, batch_size=batch_size,
+                         autocast=autocast)
+        self.processor = processor
+        # No data file: [data] holds the system prompt only. ``base``: where relative image paths start (None: here).
+        data = DataConfig.model_construct(system_prompt=system_prompt)
+        self.prompter = VisionTokenize(processor, data, "messages", base)
+
+    def prompt_length(self, chat: list[Message]) -> int:
+        """The tokens of a chat prompt, each image's tokens included; an image it cannot read is an ``ImageError``
+        (a ``DataError``) naming it."""
+        return len(self.prompter.prompt("messages", chat).input_ids)
+
+    def _inputs(self, prompts: Sequence[str | list[Message]], templated: bool, per_batch: int,
+                n: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        if any(isinstance(p, str) for p in prompts):  # raw text (or a mix, which the text path refuses)
+            yield from super()._inputs(prompts, templated, per_batch, n)
+            return
+        from swiftk.kernel.vlm import prompt_batch
+
+        samples = [self.prompter.prompt(f"prompt {i + 1}", chat) for i, chat in enumerate(prompts)
+                   if not isinstance(chat, str)]
+        device = next(self.model.parameters()).device
+        for first in range(0, len(samples), per_batch):
+            rows = [sample for sample in samples[first : first + per_batch] for _ in range(n)]  # n rows per prompt
+            yield first, {k: v.to(device) for k, v in prompt_batch(rows, self.tokenizer.pad_token_id).items()}
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:

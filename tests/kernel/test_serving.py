@@ -148,6 +148,10 @@ def test_errors_have_openai_shape_and_the_server_keeps_serving(client: openai.Op
         status, reply = raw(server, "POST", "/v1/chat/completions", body)
         assert status == 400 and reply["error"]["type"] == "invalid_request_error" and reply["error"]["message"]
         assert reply["error"]["param"] == param
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    with pytest.raises(openai.BadRequestError, match="parts of type image_url are not supported: this model reads "
+                                                     "text only"):
+        client.chat.completions.create(model=name, messages=[{"role": "user", "content": [image]}])
     assert raw(server, "GET", "/v2/nothing")[0] == 404
     with pytest.raises(openai.AuthenticationError, match="wrong"):
         openai.OpenAI(base_url=server.url, api_key="sk-wrong", max_retries=0).models.list()
