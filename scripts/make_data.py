@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import random
 import string
 from collections.abc import Callable
@@ -293,7 +294,50 @@ def main(out_root: Path = DEFAULT_OUT) -> list[Path]:
         written.append(path)
     tokenizer_dir = _load_kernel_module("tiny").save_char_tokenizer(out_root / "tiny_tokenizer")
     written += sorted(tokenizer_dir.iterdir())
+    written += easy_vqa_files(out_root / "easy_vqa")
     return written
+
+
+# --------------------------------------------------------------------------- easy-vqa
+
+EASY_VQA_SEED = 0
+
+
+def easy_vqa_row(split: str, question: str, answer: str, image: int) -> dict[str, object]:
+    """ms-swift's layout: the image as an ``<image>`` placeholder in the text, the file in ``images``, named inside
+    the installed package (``package:easy_vqa/...``), so the rows work wherever `easy-vqa` is installed."""
+    return {"messages": [{"role": "user", "content": f"<image>{question}"}, {"role": "assistant", "content": answer}],
+            "images": [f"package:easy_vqa/data/{split}/images/{image}.png"]}
+
+
+def easy_vqa_files(out: Path) -> list[Path]:
+    """From the `easy-vqa` package (4,000 train / 1,000 test 64x64 shape images, 13 answers): ``train.parquet``,
+    per training image one question about the shape or its colour and one yes/no question; ``test.jsonl``, per test
+    image one question drawn at random (the package's mix of question kinds)."""
+    import easy_vqa
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(EASY_VQA_SEED)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def by_image(questions: tuple[list[str], list[str], list[int]]) -> dict[int, list[tuple[str, str]]]:
+        grouped: dict[int, list[tuple[str, str]]] = {}
+        for question, answer, image in zip(*questions, strict=True):
+            grouped.setdefault(image, []).append((question, answer))
+        return grouped
+
+    train = []
+    for image, pairs in sorted(by_image(easy_vqa.get_train_questions()).items()):
+        for pool in ([p for p in pairs if p[1] not in ("yes", "no")], [p for p in pairs if p[1] in ("yes", "no")]):
+            if pool:
+                train.append(easy_vqa_row("train", *rng.choice(pool), image))
+    pq.write_table(pa.Table.from_pylist(train), out / "train.parquet", compression="zstd")
+    test = [easy_vqa_row("test", *rng.choice(pairs), image)
+            for image, pairs in sorted(by_image(easy_vqa.get_test_questions()).items())]
+    with (out / "test.jsonl").open("w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in test)
+    return [out / "train.parquet", out / "test.jsonl"]
 
 
 # --------------------------------------------------------------------------- eval tasks

@@ -191,15 +191,17 @@ def test_a_tiny_llava_learns_to_read_colours_from_pixels(llava: Path, tmp_path: 
     assert final["eval_cached_images"] == len(distinct)  # each image through the tower once
     folder = tmp_path / "run" / "final"
     model, reloaded = AutoModelForImageTextToText.from_pretrained(folder), AutoProcessor.from_pretrained(folder)
-    image = Image.open(llava / "data" / "1_0.png").convert("RGB")
-    row = rows_of(llava / "data" / "eval.jsonl")[0][1]
     text = reloaded.tokenizer.apply_chat_template(
         [{"role": "user", "content": "<image>\nWhat colour is the shape?"}], tokenize=False, add_generation_prompt=True)
-    inputs = reloaded(text=[text], images=[image], return_tensors="pt")
-    out = model.generate(**inputs, max_new_tokens=6, do_sample=False,
-                         eos_token_id=reloaded.tokenizer.convert_tokens_to_ids("<|im_end|>"))
-    assert reloaded.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip() \
-        == row["messages"][1]["content"]
+    right = 0
+    for _, row in rows_of(llava / "data" / "eval.jsonl")[:8]:  # the held-out exact match above is 63 of 64
+        image = Image.open(llava / "data" / row["messages"][0]["content"][0]["image"]).convert("RGB")
+        inputs = reloaded(text=[text], images=[image], return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=6, do_sample=False,
+                             eos_token_id=reloaded.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+        answer = reloaded.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        right += answer == row["messages"][1]["content"]
+    assert right >= 7, right
 
 
 def test_vlm_config_problems_name_their_keys(llava: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
