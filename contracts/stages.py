@@ -175,6 +175,8 @@ class Stage:
     # text: LLaVA, Idefics3, Qwen2-VL, or one composed by [model.vision]) or "dual" (an image and a text encoder:
     # CLIP, SigLIP). "": a text model.
     vision: ClassVar[str] = ""
+    # The [distributed] backends the stage trains under with several processes; None: every one the kernel has.
+    engines: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, train: Any) -> None:
         self.train = train

@@ -161,6 +161,10 @@ def check_files(cfg: RunConfig) -> list[str]:
         problems.append(f"[data] task_type: '{cfg.data.task_type}' does not fit [train] stage = '{cfg.train.stage}', "
                         f"which reads {' or '.join(map(repr, stage.task_types))} data")
     problems += stage.problems(cfg)
+    several = cfg.distributed.num_processes * cfg.distributed.nnodes > 1
+    if several and stage.engines is not None and cfg.distributed.backend not in stage.engines:
+        problems.append(f"[distributed] backend = '{cfg.distributed.backend}': the {cfg.train.stage} stage runs in one "
+                        f"process or under {' or '.join(stage.engines)}")
     if cfg.model.vision is not None and stage.vision != "generative":
         problems.append(f"[model.vision]: a vision encoder joined to the language model is read by [train] stage = "
                         f"'vlm' only; [train] stage = '{cfg.train.stage}' would ignore it")

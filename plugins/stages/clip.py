@@ -74,6 +74,7 @@ class Clip(Stage):
     task_types = ("image_text",)
     unit = "pairs"
     vision = "dual"
+    engines = ("ddp",)
     writes_text = False  # it embeds text, it does not write any
 
     def __init__(self, train: Any) -> None:
@@ -103,10 +104,6 @@ class Clip(Stage):
             problems.append(f"[train] tuner_strategy = '{self.train.tuner_strategy}': the adapter tuners wrap the "
                             f"model as a causal language model (PEFT task_type CAUSAL_LM), which a dual encoder is "
                             f"not; use 'full' (freeze_vision_tower or freeze_text_tower train one tower only)")
-        processes = config.distributed.num_processes * config.distributed.nnodes
-        if config.distributed.backend != "ddp" and processes > 1:
-            problems.append(f"[distributed] backend = '{config.distributed.backend}': the clip stage runs in one "
-                            f"process or under ddp")
         if self.train.freeze_vision_tower and self.train.freeze_text_tower:
             problems.append("[train] freeze_text_tower: both towers are frozen, so only the temperature would "
                             "learn; unfreeze one of them")

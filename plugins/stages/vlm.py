@@ -71,6 +71,7 @@ class VLM(Stage):
     task_types = ("sft",)
     unit = "samples"
     vision = "generative"
+    engines = ("ddp",)
 
     def __init__(self, train: Any) -> None:
         super().__init__(train)
@@ -93,10 +94,6 @@ class VLM(Stage):
         if getattr(self.train, "quantization_bit", None):
             problems.append("[train] quantization_bit: the vlm stage loads its model unquantized (QLoRA of a "
                             "vision-language model is not built yet); use tuner_strategy = 'lora'")
-        processes = config.distributed.num_processes * config.distributed.nnodes
-        if config.distributed.backend != "ddp" and processes > 1:
-            problems.append(f"[distributed] backend = '{config.distributed.backend}': the vlm stage runs in one "
-                            f"process or under ddp")
         if self.train.cache_vision_features and not self.train.freeze_vision_tower:
             problems.append("[train] cache_vision_features: the vision tower trains (freeze_vision_tower = false), "
                             "so its features change every step; set cache_vision_features = false")

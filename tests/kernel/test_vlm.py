@@ -212,6 +212,11 @@ def test_vlm_config_problems_name_their_keys(llava: Path, tmp_path: Path, capsys
     assert main(["run", str(config)]) == 2
     text = capsys.readouterr().err
     assert "[train] cache_vision_features" in text and "[data] packing" in text
+    from swiftk.kernel.config import load_config
+    from swiftk.kernel.run import check_files
+
+    several = load_config(config, ["distributed.num_processes=2", "distributed.backend='fsdp'"])
+    assert "[distributed] backend = 'fsdp': the vlm stage runs in one process or under ddp" in check_files(several)
 
 
 def test_a_composed_model_is_dinov2_and_a_language_model_saved_as_llava(tmp_path: Path) -> None:
