@@ -131,6 +131,20 @@ def habit_model(tiny_addition_model: Path, tmp_path_factory: pytest.TempPathFact
     return root / "run" / "final"
 
 
+@pytest.fixture(scope="session")
+def llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny LLaVA folder (CLIP tower, Llama, character tokenizer) and shape images: 256 to train on, 64
+    held out, each asking the shape's colour (4 colours: chance is 25 %). Read-only for the tests."""
+    from swiftk.kernel.synthetic import shape_rows, write_jsonl
+    from swiftk.kernel.tiny import save_tiny_llava
+
+    root = tmp_path_factory.mktemp("llava")
+    save_tiny_llava(root / "model")
+    write_jsonl(shape_rows(root / "data", 256, seed=0), root / "data" / "train.jsonl")
+    write_jsonl(shape_rows(root / "data", 64, seed=1), root / "data" / "eval.jsonl")
+    return root
+
+
 # -- a hang fails its test in minutes, with the stacks of every process of the test ------------------------------
 TIMEOUT_S = 300.0  # per phase (setup, call, teardown); a test may say more with @pytest.mark.timeout(seconds)
 SLOW_TIMEOUT_S = 600.0  # tests marked slow

@@ -19,8 +19,6 @@ from swiftk.contracts import SamplingParams
 from swiftk.kernel.cli import main
 from swiftk.kernel.config import DataConfig, ModelConfig
 from swiftk.kernel.serving import ChatMessage
-from swiftk.kernel.synthetic import shape_rows, write_jsonl
-from swiftk.kernel.tiny import save_tiny_llava
 from swiftk.kernel.vlm import VisionTokenize, greedy_answers, load_processor, load_vision_model
 from swiftk.plugins.generators.hf import VisionGenerator
 
@@ -31,22 +29,13 @@ QUESTION = "What colour is the shape?"
 
 
 @pytest.fixture(scope="module")
-def llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random tiny LLaVA folder and shape images: 256 rows to train on, 64 held out."""
-    root = tmp_path_factory.mktemp("llava_serving")
-    save_tiny_llava(root / "model")
-    write_jsonl(shape_rows(root / "data", 256, seed=0), root / "data" / "train.jsonl")
-    write_jsonl(shape_rows(root / "data", 64, seed=1), root / "data" / "eval.jsonl")
-    return root
-
-
-@pytest.fixture(scope="module")
-def colour_run(llava: Path) -> Path:
+def colour_run(llava: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny LLaVA trained 300 steps to name the shape's colour (~15 s; test_vlm.py checks what it learns)."""
-    config = llava / "colour.toml"
-    config.write_text(COLOUR_RUN.format(model=llava / "model", data=llava / "data", out=llava / "run"))
+    root = tmp_path_factory.mktemp("colour_run")
+    config = root / "colour.toml"
+    config.write_text(COLOUR_RUN.format(model=llava / "model", data=llava / "data", out=root / "run"))
     assert main(["run", str(config)]) == 0
-    return llava / "run"
+    return root / "run"
 
 
 def held_out(llava: Path, n: int) -> list[tuple[Path, str]]:

@@ -18,7 +18,6 @@ from swiftk.kernel.config import DataConfig, ModelConfig, VisionConfig
 from swiftk.kernel.errors import DataError
 from swiftk.kernel.images import ImageError, load_image
 from swiftk.kernel.synthetic import shape_rows, write_jsonl
-from swiftk.kernel.tiny import save_tiny_llava
 from swiftk.kernel.vlm import (
     FeatureCache,
     image_inputs,
@@ -50,17 +49,6 @@ max_new_tokens = 8
 dir = "{out}"
 save_every = 1000
 """
-
-
-@pytest.fixture(scope="module")
-def llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random tiny LLaVA folder (CLIP tower, Llama, character tokenizer) and shape images: 256 to train on, 64
-    held out, each asking the shape's colour (4 colours: chance is 25 %)."""
-    root = tmp_path_factory.mktemp("llava")
-    save_tiny_llava(root / "model")
-    write_jsonl(shape_rows(root / "data", 256, seed=0), root / "data" / "train.jsonl")
-    write_jsonl(shape_rows(root / "data", 64, seed=1), root / "data" / "eval.jsonl")
-    return root
 
 
 @pytest.fixture(scope="module")
