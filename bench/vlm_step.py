@@ -20,7 +20,7 @@ that every contender loads, so all start from the same weights:
            random-init Llama (hidden 256, 4 layers, the repo's char tokenizer ``data/tiny_tokenizer``): 25 M params.
            The tower dominates the compute, so the cache's effect is at its largest here.
   smollm2  DINOv2-small joined to the embedded SmolLM2-135M (GGUF, dequantized to fp32): the model of
-           ``configs/easy_vqa.toml``. Slow: ~20 s a step at batch 16 on one thread of a 2-core CPU; keep ``--steps``
+           ``configs/easy_vqa.toml``. Slow: 6-20 s a step at batch 16 on one thread of a 2-core CPU; keep ``--steps``
            small (4-6). The tower is a small share of its step, so the cache changes little here.
 Both compose with images resized and centre-cropped to 56 px (16 patch tokens), a new two-layer projector
 trained whole (``modules_to_save = ["multi_modal_projector"]``) and LoRA r 16, alpha 32, no dropout (so that the

@@ -34,6 +34,9 @@ class Batch:
     position_ids: torch.Tensor | None = None  # [B, T]; restarts at 0 at each packed document
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # stage data the kernel does not interpret
     real_tokens: int | None = None  # packed rows (no mask): the tokens that are not padding
+    # More keyword inputs of the model, which the kernel passes to every forward pass of the batch: a
+    # vision-language model's pixel_values, image_grid_thw...
+    model_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to(self, device: torch.device | str) -> Batch:
         """The same batch with every tensor on ``device`` (``self`` when nothing moves)."""
@@ -45,7 +48,8 @@ class Batch:
 
         return Batch(self.input_ids.to(device), self.labels.to(device), move(self.attention_mask),
                      self.num_items_in_batch, move(self.position_ids),
-                     {k: v.to(device) for k, v in self.extras.items()}, self.real_tokens)
+                     {k: v.to(device) for k, v in self.extras.items()}, self.real_tokens,
+                     {k: v.to(device) for k, v in self.model_inputs.items()})
 
     @property
     def num_tokens(self) -> int:

@@ -60,14 +60,13 @@ def evaluate(
     call: Callable[..., Any],
     state: StepState,
     generator: Callable[[], Generator] | None = None,
-    forward: Callable[[torch.nn.Module, Batch], torch.Tensor] = forward_logits,
     answers: Callable[[], tuple[list[str], list[str], list[str]]] | None = None,
 ) -> dict[str, float]:
     """One eval pass: token-weighted mean cross-entropy (the kernel's own ``eval_loss``), then every metric
     plugin's results (``swiftk_eval_batch`` per batch, ``swiftk_eval_predictions`` on greedy generations).
     ``call`` is ``Plugins.call``: hooks by name, keywords only; ``generator`` gives the run's [generation] engine
     (serving the current weights), asked only when the eval generates. A stage whose model reads more than text
-    gives its own ``forward`` (batch -> logits) and ``answers`` (-> prompts, greedy answers, references)."""
+    (its batches' ``model_inputs``) gives its own ``answers`` (-> prompts, greedy answers, references)."""
     was_training = model.training
     model.eval()
     # a pipeline stage holds the other stages' tensors on the meta device
@@ -79,7 +78,7 @@ def evaluate(
         batch = collate(samples[start : start + cfg.batch_size]).to(device)
         batch.num_items_in_batch = batch.num_label_tokens
         with autocast():
-            logits = forward(model, batch)  # [B, T, V]
+            logits = forward_logits(model, batch)  # [B, T, V]
         targets = shifted_labels(batch.labels)
         total += float(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                        ignore_index=IGNORE_INDEX, reduction="sum"))

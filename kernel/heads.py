@@ -129,7 +129,7 @@ class ChunkedHead:
         handle = self.decoder.register_forward_hook(keep)
         try:
             out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                        position_ids=batch.position_ids, use_cache=False, **kwargs)
+                        position_ids=batch.position_ids, use_cache=False, **batch.model_inputs, **kwargs)
         finally:
             handle.remove()
         return captured[-1], out

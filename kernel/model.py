@@ -196,7 +196,7 @@ def forward_logits(model: torch.nn.Module, batch: Any) -> torch.Tensor:
     """The model's logits for a ``Batch`` (``[B, T, V]``; ``[B, 1]`` for a reward model). ``use_cache=False``: with
     a cache, transformers ignores the document boundaries of packed rows."""
     return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                 use_cache=False).logits
+                 use_cache=False, **batch.model_inputs).logits
 
 
 def build_reward_model(cfg: ModelConfig, vocab_size: int, pad_id: int, dtype: torch.dtype) -> PreTrainedModel:

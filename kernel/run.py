@@ -435,9 +435,10 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
     autocast = make_autocast(cfg.train.precision, device)
     # The reference is copied from the model before sharding (a copy of an FSDP2 module is not a model), then
     # sharded like it.
-    # Losses from the hidden states, chunk by chunk: not with a reward head, nor with parameters in shards (asked
-    # again once the engine is attached: DeepSpeed knows its ZeRO stage only then).
-    chunked = cfg.train.chunked_loss and not stage.reward_head and not stage.vision and not parallel.sharded
+    # Losses from the hidden states, chunk by chunk: not with a reward head or a dual encoder (no LM head), nor
+    # with parameters in shards (asked again once the engine is attached: DeepSpeed knows its ZeRO stage only then).
+    chunked = (cfg.train.chunked_loss and not stage.reward_head and stage.vision != "dual"
+               and not parallel.sharded)
     reference = make_reference(cfg.model.ref_model_id, cfg.model, model, len(tokenizer), device, autocast,
                                chunked) if stage.needs_reference else None
     model = parallel.wrap(model, device, cfg.train.precision)  # DDP or FSDP2 (before the optimizer sees params)

@@ -17,6 +17,7 @@ through the processor, which expands each placeholder into the image's tokens an
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,10 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    ProcessorMixin,
 )
+from transformers.models.auto.processing_auto import processor_class_from_name
+from transformers.utils import cached_file, is_torchvision_available
 
 from swiftk.contracts import IGNORE_INDEX, Batch
 from swiftk.kernel.config import DataConfig, ModelConfig
@@ -60,7 +64,8 @@ def load_processor(cfg: ModelConfig) -> Any:
     source = resolve_source(cfg.tokenizer or cfg.model_id)
     check_source(cfg.model_id, source, None)
     try:
-        processor = AutoProcessor.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        processor = (images_only_processor(source)
+                     or AutoProcessor.from_pretrained(source, trust_remote_code=cfg.trust_remote_code))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load the processor of '{source}': {first_line(exc)}") from exc
     if getattr(processor, "image_processor", None) is None:
@@ -71,6 +76,37 @@ def load_processor(cfg: ModelConfig) -> Any:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return processor
+
+
+def images_only_processor(source: str) -> Any | None:
+    """``source``'s processor without its video processor where torchvision is missing; None where it is
+    installed or the processor has no video processor (``AutoProcessor`` then loads it as it is).
+
+    transformers makes video processors with torchvision only, and refuses to build any processor that declares
+    one without it (Qwen2-VL's, Qwen2.5-VL's...), even to process images. swiftk reads a video as its frames, each
+    an image (``kernel.images``), so the video processor is never used: leaving it out lets such a model train on
+    a machine without torchvision (a CPU torch build with no matching torchvision wheel, as on these machines).
+    The image processor, tokenizer and chat template load as ``from_pretrained`` loads them."""
+    if is_torchvision_available():
+        return None
+    name = None
+    for file in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        path = cached_file(source, file, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+        if path is not None and (name := json.loads(Path(path).read_text()).get("processor_class")):
+            break
+    cls = processor_class_from_name(name) if isinstance(name, str) else None
+    if cls is None or "video_processor" not in cls.get_attributes():
+        return None
+    return images_only(cls).from_pretrained(source)
+
+
+def images_only(cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
+    """``cls`` (a processor class) without its ``video_processor``, under the same name, so that a processor it
+    saves loads as ``cls`` again (with its video processor where torchvision is installed)."""
+    attributes = [a for a in cls.get_attributes() if a != "video_processor"]
+    return type(cls.__name__, (cls,), {"get_attributes": classmethod(lambda _: list(attributes)),
+                                       "__module__": cls.__module__, "__doc__": cls.__doc__})
 
 
 def encoder_source(name: str) -> str:
@@ -353,8 +389,8 @@ def image_token_ids(processor: Any) -> set[int]:
 
 
 def vision_collate(samples: list[VisionSample], pad_id: int) -> Batch:
-    """The kernel's right-padded text batch, with the images' tensors in ``extras`` under the processor's names
-    (``pixel_values``, ``image_grid_thw``...), ready to pass to the model as keywords."""
+    """The kernel's right-padded text batch, with the images' tensors in ``model_inputs`` under the processor's
+    names (``pixel_values``, ``image_grid_thw``...): the kernel passes them to the model as keywords."""
     batch = collate(samples, pad_id)
     width = batch.input_ids.shape[1]
     for key in sorted({k for s in samples for k in s.tokens}):
@@ -362,13 +398,13 @@ def vision_collate(samples: list[VisionSample], pad_id: int) -> Batch:
         for row, s in enumerate(samples):
             if key in s.tokens:
                 column[row, : len(s.tokens[key])] = s.tokens[key]
-        batch.extras[key] = column
+        batch.model_inputs[key] = column
     for key in sorted({k for s in samples for k in s.pixels}):
         parts = [s.pixels[key] for s in samples if key in s.pixels]
         if per_text(key, parts[0]):
-            batch.extras[key] = pad_per_text([s.pixels.get(key) for s in samples], parts[0])
+            batch.model_inputs[key] = pad_per_text([s.pixels.get(key) for s in samples], parts[0])
         else:
-            batch.extras[key] = torch.cat(parts)
+            batch.model_inputs[key] = torch.cat(parts)
     return batch
 
 
@@ -418,11 +454,6 @@ def left_aligned(column: torch.Tensor, chunk: list[VisionSample]) -> torch.Tenso
         n = len(sample.input_ids)
         out[row, width - n :] = column[row, :n]
     return out
-
-
-def image_inputs(batch: Batch) -> dict[str, torch.Tensor]:
-    """The keywords a vision-language model takes besides the text (what ``vision_collate`` put in ``extras``)."""
-    return {k: v for k, v in batch.extras.items() if k != "num_pairs"}
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -582,5 +613,5 @@ def prompt_batch(samples: list[VisionSample], pad_id: int) -> dict[str, torch.Te
         ids[row, width - n :] = right.input_ids[row, :n]
         mask[row, width - n :] = 1
     per_token = {k for s in samples for k in s.tokens}
-    extras = {k: left_aligned(v, samples) if k in per_token else v for k, v in image_inputs(right).items()}
-    return {"input_ids": ids, "attention_mask": mask, **extras}
+    images = {k: left_aligned(v, samples) if k in per_token else v for k, v in right.model_inputs.items()}
+    return {"input_ids": ids, "attention_mask": mask, **images}

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from swiftk.contracts import Batch, ModelOutputs
+from swiftk.contracts import Batch
 from swiftk.contracts.stages import DataContext, Stage, StageConfig, StepContext, register_stage
 from swiftk.kernel.data import detect_format, load_rows
 from swiftk.kernel.errors import DataError
@@ -30,7 +30,6 @@ from swiftk.kernel.vlm import (
     VisionTokenize,
     feature_layer,
     greedy_answers,
-    image_inputs,
     text_of,
     vision_collate,
     vision_samples,
@@ -146,10 +145,6 @@ class VLM(Stage):
         if self.train.cache_vision_features and tower is not None and layer is not None:
             self.cache = FeatureCache(tower, layer)
 
-    def forward(self, ctx: StepContext, model: torch.nn.Module, batch: Batch) -> ModelOutputs:
-        with ctx.autocast():
-            return ModelOutputs(logits_of(model, batch))
-
     def evaluate(self, ctx: StepContext, held_out: Sequence[Any]) -> dict[str, float]:
         assert self.eval_config is not None
         model = ctx.unwrapped()
@@ -161,13 +156,8 @@ class VLM(Stage):
 
         metrics = evaluate(model, ctx.tokenizer, list(held_out), [], self.eval_config,
                            lambda samples: vision_collate(samples, self.pad_id), ctx.autocast, ctx.call, ctx.state(),
-                           forward=logits_of, answers=answers if self.prompts else None)
+                           answers=answers if self.prompts else None)
         if self.cache is not None:
             metrics["eval_cached_images"] = float(len(self.cache.store))
         return metrics
 
-
-def logits_of(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """``[B, T, V]`` logits of a batch of text and images."""
-    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                 **image_inputs(batch)).logits

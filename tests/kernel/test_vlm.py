@@ -20,7 +20,7 @@ from swiftk.kernel.images import ImageError, load_image
 from swiftk.kernel.synthetic import shape_rows, write_jsonl
 from swiftk.kernel.vlm import (
     FeatureCache,
-    image_inputs,
+    images_only,
     load_processor,
     load_vision_model,
     vision_collate,
@@ -71,7 +71,7 @@ def test_the_answer_alone_is_labelled_and_each_image_is_its_patch_tokens(llava: 
         assert answer == row["messages"][1]["content"] + "<|im_end|>\n"
         assert sample.pixels["pixel_values"].shape == (1, 3, 28, 28)
     batch = vision_collate(samples, tokenizer.pad_token_id)
-    assert batch.extras["pixel_values"].shape == (2, 3, 28, 28)
+    assert batch.model_inputs["pixel_values"].shape == (2, 3, 28, 28)
     assert batch.input_ids.shape == batch.labels.shape == batch.attention_mask.shape
 
 
@@ -151,13 +151,13 @@ def test_the_cached_tower_gives_the_forward_of_the_tower_itself(llava: Path, pro
                            processor.tokenizer.pad_token_id)
     model = load_vision_model(ModelConfig(model_id=str(llava / "model")), processor, torch.device("cpu")).eval()
     with torch.no_grad():
-        plain = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **image_inputs(batch)).logits
+        plain = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **batch.model_inputs).logits
         with pytest.raises(ValueError, match="trains"):
             FeatureCache(model.model.vision_tower, -1)
         model.model.vision_tower.requires_grad_(False)
         cache = FeatureCache(model.model.vision_tower, -1)
-        first = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **image_inputs(batch)).logits
-        again = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **image_inputs(batch)).logits
+        first = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **batch.model_inputs).logits
+        again = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **batch.model_inputs).logits
     assert torch.allclose(plain, first, atol=1e-6) and torch.equal(first, again)
     assert (cache.misses, cache.hits) == (4, 4)
     assert set(model.state_dict()) == set(load_vision_model(ModelConfig(model_id=str(llava / "model")), processor,
@@ -190,6 +190,33 @@ def test_a_tiny_llava_learns_to_read_colours_from_pixels(llava: Path, tmp_path: 
         answer = reloaded.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
         right += answer == row["messages"][1]["content"]
     assert right >= 7, right
+
+
+@pytest.mark.parametrize("tuner", ["full", "lora"])
+def test_the_vlm_stage_trains_the_same_from_hidden_states_as_from_logits(
+        llava: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], tuner: str) -> None:
+    """[train] chunked_loss holds for images too: the batch's pixels reach the model through ``model_inputs`` on
+    the path that stops at the hidden states (only the answer tokens meet the LM head), and the losses and the
+    held-out loss are the full logits' ones."""
+    lora = '\nlora_rank = 8\nmodules_to_save = ["multi_modal_projector"]' if tuner == "lora" else ""
+    curves, evals = [], []
+    for chunked in ("true", "false"):
+        config = tmp_path / f"{chunked}.toml"
+        config.write_text(COLOUR_RUN.format(model=llava / "model", data=llava / "data", out=tmp_path / chunked)
+                          .replace("max_steps = 300", "max_steps = 5").replace("every = 300", "every = 5")
+                          .replace('tuner_strategy = "full"', f'tuner_strategy = "{tuner}"{lora}\n'
+                                                              f"chunked_loss = {chunked}"))
+        assert main(["run", str(config)]) == 0
+        if chunked == "true":
+            assert "chunked loss off" not in capsys.readouterr().out
+        metrics = [json.loads(line) for line in (tmp_path / chunked / "metrics.jsonl").read_text().splitlines()]
+        curves.append([m["loss"] for m in metrics if "loss" in m and "step" in m])
+        evals.append([m["eval_loss"] for m in metrics if "eval_loss" in m][-1])
+    assert len(curves[0]) == 5 and curves[0][-1] < curves[0][0]
+    # Equal at the first step to float rounding (summation order), which Adam's steps then carry along.
+    assert curves[0][0] == pytest.approx(curves[1][0], rel=1e-5)
+    torch.testing.assert_close(torch.tensor(curves[0]), torch.tensor(curves[1]), rtol=1e-3, atol=0)
+    assert evals[0] == pytest.approx(evals[1], rel=1e-3)
 
 
 def test_vlm_config_problems_name_their_keys(llava: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -226,7 +253,7 @@ def test_a_composed_model_is_dinov2_and_a_language_model_saved_as_llava(tmp_path
     assert type(model.model.vision_tower).__name__ == "Dinov2Model"
     batch = vision_collate(samples, processor.tokenizer.pad_token_id)
     with torch.no_grad():
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **image_inputs(batch)).logits
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **batch.model_inputs).logits
     model.save_pretrained(tmp_path / "saved")
     processor.save_pretrained(tmp_path / "saved")
     again = AutoModelForImageTextToText.from_pretrained(tmp_path / "saved").eval()
@@ -234,7 +261,7 @@ def test_a_composed_model_is_dinov2_and_a_language_model_saved_as_llava(tmp_path
     assert reloaded.tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
     with torch.no_grad():
         assert torch.allclose(again(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                    **image_inputs(batch)).logits, logits, atol=1e-5)
+                                    **batch.model_inputs).logits, logits, atol=1e-5)
 
 
 def save_tiny_idefics3(out: Path) -> Path:
@@ -275,8 +302,8 @@ def test_an_idefics3_model_trains_on_rows_with_different_image_counts(llava: Pat
     samples = vision_samples(str(data / "eval.jsonl"), [one, two], processor, DataConfig(train_file="x"))
     assert "<global-img>" in processor.tokenizer.decode(samples[0].input_ids)
     batch = vision_collate(samples, processor.tokenizer.pad_token_id)
-    assert batch.extras["pixel_values"].shape == (2, 2, 3, 28, 28)
-    assert batch.extras["pixel_values"][0, 1].abs().sum() == 0  # row 0's padding image
+    assert batch.model_inputs["pixel_values"].shape == (2, 2, 3, 28, 28)
+    assert batch.model_inputs["pixel_values"][0, 1].abs().sum() == 0  # row 0's padding image
     config = tmp_path / "run.toml"
     config.write_text(COLOUR_RUN.format(model=model, data=data, out=tmp_path / "run")
                       .replace("max_steps = 300", "max_steps = 6").replace("every = 300", "every = 6"))
@@ -284,6 +311,70 @@ def test_an_idefics3_model_trains_on_rows_with_different_image_counts(llava: Pat
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
               if '"loss"' in line]
     assert len(losses) == 6 and losses[-1] < losses[0]
+
+
+QWEN_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+                 "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                 "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+                 "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def save_tiny_qwen2_vl(out: Path) -> Path:
+    """A random Qwen2-VL: its own ViT with 2x2 patch merging, M-RoPE over (time, height, width); its processor
+    turns each image into a variable number of flattened patches (``pixel_values`` [patches, 3*2*14*14],
+    ``image_grid_thw``) and marks image tokens per token (``mm_token_type_ids``). Saved without a video
+    processor, which transformers makes only with torchvision."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+
+    from swiftk.kernel.tiny import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    marks = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": marks}, replace_extra_special_tokens=False)
+    ids = {mark: tokenizer.convert_tokens_to_ids(mark) for mark in marks}
+    text = {"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+            "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}}
+    vision = {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "patch_size": 14,
+              "spatial_merge_size": 2, "temporal_patch_size": 2, "mlp_ratio": 2}
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                           vision_end_token_id=ids["<|vision_end|>"])
+    Qwen2VLForConditionalGeneration(config).save_pretrained(out)
+    images = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56)
+    images_only(Qwen2VLProcessor)(image_processor=images, tokenizer=tokenizer,
+                                  chat_template=QWEN_TEMPLATE).save_pretrained(out)
+    return out
+
+
+def test_a_qwen2_vl_model_trains_with_its_patches_and_multimodal_positions(llava: Path, tmp_path: Path) -> None:
+    """Qwen2-VL's inputs are unlike LLaVA's: patches of all images concatenated with their grids, a per-token
+    column, positions computed from both. Its processor loads without torchvision (the video processor left
+    out), its chat template writes the image markers, and the model learns."""
+    model = save_tiny_qwen2_vl(tmp_path / "qwen2vl")
+    processor = load_processor(ModelConfig(model_id=str(model)))
+    assert type(processor).__name__ == "Qwen2VLProcessor" and not hasattr(processor, "video_processor")
+    data = llava / "data"
+    samples = vision_samples(str(data / "eval.jsonl"), rows_of(data / "eval.jsonl")[:2], processor,
+                             DataConfig(train_file="x"))
+    assert "<|vision_start|><|image_pad|>" in processor.tokenizer.decode(samples[0].input_ids)
+    batch = vision_collate(samples, processor.tokenizer.pad_token_id)
+    grids = batch.model_inputs["image_grid_thw"]
+    assert grids.shape == (2, 3) and batch.model_inputs["pixel_values"].shape[0] == int(grids.prod(dim=1).sum())
+    marked = batch.model_inputs["mm_token_type_ids"] == 1
+    assert torch.equal(marked, batch.input_ids == processor.image_token_id)
+    config = tmp_path / "run.toml"
+    config.write_text(COLOUR_RUN.format(model=model, data=data, out=tmp_path / "run")
+                      .replace("max_steps = 300", "max_steps = 6").replace("every = 300", "every = 6"))
+    assert main(["run", str(config)]) == 0
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in metrics if "loss" in m and "step" in m]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert [m for m in metrics if "eval_exact_match" in m], "held-out answers generated through its processor"
+    assert load_processor(ModelConfig(model_id=str(tmp_path / "run" / "final"))).image_token_id == \
+        processor.image_token_id
 
 
 GROUNDING_RUN = """
