@@ -62,6 +62,7 @@ class Trained:
     tokenizer: Any
     cfg: RunConfig
     adapter: bool
+    processor: Any = None  # a vision run's processor (saved with the export), whose tokenizer is ``tokenizer``
 
 
 @dataclass
@@ -162,14 +163,18 @@ def export(run_dir: str | Path, out: str | Path, merge: bool = False, quantize: 
         from transformers import AutoTokenizer
 
         check_bpe(AutoTokenizer.from_pretrained(final))
-    if (quantize or gguf) and stage_class(load_config(run_dir / "config.toml", saved=True).train).reward_head:
-        raise ExportError(f"--{'quantize' if quantize else 'gguf'} {quantize or gguf}: {run_dir} trained a reward "
-                          f"model (a scalar head), which these formats do not carry; export an adapter run with "
-                          f"--merge, or use a full run's final/ folder as it is")
+    stage = stage_class(load_config(run_dir / "config.toml", saved=True).train)
+    if (quantize or gguf) and (stage.reward_head or stage.vision):
+        what = "a reward model (a scalar head)" if stage.reward_head else \
+            "a vision-language model" if stage.vision == "generative" else "an image and a text encoder (CLIP-style)"
+        raise ExportError(f"--{'quantize' if quantize else 'gguf'} {quantize or gguf}: {run_dir} trained {what}, "
+                          f"which swiftk's {'quantized' if quantize else 'GGUF'} exports do not carry; export an "
+                          f"adapter run with --merge, or use a full run's final/ folder as it is")
     if quantize in COMPRESSED:
         envs.ensure("llmcompressor", env_dir=env_dir, progress=True)  # before the model: a failed install costs less
     trained = load_trained(run_dir)
-    reward = stage_class(trained.cfg.train).reward_head
+    reward = stage.reward_head
+    scored = not reward and stage.vision != "dual"  # what perplexity and answers measure: a model that writes text
     if quantize in CALIBRATED:
         quant.group_size = group_size(trained.model, quant.group_size)
     timings: dict[str, float] = {}
@@ -177,11 +182,11 @@ def export(run_dir: str | Path, out: str | Path, merge: bool = False, quantize: 
     tokenizer, cfg = trained.tokenizer, trained.cfg
     length = export_check.sequence_length(trained.model)
     held = export_check.HeldOut([], "none: not measured", [], [])
-    if check or quantize in CALIBRATED:
-        held = export_check.held_out(cfg, tokenizer, length)
-    prompts, expected = export_check.sample_prompts(cfg) if check and not reward else ([], [])
+    if (check and scored) or quantize in CALIBRATED:
+        held = export_check.held_out(cfg, tokenizer, length, trained.processor)
+    prompts, expected = export_check.sample_prompts(cfg) if check and scored else ([], [])
     reference = export_check.Figures()
-    if check and not reward:
+    if check and scored:
         autocast = reference_autocast(cfg, trained.model)
         reference = export_check.measure(trained.model, tokenizer, held, prompts, cfg, autocast)
     timings["reference"] = time.monotonic() - started
@@ -199,7 +204,8 @@ def export(run_dir: str | Path, out: str | Path, merge: bool = False, quantize: 
     staging.mkdir(parents=True)
     try:
         started = time.monotonic()
-        gguf_file, bits, what = write(model, tokenizer, staging, run_dir, quantize, gguf, quant, held, cfg, env_dir)
+        gguf_file, bits, what = write(model, trained.processor or tokenizer, staging, run_dir, quantize, gguf, quant,
+                                      held, cfg, env_dir)
         timings["write"] = time.monotonic() - started
         del model, trained  # the reference's figures are kept; its weights need not share memory with the export's
         gc.collect()
@@ -208,8 +214,8 @@ def export(run_dir: str | Path, out: str | Path, merge: bool = False, quantize: 
         started = time.monotonic()
         problem, exported = None, None
         try:
-            loaded = export_check.load_export(staging, gguf_file, reward)
-            if not reward and check:
+            loaded = export_check.load_export(staging, gguf_file, reward, stage.vision)
+            if scored and check:
                 exported = export_check.measure(loaded, tokenizer, held, prompts, cfg)
                 problem = export_check.verdict(reference, exported, bound)
             del loaded
@@ -304,11 +310,40 @@ def load_trained(run_dir: Path) -> Trained:
         raise ExportError(f"{final} does not exist: the run did not finish, or ran with [output] save_final = "
                           f"false. Resume it to the end (`swiftk run CONFIG --resume`) first.")
     cfg = load_config(run_dir / "config.toml", saved=True)
+    if stage_class(cfg.train).vision:
+        return vision_trained(run_dir, cfg)
     tokenizer = AutoTokenizer.from_pretrained(final)
     if not (final / "adapter_config.json").is_file():
         auto = AutoModelForSequenceClassification if stage_class(cfg.train).reward_head else AutoModelForCausalLM
         return Trained(auto.from_pretrained(final).eval(), tokenizer, cfg, adapter=False)
     return Trained(rebuild_adapter_model(run_dir, cfg, tokenizer).eval(), tokenizer, cfg, adapter=True)
+
+
+def vision_trained(run_dir: Path, cfg: RunConfig) -> Trained:
+    """A vision run's result with the processor it saved beside it: its folder as it is (a full run), or the
+    adapter back on its base as training built it (loaded, or composed by ``[model.vision]``)."""
+    from swiftk.kernel.config import ModelConfig
+    from swiftk.kernel.model import pick_device
+    from swiftk.kernel.vlm import load_processor, load_vision_model
+
+    final = run_dir / "final"
+    processor = load_processor(ModelConfig(model_id=str(final)))
+    device = pick_device(cfg.model.device) if torch.cuda.is_available() else torch.device("cpu")
+    if not (final / "adapter_config.json").is_file():
+        model = load_vision_model(ModelConfig(model_id=str(final), dtype=cfg.model.dtype), processor, device,
+                                  stage_class(cfg.train).vision)
+        return Trained(model.eval(), processor.tokenizer, cfg, adapter=False, processor=processor)
+    return Trained(vision_adapter_model(run_dir, cfg, processor).eval(), processor.tokenizer, cfg, adapter=True,
+                   processor=processor)
+
+
+def vision_adapter_model(run_dir: Path, cfg: RunConfig, processor: Any) -> torch.nn.Module:
+    """A vision run's adapter on its base as training built it (a vision-language model or a dual encoder)."""
+    from swiftk.kernel.vlm import load_vision_model
+
+    kind = stage_class(cfg.train).vision
+    return rebuild_adapter_model(run_dir, cfg, processor.tokenizer,
+                                 lambda device: load_vision_model(cfg.model, processor, device, kind))
 
 
 def require_run(run_dir: Path) -> None:

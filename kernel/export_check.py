@@ -36,7 +36,7 @@ from swiftk.contracts import IGNORE_INDEX, shifted_labels
 from swiftk.kernel.config import RunConfig
 from swiftk.kernel.data import Sample, Tokenize, collate, detect_format, read_rows, samples_from_rows
 from swiftk.kernel.errors import DataError, SwiftkError
-from swiftk.kernel.model import first_line
+from swiftk.kernel.model import first_line, forward_logits
 
 REPORT = "export_report.json"
 CHUNK = 256  # tokens per general-text chunk and per calibration sequence
@@ -93,8 +93,9 @@ def python_docs() -> str:
 
 
 def sequence_length(model: torch.nn.Module) -> int:
-    """``CHUNK`` tokens, or fewer where the model's context is shorter."""
-    return min(CHUNK, int(getattr(model.config, "max_position_embeddings", None) or CHUNK))
+    """``CHUNK`` tokens, or fewer where the model's (its language model's) context is shorter."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return min(CHUNK, int(getattr(config, "max_position_embeddings", None) or CHUNK))
 
 
 def chunks(ids: list[int], count: int, length: int) -> list[Sample]:
@@ -109,8 +110,9 @@ def as_scored(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def held_out(cfg: RunConfig, tokenizer: Any, length: int = CHUNK) -> HeldOut:
-    """The run's held-out task rows (or the reason there are none), the general chunks, and the calibration rows."""
+def held_out(cfg: RunConfig, tokenizer: Any, length: int = CHUNK, processor: Any = None) -> HeldOut:
+    """The run's held-out task rows (or the reason there are none), the general chunks, and the calibration rows.
+    With a vision-language model's ``processor``, the task rows are its examples with their images."""
     docs = tokenizer(python_docs()[:200_000], add_special_tokens=False)["input_ids"]
     general = chunks(docs, GENERAL_CHUNKS, length)
     data = cfg.data.model_copy(update={"packing": False})
@@ -132,7 +134,12 @@ def held_out(cfg: RunConfig, tokenizer: Any, length: int = CHUNK) -> HeldOut:
         path, rows, calibration = str(train_path), train[len(train) - keep:], train[:len(train) - keep]
         source = f"the last {keep} rows of {train_path} (training read them; calibration did not)"
     try:
-        task = samples_from_rows(path, rows, tokenizer, data) if rows else []
+        if processor is not None and rows:
+            from swiftk.kernel.vlm import vision_samples
+
+            task: list[Sample] = list(vision_samples(path, rows, processor, data))
+        else:
+            task = samples_from_rows(path, rows, tokenizer, data) if rows else []
     except DataError as exc:
         task, source = [], f"none: {exc}"
     if not rows:
@@ -200,12 +207,15 @@ def perplexity(model: torch.nn.Module, samples: list[Sample], pad_id: int,
     """exp(mean cross-entropy) over the labelled tokens of ``samples``, and how many tokens that was."""
     if not samples:
         return None, 0
+    from swiftk.kernel.vlm import VisionSample, vision_collate
+
     device = next(model.parameters()).device
+    batched = vision_collate if isinstance(samples[0], VisionSample) else collate  # with the images' tensors
     total, count = 0.0, 0
     for start in range(0, len(samples), 8):
-        batch = collate(samples[start:start + 8], pad_id).to(device)
+        batch = batched(samples[start:start + 8], pad_id).to(device)
         with autocast():
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+            logits = forward_logits(model, batch)
         targets = shifted_labels(batch.labels)
         total += float(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
                                        reduction="sum"))
@@ -256,9 +266,15 @@ def sample_prompts(cfg: RunConfig) -> tuple[list[str], list[str | None]]:
 # ------------------------------------------------------------------------------------------------ the check
 
 
-def load_export(folder: Path, gguf_file: str | None, reward: bool = False) -> torch.nn.Module:
-    """The export as its users load it, on the GPU where there is one."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+def load_export(folder: Path, gguf_file: str | None, reward: bool = False, vision: str = "") -> torch.nn.Module:
+    """The export as its users load it, on the GPU where there is one. ``vision``: the stage's kind of vision
+    model (``Stage.vision``), which transformers' auto class loads it."""
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoModelForSequenceClassification,
+    )
 
     from swiftk.kernel.model import pack_zero_points_on_meta
 
@@ -266,6 +282,9 @@ def load_export(folder: Path, gguf_file: str | None, reward: bool = False) -> to
     if reward:
         return AutoModelForSequenceClassification.from_pretrained(folder).eval()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if vision:
+        auto = AutoModelForImageTextToText if vision == "generative" else AutoModel
+        return auto.from_pretrained(folder, device_map={"": device}).eval()
     if gguf_file:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
         return model.to(device).eval()

@@ -261,14 +261,13 @@ def load_vision(target: Target, merged: bool) -> Loaded:
         device = pick_device(target.model_cfg.device) if torch.cuda.is_available() else torch.device("cpu")
         model = load_vision_model(target.model_cfg, processor, device)
         return Loaded(model.eval(), processor.tokenizer, run_autocast(target, model), False, processor)
-    from swiftk.kernel.export import rebuild_adapter_model
+    from swiftk.kernel.export import vision_adapter_model
     from swiftk.kernel.tuners import merged as merge
 
     assert target.cfg is not None and target.run_dir is not None
     cfg = target.cfg
     processor = load_processor(ModelConfig(model_id=str(target.adapter_dir)))
-    model = rebuild_adapter_model(target.run_dir, cfg, processor.tokenizer,
-                                  lambda device: load_vision_model(cfg.model, processor, device))
+    model = vision_adapter_model(target.run_dir, cfg, processor)
     adapter = not merged
     if merged:
         model = merge(model, cfg.train)

@@ -47,7 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("run_dir", help="a run directory (holds config.toml and final/)")
     parser.add_argument("--out", required=True, help="output folder (must be empty or new)")
-    parser.add_argument("--merge", action="store_true", help="fold the adapter into the base (adapter runs)")
+    parser.add_argument("--merge", action="store_true",
+                        help="fold the adapter into the base (adapter runs; the only export of a vision run, vlm or "
+                             "clip, written with its processor)")
     parser.add_argument("--quantize", "--quant", default=None, metavar="SCHEME",
                         help="gptq, awq, fp8, fp8-dynamic, bnb-nf4 or bnb-int8: a quantized HF folder (merging an "
                              "adapter first)")

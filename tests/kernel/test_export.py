@@ -283,3 +283,31 @@ def test_vllm_on_cpu_refuses_fp8_folders_before_starting(compressed: dict[str, P
     assert main(["serve", str(compressed["fp8"]), "--engine", "vllm", "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert "holds FP8 weights" in err and "--engine hf" in err
+
+
+def test_a_vision_language_lora_run_merges_into_a_folder_with_its_processor(llava: Path, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A vlm run's adapter (and its new projector) merged: the folder loads as transformers' vision-language model
+    with its processor, and the check scores the run's held-out questions *with their images* on both sides
+    (a merge is exact). The quantized formats refuse it by name."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .test_vlm import COLOUR_RUN
+
+    config = tmp_path / "run.toml"
+    config.write_text(COLOUR_RUN.format(model=llava / "model", data=llava / "data", out=tmp_path / "run")
+                      .replace("max_steps = 300", "max_steps = 10").replace("every = 300", "every = 10")
+                      .replace('tuner_strategy = "full"', 'tuner_strategy = "lora"\nlora_rank = 8\n'
+                               'modules_to_save = ["multi_modal_projector"]'))
+    assert main(["run", str(config)]) == 0
+    assert main(["export", str(tmp_path / "run"), "--merge", "--out", str(tmp_path / "m")]) == 0
+    report = report_of(tmp_path / "m")
+    task = report["perplexity"]["task"]
+    assert report["held_out"]["task"].startswith(str(llava / "data" / "eval.jsonl"))
+    assert task["tokens"] > 0 and abs(task["ratio"] - 1) < 1e-3, task
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "m")
+    assert type(model).__name__ == "LlavaForConditionalGeneration" and not (tmp_path / "m/adapter_config.json").exists()
+    assert AutoProcessor.from_pretrained(tmp_path / "m").image_processor is not None
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "run"), "--quantize", "bnb-nf4", "--out", str(tmp_path / "q")]) == 1
+    assert "trained a vision-language model" in capsys.readouterr().err and not (tmp_path / "q").exists()
