@@ -6,7 +6,10 @@ bias) go to the loss plugin (``clip_contrastive`` by default: symmetric InfoNCE;
 sigmoid loss; plugins/losses/contrastive.py). The other captions of the micro-batch are each image's negatives, so
 ``[train] batch_size`` is the contrastive batch; grad_accum and more ranks add pairs to the step, not negatives.
 The whole model trains (``tuner_strategy = "full"``), or one tower of it (``freeze_vision_tower``, LiT-style, or
-``freeze_text_tower``); the adapter tuners wrap models as causal LMs and are refused.
+``freeze_text_tower``), or LoRA/DoRA adapters in the towers that are not frozen (``lora_target_modules``:
+CLIP and SigLIP name their attention ``q_proj``/``k_proj``/``v_proj``/``out_proj`` in both towers). Under an
+adapter tuner the temperature (and SigLIP's bias) stays the base model's: it is no adapter weight, so the saved
+adapter would not carry it.
 
 Rows: ``{"image": ..., "caption": "a red circle"}`` (or ``"text"``), or webdataset-style ``{"jpg": bytes, "txt":
 ...}`` (also ``png``, ``jpeg``, ``webp``); an image is anything ``kernel.images.load_image`` reads, relative paths
@@ -32,7 +35,6 @@ from pydantic import Field
 
 from swiftk.contracts import IGNORE_INDEX, Batch, LossChoice, ModelOutputs
 from swiftk.contracts.stages import DataContext, Stage, StageConfig, StepContext, register_stage
-from swiftk.contracts.tuners import lookup_tuner
 from swiftk.kernel.data import load_rows
 from swiftk.kernel.errors import DataError
 from swiftk.kernel.images import ImageError, load_image
@@ -100,10 +102,10 @@ class Clip(Stage):
         if config.model.vision is not None:
             problems.append("[model.vision]: composes a generative vision-language model ([train] stage = 'vlm'); "
                             "the clip stage trains a dual encoder (CLIP, SigLIP) named by [model] model_id alone")
-        if lookup_tuner(self.train.tuner_strategy).adapter:
-            problems.append(f"[train] tuner_strategy = '{self.train.tuner_strategy}': the adapter tuners wrap the "
-                            f"model as a causal language model (PEFT task_type CAUSAL_LM), which a dual encoder is "
-                            f"not; use 'full' (freeze_vision_tower or freeze_text_tower train one tower only)")
+        if getattr(self.train, "quantization_bit", None):  # qlora's, or lora's with quantization_bit
+            problems.append(f"[train] quantization_bit / tuner_strategy = '{self.train.tuner_strategy}': the clip "
+                            f"stage does not train a quantized dual encoder (its towers are small); use 'lora' "
+                            f"without quantization_bit, or 'full'")
         if self.train.freeze_vision_tower and self.train.freeze_text_tower:
             problems.append("[train] freeze_text_tower: both towers are frozen, so only the temperature would "
                             "learn; unfreeze one of them")

@@ -138,7 +138,7 @@ class LoRA(Tuner):
             use_rslora=train.use_rslora,
             use_dora=train.use_dora or self.dora,
             modules_to_save=list(train.modules_to_save) or None,
-            task_type="SEQ_CLS" if reward_head else "CAUSAL_LM",  # SEQ_CLS also trains the new reward head
+            task_type=task_type(model, reward_head),
         )
         try:
             # Adapter weights stay float32 whatever the base dtype (peft's autocast_adapter_dtype).
@@ -165,6 +165,16 @@ class QLoRA(LoRA):
     """LoRA on a base quantized by bitsandbytes on load (4-bit NF4 by default)."""
 
     config = QLoRAConfig
+
+
+def task_type(model: torch.nn.Module, reward_head: bool) -> str | None:
+    """PEFT's wrapper for ``model``: SEQ_CLS for a reward model (it also trains the new score head), CAUSAL_LM for
+    one that generates (language and vision-language models), and none (PEFT's plain wrapper, whose forward
+    passes every input through) for one that does not: an image and a text encoder (CLIP, SigLIP)."""
+    if reward_head:
+        return "SEQ_CLS"
+    generates = getattr(model, "can_generate", None)
+    return "CAUSAL_LM" if callable(generates) and generates() else None
 
 
 def linear_names(model: torch.nn.Module) -> list[str]:
