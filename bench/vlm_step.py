@@ -3,6 +3,7 @@ features, against TRL's SFTTrainer with its vision-language collator, in one pro
 
     .venv/bin/python bench/vlm_step.py [--model tiny|smollm2] [--steps 16] [--warmup 4] [--rows 64] [--batch 16]
                                        [--rounds 1] [--threads N] [--max-other-cores 0.1] [--retries 0]
+                                       [--chunked-loss true|false]
 
 Contenders, each a full training run on the same model, rows, batches (file order), LoRA and optimizer:
   swiftk_cached    ``swiftk run`` (``kernel.run.execute``, in this process) of ``[train] stage = "vlm"`` with
@@ -202,7 +203,7 @@ def swiftk_config(work: Path, folder: Path, args: argparse.Namespace, cached: bo
         "train": {"stage": "vlm", "tuner_strategy": "lora", **LORA, "cache_vision_features": cached, "lr": LR,
                   "scheduler": "constant", "warmup_steps": 0, "weight_decay": 0.0, "batch_size": args.batch,
                   "grad_accum": 1, "max_steps": args.steps, "seed": SEED, "precision": "fp32",
-                  "max_grad_norm": CLIP},
+                  "max_grad_norm": CLIP, "chunked_loss": args.chunked_loss == "true"},
         "output": {"dir": str(work / "swiftk_run"), "save_final": False},
         "log": {"progress": "none"},
     }
@@ -392,6 +393,7 @@ def report(rounds: list[dict[str, dict[str, Any]]], args: argparse.Namespace) ->
     out |= {
         "model": {"tiny": "dinov2-small+tiny-llama", "smollm2": "dinov2-small+smollm2-135m"}[args.model],
         "tuner": f"lora r{LORA['lora_rank']} + projector", "precision": "fp32", "batch": args.batch,
+        "swiftk_chunked_loss": args.chunked_loss == "true",
         "rows": args.rows, "steps": args.steps, "warmup_steps": args.warmup, "rounds": len(rounds),
         "trl_collator": rounds[0]["trl"]["collator"], "trl_optim": rounds[0]["trl"]["optim"],
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -408,6 +410,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None,
                         help="leading steps of each run left out (default: one epoch of --rows, the cold cache)")
     parser.add_argument("--rows", type=int, default=64, help="easy_vqa rows trained on, in file order")
+    parser.add_argument("--chunked-loss", choices=("true", "false"), default="true",
+                        help="swiftk's [train] chunked_loss (false: full logits, as before the vlm stage used the "
+                             "hidden-state path; what that path is worth)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=1, help="(swiftk cached, swiftk, TRL) rounds, order rotating")
     parser.add_argument("--max-other-cores", type=float, default=0.1,
