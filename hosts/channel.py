@@ -74,13 +74,17 @@ class Channel:
     def receive(self, timeout_s: float, what: str, label: str | None = None, deadline: bool = False,
                 starting: bool = False, watch: Callable[[], None] | None = None) -> m.Message:
         """The host's next message, watching its process, heartbeats, the deadline and (``watch``, called while
-        waiting) anything else the caller bounds, such as a CPU budget."""
+        waiting) anything else the caller bounds, such as a CPU budget. Reads without sleeping for
+        ``answer_spin_us`` first: most answers come back within it."""
         label = label or self.label
         end = time.monotonic() + timeout_s
+        spin_end = time.perf_counter() + self.settings.answer_spin_us / 1e6
         while True:
             message = self.read(what, label)
             if message is not None:
                 return message
+            if time.perf_counter() < spin_end:
+                continue
             if wire.wait(self.link, min(end - time.monotonic(), self.settings.heartbeat_interval_s)):
                 continue
             self.check_alive(what, label, starting)

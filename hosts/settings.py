@@ -23,3 +23,7 @@ class HostSettings(BaseModel):
                                       description="wait after a shutdown request, then SIGTERM, SIGKILL")
     spin_us: float = Field(default=200.0, ge=0, description="a host busy-waits this long for the next call after each "
                            "answer (hook calls come in bursts); 0 sleeps at once")
+    answer_spin_us: float = Field(default=150.0, ge=0,
+                                  description="the kernel busy-reads this long for a host's answer before it sleeps "
+                                              "until the answer comes (a small call's answer comes within it, and a "
+                                              "sleeping thread takes tens of microseconds to wake); 0 sleeps at once")
