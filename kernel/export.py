@@ -327,23 +327,15 @@ def vision_trained(run_dir: Path, cfg: RunConfig) -> Trained:
     from swiftk.kernel.vlm import load_processor, load_vision_model
 
     final = run_dir / "final"
-    processor = load_processor(ModelConfig(model_id=str(final)))
-    device = pick_device(cfg.model.device) if torch.cuda.is_available() else torch.device("cpu")
-    if not (final / "adapter_config.json").is_file():
-        model = load_vision_model(ModelConfig(model_id=str(final), dtype=cfg.model.dtype), processor, device,
-                                  stage_class(cfg.train).vision)
-        return Trained(model.eval(), processor.tokenizer, cfg, adapter=False, processor=processor)
-    return Trained(vision_adapter_model(run_dir, cfg, processor).eval(), processor.tokenizer, cfg, adapter=True,
-                   processor=processor)
-
-
-def vision_adapter_model(run_dir: Path, cfg: RunConfig, processor: Any) -> torch.nn.Module:
-    """A vision run's adapter on its base as training built it (a vision-language model or a dual encoder)."""
-    from swiftk.kernel.vlm import load_vision_model
-
     kind = stage_class(cfg.train).vision
-    return rebuild_adapter_model(run_dir, cfg, processor.tokenizer,
-                                 lambda device: load_vision_model(cfg.model, processor, device, kind))
+    processor = load_processor(ModelConfig(model_id=str(final)))
+    if not (final / "adapter_config.json").is_file():
+        device = pick_device(cfg.model.device) if torch.cuda.is_available() else torch.device("cpu")
+        model = load_vision_model(ModelConfig(model_id=str(final), dtype=cfg.model.dtype), processor, device, kind)
+        return Trained(model.eval(), processor.tokenizer, cfg, adapter=False, processor=processor)
+    model = rebuild_adapter_model(run_dir, cfg, processor.tokenizer,
+                                  lambda device: load_vision_model(cfg.model, processor, device, kind))
+    return Trained(model.eval(), processor.tokenizer, cfg, adapter=True, processor=processor)
 
 
 def require_run(run_dir: Path) -> None:

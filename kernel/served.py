@@ -224,14 +224,14 @@ class Loaded:
 
 
 def load(target: Target, merged: bool = False) -> Loaded:
-    """The target's model (eval mode) and tokenizer; ``merged`` folds a LoRA adapter into the base first."""
+    """The target's model (eval mode) and tokenizer; ``merged`` folds a LoRA adapter into the base first. A run
+    loads as ``export.load_trained`` rebuilds it (a vision run with the processor it saved); a vision-language
+    model folder with its own processor."""
     import torch
 
     from swiftk.kernel.model import load_model, load_tokenizer, pick_device
 
     with quiet():
-        if target.vision:
-            return load_vision(target, merged)
         if target.cfg is not None and target.run_dir is not None:
             from swiftk.kernel.export import load_trained
 
@@ -241,37 +241,17 @@ def load(target: Target, merged: bool = False) -> Loaded:
                 from swiftk.kernel.tuners import merged as merge
 
                 model, adapter = merge(model, target.cfg.train), False
-            return Loaded(model.eval(), trained.tokenizer, run_autocast(target, model), adapter)
-        tokenizer = load_tokenizer(target.model_cfg)
+            return Loaded(model.eval(), trained.tokenizer, run_autocast(target, model), adapter, trained.processor)
         device = pick_device(target.model_cfg.device) if torch.cuda.is_available() else torch.device("cpu")
+        if target.vision:
+            from swiftk.kernel.vlm import load_processor, load_vision_model
+
+            processor = load_processor(target.model_cfg)
+            model = load_vision_model(target.model_cfg, processor, device)
+            return Loaded(model.eval(), processor.tokenizer, None, False, processor)
+        tokenizer = load_tokenizer(target.model_cfg)
         model = load_model(target.model_cfg, len(tokenizer), device)
         return Loaded(model.eval(), tokenizer, None, False)
-
-
-def load_vision(target: Target, merged: bool) -> Loaded:
-    """A vision-language target's processor and model: a LoRA run's adapter back on its base as training built it
-    (the processor is the one the run saved beside the adapter), a full run's or a model's folder as it is."""
-    import torch
-
-    from swiftk.kernel.model import pick_device
-    from swiftk.kernel.vlm import load_processor, load_vision_model
-
-    if target.adapter_dir is None:
-        processor = load_processor(target.model_cfg)
-        device = pick_device(target.model_cfg.device) if torch.cuda.is_available() else torch.device("cpu")
-        model = load_vision_model(target.model_cfg, processor, device)
-        return Loaded(model.eval(), processor.tokenizer, run_autocast(target, model), False, processor)
-    from swiftk.kernel.export import vision_adapter_model
-    from swiftk.kernel.tuners import merged as merge
-
-    assert target.cfg is not None and target.run_dir is not None
-    cfg = target.cfg
-    processor = load_processor(ModelConfig(model_id=str(target.adapter_dir)))
-    model = vision_adapter_model(target.run_dir, cfg, processor)
-    adapter = not merged
-    if merged:
-        model = merge(model, cfg.train)
-    return Loaded(model.eval(), processor.tokenizer, run_autocast(target, model), adapter, processor)
 
 
 def run_autocast(target: Target, model: Any) -> Autocast | None:
