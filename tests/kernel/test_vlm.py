@@ -194,10 +194,16 @@ def test_a_tiny_llava_learns_to_read_colours_from_pixels(llava: Path, tmp_path: 
 
 @pytest.mark.parametrize("tuner", ["full", "lora"])
 def test_the_vlm_stage_trains_the_same_from_hidden_states_as_from_logits(
-        llava: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], tuner: str) -> None:
+        llava: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        tuner: str) -> None:
     """[train] chunked_loss holds for images too: the batch's pixels reach the model through ``model_inputs`` on
-    the path that stops at the hidden states (only the answer tokens meet the LM head), and the losses and the
-    held-out loss are the full logits' ones."""
+    the path that stops at the hidden states (only the answer tokens meet the LM head; counted, so a run that
+    silently took the logits path fails), and the losses and the held-out loss are the full logits' ones."""
+    from swiftk.kernel.heads import ChunkedHead
+
+    through_head = []
+    outputs = ChunkedHead.outputs
+    monkeypatch.setattr(ChunkedHead, "outputs", lambda self, *a: through_head.append(1) or outputs(self, *a))
     lora = '\nlora_rank = 8\nmodules_to_save = ["multi_modal_projector"]' if tuner == "lora" else ""
     curves, evals = [], []
     for chunked in ("true", "false"):
@@ -209,9 +215,12 @@ def test_the_vlm_stage_trains_the_same_from_hidden_states_as_from_logits(
         assert main(["run", str(config)]) == 0
         if chunked == "true":
             assert "chunked loss off" not in capsys.readouterr().out
+            assert len(through_head) == 5, "every step's forward stopped at the hidden states"
+            through_head.clear()
         metrics = [json.loads(line) for line in (tmp_path / chunked / "metrics.jsonl").read_text().splitlines()]
         curves.append([m["loss"] for m in metrics if "loss" in m and "step" in m])
         evals.append([m["eval_loss"] for m in metrics if "eval_loss" in m][-1])
+    assert not through_head, "chunked_loss = false reads full logits"
     assert len(curves[0]) == 5 and curves[0][-1] < curves[0][0]
     # Equal at the first step to float rounding (summation order), which Adam's steps then carry along.
     assert curves[0][0] == pytest.approx(curves[1][0], rel=1e-5)
