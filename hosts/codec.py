@@ -19,6 +19,7 @@ from swiftk.shm.refs import BadReference, CudaRef, TensorRef
 
 RECORD_TYPES: dict[str, type[Any]] = {cls.__name__: cls for cls in (Batch, ModelOutputs, LossResult, StepState)}
 PLAIN = (type(None), bool, int, float, str, bytes)
+EXACTLY_PLAIN = frozenset(PLAIN)
 
 
 class Unsendable(TypeError):
@@ -35,17 +36,17 @@ def to_wire(value: Any, tensor: Callable[[torch.Tensor], Any], where: str = "val
 
 
 def _wire(value: Any, tensor: Callable[[torch.Tensor], Any]) -> Any:
-    if isinstance(value, PLAIN):
+    if type(value) in EXACTLY_PLAIN or isinstance(value, PLAIN):  # a set lookup first: this runs at every call
         return value
     if isinstance(value, torch.Tensor):
         return tensor(value)
-    if isinstance(value, Mapping):
+    if type(value) is dict or isinstance(value, Mapping):
         out = {}
         for k, v in value.items():
             if not isinstance(k, str):
                 raise Unsendable(f" is a mapping with a non-string key {k!r}")
             try:
-                out[k] = _wire(v, tensor)
+                out[k] = v if type(v) in EXACTLY_PLAIN else _wire(v, tensor)
             except Unsendable as exc:
                 raise Unsendable(f".{k}{exc}") from None
         return out
@@ -53,7 +54,8 @@ def _wire(value: Any, tensor: Callable[[torch.Tensor], Any]) -> Any:
         return [_wire(v, tensor) for v in value]
     record = RECORD_TYPES.get(type(value).__name__)
     if record is not None and type(value) is record:
-        return Struct(record.__name__, {name: _wire(v, tensor) for name, v in stored_fields(value).items()})
+        return Struct(record.__name__, {name: v if type(v) in EXACTLY_PLAIN else _wire(v, tensor)
+                                        for name, v in stored_fields(value).items()})
     raise Unsendable(f" is a {type(value).__module__}.{type(value).__qualname__}, which cannot be sent to a "
                      f"plugin host (only tensors, the contract's records and plain data cross)")
 
@@ -74,6 +76,8 @@ def stored_fields(record: Any) -> dict[str, Any]:
 
 def from_wire(value: Any, tensor: Callable[[TensorRef | CudaRef], torch.Tensor]) -> Any:
     """The inverse of ``to_wire``; ``BadReference`` for a descriptor or record that does not check out."""
+    if type(value) in EXACTLY_PLAIN:
+        return value
     if isinstance(value, (TensorRef, CudaRef)):
         return tensor(value)
     if isinstance(value, list):
@@ -85,7 +89,7 @@ def from_wire(value: Any, tensor: Callable[[TensorRef | CudaRef], torch.Tensor])
         if cls is None:
             raise BadReference(f"unknown record type {value.type!r}")
         try:
-            return cls(**{k: from_wire(v, tensor) for k, v in value.fields.items()})
+            return cls(**{k: v if type(v) in EXACTLY_PLAIN else from_wire(v, tensor) for k, v in value.fields.items()})
         except TypeError as exc:
             raise BadReference(f"malformed {value.type}: {exc}") from None
     return value

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Union, get_args, get_origin
 
@@ -256,67 +257,120 @@ def _record(cls: type[Any], fields: Any) -> Any:
         unknown = sorted(map(str, set(fields) - _NAMES[cls]))
         raise ProtocolError(f"{cls.__name__}: unknown fields {unknown}")
     values = {}
-    for name, hint, required in layout:
+    for name, check, required in _CHECKS[cls]:
         if name not in fields:
             if required:
                 raise ProtocolError(f"{cls.__name__}: missing field {name!r}")
             continue
-        values[name] = _typed(fields[name], hint, f"{cls.__name__}.{name}")
+        values[name] = check(fields[name], f"{cls.__name__}.{name}")
     return cls(**values)
 
 
+Check = Callable[[Any, str], Any]  # (value, where) -> the value as the record holds it, or ProtocolError
 _LAYOUTS: dict[type[Any], list[tuple[str, Any, bool]]] = {}
 _NAMES: dict[type[Any], set[str]] = {}
+_CHECKS: dict[type[Any], list[tuple[str, Check, bool]]] = {}
 
 
 def _layout(cls: type[Any]) -> list[tuple[str, Any, bool]]:
-    """(name, type hint, required) per field of a record, computed once per class."""
+    """(name, type hint, required) per field of a record, computed once per class (with its fields' checks)."""
     if cls not in _LAYOUTS:
         hints = typing.get_type_hints(cls)
         _LAYOUTS[cls] = [(f.name, hints[f.name], f.default is dataclasses.MISSING
                           and f.default_factory is dataclasses.MISSING) for f in dataclasses.fields(cls)]
         _NAMES[cls] = {name for name, _, _ in _LAYOUTS[cls]}
+        _CHECKS[cls] = [(name, _check(hint), required) for name, hint, required in _LAYOUTS[cls]]
     return _LAYOUTS[cls]
 
 
 def _typed(value: Any, hint: Any, where: str) -> Any:
     """``value`` checked against ``hint`` (nested records built); ``ProtocolError`` naming ``where``."""
+    return _check(hint)(value, where)
+
+
+_COMPILED: dict[Any, Check] = {}
+
+
+def _check(hint: Any) -> Check:
+    """The check of ``hint``, built once per hint: a frame is checked at every call, so the hint's structure
+    (``get_origin`` / ``get_args``) is read here and not per value."""
+    if hint not in _COMPILED:
+        _COMPILED[hint] = _compile(hint)
+    return _COMPILED[hint]
+
+
+def _compile(hint: Any) -> Check:
+    name = getattr(hint, "__name__", hint)
+
+    def wrong(value: Any, where: str) -> ProtocolError:
+        return ProtocolError(f"{where}: expected {name}, got {type(value).__name__}")
+
     if hint is Any:
-        return value
-    if hint is int or hint is str:  # the common cases first
-        if type(value) is hint:
-            return value
-        raise ProtocolError(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
+        return lambda value, where: value
+    if hint is int or hint is str:  # exactly: a bool is not an int here
+        def exact(value: Any, where: str) -> Any:
+            if type(value) is hint:
+                return value
+            raise wrong(value, where)
+        return exact
     origin = get_origin(hint)
     if origin in (Union, types.UnionType):
         options = get_args(hint)
-        if value is None and type(None) in options:  # the common case, without trying each option
-            return None
-        for option in options:
-            try:
-                return _typed(value, option, where)
-            except ProtocolError:
-                continue
-        raise ProtocolError(f"{where}: {type(value).__name__} is not {hint}")
+        checks = [_check(option) for option in options]
+        optional = type(None) in options
+
+        def union(value: Any, where: str) -> Any:
+            if value is None and optional:  # the common case, without trying each option
+                return None
+            for check in checks:
+                try:
+                    return check(value, where)
+                except ProtocolError:
+                    continue
+            raise ProtocolError(f"{where}: {type(value).__name__} is not {hint}")
+        return union
     if hint is type(None):
-        if value is None:
-            return None
-    elif origin is list:
-        if isinstance(value, list):
-            (item,) = get_args(hint)
-            return [_typed(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    elif origin is dict:
-        if isinstance(value, dict):
-            _, item = get_args(hint)
-            return {k: _typed(v, item, f"{where}.{k}") for k, v in value.items() if isinstance(k, str)}
-    elif hint in NESTED:
-        return _record(hint, value)
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif hint is int:
-        if _is_int(value):
-            return value
-    elif isinstance(hint, type) and isinstance(value, hint):
-        return value
-    raise ProtocolError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {type(value).__name__}")
+        def none(value: Any, where: str) -> Any:
+            if value is None:
+                return None
+            raise wrong(value, where)
+        return none
+    if origin is list:
+        (item_hint,) = get_args(hint)
+        item = _check(item_hint)
+
+        def sequence(value: Any, where: str) -> Any:
+            if isinstance(value, list):
+                return [item(v, f"{where}[{i}]") for i, v in enumerate(value)]
+            raise wrong(value, where)
+        return sequence
+    if origin is dict:
+        _, value_hint = get_args(hint)
+        if value_hint is Any:
+            def anything(value: Any, where: str) -> Any:
+                if isinstance(value, dict):
+                    return {k: v for k, v in value.items() if isinstance(k, str)}
+                raise wrong(value, where)
+            return anything
+        entry = _check(value_hint)
+
+        def mapping(value: Any, where: str) -> Any:
+            if isinstance(value, dict):
+                return {k: entry(v, f"{where}.{k}") for k, v in value.items() if isinstance(k, str)}
+            raise wrong(value, where)
+        return mapping
+    if hint in NESTED:
+        return lambda value, where: _record(hint, value)
+    if hint is float:
+        def number(value: Any, where: str) -> Any:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            raise wrong(value, where)
+        return number
+    if isinstance(hint, type):
+        def instance(value: Any, where: str) -> Any:
+            if isinstance(value, hint):
+                return value
+            raise wrong(value, where)
+        return instance
+    raise TypeError(f"no wire check for the type hint {hint!r}")  # a new field type needs a case here
