@@ -1,7 +1,7 @@
 """Chunked linear + cross-entropy (``swiftk.contracts.chunked``) against ``F.cross_entropy`` on full logits.
 
     .venv/bin/python bench/chunked_ce.py [--tokens 2048] [--hidden 576] [--vocab 49152] [--labelled 0.5]
-                                         [--dtype bf16] [--reps 5]
+                                         [--dtype bf16] [--reps 5] [--tp 1]
 
 One loss step, forward and backward, at SmolLM2-135M's shape by default: hidden states ``[N, H]`` (a leaf that
 requires grad, as the decoder's output is) and the LM head's weight ``[V, H]`` (trainable with ``--train-head``,
@@ -13,6 +13,12 @@ sum over the scored tokens:
   chunked   linear_cross_entropy(h[scored], W, labels[scored]): one chunk of logits at a time, gradients
             computed in forward; in the dtype swiftk's kernel picks (``kernel.heads.matmul_dtype``): --dtype,
             except float32 for a 16-bit type this CPU only emulates (reported as chunked_dtype)
+
+With ``--tp N`` both ways run on N processes (gloo), the head split by vocabulary rows as tensor parallelism
+splits it (a DTensor, ``Shard(0)``): ``full`` is what tp did before, each rank's logits gathered whole
+(``contracts.chunked.head_logits``) and scored by ``F.cross_entropy``; ``chunked`` the vocabulary-parallel
+chunked loss (each rank scores its rows; three numbers per token exchanged). Figures are rank 0's; the tests
+check that the two agree (``tests/contracts/test_chunked.py``).
 
 Each way runs in a fresh subprocess: its peak memory is the process's peak RSS above what it held with the
 inputs allocated (what the step adds). Times: median of --reps steps after one warm-up. The gradients are
@@ -54,10 +60,10 @@ def inputs(args: argparse.Namespace, dtype: torch.dtype) -> tuple[torch.Tensor, 
 
 
 def step(way: str, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    from swiftk.contracts.chunked import linear_cross_entropy
+    from swiftk.contracts.chunked import head_logits, linear_cross_entropy
 
     if way == "full":
-        logits = hidden @ weight.T  # [N, V]
+        logits = head_logits(hidden, weight)  # [N, V] (a split head's slices gathered whole)
         loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
     else:
         scored = labels != IGNORE_INDEX
@@ -82,6 +88,15 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     """One way, in this process: its added peak memory, then its step time."""
     torch.set_num_threads(args.threads)
     hidden, weight, labels = inputs(args, dtype_of(args))
+    if args.tp > 1:
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        dist.init_process_group("gloo")
+        trained = weight.requires_grad
+        weight = distribute_tensor(weight.detach(), init_device_mesh("cpu", (args.tp,)), [Shard(0)])
+        weight.requires_grad_(trained)
     held = rss_bytes()
     step(args.way, hidden, weight, labels)  # the first step: the peak, from the kernel's own high-water mark
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -114,6 +129,26 @@ def gradients(args: argparse.Namespace) -> dict[str, float]:
             "loss_rel": float((loss - full).detach().abs() / full.detach().abs())}
 
 
+def run_way(way: str, passed: list[str], ranks: int) -> dict[str, Any]:
+    """One way in fresh processes (``ranks`` of them, a gloo group, for --tp): rank 0's figures."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, __file__, *passed, "--way", way], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "RANK": str(rank), "WORLD_SIZE": str(ranks),
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for rank in range(ranks)]
+    outs = [proc.communicate() for proc in procs]
+    for proc, (_, err) in zip(procs, outs, strict=True):
+        if proc.returncode:
+            raise SystemExit(f"{way} failed:\n{err}")
+    figures: dict[str, Any] = json.loads(outs[0][0].strip().splitlines()[-1])
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2048, help="N: tokens in the micro-batch (8 x 256)")
@@ -124,6 +159,7 @@ def main() -> None:
     parser.add_argument("--train-head", action="store_true", help="the head's weight is trained (full fine-tuning)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--tp", type=int, default=1, help="processes the head is split over (by vocabulary rows)")
     parser.add_argument("--way", choices=["full", "chunked"], help=argparse.SUPPRESS)  # the child's
     args = parser.parse_args()
     if args.way:
@@ -132,14 +168,12 @@ def main() -> None:
     passed = [a for a in sys.argv[1:]]
     figures: dict[str, Any] = {}
     for way in ("full", "chunked"):
-        out = subprocess.run([sys.executable, __file__, *passed, "--way", way], capture_output=True, text=True,
-                             check=True)
-        figures[way] = json.loads(out.stdout.strip().splitlines()[-1])
+        figures[way] = run_way(way, passed, args.tp)
         print(f"{way}: {figures[way]}", file=sys.stderr)
     result = {
         "bench": "chunked_ce", "tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab,
         "labelled": args.labelled, "dtype": args.dtype, "chunked_dtype": figures["chunked"]["dtype"],
-        "train_head": args.train_head, "threads": args.threads,
+        "train_head": args.train_head, "threads": args.threads, "tp": args.tp,
         "full_peak_mb": round(figures["full"]["peak_mb"], 1),
         "chunked_peak_mb": round(figures["chunked"]["peak_mb"], 1),
         "peak_ratio": round(figures["chunked"]["peak_mb"] / figures["full"]["peak_mb"], 3),

@@ -16,6 +16,12 @@ exists at once (the idea of Liger's FusedLinearCrossEntropy and of Cut Cross-Ent
 
 The matmuls run in the dtype ``h`` and ``W`` come in (the kernel picks it: ``kernel.heads.matmul_dtype``);
 softmax, log-sum-exp and the gradient of ``z`` in float32, as ``F.cross_entropy(logits.float())`` does.
+
+Under tensor parallelism the head is split by vocabulary rows: ``W`` is a DTensor whose rank holds rows
+``[o, o + V_r)`` (Megatron's vocabulary-parallel cross-entropy, chunked). Each rank computes its slice of every
+chunk's logits and sends the rest of its group three numbers per row (its log-sum-exp, the target's logit when
+the target is among its rows, its sum of logits), so the logits are never gathered: ``lse = logsumexp_r(lse_r)``.
+Each rank keeps the gradient of its own rows of ``W``; the gradient of ``h`` is summed over the group once.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 CHUNK_ELEMENTS = 1 << 23  # logits per chunk: 32 MB in float32, whatever the vocabulary
 
@@ -36,11 +43,16 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          label_smoothing: float = 0.0, chunk: int | None = None) -> torch.Tensor:
     """Summed cross-entropy of ``hidden @ weight.T`` against ``targets``, never holding all the logits.
 
-    hidden ``[N, H]``, weight ``[V, H]``, targets ``[N]`` (every row scored) -> a float32 scalar. Differentiable in
-    ``hidden`` and ``weight``; equal to ``F.cross_entropy((hidden @ weight.T).float(), targets, reduction="sum",
-    label_smoothing=...)`` and its gradients."""
+    hidden ``[N, H]``, weight ``[V, H]`` (or its vocabulary split, a DTensor), targets ``[N]`` (every row scored)
+    -> a float32 scalar. Differentiable in ``hidden`` and ``weight``; equal to ``F.cross_entropy((hidden @
+    weight.T).float(), targets, reduction="sum", label_smoothing=...)`` and its gradients."""
     check(hidden, weight, targets)
     differentiable = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    split, weight = VocabSplit.of(weight)
+    if split is not None:
+        vocab_result: torch.Tensor = _SplitCrossEntropy.apply(  # type: ignore[no-untyped-call]
+            hidden, split.local, targets, float(label_smoothing), chunk or split.chunk, differentiable, split)
+        return vocab_result
     result: torch.Tensor = _LinearCrossEntropy.apply(hidden, weight, targets, float(label_smoothing),  # type: ignore[no-untyped-call]
                                                      chunk or chunk_rows(weight.shape[0]), differentiable)
     return result
@@ -53,6 +65,11 @@ def linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     check(hidden, weight, targets)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    split, weight = VocabSplit.of(weight)
+    if split is not None:
+        vocab_result: torch.Tensor = _SplitTokenLogps.apply(  # type: ignore[no-untyped-call]
+            hidden, split.local, targets, float(temperature), chunk or split.chunk, split)
+        return vocab_result
     result: torch.Tensor = _LinearTokenLogps.apply(hidden, weight, targets, float(temperature),  # type: ignore[no-untyped-call]
                                                    chunk or chunk_rows(weight.shape[0]))
     return result
@@ -64,6 +81,29 @@ def check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> 
                          f"{tuple(weight.shape)}")
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"targets [N] expected for hidden {tuple(hidden.shape)}, got {tuple(targets.shape)}")
+
+
+def is_split(value: Any) -> bool:
+    """Whether ``value`` is a DTensor (a tensor-parallel head's vocabulary split), which cannot cross as it is."""
+    if value is None or type(value) in (torch.Tensor, torch.nn.Parameter):
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(value, DTensor)
+
+
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``hidden @ weight.T`` whole (``[..., V]``), differentiable; a vocabulary-split head's slices gathered."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if not isinstance(weight, DTensor):
+        return hidden @ weight.T
+    spread = DTensor.from_local(hidden, weight.device_mesh, [Replicate()] * weight.device_mesh.ndim,
+                                run_check=False)
+    sliced = spread @ weight.T  # [..., V] split by vocabulary
+    assert isinstance(sliced, DTensor)
+    logits: torch.Tensor = sliced.full_tensor()  # backward: each rank's slice, the hidden states' gradient summed
+    return logits
 
 
 def chunk_logits(h: torch.Tensor, weight: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -148,3 +188,138 @@ class _LinearTokenLogps(torch.autograd.Function):
             if grad_w is not None:
                 grad_w.addmm_(dz.T, h.float())
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
+
+
+class VocabSplit:
+    """A head split by vocabulary rows over one mesh dimension: this rank's rows ``[offset, offset + rows)`` of
+    ``vocab``, its local weight (differentiable: its gradient becomes the DTensor's), and the ranks' group."""
+
+    def __init__(self, local: torch.Tensor, offset: int, vocab: int, group: Any) -> None:
+        self.local, self.offset, self.vocab, self.group = local, offset, vocab, group
+        self.ranks = dist.get_world_size(group)
+        # Rows per chunk: a chunk of the one-process size on each rank, the same number on every rank (each chunk
+        # is a collective), from the largest rank's rows.
+        self.chunk = chunk_rows(-(-vocab // self.ranks))
+
+    @classmethod
+    def of(cls, weight: torch.Tensor) -> tuple[VocabSplit | None, torch.Tensor]:
+        """``weight``'s split when it is a DTensor laid out as ``Shard(0)`` over a 1-D mesh with rows on every
+        rank (tensor parallelism's vocabulary-parallel head), else None and the weight whole: a plain tensor as it
+        is, any other DTensor gathered (differentiably), which these functions then score as one."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        if not isinstance(weight, DTensor):
+            return None, weight
+        mesh, vocab = weight.device_mesh, weight.shape[0]
+        step = -(-vocab // mesh.size())  # DTensor's Shard(0) gives each rank ceil(V / ranks) rows, the last fewer
+        if mesh.ndim == 1 and tuple(weight.placements) == (Shard(0),):
+            offset = mesh.get_local_rank() * step
+            local = weight.to_local()
+            if 0 < local.shape[0] == min(step, vocab - offset):
+                return cls(local, offset, vocab, mesh.get_group()), weight
+        return None, weight.full_tensor()
+
+    def chunk_stats(self, z: torch.Tensor, y: torch.Tensor, smoothing: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """For one chunk's local logits ``z`` ``[c, V_r]`` and targets ``y``: the whole rows' log-sum-exp, the
+        targets' logits and (``smoothing``) the rows' logit sums, from one all-gather; and where the targets are
+        here (mask ``[c]``, local index ``[c]``)."""
+        here = (y >= self.offset) & (y < self.offset + z.shape[1])
+        index = (y - self.offset).clamp(0, max(z.shape[1] - 1, 0)).unsqueeze(1)
+        parts = [z.logsumexp(-1), z.gather(1, index).squeeze(1).masked_fill(~here, 0.0)]
+        if smoothing:
+            parts.append(z.sum(-1))
+        mine = torch.stack(parts)  # [k, c]
+        every = torch.empty((self.ranks * mine.shape[0], mine.shape[1]), dtype=mine.dtype, device=mine.device)
+        dist.all_gather_single(every, mine, group=self.group)
+        every = every.view(self.ranks, *mine.shape)  # [ranks, k, c]
+        lse = every[:, 0].logsumexp(0)
+        picked = every[:, 1].sum(0)
+        total = every[:, 2].sum(0) if smoothing else None
+        return lse, picked, total, here, index
+
+    def sum_over_ranks(self, grad_h: torch.Tensor | None) -> torch.Tensor | None:
+        """``dh`` of the whole vocabulary: each rank's part came from its own rows."""
+        if grad_h is not None:
+            dist.all_reduce(grad_h, group=self.group)
+        return grad_h
+
+
+class _SplitCrossEntropy(torch.autograd.Function):
+    """``_LinearCrossEntropy`` over a vocabulary split: the same maths on each rank's rows."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                smoothing: float, chunk: int, differentiable: bool, split: VocabSplit) -> torch.Tensor:
+        wants_h = differentiable and ctx.needs_input_grad[0]
+        wants_w = differentiable and ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.zeros_like(hidden) if wants_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if wants_w else None
+        for start in range(0, hidden.shape[0], chunk):
+            h, y = hidden[start:start + chunk], targets[start:start + chunk]
+            z = chunk_logits(h, weight)  # [c, V_r]
+            lse, picked, logit_sum, here, index = split.chunk_stats(z, y, bool(smoothing))
+            rows = lse - picked
+            if logit_sum is not None:
+                rows = (1 - smoothing) * rows + smoothing * (lse - logit_sum / split.vocab)
+            total += rows.sum()
+            if grad_h is None and grad_w is None:
+                continue
+            dz = z.sub_(lse.unsqueeze(1)).exp_()  # this rank's part of the softmax
+            dz.scatter_add_(1, index, (-(1 - smoothing) * here.float()).unsqueeze(1))
+            if smoothing:
+                dz.sub_(smoothing / split.vocab)
+            dz = dz.to(weight.dtype)
+            if grad_h is not None:
+                grad_h[start:start + chunk] = dz @ weight
+            if grad_w is not None:
+                grad_w.addmm_(dz.T.float(), h.float())
+        ctx.save_for_backward(split.sum_over_ranks(grad_h), grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        dh, dw, *_ = _LinearCrossEntropy.backward(ctx, grad_out)
+        return dh, dw, None, None, None, None, None
+
+
+class _SplitTokenLogps(torch.autograd.Function):
+    """``_LinearTokenLogps`` over a vocabulary split."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                temperature: float, chunk: int, split: VocabSplit) -> torch.Tensor:
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lses = torch.empty_like(out)
+        for start in range(0, hidden.shape[0], chunk):
+            z = chunk_logits(hidden[start:start + chunk], weight, temperature)  # [c, V_r]
+            lse, picked, _, _, _ = split.chunk_stats(z, targets[start:start + chunk], False)
+            lses[start:start + chunk] = lse
+            out[start:start + chunk] = picked - lse
+        ctx.save_for_backward(hidden, weight, targets, lses)
+        ctx.temperature, ctx.chunk, ctx.split = temperature, chunk, split
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        hidden, weight, targets, lses = ctx.saved_tensors
+        t, chunk, split = ctx.temperature, ctx.chunk, ctx.split
+        grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] \
+            else None
+        g = grad_out.float()
+        for start in range(0, hidden.shape[0], chunk):
+            h, gc, y = hidden[start:start + chunk], g[start:start + chunk], targets[start:start + chunk]
+            z = chunk_logits(h, weight, t)
+            here = (y >= split.offset) & (y < split.offset + z.shape[1])
+            index = (y - split.offset).clamp(0, max(z.shape[1] - 1, 0)).unsqueeze(1)
+            dz = z.sub_(lses[start:start + chunk].unsqueeze(1)).exp_().mul_(-gc.unsqueeze(1) / t)  # -g p / t
+            dz.scatter_add_(1, index, (gc / t * here.float()).unsqueeze(1))
+            if grad_h is not None:
+                grad_h[start:start + chunk] = dz.to(weight.dtype) @ weight
+            if grad_w is not None:
+                grad_w.addmm_(dz.T, h.float())
+        return (split.sum_over_ranks(grad_h), None if grad_w is None else grad_w.to(weight.dtype),
+                None, None, None, None)

@@ -81,6 +81,13 @@ class ParallelEngine(Protocol):
         ...
 
     @property
+    def head_readable(self) -> bool:
+        """The LM head's weight can be read outside the head's own forward, so losses score hidden states chunk
+        by chunk (``[train] chunked_loss``): whole, or split by vocabulary rows over a tensor-parallel group; not
+        where FSDP2 or ZeRO-3 gathers it only inside that forward."""
+        ...
+
+    @property
     def data_shard(self) -> tuple[int, int]:
         """(this rank's index, how many) among the groups of ranks that read different batches."""
         ...

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from swiftk.contracts.chunked import linear_cross_entropy, linear_token_logps
+from swiftk.contracts.chunked import head_logits, linear_cross_entropy, linear_token_logps
 
 # Label value that marks a position as "no loss here" (prompt, padding), as in PyTorch and transformers.
 IGNORE_INDEX = -100
@@ -85,7 +85,7 @@ def supervised(batch: Batch, outputs: ModelOutputs) -> tuple[torch.Tensor, torch
     states of those tokens alone, when the outputs hold hidden states and no logits yet)."""
     if outputs.chunked:
         hidden, head, targets, _ = labelled_hidden(outputs, batch.labels)
-        return hidden @ head.T, targets
+        return head_logits(hidden, head), targets
     labels = batch.labels[:, 1:]  # [B, T-1]: the logits at t-1 score the token at t
     mask = labels != IGNORE_INDEX
     return outputs.logits[:, :-1][mask], labels[mask]
@@ -156,7 +156,7 @@ class _Logits:
         if value is None:
             if obj.hidden is None or obj.head is None:
                 raise ValueError("these ModelOutputs hold neither logits nor hidden states and a head")
-            value = obj.__dict__["_logits"] = obj.hidden @ obj.head.T  # [B, T, V]
+            value = obj.__dict__["_logits"] = head_logits(obj.hidden, obj.head)  # [B, T, V]
         return value
 
     def __set__(self, obj: ModelOutputs, value: torch.Tensor | None) -> None:
@@ -175,7 +175,8 @@ class ModelOutputs:
     logits: _Logits = _Logits()  # [B, T, V] (a tensor; computed on first read from hidden and head)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. value-head outputs, ref log-probs
     hidden: torch.Tensor | None = None  # [B, T, H]: the head's input, in the dtype its matmul runs in
-    head: torch.Tensor | None = None  # [V, H]: the head's weight, same dtype (logits = hidden @ head.T)
+    head: torch.Tensor | None = None  # [V, H]: the head's weight, same dtype (logits = hidden @ head.T); under
+    # tensor parallelism a DTensor split by vocabulary rows (read the logits, or score with the functions above)
 
     @property
     def chunked(self) -> bool:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from swiftk.contracts.chunked import is_split
 from swiftk.contracts.types import Batch, LossResult, ModelOutputs, StepState
 from swiftk.hosts.messages import Struct
 from swiftk.shm.refs import BadReference, CudaRef, TensorRef
@@ -65,9 +66,13 @@ _FIELDS: dict[type[Any], tuple[str, ...]] = {}
 
 def stored_fields(record: Any) -> dict[str, Any]:
     """A contract record's fields as stored: ``ModelOutputs`` made of hidden states crosses without computing its
-    logits (the host computes them if its plugin reads them)."""
+    logits (the host computes them if its plugin reads them), except with a vocabulary-split head (tensor
+    parallelism), whose logits are gathered here."""
     if isinstance(record, ModelOutputs):
-        return record.fields()
+        fields = record.fields()
+        if is_split(fields["head"]):  # a host has no process group to score a split head with: it gets logits
+            return {**fields, "logits": record.logits, "hidden": None, "head": None}
+        return fields
     cls = type(record)
     if cls not in _FIELDS:
         _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))

@@ -17,7 +17,8 @@ its backward to the hidden states (``dlogits @ W``, what autocast's ``F.linear``
 It is off, with the reason, when the head is not a plain ``nn.Linear`` without bias (a LoRA-wrapped or
 quantized head), when the model has no decoder to hook or cannot skip its logits, when its parameters are
 sharded (FSDP2, ZeRO-3: the head's weight exists whole only inside its own forward), and when the first batch's
-logits differ from ``hidden @ head.T`` (a model that scales or caps its logits).
+logits differ from ``hidden @ head.T`` (a model that scales or caps its logits). Under tensor parallelism the
+head's weight is a DTensor split by vocabulary rows, handed to the losses as it is (``contracts.chunked``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 
 from swiftk.contracts import ModelOutputs
+from swiftk.contracts.chunked import head_logits, is_split
 from swiftk.kernel.precision import native_half
 
 NO_LOGITS = torch.empty(0, dtype=torch.long)  # logits_to_keep: the index of no position
@@ -67,7 +69,10 @@ class ChunkedHead:
 
     def outputs(self, model: torch.nn.Module, batch: Any) -> ModelOutputs:
         """The hidden states ``[B, T, H]`` and head ``[V, H]`` of ``batch``, in the head's compute dtype."""
-        hidden, _ = self.run(model, batch, logits_to_keep=NO_LOGITS.to(batch.input_ids.device))
+        # A vocabulary-split head cannot run on no positions (DTensor's sharding rules divide by the empty length):
+        # it computes the last position's logits, unused.
+        keep = 1 if is_split(self.head.weight) else NO_LOGITS.to(batch.input_ids.device)
+        hidden, _ = self.run(model, batch, logits_to_keep=keep)
         dtype = matmul_dtype(hidden.device, self.head.weight.dtype)
         return ModelOutputs(hidden=hidden.to(dtype), head=self.weight(dtype))
 
@@ -77,7 +82,8 @@ class ChunkedHead:
         weight = self.head.weight
         if weight.dtype == dtype or weight.requires_grad:
             return weight.to(dtype)  # the parameter itself, or a cast that gradients flow through
-        key = (weight._version, weight.data_ptr(), dtype)
+        local = weight.to_local() if is_split(weight) else weight  # a DTensor's own storage is its local piece
+        key = (local._version, local.data_ptr(), dtype)
         if self.cast is None or self.cast[0] != key:
             self.cast = (key, weight.detach().to(dtype))
         return self.cast[1]
@@ -108,7 +114,7 @@ class ChunkedHead:
             with torch.no_grad():
                 hidden, out = self.run(model, batch)
                 logits = out.logits
-                computed = hidden.to(logits.dtype) @ self.head.weight.to(logits.dtype).T
+                computed = head_logits(hidden.to(logits.dtype), self.head.weight.to(logits.dtype))
         finally:
             model.train(training)
         if computed.shape != logits.shape:

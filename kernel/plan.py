@@ -523,8 +523,10 @@ def activation_bytes(model: Model, layout: Layout, checkpointing: bool) -> float
 
 def logit_bytes(model: Model, cfg: Any, layout: Layout, chunk_bytes: float) -> float:
     """The LM head's output: whole logits (compute dtype, a float32 copy in the loss, its gradient) unless the
-    chunked loss runs (not with sharded parameters: FSDP2, ZeRO-3, tensor parallelism)."""
-    chunked = cfg.train.chunked_loss and layout.shard != "zero3" and layout.tp == 1 and layout.pp == 1
+    chunked loss runs: one chunk's logits on each rank (not with sharded parameters, FSDP2 or ZeRO-3, nor in a
+    pipeline; under tensor parallelism without dp groups, a chunk of each rank's vocabulary rows)."""
+    chunked = (cfg.train.chunked_loss and layout.shard != "zero3" and layout.pp == 1
+               and (layout.tp == 1 or layout.dp == 1))
     if chunked:
         return chunk_bytes
     rows = rows_per_micro_batch(cfg)

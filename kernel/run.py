@@ -436,9 +436,10 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
     # The reference is copied from the model before sharding (a copy of an FSDP2 module is not a model), then
     # sharded like it.
     # Losses from the hidden states, chunk by chunk: not with a reward head or a dual encoder (no LM head), nor
-    # with parameters in shards (asked again once the engine is attached: DeepSpeed knows its ZeRO stage only then).
+    # with a head gathered only in its forward (asked again once the engine is attached: DeepSpeed knows its ZeRO
+    # stage only then). A tensor-parallel head is read split by vocabulary rows.
     chunked = (cfg.train.chunked_loss and not stage.reward_head and stage.vision != "dual"
-               and not parallel.sharded)
+               and parallel.head_readable)
     reference = make_reference(cfg.model.ref_model_id, cfg.model, model, len(tokenizer), device, autocast,
                                chunked) if stage.needs_reference else None
     model = parallel.wrap(model, device, cfg.train.precision)  # DDP or FSDP2 (before the optimizer sees params)
@@ -462,7 +463,7 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
     run = Run(cfg, run_dir, model, tokenizer, plugins, optimizer, scheduler, loader, device, dist, reporter,
               total_steps, autocast, stage, eval_samples, reference=reference, parallel=parallel,
               stage_parameters=added, eval_tasks=eval_tasks(cfg.eval.tasks), processor=processor,
-              head=chunked_head(parallel.unwrap(model), chunked and not parallel.sharded, say),
+              head=chunked_head(parallel.unwrap(model), chunked and parallel.head_readable, say),
               compiled=CompiledBlocks.apply(parallel.unwrap(model), cfg.train.compile_config, say)
               if cfg.train.compile else None,
               in_backward=InBackward([p for p in parallel.unwrap(model).parameters() if p.requires_grad], optimizer)

@@ -38,6 +38,10 @@ class OneProcess:
         return False
 
     @property
+    def head_readable(self) -> bool:
+        return not self.sharded
+
+    @property
     def data_shard(self) -> tuple[int, int]:
         """(this rank's index, how many) among the groups of ranks that read different batches: neighbouring
         ranks form a group of ``group_size``."""

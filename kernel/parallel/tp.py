@@ -5,7 +5,9 @@ way, and FSDP2 over the ranks that remain (data parallel), the 2-D mesh that sta
     q/k/v, gate/up    ColwiseParallel: output features (heads) split, no communication in forward
     o, down           RowwiseParallel: input features split, one all-reduce per projection
     embeddings        split by vocabulary rows: each rank looks up its rows, one all-reduce
-    LM head           split by vocabulary rows, the logits gathered whole for the loss plugin
+    LM head           split by vocabulary rows; the losses score each rank's rows from the hidden states and
+                      exchange three numbers per token (vocabulary-parallel cross-entropy, chunked), or,
+                      with FSDP2 over dp groups or [train] chunked_loss = false, read logits gathered whole
     the rest          whole on every rank of a TP group (norms); FSDP2 shards it over dp
 
 The ranks of a TP group read the same batch; the data is split over the dp groups only. LoRA follows its base
@@ -59,6 +61,12 @@ class TensorParallel(FSDP2):
             self.mesh = init_device_mesh(device.type, (self.dp_size, self.tp_size), mesh_dim_names=("dp", "tp"))
         split(model, self.mesh["tp"], self.tp_size, self.dp_size)
         return self.shard(model, precision, self.mesh["dp"]) if self.dp_size > 1 else model
+
+    @property
+    def head_readable(self) -> bool:
+        """Without FSDP2 over dp groups the head is a DTensor of vocabulary rows that losses score as it is
+        (``contracts.chunked``: a vocabulary-parallel cross-entropy, no gathered logits)."""
+        return self.dp_size == 1
 
     def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float | None) -> float | None:
         return clip_mixed(params, max_norm)

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +23,8 @@ from swiftk.contracts import (
 )
 from swiftk.contracts.chunked import chunk_rows, linear_cross_entropy, linear_token_logps
 from swiftk.hosts.codec import stored_fields, tensor_bytes
+
+from ..conftest import REPO
 
 
 def leaves(n: int = 300, h: int = 32, v: int = 1000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,3 +134,95 @@ def test_outputs_of_hidden_states_cross_to_a_host_without_logits() -> None:
     assert outputs.chunked and outputs.device == hidden.device
     with pytest.raises(ValueError, match="neither logits nor hidden states"):
         _ = ModelOutputs().logits
+
+
+# ------------------------------------------------------------------------------ a head split by vocabulary rows
+
+VOCAB_SPLIT = """
+import sys, torch, torch.distributed as dist, torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from swiftk.contracts import ModelOutputs
+from swiftk.contracts.chunked import VocabSplit, linear_cross_entropy, linear_token_logps
+from swiftk.hosts.codec import stored_fields
+
+rank, vocab = int(sys.argv[2]), int(sys.argv[3])
+dist.init_process_group("gloo", init_method=sys.argv[1], rank=rank, world_size=2)
+mesh = init_device_mesh("cpu", (2,))
+g = torch.Generator().manual_seed(0)
+hidden0 = torch.randn(70, 16, generator=g)
+weight0 = 0.5 * torch.randn(vocab, 16, generator=g)
+targets = torch.randint(0, vocab, (70,), generator=g)
+upstream = torch.randn(70, generator=g)
+worst = {}
+
+def leaves(layout):
+    hidden = hidden0.clone().requires_grad_()
+    weight = distribute_tensor(weight0.clone(), mesh, [layout]).requires_grad_() if layout else \\
+        weight0.clone().requires_grad_()
+    return hidden, weight
+
+def gap(name, got, want):
+    got, want = got.detach(), want.detach()
+    got = got.full_tensor() if isinstance(got, DTensor) else got
+    scale = max(1.0, float(want.abs().max()))  # a summed loss of 70 rows: float32 rounding at its size
+    worst[name] = max(worst.get(name, 0.0), float((got - want).abs().max()) / scale)
+
+for layout in (Shard(0), Replicate()):
+    tag = type(layout).__name__
+    for smoothing in (0.0, 0.1):
+        hidden, weight = leaves(None)
+        want = F.cross_entropy(hidden @ weight.T, targets, reduction="sum", label_smoothing=smoothing)
+        want_grads = torch.autograd.grad(0.37 * want, (hidden, weight))
+        hidden, weight = leaves(layout)
+        got = linear_cross_entropy(hidden, weight, targets, smoothing, chunk=32)  # 3 chunks, the last ragged
+        got_grads = torch.autograd.grad(0.37 * got, (hidden, weight))
+        gap(f"{tag} ce value", got, want)
+        for name, a, b in zip(("dh", "dW"), got_grads, want_grads):
+            gap(f"{tag} ce {name}", a, b)
+    hidden, weight = leaves(None)
+    want = (hidden @ weight.T / 0.7).log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    want_grads = torch.autograd.grad((want * upstream).sum(), (hidden, weight))
+    hidden, weight = leaves(layout)
+    got = linear_token_logps(hidden, weight, targets, 0.7, chunk=32)
+    got_grads = torch.autograd.grad((got * upstream).sum(), (hidden, weight))
+    gap(f"{tag} logps value", got, want)
+    for name, a, b in zip(("dh", "dW"), got_grads, want_grads):
+        gap(f"{tag} logps {name}", a, b)
+    hidden, weight = leaves(layout)  # the logits a loss reads: gathered whole, differentiable
+    outputs = ModelOutputs(hidden=hidden[None], head=weight)
+    got_grads = torch.autograd.grad((outputs.logits[0] * 0.01).sum(), (hidden, weight))
+    hidden, weight = leaves(None)
+    gap(f"{tag} logits", outputs.logits[0], hidden @ weight.T)
+    for name, a, b in zip(("dh", "dW"), got_grads, torch.autograd.grad((hidden @ weight.T * 0.01).sum(), (hidden, weight))):
+        gap(f"{tag} logits {name}", a, b)
+
+_, split = leaves(Shard(0))
+sent = stored_fields(ModelOutputs(hidden=hidden0[None], head=split))  # a host gets the logits, never a DTensor
+assert sent["head"] is None and sent["hidden"] is None and type(sent["logits"]) is torch.Tensor
+found = VocabSplit.of(split)[0]
+print("RESULT", found.offset, found.local.shape[0], max(worst.values()), sorted(k for k, v in worst.items() if v > 1e-5))
+"""
+
+
+@pytest.mark.parametrize("vocab", [64, 51])  # 51: 26 rows on rank 0, 25 on rank 1
+def test_a_head_split_by_vocabulary_scores_like_the_whole_head(vocab: int, tmp_path: Path) -> None:
+    """On 2 ranks (gloo), a head split by vocabulary rows (tensor parallelism's DTensor) gives the whole head's
+    cross-entropy (with and without label smoothing), token log-probs and logits, and their gradients to the hidden
+    states and to each rank's rows, without gathering the logits; a head laid out otherwise is gathered and gives
+    the same; a host is sent the logits."""
+    script = tmp_path / "split.py"
+    script.write_text(VOCAB_SPLIT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ranks = [subprocess.Popen([sys.executable, str(script), f"tcp://127.0.0.1:{port}", str(rank), str(vocab)],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in range(2)]
+    outputs = [rank.communicate(timeout=120)[0] for rank in ranks]
+    rows = -(-vocab // 2)
+    for rank, out in enumerate(outputs):
+        found = re.search(r"RESULT (\d+) (\d+) (\S+) (.*)", out)
+        assert found, out
+        assert (int(found[1]), int(found[2])) == (rank * rows, min(rows, vocab - rank * rows)), out
+        assert float(found[3]) < 1e-5 and found[4] == "[]", out

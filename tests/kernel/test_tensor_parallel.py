@@ -199,10 +199,13 @@ def test_tp_size_that_does_not_divide_the_processes_stops_before_launching(tmp_p
 
 
 def test_tp2_reproduces_one_process(one: Path, tmp_path: Path) -> None:
-    """Both ranks read the whole batch of 32; the loss curve and the final weights are the one process's."""
+    """Both ranks read the whole batch of 32; the loss curve and the final weights are the one process's. The loss
+    is scored from the hidden states on each rank's vocabulary rows (no gathered logits), as one process scores
+    them from its whole head."""
     done = swiftk(str(config(tmp_path / "c.toml", tmp_path / "run", processes=2, backend="tp")))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "steps of 32 samples (batch_size 32 x grad_accum 1)" in done.stdout
+    assert "chunked loss off" not in done.stdout + done.stderr
     assert_matches(losses(tmp_path / "run"), losses(one))
     assert_same_weights(tmp_path / "run/final", one / "final")
 
