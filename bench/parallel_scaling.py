@@ -3,6 +3,7 @@
     .venv/bin/python bench/parallel_scaling.py [--model tiny|smollm2]
                                                [--layouts plain,world1,ddp2,fsdp2,tp2,dp2xtp2,pp2,dp2xpp2]
                                                [--steps 30] [--warmup 10] [--global-batch 64] [--device cpu|cuda]
+                                               [--chunked-loss false|true]
 
 Each layout is a real `swiftk run` in a subprocess on one config, with the same global batch:
   plain     one process, no process group: the baseline
@@ -12,10 +13,15 @@ Each layout is a real `swiftk run` in a subprocess on one config, with the same 
   tpN       N ranks splitting every layer (tensor parallel); each reads the whole batch
   dpAxtpB   A groups of B tensor-parallel ranks, FSDP2 across the groups (A x B processes)
   ppN       N pipeline stages (1F1B); the global batch in 2N micro-batches (grad_accum), each stage reads them all
+  ppNvV     N ranks holding V stages each (interleaved 1F1B, N x V stages), the micro-batches of ppN
   dpAxppB   A pipelines of B stages, FSDP2 across the pipelines
 Models: ``tiny`` (the 3.2 M Llama of configs/tiny_sft.toml, full fine-tuning, its addition data, 32 tokens,
 precision "auto") and ``smollm2`` (SmolLM2-135M from the embedded GGUF, full fine-tuning in fp32, the quickstart
 data; 9 heads and 3 key-value heads: tp must divide 3).
+
+``--chunked-loss`` (default false, as the figures in bench/README.md were taken) sets ``[train] chunked_loss``:
+true scores the loss from the hidden states where the layout allows it (one process, DDP, and tp, whose ranks
+score their vocabulary rows), false from full logits everywhere.
 
 tokens/s is the median per-step figure after --warmup steps (global tokens over the step's wall time, as
 metrics.jsonl records it); peak memory is each rank's largest resident set, sampled every 50 ms from outside
@@ -75,7 +81,7 @@ grad_accum = {accum}
 max_steps = {steps}
 seed = 0
 precision = "{precision}"
-chunked_loss = false
+chunked_loss = {chunked}
 [output]
 dir = "{out}"
 save_final = false
@@ -85,21 +91,27 @@ progress = "none"
 num_processes = {processes}
 {distributed}
 """
-LAYOUT = re.compile(r"^(plain|world1|(ddp|fsdp|tp|pp)(\d+)|dp(\d+)x(tp|pp)(\d+))$")
+LAYOUT = re.compile(r"^(plain|world1|(ddp|fsdp|tp|pp)(\d+)(?:v(\d+))?|dp(\d+)x(tp|pp)(\d+))$")
 
 
 def layout(name: str) -> tuple[int, int, int, dict[str, object]]:
     """(processes, ranks reading different data, micro-batches a step, [distributed] values) of a layout's name."""
     found = LAYOUT.match(name)
     if not found:
-        raise SystemExit(f"unknown layout '{name}': use plain, world1, ddpN, fsdpN, tpN, ppN, dpAxtpB or dpAxppB")
+        raise SystemExit(f"unknown layout '{name}': use plain, world1, ddpN, fsdpN, tpN, ppN, ppNvV, dpAxtpB or "
+                         f"dpAxppB")
     if found[1] in ("plain", "world1"):
         return 1, 1, 1, {"backend": "ddp"}
     if found[2]:
         n = int(found[3])
         backend = found[2]
+        if found[4]:
+            if backend != "pp":
+                raise SystemExit(f"layout '{name}': only pipelines hold several stages per rank (ppNvV)")
+            return n, 1, 2 * n, {"backend": "pp", "pp_schedule": "interleaved_1f1b",
+                                 "pp_stages_per_rank": int(found[4])}
         return n, 1 if backend in ("tp", "pp") else n, 2 * n if backend == "pp" else 1, {"backend": backend}
-    dp, kind, n = int(found[4]), found[5], int(found[6])
+    dp, kind, n = int(found[5]), found[6], int(found[7])
     return dp * n, dp, 2 * n if kind == "pp" else 1, {"backend": kind, f"{kind}_size": n}
 
 
@@ -141,7 +153,7 @@ def run(name: str, tmp: Path, args: argparse.Namespace) -> dict[str, object]:
     cfg.write_text(CONFIG.format(device=args.device, batch=args.global_batch // readers // accum, accum=accum,
                                  steps=args.steps, out=out,
                                  processes=processes, model=spec["model"], data=spec["data"],
-                                 precision=spec["precision"],
+                                 precision=spec["precision"], chunked=args.chunked_loss,
                                  distributed="\n".join(f"{k} = {json.dumps(v)}" for k, v in distributed.items())))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
     launcher = [sys.executable]
@@ -174,6 +186,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--global-batch", type=int, default=64)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--chunked-loss", choices=["false", "true"], default="false")
     args = parser.parse_args()
     names = [n.strip() for n in args.layouts.split(",") if n.strip()]
     for name in names:
@@ -192,7 +205,8 @@ def main() -> None:
                 line[f"{name}_peak_vs_plain"] = round(float(r["peak_mb"]) / float(base["peak_mb"]), 3)
     line.update({f"{name}_loss": round(float(r["loss"]), 4) for name, r in results.items()})
     line.update({"model": args.model, "steps": args.steps, "warmup": args.warmup, "global_batch": args.global_batch,
-                 "device": args.device, "cpus": os.cpu_count(), "torch": torch.__version__})
+                 "device": args.device, "chunked_loss": args.chunked_loss, "cpus": os.cpu_count(),
+                 "torch": torch.__version__})
     if args.device.startswith("cuda") and torch.cuda.is_available():
         line["gpu"] = torch.cuda.get_device_name(0)
     print(json.dumps(line))

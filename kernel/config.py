@@ -462,9 +462,16 @@ class DistributedConfig(Section):
                                 "process of a node); the processes / tp_size groups read different data")
     pp_size: int | None = Field(None, ge=2, description="pp: pipeline stages, one per rank (default: every "
                                 "process); the processes / pp_size pipelines read different data")
-    pp_schedule: Literal["gpipe", "1f1b"] = Field(
-        "1f1b", description="pp: 'gpipe' (every forward, then every backward) or '1f1b' (one forward, one backward: "
-                            "activations of at most pp_size micro-batches held); the micro-batches are grad_accum's")
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = Field(
+        "1f1b", description="pp: 'gpipe' (every forward, then every backward), '1f1b' (one forward, one backward: "
+                            "activations of at most pp_size micro-batches held), 'interleaved_1f1b' (1F1B over "
+                            "pp_stages_per_rank stages on each rank: a smaller bubble) or 'zero_bubble' (interleaved, "
+                            "its backward split into the inputs' and the weights' gradients, the weights' filling "
+                            "the bubble); the micro-batches are grad_accum's")
+    pp_stages_per_rank: int | None = Field(
+        None, ge=1, description="pp: stages each rank holds (virtual stages), for interleaved_1f1b and zero_bubble "
+                                "(default 2): the layers are cut into pp_size x this many stages, rank r holding "
+                                "stages r, r + pp_size, ...")
     pp_balance: Literal["layers", "memory"] = Field(
         "memory", description="pp: split the decoder layers evenly ('layers'), or so that every stage holds about "
                               "as many bytes of parameters, the embeddings and LM head counted ('memory')")
@@ -493,10 +500,13 @@ class DistributedConfig(Section):
             raise ValueError(f"{', '.join(ds_only)}: only for backend = 'deepspeed' (backend is '{self.backend}')")
         if self.tp_size is not None and self.backend != "tp":
             raise ValueError(f"tp_size: only for backend = 'tp' (backend is '{self.backend}')")
-        pp_only = [k for k in ("pp_size", "pp_schedule", "pp_balance")  # a saved config.toml writes the defaults
-                   if getattr(self, k) != type(self).model_fields[k].default]
+        pp_only = [k for k in ("pp_size", "pp_schedule", "pp_balance", "pp_stages_per_rank")  # a saved config.toml
+                   if getattr(self, k) != type(self).model_fields[k].default]  # writes the defaults
         if pp_only and self.backend != "pp":
             raise ValueError(f"{', '.join(pp_only)}: only for backend = 'pp' (backend is '{self.backend}')")
+        if self.pp_stages_per_rank not in (None, 1) and self.pp_schedule in ("gpipe", "1f1b"):
+            raise ValueError(f"pp_stages_per_rank = {self.pp_stages_per_rank}: the '{self.pp_schedule}' schedule "
+                             f"runs one stage per rank; use pp_schedule = 'interleaved_1f1b' or 'zero_bubble'")
         if self.offload_param and self.zero_stage != 3:
             raise ValueError("offload_param needs zero_stage = 3")
         return self

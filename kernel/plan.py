@@ -88,7 +88,8 @@ class Layout:
     dp: int = 1
     tp: int = 1
     pp: int = 1  # pipeline stages
-    schedule: str = "1f1b"  # the pipeline's: "1f1b" or "gpipe"
+    schedule: str = "1f1b"  # the pipeline's: "1f1b", "gpipe", "interleaved_1f1b" or "zero_bubble"
+    virtual: int = 1  # stages per rank (the interleaved schedules')
     micro: int = 1  # micro-batches a step (grad_accum): a pipeline keeps up to this many in flight
     shard: str = "none"  # "none", "zero2" (gradients, optimizer state), "zero3" (and the weights)
     spread: bool = False  # device_map: one process, its layers over the GPUs
@@ -401,8 +402,10 @@ def layout_of(cfg: Any) -> Layout:
                       shard="zero3" if n > tp else "none")
     if d.backend == "pp":
         pp = d.pp_size or n
+        from swiftk.kernel.parallel.pp import stages_per_rank
+
         return Layout(f"pp{pp}" if pp == n else f"dp{n // pp}xpp{pp}", n, dp=n // pp, pp=pp, schedule=d.pp_schedule,
-                      micro=cfg.train.grad_accum, shard="zero3" if n > pp else "none")
+                      micro=cfg.train.grad_accum, shard="zero3" if n > pp else "none", virtual=stages_per_rank(d))
     if d.backend == "fsdp":
         return Layout("fsdp", n, dp=n, shard="zero3")
     if d.backend == "deepspeed":
@@ -477,18 +480,21 @@ def per_gpu(model: Model, layout: Layout, cfg: Any, runtime: float, chunk_bytes:
 
 
 def stage_memory(model: Model, layout: Layout, cfg: Any, runtime: float, chunk_bytes: float, stage: int) -> Memory:
-    """Pipeline stage ``stage``'s memory: its units' weights, gradients and optimizer state (sharded over the
+    """Pipeline rank ``stage``'s memory: its units' weights, gradients and optimizer state (sharded over the
     pipelines with FSDP2 when there are several), the activations of its layers for each micro-batch in flight
-    (1F1B: up to ``pp - stage``; GPipe: all of them), and on the last stage the logits (1F1B scores one
-    micro-batch at a time; GPipe keeps every micro-batch's for backward)."""
+    (1F1B: up to ``pp - stage``; GPipe: all of them; interleaved, with v stages per rank: up to ``2 (pp - stage -
+    1) + (v - 1) pp + 1`` stage-micro-batches, each 1/v of the rank's layers, Megatron's count), and on the last
+    stage the logits (1F1B scores one micro-batch at a time; GPipe keeps every micro-batch's for backward)."""
     from swiftk.kernel.parallel.pp import layer_costs_of, stage_bounds
 
     layers = model.units[1:-1]
     balance = getattr(cfg.distributed, "pp_balance", "memory") if cfg.distributed.backend == "pp" else "memory"
     costs = layer_costs_of([u[1] for u in layers], model.units[0][1], model.units[-1][1], balance)
-    bounds = stage_bounds(costs, layout.pp)
+    bounds = stage_bounds(costs, layout.pp * layout.virtual)
     first, last = stage == 0, stage == layout.pp - 1
-    held = [model.units[1 + i] for i in range(bounds[stage], bounds[stage + 1])]
+    mine = [i for k in range(layout.virtual) for i in range(bounds[stage + k * layout.pp],
+                                                            bounds[stage + k * layout.pp + 1])]
+    held = [model.units[1 + i] for i in mine]
     held += [model.units[0]] if first else []
     held += [model.units[-1]] if last else []
     weights = sum(u[1] for u in held)
@@ -501,7 +507,10 @@ def stage_memory(model: Model, layout: Layout, cfg: Any, runtime: float, chunk_b
         gradients = gradients / layout.dp + min(largest, gradients)
         optimizer /= layout.dp
     in_flight = layout.micro if layout.schedule == "gpipe" else min(layout.micro, layout.pp - stage)
-    per_layer = [whole + split for whole, split in model.act_layer[bounds[stage]:bounds[stage + 1]]]
+    if layout.virtual > 1:  # in units of the rank's whole set of layers
+        v = layout.virtual
+        in_flight = min(layout.micro * v, 2 * (layout.pp - stage - 1) + (v - 1) * layout.pp + 1) / v
+    per_layer = [whole + split for i, (whole, split) in enumerate(model.act_layer) if i in mine]
     if cfg.train.gradient_checkpointing and per_layer:
         act = in_flight * model.layer_input * len(per_layer) + max(per_layer)
     else:

@@ -1,6 +1,8 @@
 """Pipeline parallelism (``torch.distributed.pipelining``): the decoder layers split into ``pp_size`` stages of
 consecutive layers, one stage per rank, and the step's ``grad_accum`` micro-batches flowing through them on a GPipe
-or 1F1B schedule.
+or 1F1B schedule; or (``interleaved_1f1b``, ``zero_bubble``) into ``pp_size x pp_stages_per_rank`` stages, rank r
+holding stages r, r + pp_size, ... (Megatron's interleaved layout: each micro-batch loops through the ranks
+``pp_stages_per_rank`` times, and the bubble shrinks by that factor).
 
     stage 0          the token embeddings, then its layers        sends hidden states [B, T, H] on
     stage s          its layers                                    receives, runs, sends on; gradients come back
@@ -38,6 +40,7 @@ from swiftk.kernel.parallel.none import indivisible
 
 # model types whose decoder is embeddings -> layers (rotary positions, causal or sliding-window masks) -> norm
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+INTERLEAVED = ("interleaved_1f1b", "zero_bubble")  # schedules of several stages per rank
 
 
 class PipelineParallel(FSDP2):
@@ -53,7 +56,9 @@ class PipelineParallel(FSDP2):
         self.dp_size = self.info.world_size // self.pp_size
         self.stage = self.info.rank % self.pp_size
         self.first, self.last = self.stage == 0, self.stage == self.pp_size - 1
-        self.part: StageModule | None = None
+        self.virtual = stages_per_rank(options)
+        self.stages = self.pp_size * self.virtual  # in all; this rank holds stage + k * pp_size, k < virtual
+        self.parts: list[StageModule] = []  # this rank's stages, in order
         self.device = torch.device("cpu")
         self.group: Any = None  # the ranks of this pipeline
         self.tie_group: Any = None  # this pipeline's first and last stage, when they hold tied embeddings
@@ -80,15 +85,23 @@ class PipelineParallel(FSDP2):
                             f"forward of the language model scored by a loss on its logits (sft); this one "
                             f"generates, keeps a reference or a value head: use backend = 'fsdp' or 'tp'")
         stages = pp_size(cfg.distributed, cfg.distributed.num_processes * cfg.distributed.nnodes)
+        virtual = stages_per_rank(cfg.distributed)
+        rounds = max(1, cfg.train.grad_accum // stages)
+        if cfg.distributed.pp_schedule in INTERLEAVED and cfg.train.grad_accum % rounds:
+            problems.append(f"[train] grad_accum = {cfg.train.grad_accum}: the {cfg.distributed.pp_schedule} "
+                            f"schedule runs the micro-batches in rounds of pp_size ({stages}), grad_accum // "
+                            f"pp_size = {rounds} equal rounds, which {cfg.train.grad_accum} does not make; use "
+                            f"grad_accum = {rounds * stages} (a multiple of pp_size always works)")
         if cfg.distributed.pp_schedule == "1f1b" and cfg.train.grad_accum < stages:
             problems.append(f"[train] grad_accum = {cfg.train.grad_accum}: the 1F1B schedule needs at least as many "
                             f"micro-batches per step as pipeline stages ({stages}); raise grad_accum (the stages "
                             f"idle less the more there are) or set [distributed] pp_schedule = 'gpipe'")
         world = cfg.distributed.num_processes * cfg.distributed.nnodes
         layers = decoder_layer_count(cfg.model)
-        if layers is not None and stages > layers:
-            problems.append(f"[distributed] pp_size = {stages} is more pipeline stages than the model's {layers} "
-                            f"decoder layers: each stage needs at least one; use pp_size <= {layers}")
+        if layers is not None and stages * virtual > layers:
+            problems.append(f"[distributed] pp_size = {stages}" + (f" x pp_stages_per_rank = {virtual}" if virtual > 1
+                            else "") + f" is more pipeline stages than the model's {layers} decoder layers: each "
+                            f"stage needs at least one; use at most {layers} stages")
         if cfg.train.tuner_strategy == "qlora" and stages < world:
             problems.append(f"[train] tuner_strategy = 'qlora': its 4-bit layers cannot be sharded by FSDP2 across "
                             f"the {world // stages} pipelines of pp_size = {stages}; set [distributed] pp_size = "
@@ -116,7 +129,7 @@ class PipelineParallel(FSDP2):
         from swiftk.kernel.run import make_autocast
 
         causal, decoder, layers = parts(model)
-        bounds = stage_bounds(layer_costs(decoder, causal, layers, self.options.pp_balance), self.pp_size)
+        bounds = stage_bounds(layer_costs(decoder, causal, layers, self.options.pp_balance), self.stages)
         head = causal.get_output_embeddings()
         embedding = decoder.embed_tokens.weight
         tied = head.weight is embedding
@@ -129,21 +142,31 @@ class PipelineParallel(FSDP2):
                 group = dist.new_group(ends)
                 if self.info.rank in ends:
                     self.tie_group = group
-        own = torch.nn.ModuleList(layers[i] for i in range(bounds[self.stage], bounds[self.stage + 1]))
-        kept = [own, decoder.embed_tokens if self.first else None, decoder.norm if self.last else None,
+        if self.info.rank == 0:
+            print(f"pipeline: {describe(bounds, self.pp_size, self.options.pp_schedule)}", flush=True)
+        mine = [self.stage + k * self.pp_size for k in range(self.virtual)]
+        own = [torch.nn.ModuleList(layers[i] for i in range(bounds[s], bounds[s + 1])) for s in mine]
+        ends = [decoder.embed_tokens if self.first else None, decoder.norm if self.last else None,
                 head if self.last else None]
-        to_meta([m for m in (*layers, decoder.embed_tokens, decoder.norm, head) if m not in own and m not in kept],
+        kept = [*own, *ends]
+        owned = {id(m) for m in (*(layer for stage in own for layer in stage), *ends) if m is not None}
+        to_meta([m for m in (*layers, decoder.embed_tokens, decoder.norm, head) if id(m) not in owned],
                 {id(p) for m in kept if m is not None for p in m.parameters()})
         compute = precisions.compute(precision, device) != "fp32"
-        self.part = StageModule(causal.config, *kept, decoder.rotary_emb, make_autocast(precision, device),
-                                embedding.dtype, torch.bfloat16 if compute else head.weight.dtype)
+        first_of, last_of = 0, self.stages - 1
+        self.parts = [StageModule(causal.config, layers_of, ends[0] if s == first_of else None,
+                                  ends[1] if s == last_of else None, ends[2] if s == last_of else None,
+                                  decoder.rotary_emb, make_autocast(precision, device), embedding.dtype,
+                                  torch.bfloat16 if compute else head.weight.dtype)
+                      for s, layers_of in zip(mine, own, strict=True)]
         if self.dp_size > 1:  # replaces the parameters by sharded ones
-            self.shard(self.part, precision, mesh["dp"], layers=list(own))
+            for part in self.parts:
+                self.shard(part, precision, mesh["dp"], layers=list(part.layers))
             if tied:  # the stage's sharded copy under both names again, so the model holds it once
-                decoder.embed_tokens.weight = head.weight = (self.part.embed or self.part.head).weight
+                decoder.embed_tokens.weight = head.weight = (self.parts[0].embed or self.parts[-1].head).weight
         causal.forward = self.pipelined_forward  # held-out evaluation's forward passes run through the stages
         if tied and embedding.requires_grad and (self.first or self.last):
-            self.tied = self.part.embed.weight if self.first else self.part.head.weight
+            self.tied = self.parts[0].embed.weight if self.first else self.parts[-1].head.weight
             self.skip = {id(self.tied)} if self.last else set()  # the first stage's copy is counted
         return model
 
@@ -195,42 +218,53 @@ class PipelineParallel(FSDP2):
     def schedule_for(self, rows: int, length: int, micro: int) -> Any:
         """The schedule for micro-batches of ``rows x length`` tokens; built again when the shape changes (the
         stages exchange buffers of known shapes)."""
-        from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
+        from torch.distributed.pipelining import (
+            Schedule1F1B,
+            ScheduleGPipe,
+            ScheduleInterleaved1F1B,
+            ScheduleInterleavedZeroBubble,
+        )
 
         if self.shape == (rows, length, micro):
             return self.schedule
-        kind = ScheduleGPipe if self.options.pp_schedule == "gpipe" else Schedule1F1B
+        kinds = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B,
+                 "zero_bubble": ScheduleInterleavedZeroBubble}
+        stages = self.stages_of(rows, length)
+        name = self.options.pp_schedule
         # each micro-batch's loss is already divided by the step's label count: gradients add up unscaled
-        self.schedule = kind(self.stage_of(rows, length), micro, loss_fn=self.loss_of, scale_grads=False)
+        self.schedule = kinds[name](stages if name in INTERLEAVED else stages[0], micro, loss_fn=self.loss_of,
+                                    scale_grads=False)
         self.shape = (rows, length, micro)
         return self.schedule
 
-    def stage_of(self, rows: int, length: int) -> Any:
-        """This rank's stage for batches of ``rows x length`` tokens: what it receives and sends, declared."""
+    def stages_of(self, rows: int, length: int) -> list[Any]:
+        """This rank's stages for batches of ``rows x length`` tokens: what each receives and sends, declared."""
         from torch.distributed.pipelining import PipelineStage
 
-        assert self.part is not None
+        part = self.parts[0]
         meta = torch.device("meta")
-        hidden = torch.empty(rows, length, self.part.hidden_size, dtype=self.part.wire, device=meta,
+        hidden = torch.empty(rows, length, part.hidden_size, dtype=part.wire, device=meta,
                              requires_grad=True)  # their gradients flow back
         tokens = torch.empty(rows, length, dtype=torch.long, device=meta)
-        logits = torch.empty(rows, length, self.part.vocab_size, dtype=self.part.logits, device=meta,
-                             requires_grad=True)
-        return PipelineStage(self.part, self.stage, self.pp_size, self.device,
-                             input_args=tokens if self.first else hidden,
-                             output_args=logits if self.last else hidden, group=self.group)
+        logits = torch.empty(rows, length, part.vocab_size, dtype=part.logits, device=meta, requires_grad=True)
+        return [PipelineStage(part, self.stage + k * self.pp_size, self.stages, self.device,
+                              input_args=tokens if part.first else hidden,
+                              output_args=logits if part.last else hidden, group=self.group)
+                for k, part in enumerate(self.parts)]
 
     def pipelined_forward(self, input_ids: torch.Tensor, **ignored: Any) -> Any:
         """The unwrapped model's forward under pp: ``input_ids`` through every stage of this pipeline (each rank of
         it calls this with the same batch, as held-out evaluation does), the logits sent from the last stage to all
         of them. The causal mask alone, as in training; no cache."""
-        from torch.distributed.pipelining import ScheduleGPipe
+        from torch.distributed.pipelining import ScheduleGPipe, ScheduleInterleaved1F1B
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
-        assert self.part is not None
+        part = self.parts[0]
         rows, length = input_ids.shape
         if self.forward_only is None or self.forward_only[0] != (rows, length):
-            self.forward_only = ((rows, length), ScheduleGPipe(self.stage_of(rows, length), 1))
+            stages = self.stages_of(rows, length)
+            self.forward_only = ((rows, length), ScheduleGPipe(stages[0], 1) if len(stages) == 1
+                                 else ScheduleInterleaved1F1B(stages, 1))
         schedule = self.forward_only[1]
         with torch.no_grad():
             if self.first:
@@ -239,7 +273,7 @@ class PipelineParallel(FSDP2):
             else:
                 logits = schedule.step() if self.last else None
             if logits is None:
-                logits = torch.empty(rows, length, self.part.vocab_size, dtype=self.part.logits, device=self.device)
+                logits = torch.empty(rows, length, part.vocab_size, dtype=part.logits, device=self.device)
             dist.broadcast(logits, src=self.rank_of(self.pp_size - 1), group=self.group)
         return CausalLMOutputWithPast(logits=logits)
 
@@ -342,6 +376,22 @@ class StageModule(torch.nn.Module):
                 return hidden.to(self.wire)
             logits: torch.Tensor = self.head(self.norm(hidden))
             return logits
+
+
+def describe(bounds: list[int], ranks: int, schedule: str) -> str:
+    """The split, for the console: e.g. "4 stages of layers 0 | 1 | 2 | 3 on 2 ranks (interleaved_1f1b: rank r
+    holds stages r, r + 2)"."""
+    runs = " | ".join(f"{a}" if b - a == 1 else f"{a}-{b - 1}" for a, b in zip(bounds, bounds[1:], strict=False))
+    count = len(bounds) - 1
+    holds = f"rank r holds stages r, r + {ranks}" + (", ..." if count > 2 * ranks else "") if count > ranks else \
+        "one stage per rank"
+    return f"{count} stages of layers {runs} on {ranks} ranks ({schedule}: {holds})"
+
+
+def stages_per_rank(options: Any) -> int:
+    """``[distributed] pp_stages_per_rank``: 2 by default for the interleaved schedules, else 1."""
+    given = getattr(options, "pp_stages_per_rank", None)
+    return int(given) if given else 2 if getattr(options, "pp_schedule", "1f1b") in INTERLEAVED else 1
 
 
 def pp_size(options: Any, world: int) -> int:

@@ -24,13 +24,14 @@ from .test_tensor_parallel import assert_same_weights
 STEPS = 6
 
 
-def config(path: Path, out: Path, processes: int = 1, batch: int = 8, tied: bool = True, **distributed: object
-           ) -> Path:
-    """test_dist's tiny Llama (with tied embeddings), 2 micro-batches a step (1F1B needs one per stage), held-out
-    loss at steps 3 and 6."""
+def config(path: Path, out: Path, processes: int = 1, batch: int = 8, tied: bool = True, layers: int = 2,
+           **distributed: object) -> Path:
+    """test_dist's tiny Llama (with tied embeddings; ``layers`` decoder layers), 2 micro-batches a step (1F1B needs
+    one per stage), held-out loss at steps 3 and 6."""
     table = {"num_processes": processes, **distributed}
     lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in table.items())
     text = CONFIG.format(batch=batch, steps=STEPS, out=out, save_every=3, distributed=lines)
+    text = text.replace("num_hidden_layers = 2", f"num_hidden_layers = {layers}")
     text = text.replace("tie_word_embeddings = false", f"tie_word_embeddings = {str(tied).lower()}")
     text = text.replace("[train]\n", "[train]\ngrad_accum = 2\n")
     text = text.replace("max_length = 32\n", 'max_length = 32\neval_file = "data/synthetic/addition_eval.jsonl"\n')
@@ -122,6 +123,17 @@ def test_layouts_and_runs_that_cannot_be_pipelined_are_config_errors(tmp_path: P
     deep = config(tmp_path / "s.toml", tmp_path / "run", processes=3, backend="pp", pp_schedule="gpipe")
     (problem,) = PipelineParallel.run_problems(load_config(deep))
     assert "pp_size = 3 is more pipeline stages than the model's 2 decoder layers" in problem
+    with pytest.raises(ValueError, match="the '1f1b' schedule runs one stage per rank; use pp_schedule = "):
+        DistributedConfig(backend="pp", pp_stages_per_rank=2)
+    looped = config(tmp_path / "i.toml", tmp_path / "run", processes=2, backend="pp", pp_schedule="zero_bubble")
+    (problem,) = PipelineParallel.run_problems(load_config(looped))
+    assert "pp_size = 2 x pp_stages_per_rank = 2 is more pipeline stages than the model's 2 decoder layers" in problem
+    rounds = config(tmp_path / "r.toml", tmp_path / "run", processes=2, layers=4, backend="pp",
+                    pp_schedule="interleaved_1f1b")
+    rounds.write_text(rounds.read_text().replace("grad_accum = 2", "grad_accum = 5"))
+    (problem,) = PipelineParallel.run_problems(load_config(rounds))
+    assert "grad_accum = 5: the interleaved_1f1b schedule runs the micro-batches in rounds of pp_size (2)" in problem
+    assert "use grad_accum = 4" in problem
     device = config(tmp_path / "d.toml", tmp_path / "run", processes=2)
     device.write_text(device.read_text() + '[device]\nparallel_method = "pp"\nnum_gpus = 2\n')
     cfg = load_config(device)
@@ -141,7 +153,22 @@ def test_two_stages_reproduce_one_process(schedule: str, request: pytest.Fixture
                              pp_schedule=schedule)))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "steps of 16 samples (batch_size 8 x grad_accum 2)" in done.stdout
+    assert f"pipeline: 2 stages of layers 0 | 1 on 2 ranks ({schedule}: one stage per rank)" in done.stdout
     assert_reproduces(tmp_path / "run", request.getfixturevalue("one" if tied else "untied"))
+
+
+@pytest.mark.parametrize("schedule", ["interleaved_1f1b", pytest.param("zero_bubble", marks=pytest.mark.slow)])
+def test_two_stages_per_rank_reproduce_one_process(schedule: str, tmp_path: Path) -> None:
+    """A 4-layer model cut into 4 stages of one layer, rank 0 holding stages 0 and 2 (the embeddings with the
+    first), rank 1 stages 1 and 3 (the norm and the tied head with the last): on the interleaved 1F1B and the
+    zero-bubble schedules, the loss curve, the held-out loss and the final weights are the one process's."""
+    assert main(["run", str(config(tmp_path / "one.toml", tmp_path / "one", layers=4))]) == 0
+    done = swiftk(str(config(tmp_path / "c.toml", tmp_path / "run", processes=2, layers=4, backend="pp",
+                             pp_schedule=schedule)))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"pipeline: 4 stages of layers 0 | 1 | 2 | 3 on 2 ranks ({schedule}: rank r holds stages r, r + 2)" \
+        in done.stdout
+    assert_reproduces(tmp_path / "run", tmp_path / "one")
 
 
 @pytest.mark.slow

@@ -205,3 +205,24 @@ def test_pipeline_stages_are_planned_as_the_engine_splits_them(tmp_path: Path) -
     one_f = dataclasses.replace(plan.asked, schedule="1f1b")
     assert stage_memory(plan.model, one_f, cfg, 0.0, 0.0, 0).activations == pytest.approx(gpipe[0].activations / 2)
     assert per_gpu(plan.model, plan.asked, cfg, 0.0, 0.0).total == max(m.total for m in gpipe)
+
+
+def test_interleaved_pipelines_are_planned_per_rank(tmp_path: Path) -> None:
+    """Under interleaved_1f1b each rank holds pp_stages_per_rank stages (rank r: stages r, r + pp): the same bytes
+    of weights in all, and in flight the stage-micro-batches of Megatron's count (2 (pp - r - 1) + (v - 1) pp + 1,
+    each 1/v of the rank's layers)."""
+    from swiftk.kernel.plan import stage_memory
+
+    cfg = tiny(tmp_path, 'tuner_strategy = "full"\ngrad_accum = 8', "distributed.num_processes=2",
+               "distributed.backend='pp'", "distributed.pp_schedule='interleaved_1f1b'",
+               "model.architecture.num_hidden_layers=4")
+    plan = make_plan(cfg, Gpus.parse("2xA100"))
+    assert (plan.asked.virtual, plan.asked.schedule) == (2, "interleaved_1f1b")
+    ranks = [stage_memory(plan.model, plan.asked, cfg, 0.0, 0.0, stage) for stage in (0, 1)]
+    assert sum(m.weights for m in ranks) == pytest.approx(plan.model.weight_bytes)
+    one_f = [stage_memory(plan.model, dataclasses.replace(plan.asked, schedule="1f1b", virtual=1), cfg, 0.0, 0.0, s)
+             for s in (0, 1)]
+    # 4 equal layers, one a stage: rank 0 keeps (2 + 2 + 1) / 2 = 2.5 micro-batches of its two layers in flight
+    # where 1F1B keeps 2; rank 1 (2 x 0 + 2 + 1) / 2 = 1.5 where 1F1B keeps 1 (the norm's and head's included)
+    assert ranks[0].activations == pytest.approx(1.25 * one_f[0].activations)
+    assert ranks[1].activations == pytest.approx(1.5 * one_f[1].activations)
