@@ -14,6 +14,7 @@ Each layout is a real `swiftk run` in a subprocess on one config, with the same 
   dpAxtpB   A groups of B tensor-parallel ranks, FSDP2 across the groups (A x B processes)
   ppN       N pipeline stages (1F1B); the global batch in 2N micro-batches (grad_accum), each stage reads them all
   ppNvV     N ranks holding V stages each (interleaved 1F1B, N x V stages), the micro-batches of ppN
+  tpNsp     tpN with sequence parallelism (norms and residual stream split by positions)
   dpAxppB   A pipelines of B stages, FSDP2 across the pipelines
 Models: ``tiny`` (the 3.2 M Llama of configs/tiny_sft.toml, full fine-tuning, its addition data, 32 tokens,
 precision "auto") and ``smollm2`` (SmolLM2-135M from the embedded GGUF, full fine-tuning in fp32, the quickstart
@@ -91,15 +92,15 @@ progress = "none"
 num_processes = {processes}
 {distributed}
 """
-LAYOUT = re.compile(r"^(plain|world1|(ddp|fsdp|tp|pp)(\d+)(?:v(\d+))?|dp(\d+)x(tp|pp)(\d+))$")
+LAYOUT = re.compile(r"^(plain|world1|(ddp|fsdp|tp|pp)(\d+)(?:v(\d+)|(sp))?|dp(\d+)x(tp|pp)(\d+))$")
 
 
 def layout(name: str) -> tuple[int, int, int, dict[str, object]]:
     """(processes, ranks reading different data, micro-batches a step, [distributed] values) of a layout's name."""
     found = LAYOUT.match(name)
     if not found:
-        raise SystemExit(f"unknown layout '{name}': use plain, world1, ddpN, fsdpN, tpN, ppN, ppNvV, dpAxtpB or "
-                         f"dpAxppB")
+        raise SystemExit(f"unknown layout '{name}': use plain, world1, ddpN, fsdpN, tpN, tpNsp, ppN, ppNvV, dpAxtpB "
+                         f"or dpAxppB")
     if found[1] in ("plain", "world1"):
         return 1, 1, 1, {"backend": "ddp"}
     if found[2]:
@@ -110,8 +111,12 @@ def layout(name: str) -> tuple[int, int, int, dict[str, object]]:
                 raise SystemExit(f"layout '{name}': only pipelines hold several stages per rank (ppNvV)")
             return n, 1, 2 * n, {"backend": "pp", "pp_schedule": "interleaved_1f1b",
                                  "pp_stages_per_rank": int(found[4])}
+        if found[5]:
+            if backend != "tp":
+                raise SystemExit(f"layout '{name}': sequence parallelism is tp's (tpNsp)")
+            return n, 1, 1, {"backend": "tp", "sequence_parallel": True}
         return n, 1 if backend in ("tp", "pp") else n, 2 * n if backend == "pp" else 1, {"backend": backend}
-    dp, kind, n = int(found[5]), found[6], int(found[7])
+    dp, kind, n = int(found[6]), found[7], int(found[8])
     return dp * n, dp, 2 * n if kind == "pp" else 1, {"backend": kind, f"{kind}_size": n}
 
 

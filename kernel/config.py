@@ -460,6 +460,9 @@ class DistributedConfig(Section):
     fsdp_reshard_after_forward: bool = Field(True, description="fsdp: free gathered layers after forward")
     tp_size: int | None = Field(None, ge=1, description="tp: ranks that split each layer (default: every "
                                 "process of a node); the processes / tp_size groups read different data")
+    sequence_parallel: bool = Field(False, description="tp: the norms and the residual stream split by sequence "
+                                    "positions over the TP group (Megatron's sequence parallelism): activations "
+                                    "outside attention and the MLP held once per group, not on every rank")
     pp_size: int | None = Field(None, ge=2, description="pp: pipeline stages, one per rank (default: every "
                                 "process); the processes / pp_size pipelines read different data")
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = Field(
@@ -498,8 +501,9 @@ class DistributedConfig(Section):
                    if getattr(self, k) not in (None, False)]
         if ds_only and self.backend != "deepspeed":
             raise ValueError(f"{', '.join(ds_only)}: only for backend = 'deepspeed' (backend is '{self.backend}')")
-        if self.tp_size is not None and self.backend != "tp":
-            raise ValueError(f"tp_size: only for backend = 'tp' (backend is '{self.backend}')")
+        tp_only = [k for k in ("tp_size", "sequence_parallel") if getattr(self, k) not in (None, False)]
+        if tp_only and self.backend != "tp":
+            raise ValueError(f"{', '.join(tp_only)}: only for backend = 'tp' (backend is '{self.backend}')")
         pp_only = [k for k in ("pp_size", "pp_schedule", "pp_balance", "pp_stages_per_rank")  # a saved config.toml
                    if getattr(self, k) != type(self).model_fields[k].default]  # writes the defaults
         if pp_only and self.backend != "pp":

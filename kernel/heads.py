@@ -138,7 +138,10 @@ class ChunkedHead:
                         position_ids=batch.position_ids, use_cache=False, **batch.model_inputs, **kwargs)
         finally:
             handle.remove()
-        return captured[-1], out
+        hidden = captured[-1]
+        if is_split(hidden):  # split by positions (sequence parallelism): gathered, its gradient cut back
+            hidden = hidden.full_tensor()
+        return hidden, out
 
 
 def matmul_dtype(device: torch.device, weight_dtype: torch.dtype) -> torch.dtype:

@@ -90,6 +90,7 @@ class Layout:
     pp: int = 1  # pipeline stages
     schedule: str = "1f1b"  # the pipeline's: "1f1b", "gpipe", "interleaved_1f1b" or "zero_bubble"
     virtual: int = 1  # stages per rank (the interleaved schedules')
+    sequence: bool = False  # tp with sequence parallelism: what a layer keeps whole is split by positions too
     micro: int = 1  # micro-batches a step (grad_accum): a pipeline keeps up to this many in flight
     shard: str = "none"  # "none", "zero2" (gradients, optimizer state), "zero3" (and the weights)
     spread: bool = False  # device_map: one process, its layers over the GPUs
@@ -399,7 +400,7 @@ def layout_of(cfg: Any) -> Layout:
     if d.backend == "tp":
         tp = d.tp_size or d.num_processes
         return Layout(f"tp{tp}" if tp == n else f"dp{n // tp}xtp{tp}", n, dp=n // tp, tp=tp,
-                      shard="zero3" if n > tp else "none")
+                      shard="zero3" if n > tp else "none", sequence=d.sequence_parallel)
     if d.backend == "pp":
         pp = d.pp_size or n
         from swiftk.kernel.parallel.pp import stages_per_rank
@@ -522,11 +523,14 @@ def stage_memory(model: Model, layout: Layout, cfg: Any, runtime: float, chunk_b
 
 
 def activation_bytes(model: Model, layout: Layout, checkpointing: bool) -> float:
-    per_layer = [whole + split / layout.tp for whole, split in model.act_layer]
+    """A micro-batch's activations on one rank: tp splits the attention's and MLP's, sequence parallelism the rest
+    of each layer's (norms, residual stream) and the layer inputs checkpointing keeps."""
+    split_whole = layout.tp if layout.sequence else 1
+    per_layer = [whole / split_whole + split / layout.tp for whole, split in model.act_layer]
     if not per_layer:
         return model.act_other
     if checkpointing:
-        return model.layer_input * len(per_layer) + max(per_layer) + model.act_other
+        return model.layer_input / split_whole * len(per_layer) + max(per_layer) + model.act_other
     return sum(per_layer) + model.act_other
 
 

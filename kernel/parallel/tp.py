@@ -9,6 +9,10 @@ way, and FSDP2 over the ranks that remain (data parallel), the 2-D mesh that sta
                       exchange three numbers per token (vocabulary-parallel cross-entropy, chunked), or,
                       with FSDP2 over dp groups or [train] chunked_loss = false, read logits gathered whole
     the rest          whole on every rank of a TP group (norms); FSDP2 shards it over dp
+    sequence_parallel the norms and the residual stream between the projections split by sequence positions
+                      (Megatron's sequence parallelism): the row-split projections reduce-scatter their output
+                      instead of all-reducing it, attention and the MLP all-gather their input; the activations
+                      outside them are held once per TP group
 
 The ranks of a TP group read the same batch; the data is split over the dp groups only. LoRA follows its base
 layer: a column-split projection's ``lora_B`` is split by columns, a row-split one's ``lora_A`` by rows, so that
@@ -59,7 +63,8 @@ class TensorParallel(FSDP2):
 
         if self.mesh is None:
             self.mesh = init_device_mesh(device.type, (self.dp_size, self.tp_size), mesh_dim_names=("dp", "tp"))
-        split(model, self.mesh["tp"], self.tp_size, self.dp_size)
+        split(model, self.mesh["tp"], self.tp_size, self.dp_size, bool(getattr(self.options, "sequence_parallel",
+                                                                              False)))
         return self.shard(model, precision, self.mesh["dp"]) if self.dp_size > 1 else model
 
     @property
@@ -69,6 +74,7 @@ class TensorParallel(FSDP2):
         return self.dp_size == 1
 
     def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float | None) -> float | None:
+        reduce_partial(params)
         return clip_mixed(params, max_norm)
 
 
@@ -78,14 +84,22 @@ def tp_size(options: Any, world: int) -> int:
     return int(size) if size else max(1, min(world, getattr(options, "num_processes", world)))
 
 
-def split(model: torch.nn.Module, mesh: Any, tp: int, dp: int = 1) -> None:
-    """Split ``model``'s layers over the ``tp`` ranks of ``mesh`` (``layer_plan``); tied embeddings stay one
-    parameter (both uses split by vocabulary rows alike), whose gradient sums both uses."""
+def split(model: torch.nn.Module, mesh: Any, tp: int, dp: int = 1, sequence: bool = False) -> None:
+    """Split ``model``'s layers over the ``tp`` ranks of ``mesh`` (``layer_plan``; ``sequence``: and the
+    residual stream by positions, ``sequence_plan``); tied embeddings stay one parameter (both uses split by
+    vocabulary rows alike), whose gradient sums both uses."""
     from torch.distributed.tensor.parallel import parallelize_module
 
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is not None and head.weight is embedding.weight
-    parallelize_module(model, mesh, layer_plan(model, tp, dp))
+    plan = layer_plan(model, tp, dp)
+    if sequence:
+        plan = sequence_plan(model, plan)
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    parallelize_module(model, mesh, plan)
+    for name, param in model.named_parameters():  # SequenceParallel's new parameters would all train
+        if name in frozen:
+            param.requires_grad_(False)
     if tied:
         head.weight = embedding.weight
 
@@ -127,6 +141,82 @@ def layer_plan(model: torch.nn.Module, tp: int, dp: int = 1) -> dict[str, Any]:
         raise DistributedError(f"[distributed] backend = 'tp': no module of {type(model).__name__} matches its "
                                f"tensor-parallel plan {sorted(config.base_model_tp_plan)}")
     return plan
+
+
+def sequence_plan(model: torch.nn.Module, plan: dict[str, Any]) -> dict[str, Any]:
+    """``plan`` with Megatron's sequence parallelism: each decoder layer's norms run on this rank's share of the
+    sequence positions (``SequenceParallel``), attention and the MLP gather the positions first, their row-split
+    output projections reduce-scatter to positions (a LoRA adapter beside them all-reduces its rank-r product and
+    cuts B's output to the same positions); the first layer
+    cuts its input, the final norm runs split and the head gathers the positions back. For decoder layers made of
+    ``input_layernorm``, ``self_attn``, ``post_attention_layernorm`` and ``mlp`` (Llama, Qwen2/3, Mistral);
+    another is an error naming it."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        PrepareModuleOutput,
+        SequenceParallel,
+    )
+
+    from swiftk.kernel.parallel.fsdp import decoder_layers
+
+    names = {id(module): name for name, module in model.named_modules()}
+    layers = decoder_layers(model)
+    parts = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+
+    def unlike(layer: torch.nn.Module) -> bool:  # a part missing, or a norm of its own more (Gemma2's four)
+        norms = {n for n, c in layer.named_children() if "norm" in type(c).__name__.lower()}
+        return not all(hasattr(layer, part) for part in parts) or not norms <= set(parts)
+
+    odd = next((layer for layer in layers if unlike(layer)), None)
+    decoder = model.get_base_model().get_decoder() if hasattr(model, "get_base_model") else model.get_decoder()
+    if odd is not None or not hasattr(decoder, "norm"):
+        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise DistributedError(f"[distributed] sequence_parallel: {kind} decoder layers ({type(odd).__name__}) are "
+                               f"not made of {', '.join(parts)} alone, the layout it splits; set "
+                               f"sequence_parallel = false")
+    positions, whole = Shard(1), Replicate()
+    out = dict(plan)
+    for name, style in plan.items():  # row-split projections leave the positions split
+        if type(style).__name__ != "RowwiseParallel" or "embed" in name:
+            continue
+        if ".lora_A." in name:  # the adapter's small product stays whole (all-reduced); B's output is cut to match
+            out[name.replace(".lora_A.", ".lora_B.")] = PrepareModuleOutput(
+                output_layouts=(whole,), desired_output_layouts=(positions,), use_local_output=False)
+        else:
+            out[name] = type(style)(output_layouts=positions, use_local_output=False)
+    for index, layer in enumerate(layers):
+        at = names[id(layer)]
+        if index == 0:
+            out[at] = PrepareModuleInput(input_layouts=(whole,), desired_input_layouts=(positions,),
+                                         use_local_output=False)
+        out[f"{at}.input_layernorm"] = out[f"{at}.post_attention_layernorm"] = SequenceParallel()
+        # local tensors inside: the projections (and LoRA's whole matrices) see what they see without it
+        out[f"{at}.self_attn"] = PrepareModuleInput(input_kwarg_layouts={"hidden_states": positions},
+                                                    desired_input_kwarg_layouts={"hidden_states": whole},
+                                                    use_local_output=True)
+        out[f"{at}.mlp"] = PrepareModuleInput(input_layouts=(positions,), desired_input_layouts=(whole,),
+                                              use_local_output=True)
+    out[names[id(decoder.norm)]] = SequenceParallel()
+    head = names[id(model.get_output_embeddings())]
+    if head in out:  # split by vocabulary: it gathers the positions, then the logits
+        out[head] = ColwiseParallel(input_layouts=positions, output_layouts=whole)
+    else:
+        out[head] = PrepareModuleInput(input_layouts=(positions,), desired_input_layouts=(whole,),
+                                       use_local_output=True)
+    return out
+
+
+def reduce_partial(params: list[torch.nn.Parameter]) -> None:
+    """Gradients still partial sums over the TP group (sequence parallelism's norms: each rank saw its positions)
+    summed now, once, before the norm and the optimizer read them."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    for param in params:
+        grad = param.grad
+        if isinstance(grad, DTensor) and any(p.is_partial() for p in grad.placements):
+            param.grad = grad.redistribute(placements=[Replicate() if p.is_partial() else p for p in grad.placements])
 
 
 def split_modules(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, str]]:

@@ -226,3 +226,15 @@ def test_interleaved_pipelines_are_planned_per_rank(tmp_path: Path) -> None:
     # where 1F1B keeps 2; rank 1 (2 x 0 + 2 + 1) / 2 = 1.5 where 1F1B keeps 1 (the norm's and head's included)
     assert ranks[0].activations == pytest.approx(1.25 * one_f[0].activations)
     assert ranks[1].activations == pytest.approx(1.5 * one_f[1].activations)
+
+
+def test_sequence_parallelism_splits_what_tensor_parallelism_keeps_whole(tmp_path: Path) -> None:
+    """Under tp 2 a layer's attention and MLP activations are halved and its norms' and residuals' kept whole;
+    with sequence_parallel those are halved too."""
+    base = ('tuner_strategy = "full"', "distributed.num_processes=2", "distributed.backend='tp'")
+    tp = make_plan(tiny(tmp_path, *base), Gpus.parse("2xA100")).asked_memory
+    sp = make_plan(tiny(tmp_path, *base, "distributed.sequence_parallel=true"), Gpus.parse("2xA100")).asked_memory
+    model = make_plan(tiny(tmp_path, *base), Gpus.parse("2xA100")).model
+    whole = sum(w for w, _ in model.act_layer)
+    assert whole > 0 and tp.activations - sp.activations == pytest.approx(whole / 2)
+    assert (tp.weights, tp.optimizer) == (sp.weights, sp.optimizer)

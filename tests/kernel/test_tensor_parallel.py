@@ -63,7 +63,7 @@ import sys, torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig, LlamaForCausalLM
-from swiftk.kernel.parallel.tp import split
+from swiftk.kernel.parallel.tp import reduce_partial, split
 
 dist.init_process_group("gloo", init_method=sys.argv[1], rank=int(sys.argv[2]), world_size=2)
 torch.manual_seed(0)
@@ -76,29 +76,35 @@ if sys.argv[3] == "lora":
     whole = get_peft_model(whole, LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
 import copy
 model = copy.deepcopy(whole)
-split(model, init_device_mesh("cpu", (2,)), 2)
-ids = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(1))
+sequence = sys.argv[4] == "sp"
+split(model, init_device_mesh("cpu", (2,)), 2, 1, sequence)
+ids = torch.randint(0, 50, (4, 15 if sequence else 16), generator=torch.Generator().manual_seed(1))  # 15: uneven
 for m in (whole, model):
     m(input_ids=ids, labels=ids).loss.backward()
+reduce_partial(list(model.parameters()))  # what the engine does before clipping
+assert not any(pl.is_partial() for p in model.parameters() if isinstance(p.grad, DTensor) for pl in p.grad.placements)
 want = dict(whole.named_parameters())
-split = [n for n, p in model.named_parameters() if isinstance(p, DTensor) and p.requires_grad]
+split = [n for n, p in model.named_parameters() if isinstance(p, DTensor) and p.requires_grad
+         and any(pl.is_shard() for pl in p.placements)]
 worst = max(float(((p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad) - want[n].grad).abs().max())
             for n, p in model.named_parameters() if p.grad is not None)
 print("RESULT", len(split), worst)
 """
 
 
+@pytest.mark.parametrize("sequence", ["", "sp"])
 @pytest.mark.parametrize(("tuner", "split"), [("full", 16), ("tied", 15), ("lora", 14)])
-def test_split_layers_give_the_whole_models_gradients(tuner: str, split: int, tmp_path: Path) -> None:
+def test_split_layers_give_the_whole_models_gradients(tuner: str, split: int, sequence: str, tmp_path: Path) -> None:
     """Every projection the model's plan names is split (LoRA: the base layer and the adapter matrix on the same
     side), the embeddings and the LM head by vocabulary (tied ones staying one tensor), and the gradients of split
-    and whole tensors equal the unsplit model's."""
+    and whole tensors equal the unsplit model's; with sequence parallelism too (the norms and the residual stream
+    split by positions, 15 of them: uneven), once the norms' partial gradients are summed."""
     script = tmp_path / "split.py"
     script.write_text(SPLIT)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ranks = [subprocess.Popen([sys.executable, str(script), f"tcp://127.0.0.1:{port}", str(rank), tuner],
+    ranks = [subprocess.Popen([sys.executable, str(script), f"tcp://127.0.0.1:{port}", str(rank), tuner, sequence],
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for rank in range(2)]
     outputs = [rank.communicate(timeout=120)[0] for rank in ranks]
@@ -170,6 +176,29 @@ def test_a_tp_group_reads_one_batch() -> None:
     assert pure.data_shard == (0, 1) and pure.tp_size == 2
 
 
+def test_sequence_parallelism_names_layers_it_cannot_split() -> None:
+    """Gemma2's layers hold four norms (two more than the layout sequence parallelism splits): an error naming
+    the model and the setting, before any process group is touched."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from swiftk.kernel.parallel.tp import sequence_plan
+
+    model = Gemma2ForCausalLM(Gemma2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, num_key_value_heads=2, head_dim=16, vocab_size=64))
+    with pytest.raises(DistributedError, match="sequence_parallel: gemma2 decoder layers .* set sequence_parallel"):
+        sequence_plan(model, layer_plan(model, 2))
+
+
+def test_the_tiny_tp_example_config_validates() -> None:
+    """configs/tiny_tp.toml: tp over 2 processes with sequence parallelism, nothing its engine refuses; the flag
+    belongs to tp alone."""
+    cfg = load_config(REPO / "configs" / "tiny_tp.toml")
+    assert (cfg.distributed.backend, cfg.distributed.sequence_parallel) == ("tp", True)
+    assert TensorParallel.problems(cfg.distributed) == [] and TensorParallel.run_problems(cfg) == []
+    with pytest.raises(ValueError, match="sequence_parallel: only for backend = 'tp'"):
+        DistributedConfig(backend="ddp", sequence_parallel=True)
+
+
 def test_device_method_tp_is_the_tp_backend(tmp_path: Path) -> None:
     from swiftk.kernel.parallel.config import apply_device
 
@@ -198,11 +227,14 @@ def test_tp_size_that_does_not_divide_the_processes_stops_before_launching(tmp_p
 # ------------------------------------------------------------------------------------------ whole runs
 
 
-def test_tp2_reproduces_one_process(one: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sequence", [False, True])
+def test_tp2_reproduces_one_process(sequence: bool, one: Path, tmp_path: Path) -> None:
     """Both ranks read the whole batch of 32; the loss curve and the final weights are the one process's. The loss
     is scored from the hidden states on each rank's vocabulary rows (no gathered logits), as one process scores
-    them from its whole head."""
-    done = swiftk(str(config(tmp_path / "c.toml", tmp_path / "run", processes=2, backend="tp")))
+    them from its whole head. With sequence parallelism too (the norms' weights trained from each rank's
+    positions, their gradients summed)."""
+    done = swiftk(str(config(tmp_path / "c.toml", tmp_path / "run", processes=2, backend="tp",
+                             **({"sequence_parallel": True} if sequence else {}))))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "steps of 32 samples (batch_size 32 x grad_accum 1)" in done.stdout
     assert "chunked loss off" not in done.stdout + done.stderr
@@ -240,10 +272,11 @@ def test_a_tp2_checkpoint_resumes_in_one_process_and_under_ddp(one: Path, tmp_pa
 
 
 @pytest.mark.slow
-def test_dp2_by_tp2_reproduces_one_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sequence", [False, True])
+def test_dp2_by_tp2_reproduces_one_process(sequence: bool, tmp_path: Path) -> None:
     """4 ranks: two TP groups of 2, each reading half of the batch, their layers sharded by FSDP2 between them
-    (the 128-row embeddings and head split by vocabulary too: 2-D shards); a resume from the middle replays the
-    same steps."""
+    (the 128-row embeddings and head split by vocabulary too: 2-D shards), with and without sequence
+    parallelism; a resume from the middle replays the same steps."""
     def wide(path: Path) -> Path:  # vocabulary rows that divide over the 4 ranks
         path.write_text(path.read_text().replace("num_key_value_heads = 2,", "num_key_value_heads = 2, "
                                                  "vocab_size = 128,"))
@@ -252,7 +285,7 @@ def test_dp2_by_tp2_reproduces_one_process(tmp_path: Path) -> None:
     one = tmp_path / "one"
     assert main(["run", str(wide(config(tmp_path / "one.toml", one)))]) == 0
     done = swiftk(str(wide(config(tmp_path / "c.toml", tmp_path / "run", processes=4, batch=16, backend="tp",
-                                  tp_size=2))), timeout=360)
+                                  tp_size=2, **({"sequence_parallel": True} if sequence else {})))), timeout=360)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "steps of 32 samples (batch_size 16 x grad_accum 1 x 2 data-parallel groups)" in done.stdout
     assert_matches(losses(tmp_path / "run"), losses(one))
@@ -282,16 +315,18 @@ def test_two_nodes_each_a_tp_group_reproduce_one_process(one: Path, tmp_path: Pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["lora", "dpo"])
+@pytest.mark.parametrize("kind", ["lora", "dpo", "lora+sp"])
 def test_lora_and_dpo_under_tp2_reproduce_one_process(kind: str, tmp_path: Path) -> None:
-    """LoRA's adapters split with their base layers, merged back (--merge) to the one process's model; DPO's
-    frozen reference split like the model."""
-    single = variant(config(tmp_path / "one.toml", tmp_path / "one"), **{kind: True})
+    """LoRA's adapters split with their base layers, merged back (--merge) to the one process's model, with and
+    without sequence parallelism; DPO's frozen reference split like the model."""
+    tuner, sequence = kind.removesuffix("+sp"), kind.endswith("+sp")
+    single = variant(config(tmp_path / "one.toml", tmp_path / "one"), **{tuner: True})
     assert main(["run", str(single), "--merge"]) == 0
-    double = variant(config(tmp_path / "two.toml", tmp_path / "two", processes=2, backend="tp"), **{kind: True})
+    double = variant(config(tmp_path / "two.toml", tmp_path / "two", processes=2, backend="tp",
+                            **({"sequence_parallel": True} if sequence else {})), **{tuner: True})
     done = swiftk(str(double), "--merge")
     assert done.returncode == 0, done.stdout + done.stderr
     assert_matches(losses(tmp_path / "two"), losses(tmp_path / "one"))
-    if kind == "lora":
+    if tuner == "lora":
         assert_same_weights(tmp_path / "two/final", tmp_path / "one/final", "adapter_model.safetensors")
         assert_same_weights(tmp_path / "two/merged", tmp_path / "one/merged")
