@@ -1,7 +1,7 @@
 """Chunked linear + cross-entropy (``swiftk.contracts.chunked``) against ``F.cross_entropy`` on full logits.
 
     .venv/bin/python bench/chunked_ce.py [--tokens 2048] [--hidden 576] [--vocab 49152] [--labelled 0.5]
-                                         [--dtype bf16] [--reps 5] [--tp 1]
+                                         [--dtype bf16] [--reps 5] [--tp 1] [--compile]
 
 One loss step, forward and backward, at SmolLM2-135M's shape by default: hidden states ``[N, H]`` (a leaf that
 requires grad, as the decoder's output is) and the LM head's weight ``[V, H]`` (trainable with ``--train-head``,
@@ -13,6 +13,10 @@ sum over the scored tokens:
   chunked   linear_cross_entropy(h[scored], W, labels[scored]): one chunk of logits at a time, gradients
             computed in forward; in the dtype swiftk's kernel picks (``kernel.heads.matmul_dtype``): --dtype,
             except float32 for a 16-bit type this CPU only emulates (reported as chunked_dtype)
+
+With ``--compile`` a third way, ``compiled``, is the chunked loss with its per-chunk maths under
+``torch.compile`` (``contracts.chunked.compile_chunks``, what ``[train] compile = true`` turns on); its first step
+(the warm-up, where it compiles) is not timed, and its peak includes the compiler's own memory.
 
 With ``--tp N`` both ways run on N processes (gloo), the head split by vocabulary rows as tensor parallelism
 splits it (a DTensor, ``Shard(0)``): ``full`` is what tp did before, each rank's logits gathered whole
@@ -76,7 +80,7 @@ def dtype_of(args: argparse.Namespace) -> torch.dtype:
     from swiftk.kernel.heads import matmul_dtype
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    return matmul_dtype(torch.device("cpu"), dtype) if args.way == "chunked" else dtype
+    return matmul_dtype(torch.device("cpu"), dtype) if args.way in ("chunked", "compiled") else dtype
 
 
 def rss_bytes() -> int:
@@ -87,6 +91,10 @@ def rss_bytes() -> int:
 def child(args: argparse.Namespace) -> dict[str, Any]:
     """One way, in this process: its added peak memory, then its step time."""
     torch.set_num_threads(args.threads)
+    if args.way == "compiled":
+        from swiftk.contracts.chunked import compile_chunks
+
+        compile_chunks({}, lambda line: print(line, file=sys.stderr))
     hidden, weight, labels = inputs(args, dtype_of(args))
     if args.tp > 1:
         import torch.distributed as dist
@@ -160,15 +168,16 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--tp", type=int, default=1, help="processes the head is split over (by vocabulary rows)")
-    parser.add_argument("--way", choices=["full", "chunked"], help=argparse.SUPPRESS)  # the child's
+    parser.add_argument("--compile", action="store_true", help="also time the chunked loss compiled")
+    parser.add_argument("--way", choices=["full", "chunked", "compiled"], help=argparse.SUPPRESS)  # the child's
     args = parser.parse_args()
     if args.way:
         print(json.dumps(child(args)))
         return
     passed = [a for a in sys.argv[1:]]
     figures: dict[str, Any] = {}
-    for way in ("full", "chunked"):
-        figures[way] = run_way(way, passed, args.tp)
+    for way in ("full", "chunked", *(("compiled",) if args.compile else ())):
+        figures[way] = run_way(way, [a for a in passed if a != "--compile"], args.tp)
         print(f"{way}: {figures[way]}", file=sys.stderr)
     result = {
         "bench": "chunked_ce", "tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab,
@@ -180,6 +189,10 @@ def main() -> None:
         "full_step_ms": round(figures["full"]["step_ms"], 1),
         "chunked_step_ms": round(figures["chunked"]["step_ms"], 1),
         "time_ratio": round(figures["chunked"]["step_ms"] / figures["full"]["step_ms"], 3),
+        **({"compiled_peak_mb": round(figures["compiled"]["peak_mb"], 1),
+            "compiled_step_ms": round(figures["compiled"]["step_ms"], 1),
+            "compiled_vs_chunked_time": round(figures["compiled"]["step_ms"] / figures["chunked"]["step_ms"], 3)}
+           if args.compile else {}),
         **{k: float(f"{v:.3g}") for k, v in gradients(args).items()},
         "torch": torch.__version__,
     }

@@ -26,10 +26,15 @@ Each rank keeps the gradient of its own rows of ``W``; the gradient of ``h`` is 
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 CHUNK_ELEMENTS = 1 << 23  # logits per chunk: 32 MB in float32, whatever the vocabulary
 
@@ -83,21 +88,22 @@ def check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> 
         raise ValueError(f"targets [N] expected for hidden {tuple(hidden.shape)}, got {tuple(targets.shape)}")
 
 
-def is_split(value: Any) -> bool:
-    """Whether ``value`` is a DTensor (a tensor-parallel head's vocabulary split), which cannot cross as it is."""
+def is_split(value: Any) -> TypeGuard[DTensor]:
+    """Whether ``value`` is a DTensor (a tensor-parallel head's vocabulary split), which cannot cross as it is.
+    Without importing ``torch.distributed.tensor``: where it was never imported no DTensor exists, and importing
+    it costs a fresh plugin host half a second at its first loss."""
     if value is None or type(value) in (torch.Tensor, torch.nn.Parameter):
         return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(value, DTensor)
+    loaded = sys.modules.get("torch.distributed.tensor")
+    return loaded is not None and isinstance(value, loaded.DTensor)
 
 
 def head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``hidden @ weight.T`` whole (``[..., V]``), differentiable; a vocabulary-split head's slices gathered."""
+    if not is_split(weight):
+        return hidden @ weight.T
     from torch.distributed.tensor import DTensor, Replicate
 
-    if not isinstance(weight, DTensor):
-        return hidden @ weight.T
     spread = DTensor.from_local(hidden, weight.device_mesh, [Replicate()] * weight.device_mesh.ndim,
                                 run_check=False)
     sliced = spread @ weight.T  # [..., V] split by vocabulary
@@ -112,32 +118,73 @@ def chunk_logits(h: torch.Tensor, weight: torch.Tensor, temperature: float = 1.0
     return z if temperature == 1.0 else z.div_(temperature)
 
 
+def cross_entropy_chunk(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, smoothing: float, gradient: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk of rows: its summed cross-entropy, and (``gradient``) the gradient of its logits ``dz`` ``[c, V]``
+    in the weight's dtype, computed in place of the float32 logits."""
+    z = chunk_logits(h, weight)  # [c, V]
+    lse = z.logsumexp(-1)  # [c]
+    picked = z.gather(1, y.unsqueeze(1)).squeeze(1)  # [c]
+    rows = lse - picked
+    if smoothing:
+        rows = (1 - smoothing) * rows + smoothing * (lse - z.mean(-1))
+    if not gradient:
+        return rows.sum(), None
+    dz = z.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
+    dz.scatter_add_(1, y.unsqueeze(1), torch.full_like(picked, -(1 - smoothing)).unsqueeze(1))
+    if smoothing:
+        dz.sub_(smoothing / weight.shape[0])
+    return rows.sum(), dz.to(weight.dtype)
+
+
+ChunkMaths = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, bool],
+                      tuple[torch.Tensor, torch.Tensor | None]]
+CHUNK_MATHS: dict[str, ChunkMaths] = {"cross_entropy": cross_entropy_chunk}  # compile_chunks swaps in compiled ones
+
+
+def compile_chunks(options: dict[str, Any], say: Callable[[str], None]) -> None:
+    """``torch.compile`` the per-chunk maths of ``linear_cross_entropy`` in this process (``[train] compile``):
+    the logits' cast, log-sum-exp, softmax and its one-hot correction fused into fewer passes over each chunk.
+    A compile that fails says why (``say``) and the chunk runs eagerly from then on."""
+    compiled = torch.compile(cross_entropy_chunk, **options)
+    failed: list[str] = []
+
+    def guarded(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, smoothing: float, gradient: bool
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not failed:
+            try:
+                return compiled(h, weight, y, smoothing, gradient)
+            except Exception as exc:  # noqa: BLE001 -- a compiler failure: the eager maths give the same numbers
+                root = getattr(exc, "inner_exception", None) or exc.__cause__ or exc
+                failed.append(f"{type(root).__name__}: {str(root).strip().splitlines()[0][:200] if str(root) else ''}")
+                CHUNK_MATHS["cross_entropy"] = cross_entropy_chunk
+                say(f"compile: the chunked loss runs eagerly from here ({failed[0]})")
+        return cross_entropy_chunk(h, weight, y, smoothing, gradient)
+
+    CHUNK_MATHS["cross_entropy"] = guarded
+
+
+def eager_chunks() -> None:
+    """The per-chunk maths back to eager (a run without ``compile`` after one with it, in one process)."""
+    CHUNK_MATHS["cross_entropy"] = cross_entropy_chunk
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 smoothing: float, chunk: int, differentiable: bool) -> torch.Tensor:
         wants_h = differentiable and ctx.needs_input_grad[0]
         wants_w = differentiable and ctx.needs_input_grad[1]
-        vocab = weight.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if wants_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if wants_w else None
+        score = CHUNK_MATHS["cross_entropy"]
         for start in range(0, hidden.shape[0], chunk):
             h, y = hidden[start:start + chunk], targets[start:start + chunk]
-            z = chunk_logits(h, weight)  # [c, V]
-            lse = z.logsumexp(-1)  # [c]
-            picked = z.gather(1, y.unsqueeze(1)).squeeze(1)  # [c]
-            rows = lse - picked
-            if smoothing:
-                rows = (1 - smoothing) * rows + smoothing * (lse - z.mean(-1))
-            total += rows.sum()
-            if grad_h is None and grad_w is None:
+            loss, dz = score(h, weight, y, smoothing, grad_h is not None or grad_w is not None)
+            total += loss
+            if dz is None:
                 continue
-            dz = z.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
-            dz.scatter_add_(1, y.unsqueeze(1), torch.full_like(picked, -(1 - smoothing)).unsqueeze(1))
-            if smoothing:
-                dz.sub_(smoothing / vocab)
-            dz = dz.to(weight.dtype)
             if grad_h is not None:
                 grad_h[start:start + chunk] = dz @ weight
             if grad_w is not None:
@@ -206,10 +253,10 @@ class VocabSplit:
         """``weight``'s split when it is a DTensor laid out as ``Shard(0)`` over a 1-D mesh with rows on every
         rank (tensor parallelism's vocabulary-parallel head), else None and the weight whole: a plain tensor as it
         is, any other DTensor gathered (differentiably), which these functions then score as one."""
-        from torch.distributed.tensor import DTensor, Shard
-
-        if not isinstance(weight, DTensor):
+        if not is_split(weight):
             return None, weight
+        from torch.distributed.tensor import Shard
+
         mesh, vocab = weight.device_mesh, weight.shape[0]
         step = -(-vocab // mesh.size())  # DTensor's Shard(0) gives each rank ceil(V / ranks) rows, the last fewer
         if mesh.ndim == 1 and tuple(weight.placements) == (Shard(0),):
@@ -223,9 +270,8 @@ class VocabSplit:
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """For one chunk's local logits ``z`` ``[c, V_r]`` and targets ``y``: the whole rows' log-sum-exp, the
         targets' logits and (``smoothing``) the rows' logit sums, from one all-gather; and where the targets are
-        here (mask ``[c]``, local index ``[c]``)."""
-        here = (y >= self.offset) & (y < self.offset + z.shape[1])
-        index = (y - self.offset).clamp(0, max(z.shape[1] - 1, 0)).unsqueeze(1)
+        here (mask ``[c]``, local index ``[c, 1]``)."""
+        here, index = self.locate(y)
         parts = [z.logsumexp(-1), z.gather(1, index).squeeze(1).masked_fill(~here, 0.0)]
         if smoothing:
             parts.append(z.sum(-1))
@@ -237,6 +283,12 @@ class VocabSplit:
         picked = every[:, 1].sum(0)
         total = every[:, 2].sum(0) if smoothing else None
         return lse, picked, total, here, index
+
+    def locate(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which targets are this rank's rows (mask ``[c]``), and their local index (``[c, 1]``; 0 elsewhere)."""
+        rows = self.local.shape[0]
+        here = (y >= self.offset) & (y < self.offset + rows)
+        return here, (y - self.offset).clamp(0, rows - 1).unsqueeze(1)
 
     def sum_over_ranks(self, grad_h: torch.Tensor | None) -> torch.Tensor | None:
         """``dh`` of the whole vocabulary: each rank's part came from its own rows."""
@@ -313,8 +365,7 @@ class _SplitTokenLogps(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             h, gc, y = hidden[start:start + chunk], g[start:start + chunk], targets[start:start + chunk]
             z = chunk_logits(h, weight, t)
-            here = (y >= split.offset) & (y < split.offset + z.shape[1])
-            index = (y - split.offset).clamp(0, max(z.shape[1] - 1, 0)).unsqueeze(1)
+            here, index = split.locate(y)
             dz = z.sub_(lses[start:start + chunk].unsqueeze(1)).exp_().mul_(-gc.unsqueeze(1) / t)  # -g p / t
             dz.scatter_add_(1, index, (gc / t * here.float()).unsqueeze(1))
             if grad_h is not None:

@@ -26,6 +26,7 @@ from peft import PeftModel
 
 import swiftk
 from swiftk.contracts import PluginError, SamplingParams
+from swiftk.contracts.chunked import compile_chunks, eager_chunks
 from swiftk.contracts.conformance import describe
 from swiftk.contracts.stages import Stage
 from swiftk.hosts.supervisor import console
@@ -468,6 +469,11 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
               if cfg.train.compile else None,
               in_backward=InBackward([p for p in parallel.unwrap(model).parameters() if p.requires_grad], optimizer)
               if cfg.train.optimizer_in_backward else None)
+    if cfg.train.compile and run.head is not None:  # the losses in this process (a host's run eagerly)
+        compile_chunks(cfg.train.compile_config, say)
+        say("compile: the chunked loss's per-chunk maths too (linear_cross_entropy)")
+    else:
+        eager_chunks()
     stage.prepare(run, train_samples, eval_samples)  # e.g. dpo: score every pair with the reference once
     if plugins.hosts is not None:  # host deaths, restarts and plugin failures go to metrics.jsonl and the console
         plugins.hosts.sink = lambda event, fields: host_event(run, event, fields)

@@ -63,6 +63,35 @@ def test_token_logps_and_their_gradients_equal_the_full_logits(temperature: floa
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
+def test_compiled_chunk_maths_give_the_eager_loss_and_gradients_and_fall_back_saying_why() -> None:
+    """``compile_chunks`` (``[train] compile``): the compiled per-chunk maths score and differentiate like the eager
+    ones over chunks of two sizes (the ragged last one); a compiler that fails says so once and the chunk runs
+    eagerly, with the same numbers."""
+    from swiftk.contracts.chunked import CHUNK_MATHS, compile_chunks, cross_entropy_chunk, eager_chunks
+
+    hidden, weight = leaves()
+    targets = torch.randint(0, 1000, (300,), generator=torch.Generator().manual_seed(1))
+    want_loss = linear_cross_entropy(hidden, weight, targets, 0.1, chunk=64)
+    want = torch.autograd.grad(want_loss, (hidden, weight))
+    said: list[str] = []
+
+    def broken(graph: object, inputs: object) -> object:
+        raise RuntimeError("this backend compiles nothing")
+
+    try:
+        for options in ({"dynamic": None}, {"backend": broken}):
+            compile_chunks(options, said.append)
+            loss = linear_cross_entropy(hidden, weight, targets, 0.1, chunk=64)
+            got = torch.autograd.grad(loss, (hidden, weight))
+            torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-5)
+            for g, w in zip(got, want, strict=True):
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+        assert len(said) == 1 and "compile: the chunked loss runs eagerly from here" in said[0], said
+        assert "this backend compiles nothing" in said[0] and CHUNK_MATHS["cross_entropy"] is cross_entropy_chunk
+    finally:
+        eager_chunks()
+
+
 def test_frozen_head_gets_no_gradient_and_no_grad_mode_computes_only_the_value() -> None:
     hidden, weight = leaves()
     targets = torch.zeros(300, dtype=torch.long)
@@ -194,15 +223,40 @@ for layout in (Shard(0), Replicate()):
     got_grads = torch.autograd.grad((outputs.logits[0] * 0.01).sum(), (hidden, weight))
     hidden, weight = leaves(None)
     gap(f"{tag} logits", outputs.logits[0], hidden @ weight.T)
-    for name, a, b in zip(("dh", "dW"), got_grads, torch.autograd.grad((hidden @ weight.T * 0.01).sum(), (hidden, weight))):
+    want_grads = torch.autograd.grad((hidden @ weight.T * 0.01).sum(), (hidden, weight))
+    for name, a, b in zip(("dh", "dW"), got_grads, want_grads):
         gap(f"{tag} logits {name}", a, b)
 
 _, split = leaves(Shard(0))
 sent = stored_fields(ModelOutputs(hidden=hidden0[None], head=split))  # a host gets the logits, never a DTensor
 assert sent["head"] is None and sent["hidden"] is None and type(sent["logits"]) is torch.Tensor
 found = VocabSplit.of(split)[0]
-print("RESULT", found.offset, found.local.shape[0], max(worst.values()), sorted(k for k, v in worst.items() if v > 1e-5))
+print("RESULT", found.offset, found.local.shape[0], max(worst.values()),
+      sorted(k for k, v in worst.items() if v > 1e-5))
 """
+
+
+PLAIN_HEAD = """
+import sys, torch
+from swiftk.contracts import ModelOutputs
+from swiftk.contracts.chunked import linear_cross_entropy, linear_token_logps
+from swiftk.hosts.codec import stored_fields
+
+hidden, weight = torch.randn(8, 4, requires_grad=True), torch.randn(10, 4)
+linear_cross_entropy(hidden, weight, torch.arange(8)).backward()
+linear_token_logps(hidden, weight, torch.arange(8)).sum().backward()
+outputs = ModelOutputs(hidden=hidden[None], head=weight)
+stored_fields(outputs), outputs.logits
+print("LOADED", "torch.distributed.tensor" in sys.modules)
+"""
+
+
+def test_a_plain_head_never_imports_dtensor() -> None:
+    """Scoring, reading the logits of and sending outputs with a plain head leave ``torch.distributed.tensor``
+    unimported: a fresh plugin host paid 0.57 s for it at its first loss (bench/reload_latency.py's host swap stall
+    went from 44 to 512 ms until the check stopped importing it)."""
+    done = subprocess.run([sys.executable, "-c", PLAIN_HEAD], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "LOADED False" in done.stdout, done.stdout + done.stderr
 
 
 @pytest.mark.parametrize("vocab", [64, 51])  # 51: 26 rows on rank 0, 25 on rank 1

@@ -137,5 +137,7 @@ def test_a_run_with_compile_trains_the_same_losses_as_eager(tmp_path: Path, caps
         if name == "compiled":
             out = capsys.readouterr().out
             assert "compile: 4 x LlamaDecoderLayer" in out and "compile: failed" not in out, out
+            assert "compile: the chunked loss's per-chunk maths too" in out, out
+            assert "the chunked loss runs eagerly" not in out, out
     assert len(runs["compiled"]) == 4
     torch.testing.assert_close(runs["compiled"], runs["eager"], rtol=1e-4, atol=0)
