@@ -145,12 +145,11 @@ def layer_plan(model: torch.nn.Module, tp: int, dp: int = 1) -> dict[str, Any]:
 
 def sequence_plan(model: torch.nn.Module, plan: dict[str, Any]) -> dict[str, Any]:
     """``plan`` with Megatron's sequence parallelism: each decoder layer's norms run on this rank's share of the
-    sequence positions (``SequenceParallel``), attention and the MLP gather the positions first, their row-split
-    output projections reduce-scatter to positions (a LoRA adapter beside them all-reduces its rank-r product and
-    cuts B's output to the same positions); the first layer
-    cuts its input, the final norm runs split and the head gathers the positions back. For decoder layers made of
-    ``input_layernorm``, ``self_attn``, ``post_attention_layernorm`` and ``mlp`` (Llama, Qwen2/3, Mistral);
-    another is an error naming it."""
+    sequence positions (``SequenceParallel``), attention and the MLP gather the positions first, and their
+    row-split output projections reduce-scatter to positions (a LoRA adapter beside them all-reduces its rank-r
+    product and cuts B's output to the same positions); the first layer cuts its input, the final norm runs split
+    and the head gathers the positions back. For decoder layers made of ``input_layernorm``, ``self_attn``,
+    ``post_attention_layernorm`` and ``mlp`` alone (Llama, Qwen2/3, Mistral); another is an error naming it."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
@@ -173,9 +172,9 @@ def sequence_plan(model: torch.nn.Module, plan: dict[str, Any]) -> dict[str, Any
     decoder = model.get_base_model().get_decoder() if hasattr(model, "get_base_model") else model.get_decoder()
     if odd is not None or not hasattr(decoder, "norm"):
         kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-        raise DistributedError(f"[distributed] sequence_parallel: {kind} decoder layers ({type(odd).__name__}) are "
-                               f"not made of {', '.join(parts)} alone, the layout it splits; set "
-                               f"sequence_parallel = false")
+        what = f"decoder layers ({type(odd).__name__}) are" if odd is not None else "decoder has no final norm, or is"
+        raise DistributedError(f"[distributed] sequence_parallel: {kind} {what} not made of {', '.join(parts)} "
+                               f"alone, the layout it splits; set sequence_parallel = false")
     positions, whole = Shard(1), Replicate()
     out = dict(plan)
     for name, style in plan.items():  # row-split projections leave the positions split
