@@ -210,7 +210,9 @@ def test_lora_under_pp2_saves_and_merges_the_one_process_model(tuner: str, tmp_p
     """Each stage trains the adapters of its layers (QLoRA: on its 4-bit layers); the saved adapter (every
     layer's) and the merged model are the one process's. QLoRA's 4-bit CPU matmuls round differently at another
     batch shape (one process at 8 x 2 and at 4 x 4 rows differ by ~2e-4 in the adapter after 6 steps; the
-    pipeline pads a step's micro-batches to one shape): its losses agree to 1e-5, its adapter to 2e-2."""
+    pipeline pads a step's micro-batches to one shape): its losses agree to 1e-4 (1.5e-5 apart at step 4 on an
+    AVX512-BF16 CPU, whose 4-bit kernels differ from the AVX2 ones; the code before interleaved stages gave the
+    same numbers), its adapter to 2e-2."""
     runs = {}
     for name, processes, backend in (("one", 1, "ddp"), ("pp2", 2, "pp")):
         cfg = variant(config(tmp_path / f"{name}.toml", tmp_path / name, processes=processes, backend=backend),
@@ -219,7 +221,12 @@ def test_lora_under_pp2_saves_and_merges_the_one_process_model(tuner: str, tmp_p
                        + '[samples]\nprompts = ["1 + 2 ="]\n')
         runs[name] = swiftk(str(cfg))
         assert runs[name].returncode == 0, runs[name].stdout + runs[name].stderr
-    assert_matches(losses(tmp_path / "pp2"), losses(tmp_path / "one"))
+    got_losses, want_losses = losses(tmp_path / "pp2"), losses(tmp_path / "one")
+    if tuner == "lora":
+        assert_matches(got_losses, want_losses)
+    else:
+        assert sorted(got_losses) == sorted(want_losses)
+        assert all(got_losses[s] == pytest.approx(want_losses[s], rel=1e-4) for s in got_losses), got_losses
     assert "samples: off under backend = 'pp' (no rank holds the whole model" in runs["pp2"].stdout
     if tuner == "lora":
         assert_same_weights(tmp_path / "pp2/final", tmp_path / "one/final", "adapter_model.safetensors")
