@@ -283,11 +283,6 @@ def _layout(cls: type[Any]) -> list[tuple[str, Any, bool]]:
     return _LAYOUTS[cls]
 
 
-def _typed(value: Any, hint: Any, where: str) -> Any:
-    """``value`` checked against ``hint`` (nested records built); ``ProtocolError`` naming ``where``."""
-    return _check(hint)(value, where)
-
-
 _COMPILED: dict[Any, Check] = {}
 
 
