@@ -214,26 +214,34 @@ class _LinearTokenLogps(torch.autograd.Function):
             y = targets[start:start + chunk].unsqueeze(1)
             out[start:start + chunk] = z.gather(1, y).squeeze(1) - lses[start:start + chunk]
         ctx.save_for_backward(hidden, weight, targets, lses)
-        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.temperature, ctx.chunk, ctx.split = temperature, chunk, None
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """Each chunk's logits recomputed: ``dz = g (onehot(y) - softmax(z/t)) / t``; over a vocabulary split
+        (``ctx.split``) the one-hot only where the target is this rank's, and ``dh`` summed over the ranks."""
         hidden, weight, targets, lses = ctx.saved_tensors
-        t, chunk = ctx.temperature, ctx.chunk
+        t, chunk, split = ctx.temperature, ctx.chunk, ctx.split
         wants_h, wants_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if wants_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if wants_w else None
         g = grad_out.float()
         for start in range(0, hidden.shape[0], chunk):
-            h, gc = hidden[start:start + chunk], g[start:start + chunk]
+            h, gc, y = hidden[start:start + chunk], g[start:start + chunk], targets[start:start + chunk]
             z = chunk_logits(h, weight, t)
             dz = z.sub_(lses[start:start + chunk].unsqueeze(1)).exp_().mul_(-gc.unsqueeze(1) / t)  # -g p / t
-            dz.scatter_add_(1, targets[start:start + chunk].unsqueeze(1), (gc / t).unsqueeze(1))
+            if split is None:
+                dz.scatter_add_(1, y.unsqueeze(1), (gc / t).unsqueeze(1))
+            else:
+                here, index = split.locate(y)
+                dz.scatter_add_(1, index, (gc / t * here.float()).unsqueeze(1))
             if grad_h is not None:
                 grad_h[start:start + chunk] = dz.to(weight.dtype) @ weight
             if grad_w is not None:
                 grad_w.addmm_(dz.T, h.float())
+        if split is not None:
+            split.sum_over_ranks(grad_h)
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
 
 
@@ -356,21 +364,4 @@ class _SplitTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        hidden, weight, targets, lses = ctx.saved_tensors
-        t, chunk, split = ctx.temperature, ctx.chunk, ctx.split
-        grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] \
-            else None
-        g = grad_out.float()
-        for start in range(0, hidden.shape[0], chunk):
-            h, gc, y = hidden[start:start + chunk], g[start:start + chunk], targets[start:start + chunk]
-            z = chunk_logits(h, weight, t)
-            here, index = split.locate(y)
-            dz = z.sub_(lses[start:start + chunk].unsqueeze(1)).exp_().mul_(-gc.unsqueeze(1) / t)  # -g p / t
-            dz.scatter_add_(1, index, (gc / t * here.float()).unsqueeze(1))
-            if grad_h is not None:
-                grad_h[start:start + chunk] = dz.to(weight.dtype) @ weight
-            if grad_w is not None:
-                grad_w.addmm_(dz.T, h.float())
-        return (split.sum_over_ranks(grad_h), None if grad_w is None else grad_w.to(weight.dtype),
-                None, None, None, None)
+        return (*_LinearTokenLogps.backward(ctx, grad_out), None)
