@@ -63,7 +63,9 @@ import sys, torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig, LlamaForCausalLM
-from swiftk.kernel.parallel.tp import reduce_partial, split
+from swiftk.kernel.config import DistributedConfig
+from swiftk.kernel.dist import DistInfo
+from swiftk.kernel.parallel.tp import TensorParallel, split
 
 dist.init_process_group("gloo", init_method=sys.argv[1], rank=int(sys.argv[2]), world_size=2)
 torch.manual_seed(0)
@@ -81,7 +83,8 @@ split(model, init_device_mesh("cpu", (2,)), 2, 1, sequence)
 ids = torch.randint(0, 50, (4, 15 if sequence else 16), generator=torch.Generator().manual_seed(1))  # 15: uneven
 for m in (whole, model):
     m(input_ids=ids, labels=ids).loss.backward()
-reduce_partial(list(model.parameters()))  # what the engine does before clipping
+engine = TensorParallel(DistInfo(rank=int(sys.argv[2]), world_size=2), DistributedConfig(backend="tp", num_processes=2))
+engine.clip_grad_norm([p for p in model.parameters() if p.grad is not None], None)  # sums partial gradients once
 assert not any(pl.is_partial() for p in model.parameters() if isinstance(p.grad, DTensor) for pl in p.grad.placements)
 want = dict(whole.named_parameters())
 split = [n for n, p in model.named_parameters() if isinstance(p, DTensor) and p.requires_grad
