@@ -16,8 +16,9 @@ way, and FSDP2 over the ranks that remain (data parallel), the 2-D mesh that sta
 
 The ranks of a TP group read the same batch; the data is split over the dp groups only. LoRA follows its base
 layer: a column-split projection's ``lora_B`` is split by columns, a row-split one's ``lora_A`` by rows, so that
-the adapter's output is laid out like the base layer's. Checkpoints are FSDP2's: whole tensors gathered on
-rank 0, spread back on resume.
+the adapter's output is laid out like the base layer's. QLoRA's 4-bit base layers are split the same ways
+(``Quantized``: each rank's rows or columns quantized again, the collectives done by hand). Checkpoints are
+FSDP2's: whole tensors gathered on rank 0, spread back on resume.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.distributed.tensor.parallel import ParallelStyle
 
 from swiftk.kernel.dist import DistInfo, DistributedError
 from swiftk.kernel.parallel.fsdp import FSDP2, clip_mixed
@@ -56,6 +58,19 @@ class TensorParallel(FSDP2):
             return [f"[distributed] tp_size = {tp} would split a layer across machines (num_processes = "
                     f"{options.num_processes} per node): a TP group must stay inside one node; use a divisor of "
                     f"{options.num_processes}"]
+        return []
+
+    @classmethod
+    def run_problems(cls, cfg: Any) -> list[str]:
+        """Tuners whose layers this engine cannot split (``refuse_unsplittable`` checks the model itself too)."""
+        train = cfg.train
+        if getattr(train, "quantization_bit", None) == 8:
+            return ["[train] quantization_bit = 8: bitsandbytes' 8-bit layers cannot be split over ranks under "
+                    "backend = 'tp'; use quantization_bit = 4 (tuner_strategy = 'qlora': its NF4 layers split), or "
+                    "backend = 'ddp' for an 8-bit base"]
+        if getattr(train, "use_dora", False):
+            return [f"[train] tuner_strategy = '{train.tuner_strategy}' with DoRA: its magnitude vectors are not "
+                    f"split yet under backend = 'tp'; use LoRA or QLoRA under tp, or backend = 'fsdp' for DoRA"]
         return []
 
     def wrap(self, model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
@@ -106,7 +121,8 @@ def split(model: torch.nn.Module, mesh: Any, tp: int, dp: int = 1, sequence: boo
 
 def layer_plan(model: torch.nn.Module, tp: int, dp: int = 1) -> dict[str, Any]:
     """``parallelize_module``'s plan for ``model``: its own ``base_model_tp_plan`` (transformers declares one for
-    Llama, Qwen2/3, Mistral, Gemma and others) applied to every projection it names, a LoRA-wrapped one included,
+    Llama, Qwen2/3, Mistral, Gemma and others) applied to every projection it names, a LoRA-wrapped or 4-bit
+    (``Quantized``) one included,
     and its ``_tp_plan``'s vocabulary-parallel embeddings and LM head (under FSDP2 over ``dp`` groups too, when
     their rows divide evenly over the dp x tp ranks: DCP cannot load a checkpoint into uneven 2-D shards; else they
     stay whole); an architecture without a plan, or whose heads do not split ``tp`` ways, is an error naming it."""
@@ -130,10 +146,11 @@ def layer_plan(model: torch.nn.Module, tp: int, dp: int = 1) -> dict[str, Any]:
             continue
         colwise = style == "colwise"
         parallel = ColwiseParallel if colwise else RowwiseParallel
-        if getattr(module, "base_layer", None) is None:
-            plan[name] = parallel()
+        base = getattr(module, "base_layer", None)
+        if base is None:
+            plan[name] = Quantized(colwise) if quantized(module) else parallel()
             continue
-        plan[f"{name}.base_layer"] = parallel()
+        plan[f"{name}.base_layer"] = Quantized(colwise) if quantized(base) else parallel()
         side = "lora_B" if colwise else "lora_A"
         for adapter in getattr(module, side, {}):
             plan[f"{name}.{side}.{adapter}"] = parallel()
@@ -178,6 +195,8 @@ def sequence_plan(model: torch.nn.Module, plan: dict[str, Any]) -> dict[str, Any
     positions, whole = Shard(1), Replicate()
     out = dict(plan)
     for name, style in plan.items():  # row-split projections leave the positions split
+        if isinstance(style, Quantized):
+            out[name] = Quantized(style.colwise, positions if not style.colwise else None)
         if type(style).__name__ != "RowwiseParallel" or "embed" in name:
             continue
         if ".lora_A." in name:  # the adapter's small product stays whole (all-reduced); B's output is cut to match
@@ -246,12 +265,81 @@ def check_divisible(config: Any, tp: int) -> None:
 
 
 def refuse_unsplittable(model: torch.nn.Module) -> None:
-    """Layers this engine cannot split yet: 4-bit (QLoRA) weights and DoRA's per-column magnitudes."""
+    """Layers this engine cannot split yet: 8-bit weights and DoRA's per-column magnitudes."""
     for name, module in model.named_modules():
-        if type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
-            raise DistributedError(f"[distributed] backend = 'tp': {name} is a bitsandbytes quantised layer, which "
-                                   f"cannot be split over ranks; use tuner_strategy = 'lora' (unquantised) under "
-                                   f"tp, or backend = 'ddp' for QLoRA")
+        if type(module).__name__ == "Linear8bitLt":
+            raise DistributedError(f"[distributed] backend = 'tp': {name} is a bitsandbytes 8-bit layer, which "
+                                   f"cannot be split over ranks; use quantization_bit = 4 (QLoRA's NF4 layers "
+                                   f"split), or backend = 'ddp' for an 8-bit base")
         if getattr(module, "lora_magnitude_vector", None):
             raise DistributedError(f"[distributed] backend = 'tp': {name} is a DoRA layer, whose magnitudes are "
                                    f"not split yet; use LoRA under tp, or backend = 'fsdp' for DoRA")
+
+
+def quantized(module: torch.nn.Module) -> bool:
+    return type(module).__name__ == "Linear4bit" and hasattr(module.weight, "quant_state")
+
+
+class Quantized(ParallelStyle):
+    """A bitsandbytes 4-bit layer (QLoRA's frozen base) split like ``ColwiseParallel`` (``colwise``: by output
+    features) or ``RowwiseParallel`` (by input features). A DTensor cannot hold packed 4-bit codes, so the layer keeps
+    plain tensors: this rank's rows or columns of its dequantized weight, quantized again with the same type and
+    block size, the blocks' scales kept in float32 rather than quantized once more (then each block whose columns
+    stay on one rank holds the very codes and scales it held whole: the split layer computes the whole one's
+    numbers). The collectives are this style's: a column split sums its input's gradient over the group (each rank's
+    rows saw the input), a row split sums its output over the group (its bias added on one rank), or reduce-scatters
+    it to sequence positions (``positions``: sequence parallelism, a DTensor out as ``RowwiseParallel`` gives)."""
+
+    def __init__(self, colwise: bool, positions: Any = None) -> None:
+        super().__init__()
+        self.colwise, self.positions = colwise, positions
+
+    def _apply(self, module: torch.nn.Module, device_mesh: Any) -> torch.nn.Module:
+        import bitsandbytes as bnb
+
+        weight = module.weight
+        whole = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+        rank, size = device_mesh.get_local_rank(), device_mesh.size()
+        piece = whole.chunk(size, dim=0 if self.colwise else 1)[rank].contiguous()
+        module.weight = bnb.nn.Params4bit(piece, requires_grad=False, blocksize=weight.blocksize,
+                                          compress_statistics=False, quant_type=weight.quant_type,
+                                          quant_storage=weight.quant_storage, module=module)._quantize(piece.device)
+        module.out_features, module.in_features = piece.shape
+        del whole, weight
+        if module.bias is not None and self.colwise:
+            module.bias = torch.nn.Parameter(module.bias.detach().chunk(size)[rank].clone(), requires_grad=False)
+        elif module.bias is not None and rank:
+            module.bias.data.zero_()  # the output is summed over the group: the bias counts once
+        group = device_mesh.get_group()
+        if self.colwise:
+            module.register_forward_pre_hook(lambda _m, args: (SumGradient.apply(args[0], group), *args[1:]))
+        else:
+            module.register_forward_hook(lambda _m, _a, out: self.summed(out, device_mesh))
+        return module
+
+    def summed(self, partial: torch.Tensor, mesh: Any) -> torch.Tensor:
+        """This rank's partial output summed over the group: whole on every rank, or split by positions."""
+        from torch.distributed.tensor import DTensor, Partial, Replicate
+
+        summed = DTensor.from_local(partial, mesh, [Partial()], run_check=False)
+        if self.positions is not None:
+            return summed.redistribute(mesh, [self.positions])
+        return summed.redistribute(mesh, [Replicate()]).to_local()
+
+
+class SumGradient(torch.autograd.Function):
+    """The identity, whose gradient is summed over ``group``: a column-split layer's input is used by every rank's
+    rows, each of which gives only its share of the input's gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None

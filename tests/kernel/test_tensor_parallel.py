@@ -69,10 +69,28 @@ from swiftk.kernel.parallel.tp import TensorParallel, split
 
 dist.init_process_group("gloo", init_method=sys.argv[1], rank=int(sys.argv[2]), world_size=2)
 torch.manual_seed(0)
-config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, vocab_size=50, tie_word_embeddings=sys.argv[3] == "tied")
+width = 128 if sys.argv[3] == "qlora" else 64  # qlora: each rank's input columns whole 4-bit blocks (64)
+biased = sys.argv[3] == "qlora"  # and biases on every projection: a column split cuts them, a row split adds one
+config = LlamaConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=50, tie_word_embeddings=sys.argv[3] == "tied",
+                     attention_bias=biased, mlp_bias=biased)
 whole, model = LlamaForCausalLM(config), None
-if sys.argv[3] == "lora":
+for module in whole.modules():
+    if isinstance(module, torch.nn.Linear) and module.bias is not None:
+        torch.nn.init.normal_(module.bias)  # not the zeros they start from
+if sys.argv[3] == "qlora":  # as kernel.model.load_quantized builds it: written out, loaded back in NF4
+    import tempfile
+    from safetensors.torch import save_file
+    from transformers import BitsAndBytesConfig
+    folder = tempfile.mkdtemp()
+    config.save_pretrained(folder)
+    save_file({k: v.contiguous() for k, v in whole.state_dict().items()}, f"{folder}/model.safetensors",
+              metadata={"format": "pt"})
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    whole = LlamaForCausalLM.from_pretrained(folder, quantization_config=nf4, device_map={"": "cpu"},
+                                             dtype=torch.float32)
+if sys.argv[3] in ("lora", "qlora"):
     from peft import LoraConfig, get_peft_model
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     whole = get_peft_model(whole, LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
@@ -91,17 +109,19 @@ split = [n for n, p in model.named_parameters() if isinstance(p, DTensor) and p.
          and any(pl.is_shard() for pl in p.placements)]
 worst = max(float(((p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad) - want[n].grad).abs().max())
             for n, p in model.named_parameters() if p.grad is not None)
-print("RESULT", len(split), worst)
+codes = [sum(m.weight.numel() for m in m.modules() if type(m).__name__ == "Linear4bit") for m in (model, whole)]
+print("RESULT", len(split), worst, codes[0] / max(1, codes[1]))
 """
 
 
 @pytest.mark.parametrize("sequence", ["", "sp"])
-@pytest.mark.parametrize(("tuner", "split"), [("full", 16), ("tied", 15), ("lora", 14)])
+@pytest.mark.parametrize(("tuner", "split"), [("full", 16), ("tied", 15), ("lora", 14), ("qlora", 14)])
 def test_split_layers_give_the_whole_models_gradients(tuner: str, split: int, sequence: str, tmp_path: Path) -> None:
     """Every projection the model's plan names is split (LoRA: the base layer and the adapter matrix on the same
-    side), the embeddings and the LM head by vocabulary (tied ones staying one tensor), and the gradients of split
-    and whole tensors equal the unsplit model's; with sequence parallelism too (the norms and the residual stream
-    split by positions, 15 of them: uneven), once the norms' partial gradients are summed."""
+    side; QLoRA: the NF4 base layers too, each rank holding half of their 4-bit codes), the embeddings and the LM head
+    by vocabulary (tied ones staying one tensor), and the gradients of split and whole tensors equal the unsplit
+    model's; with sequence parallelism too (the norms and the residual stream split by positions, 15 of them:
+    uneven), once the norms' partial gradients are summed."""
     script = tmp_path / "split.py"
     script.write_text(SPLIT)
     with socket.socket() as s:
@@ -112,8 +132,9 @@ def test_split_layers_give_the_whole_models_gradients(tuner: str, split: int, se
              for rank in range(2)]
     outputs = [rank.communicate(timeout=120)[0] for rank in ranks]
     for out in outputs:
-        found = re.search(r"RESULT (\d+) (\S+)", out)
+        found = re.search(r"RESULT (\d+) (\S+) (\S+)", out)
         assert found, out
+        assert float(found[3]) == (0.5 if tuner == "qlora" else 0.0), out
         # 2 layers x 7 projections, the embeddings and the head (one tensor when tied); LoRA: 7 matrices of each
         # layer's adapters are split (B of 5, A of 2), the frozen embeddings and head too (not counted)
         assert int(found[1]) == split, out
@@ -211,12 +232,18 @@ def test_device_method_tp_is_the_tp_backend(tmp_path: Path) -> None:
     assert apply_device(cfg) == [] and (cfg.distributed.backend, cfg.distributed.num_processes) == ("tp", 2)
 
 
-@pytest.mark.slow
-def test_a_qlora_model_is_refused_under_tp(tmp_path: Path) -> None:
-    path = variant(config(tmp_path / "c.toml", tmp_path / "run", processes=2, backend="tp"), qlora=True)
-    done = swiftk(str(path), timeout=240)
-    assert done.returncode != 0
-    assert "is a bitsandbytes quantised layer, which cannot be split over ranks" in done.stdout + done.stderr
+@pytest.mark.parametrize(("change", "message"), [
+    ('tuner_strategy = "qlora"\nquantization_bit = 8', r"quantization_bit = 8: bitsandbytes' 8-bit layers cannot be "
+                                                        r"split over ranks under backend = 'tp'; use quantization_bit"),
+    ('tuner_strategy = "dora"', r"tuner_strategy = 'dora' with DoRA: its magnitude vectors are not split yet"),
+], ids=["8-bit", "dora"])
+def test_tuners_whose_layers_cannot_split_stop_before_launching(change: str, message: str, tmp_path: Path) -> None:
+    from swiftk.kernel.run import Options, prepare
+
+    path = config(tmp_path / "c.toml", tmp_path / "run", processes=2, backend="tp")
+    path.write_text(path.read_text().replace('tuner_strategy = "full"', change))
+    with pytest.raises(ConfigError, match=message):
+        prepare(Options(config=str(path), overrides=[]))
 
 
 def test_tp_size_that_does_not_divide_the_processes_stops_before_launching(tmp_path: Path) -> None:
@@ -333,3 +360,47 @@ def test_lora_and_dpo_under_tp2_reproduce_one_process(kind: str, tmp_path: Path)
     if tuner == "lora":
         assert_same_weights(tmp_path / "two/final", tmp_path / "one/final", "adapter_model.safetensors")
         assert_same_weights(tmp_path / "two/merged", tmp_path / "one/merged")
+
+
+def qlora(path: Path) -> Path:
+    """The QLoRA variant, 128 wide (each rank's half of a row-split projection's input is whole 64-value NF4 blocks)
+    and dequantized to float32 for each matmul (the one process's bfloat16 products round differently from a
+    split's partial sums)."""
+    text = variant(path, qlora=True).read_text()
+    text = text.replace("hidden_size = 64, intermediate_size = 128", "hidden_size = 128, intermediate_size = 256")
+    path.write_text(text.replace("quantization_bit = 4", 'quantization_bit = 4\nbnb_4bit_compute_dtype = "float32"'))
+    return path
+
+
+@pytest.mark.slow
+def test_qlora_under_tp2_and_dp2_by_tp2_reproduces_one_process(tmp_path: Path) -> None:
+    """QLoRA's NF4 base split over the TP group (each rank's rows or columns quantized again, the same codes and
+    scales): the loss curve, the adapter and the merged model are the one process's; under dp 2 x tp 2 too, FSDP2
+    sharding the adapters and the 4-bit codes over the TP groups, and a resume from the middle replays the same
+    steps."""
+    def wide(path: Path) -> Path:  # vocabulary rows that divide over the 4 ranks
+        path.write_text(path.read_text().replace("num_key_value_heads = 2,", "num_key_value_heads = 2, "
+                                                 "vocab_size = 128,"))
+        return path
+
+    assert main(["run", str(qlora(config(tmp_path / "one.toml", tmp_path / "one"))), "--merge"]) == 0
+    done = swiftk(str(qlora(config(tmp_path / "two.toml", tmp_path / "two", processes=2, backend="tp"))), "--merge")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "(qlora)" in done.stdout
+    assert_matches(losses(tmp_path / "two"), losses(tmp_path / "one"))
+    assert_same_weights(tmp_path / "two/final", tmp_path / "one/final", "adapter_model.safetensors")
+    assert_same_weights(tmp_path / "two/merged", tmp_path / "one/merged")
+
+    assert main(["run", str(wide(qlora(config(tmp_path / "one128.toml", tmp_path / "one128"))))]) == 0
+    four = wide(qlora(config(tmp_path / "four.toml", tmp_path / "four", processes=4, batch=16, backend="tp",
+                             tp_size=2)))
+    done = swiftk(str(four), timeout=360)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "x 2 data-parallel groups" in done.stdout
+    assert_matches(losses(tmp_path / "four"), losses(tmp_path / "one128"))
+    assert_same_weights(tmp_path / "four/final", tmp_path / "one128/final", "adapter_model.safetensors")
+    shutil.rmtree(tmp_path / f"four/checkpoints/step-{STEPS:06d}")
+    resumed = swiftk(str(four), "--resume", timeout=360)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "from step 3" in resumed.stdout
+    assert_matches(losses(tmp_path / "four"), losses(tmp_path / "one128"))
