@@ -96,16 +96,11 @@ class PipelineParallel(FSDP2):
             problems.append(f"[train] grad_accum = {cfg.train.grad_accum}: the 1F1B schedule needs at least as many "
                             f"micro-batches per step as pipeline stages ({stages}); raise grad_accum (the stages "
                             f"idle less the more there are) or set [distributed] pp_schedule = 'gpipe'")
-        world = cfg.distributed.num_processes * cfg.distributed.nnodes
         layers = decoder_layer_count(cfg.model)
         if layers is not None and stages * virtual > layers:
             problems.append(f"[distributed] pp_size = {stages}" + (f" x pp_stages_per_rank = {virtual}" if virtual > 1
                             else "") + f" is more pipeline stages than the model's {layers} decoder layers: each "
                             f"stage needs at least one; use at most {layers} stages")
-        if cfg.train.tuner_strategy == "qlora" and stages < world:
-            problems.append(f"[train] tuner_strategy = 'qlora': its 4-bit layers cannot be sharded by FSDP2 across "
-                            f"the {world // stages} pipelines of pp_size = {stages}; set [distributed] pp_size = "
-                            f"{world} (one pipeline over every process)")
         if cfg.train.optimizer_in_backward:
             problems.append("[train] optimizer_in_backward: not with backend = 'pp' (the schedule runs the "
                             "backward passes); leave it off")
