@@ -43,7 +43,9 @@ GPUS: dict[str, tuple[float, bool]] = {
     "b200": (192, True),
 }
 QUANTIZED_BYTES = {4: 0.5 + 1 / 64 + 4 / (64 * 256), 8: 1.0 + 4 / 4096}  # NF4 with double-quantised scales; int8 rows
-REFUSED_UNDER_TP = ("qlora", "dora")
+SCALE_BYTES = {bits: size - bits / 8 for bits, size in QUANTIZED_BYTES.items()}  # the scales' part of those
+SPLIT_SCALE_BYTES = 4 / 64  # a tp-split NF4 layer's scales: float32, one per block of 64 (kernel.parallel.tp.Quantized)
+REFUSED_UNDER_TP = ("dora",)
 
 
 class PlanError(SwiftkError):
@@ -108,10 +110,15 @@ class Memory:
     activations: float
     logits: float
     runtime: float
+    load: float = 0.0  # while the model loads, before the engine splits it (not part of ``total``: it comes first)
 
     @property
     def total(self) -> float:
         return self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.runtime
+
+    @property
+    def peak(self) -> float:
+        return max(self.total, self.load)
 
     def as_gib(self) -> dict[str, float]:
         return {k: round(v / GIB, 3) for k, v in {**dataclasses.asdict(self), "total": self.total}.items()}
@@ -137,6 +144,8 @@ class Model:
     act_other: float  # saved outside the layers (embeddings, final norm) per micro-batch
     layer_input: float  # one layer's input (what a checkpointed layer keeps)
     quantized: int = 0  # parameters stored in 4 or 8 bits
+    split_quantized: int = 0  # those of them in projections tensor parallelism splits
+    bits: int = 4  # how many bits the quantized ones take
     # what a pipeline stage can hold, in order: the embeddings, each decoder layer, the final norm and the head
     # (a tied head counted again: the last stage holds a copy), as (parameters, bytes as stored, trainable)
     units: list[tuple[int, float, int]] = dataclasses.field(default_factory=list)
@@ -214,6 +223,8 @@ def measure(cfg: Any, config: Any, storage: torch.dtype, rows: int) -> Model:
         weight_bytes=weight_bytes, split_share=split_bytes / weight_bytes if weight_bytes else 0.0,
         optimizer_bytes=optimizer_bytes(tuned, cfg.train), act_layer=act_layer, act_other=act_other,
         layer_input=layer_input, quantized=sum(p.numel() for n, p in tuned.named_parameters() if n in quantized),
+        split_quantized=sum(p.numel() for n, p in tuned.named_parameters()
+                            if n in quantized and any(n.startswith(prefix) for prefix in split)), bits=bits,
         units=[(int(a), float(b), int(c)) for a, b, c in units], pipelined=pipelined(tuned, layers))
     return model
 
@@ -421,9 +432,8 @@ def candidates(gpus: int, model: Model, tuner: str, micro: int = 1) -> list[Layo
     micro-batches a step as stages, ``grad_accum`` raised where it has fewer)."""
     if gpus == 1:
         return [Layout("single", 1)]
-    found = [Layout("ddp", gpus, dp=gpus), Layout("zero2", gpus, dp=gpus, shard="zero2")]
-    if tuner != "qlora":
-        found.append(Layout("fsdp", gpus, dp=gpus, shard="zero3"))
+    found = [Layout("ddp", gpus, dp=gpus), Layout("zero2", gpus, dp=gpus, shard="zero2"),
+             Layout("fsdp", gpus, dp=gpus, shard="zero3")]
     if tuner not in REFUSED_UNDER_TP:
         for tp in range(2, gpus + 1):
             if gpus % tp or not splits(model, tp):
@@ -431,9 +441,9 @@ def candidates(gpus: int, model: Model, tuner: str, micro: int = 1) -> list[Layo
             dp = gpus // tp
             found.append(Layout(f"tp{tp}" if dp == 1 else f"dp{dp}xtp{tp}", gpus, dp=dp, tp=tp,
                                 shard="zero3" if dp > 1 else "none"))
-    if model.pipelined:  # every tuner; QLoRA's 4-bit layers in one pipeline only (FSDP2 cannot shard them)
+    if model.pipelined:  # every tuner
         for pp in range(2, min(gpus, model.layers) + 1):
-            if gpus % pp == 0 and (tuner != "qlora" or pp == gpus):
+            if gpus % pp == 0:
                 dp = gpus // pp
                 found.append(Layout(f"pp{pp}" if dp == 1 else f"dp{dp}xpp{pp}", gpus, dp=dp, pp=pp,
                                     micro=max(micro, pp), shard="zero3" if dp > 1 else "none"))
@@ -453,7 +463,7 @@ def per_gpu(model: Model, layout: Layout, cfg: Any, runtime: float, chunk_bytes:
     weights, optimizer = model.weight_bytes, model.optimizer_bytes
     gradients = 4.0 * model.trainable
     trainable_share = 4.0 * model.trainable / weights if weights else 0.0
-    largest = 4.0 * model.largest_layer
+    largest = max((u[1] for u in model.units[1:-1]), default=4.0 * model.largest_layer)  # a layer as stored
     if layout.tp > 1:  # the split projections' part of each figure, over tp
         keep = 1 - model.split_share * (1 - 1 / layout.tp)
         weights, gradients, optimizer = weights * keep, gradients * keep, optimizer * keep
@@ -469,6 +479,7 @@ def per_gpu(model: Model, layout: Layout, cfg: Any, runtime: float, chunk_bytes:
         gradients *= 2  # DDP's buckets hold a second copy
     if cfg.train.optimizer_in_backward:
         gradients = 4.0 * model.largest_layer / max(layout.tp, 1) if model.trainable else 0.0
+    weights += scales_beyond(model, layout, shards if layout.shard == "zero3" else 1)
     if layout.offload_optimizer:
         optimizer = 0.0
     if layout.offload_param:
@@ -477,7 +488,26 @@ def per_gpu(model: Model, layout: Layout, cfg: Any, runtime: float, chunk_bytes:
     logits = logit_bytes(model, cfg, layout, chunk_bytes)
     if layout.spread:
         weights, gradients, optimizer, act = (x / layout.gpus for x in (weights, gradients, optimizer, act))
-    return Memory(weights, gradients, optimizer, act, logits, runtime)
+    return Memory(weights, gradients, optimizer, act, logits, runtime, loading(model, layout, runtime))
+
+
+def loading(model: Model, layout: Layout, runtime: float) -> float:
+    """Every rank loads the whole model onto its device before its engine splits or shards it (a pipeline stage, a
+    TP share, an FSDP2 shard); only ``device_map`` loads each GPU's layers alone."""
+    return model.weight_bytes / (layout.gpus if layout.spread else 1) + runtime
+
+
+def scales_beyond(model: Model, layout: Layout, shards: int) -> float:
+    """The quantized layers' scales past what ``weights`` counts for them (as stored, split and sharded like the
+    rest): they are bitsandbytes attributes of the layer, which FSDP2 does not shard, and a tp-split NF4 layer keeps
+    them in float32 rather than quantized again."""
+    if not model.quantized:
+        return 0.0
+    nested = SCALE_BYTES[model.bits]
+    whole, split = model.quantized - model.split_quantized, model.split_quantized
+    counted = (whole * nested + split * nested / layout.tp) / shards
+    held = whole * nested + split * (SPLIT_SCALE_BYTES if layout.tp > 1 else nested) / layout.tp
+    return held - counted
 
 
 def stage_memory(model: Model, layout: Layout, cfg: Any, runtime: float, chunk_bytes: float, stage: int) -> Memory:
@@ -519,7 +549,7 @@ def stage_memory(model: Model, layout: Layout, cfg: Any, runtime: float, chunk_b
     act += in_flight * model.act_other if last else 0.0
     logits = logit_bytes(model, cfg, layout, chunk_bytes) * (layout.micro if layout.schedule == "gpipe" else 1) \
         if last else 0.0
-    return Memory(weights, gradients, optimizer, act, logits, runtime)
+    return Memory(weights, gradients, optimizer, act, logits, runtime, loading(model, layout, runtime))
 
 
 def activation_bytes(model: Model, layout: Layout, checkpointing: bool) -> float:
@@ -577,7 +607,8 @@ class Plan:
         return min(fits, key=lambda item: item[1].total) if fits else None
 
     def fits(self, memory: Memory) -> bool:
-        return bool(self.gpus and memory.total <= self.gpus.gib * GIB)
+        """Trained and loaded: the whole model's load comes first on every engine but device_map."""
+        return bool(self.gpus and memory.peak <= self.gpus.gib * GIB)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -626,7 +657,7 @@ def render(plan: Plan) -> str:
              + (f", {m.quantized / 1e9:.3g} B in 4/8 bits" if m.quantized else ""),
              f"micro-batch: {plan.rows} x {plan.tokens} tokens per rank (a TP group or a pipeline shares one)"]
     header = f"{'layout':<15} {'weights':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'logits':>8} {'runtime':>8} " \
-             f"{'total':>8}"
+             f"{'total':>8} {'load':>8}"
     rows = [(plan.asked, plan.asked_memory, "(asked)")] + [(lay, mem, "") for lay, mem in plan.options]
     if plan.gpus:
         lines.append(f"GPUs: {plan.gpus.count} x {plan.gpus.name} ({plan.gpus.gib:g} GiB each)")
@@ -639,14 +670,14 @@ def render(plan: Plan) -> str:
             fits = "  yes" if plan.fits(memory) else "  no"
         lines.append(f"{layout.name + (' ' + tag if tag else ''):<15} "
                      + " ".join(f"{values[k]:>8.2f}" for k in ("weights", "gradients", "optimizer", "activations",
-                                                                 "logits", "runtime", "total")) + fits)
+                                                                 "logits", "runtime", "total", "load")) + fits)
     if plan.gpus:
         best = plan.best()
         lines.append("")
         if best is None:
-            smallest = min(plan.options, key=lambda item: item[1].total)
+            smallest = min(plan.options, key=lambda item: item[1].peak)
             lines.append(f"nothing fits {plan.gpus.gib:g} GiB: the smallest is {smallest[0].name} at "
-                         f"{smallest[1].total / GIB:.1f} GiB per GPU; lower batch_size or max_length, turn on "
+                         f"{smallest[1].peak / GIB:.1f} GiB per GPU; lower batch_size or max_length, turn on "
                          f"gradient_checkpointing, or use a lighter tuner (lora, qlora)")
         else:
             lines.append(f"least memory that fits: {best[0].name}, {best[1].total / GIB:.1f} of {plan.gpus.gib:g} "

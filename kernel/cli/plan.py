@@ -11,7 +11,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Per-GPU memory of weights, gradients, optimizer state, activations, logits and runtime for the config's "
         "tuner, precision, batch and parallel layout, counted on the meta device (no weights are loaded). With "
         "--gpus, every layout swiftk runs on those GPUs (ddp, zero2, fsdp, tp, dp x tp, pp, dp x pp, device_map), "
-        "whether it fits, and the one that needs the least.")
+        "whether it fits (trained, and while each rank loads the whole model, which every engine but device_map "
+        "does before splitting it), and the one that needs the least.")
     parser.add_argument("config", help="a run config (TOML or YAML)")
     parser.add_argument("--gpus", default=None, help="COUNTxNAME (8xA10, 2xH100, 4x24GB) or cpu")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

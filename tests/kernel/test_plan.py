@@ -143,7 +143,25 @@ def test_layouts_divide_the_memory_as_their_engines_do(tmp_path: Path) -> None:
     assert tp2.weights < single.weights and tp2.activations < single.activations
     assert options["dp2xtp2"].optimizer == pytest.approx(tp2.optimizer / 2)
     qlora = make_plan(tiny(tmp_path, 'tuner_strategy = "qlora"\nquantization_bit = 4'), Gpus.parse("4xA100"))
-    assert {layout.name for layout, _ in qlora.options} == {"ddp", "zero2", "device_map"}  # as the engines allow
+    assert {layout.name for layout, _ in qlora.options} == set(options)  # FSDP2 shards 4-bit codes, tp splits them
+    dora = make_plan(tiny(tmp_path, 'tuner_strategy = "dora"'), Gpus.parse("4xA100"))
+    assert {layout.name for layout, _ in dora.options} == set(options) - {"dp2xtp2"}  # as the engines allow
+
+
+def test_quantized_scales_are_neither_sharded_nor_quantized_again_under_tp(tmp_path: Path) -> None:
+    """bitsandbytes keeps a 4-bit layer's scales beside its codes, where FSDP2 does not shard them; a tp-split NF4
+    layer holds them in float32 (4 bytes per block of 64 values), not double-quantised."""
+    from swiftk.kernel.plan import SCALE_BYTES, SPLIT_SCALE_BYTES, scales_beyond
+
+    model = make_plan(tiny(tmp_path, 'tuner_strategy = "qlora"\nquantization_bit = 4'), None).model
+    assert 0 < model.split_quantized <= model.quantized
+    assert SCALE_BYTES[4] == pytest.approx(1 / 64 + 4 / (64 * 256))
+    assert scales_beyond(model, Layout("ddp", 2, dp=2), 1) == 0.0
+    assert scales_beyond(model, Layout("fsdp", 4, dp=4, shard="zero3"), 4) == \
+        pytest.approx(model.quantized * SCALE_BYTES[4] * 3 / 4)
+    tp2 = Layout("tp2", 2, tp=2)
+    assert scales_beyond(model, tp2, 1) == pytest.approx(model.split_quantized * (SPLIT_SCALE_BYTES - SCALE_BYTES[4])
+                                                         / 2)
 
 
 def test_the_config_s_own_layout_is_planned(tmp_path: Path) -> None:
@@ -155,18 +173,24 @@ def test_the_config_s_own_layout_is_planned(tmp_path: Path) -> None:
 
 
 def test_ms_swifts_70b_qlora_claim_on_8_a10s() -> None:
-    """Llama-3-70B QLoRA on 8 x A10 (24 GB): no data-parallel layout fits (each GPU would hold the whole 4-bit
-    model, ~41 GiB); spreading the layers over the 8 GPUs does, in one process (device_map) or as 8 pipeline
-    stages (pp8, each holding its tenth of the layers and 8 micro-batches' activations)."""
+    """Llama-3-70B QLoRA on 8 x A10 (24 GB): DDP and ZeRO-2 hold the whole 4-bit model (~41 GiB) on each GPU; FSDP2,
+    tp8 (each GPU an eighth of every 4-bit layer) and pp8 (each a tenth of the layers) train within 24 GiB, but
+    every rank of theirs loads the whole model first; device_map, which loads each GPU's layers alone, fits."""
     done = subprocess.run([sys.executable, "-m", "swiftk", "plan", "configs/plan_llama3_70b_qlora.toml", "--gpus",
                            "8xA10", "--json"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     plan = json.loads(done.stdout.strip().splitlines()[-1])
     assert 70e9 < plan["model"]["params"] < 71e9 and plan["model"]["quantized"] > 68e9
     fits = {option["layout"]: option["fits"] for option in plan["options"]}
-    assert fits == {"ddp": False, "zero2": False, "pp8": True, "device_map": True} and plan["best"] == "device_map"
-    pp8 = next(option["per_gpu_gib"] for option in plan["options"] if option["layout"] == "pp8")
-    assert 41 / 8 * 0.9 < pp8["weights"] < 41 / 8 * 1.1  # the stages balanced by bytes: 4-bit layers, bf16 head
+    assert fits == {"ddp": False, "zero2": False, "fsdp": False, "dp4xtp2": False, "dp2xtp4": False, "tp8": False,
+                    "dp4xpp2": False, "dp2xpp4": False, "pp8": False, "device_map": True}
+    assert plan["best"] == "device_map"
+    gib = {option["layout"]: option["per_gpu_gib"] for option in plan["options"]}
+    assert 41 / 8 * 0.9 < gib["pp8"]["weights"] < 41 / 8 * 1.1  # the stages balanced by bytes: 4-bit layers, bf16 head
+    # tp8: an eighth of the 4-bit codes with float32 scales (0.5625 bytes a value), the rest split or whole
+    assert 68.5e9 * 0.5625 / 8 / 2**30 < gib["tp8"]["weights"] < 41 / 8 * 1.2
+    assert all(gib[name]["total"] < 24 < gib[name]["load"] for name in ("fsdp", "tp8", "pp8"))
+    assert gib["device_map"]["load"] < 24
     assert 30 < plan["asked"]["per_gpu_gib"]["weights"] < 45
 
 
