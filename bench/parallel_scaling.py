@@ -3,7 +3,7 @@
     .venv/bin/python bench/parallel_scaling.py [--model tiny|smollm2]
                                                [--layouts plain,world1,ddp2,fsdp2,tp2,dp2xtp2,pp2,dp2xpp2]
                                                [--steps 30] [--warmup 10] [--global-batch 64] [--device cpu|cuda]
-                                               [--chunked-loss false|true]
+                                               [--chunked-loss false|true] [--tuner full|lora|qlora]
 
 Each layout is a real `swiftk run` in a subprocess on one config, with the same global batch:
   plain     one process, no process group: the baseline
@@ -19,6 +19,9 @@ Each layout is a real `swiftk run` in a subprocess on one config, with the same 
 Models: ``tiny`` (the 3.2 M Llama of configs/tiny_sft.toml, full fine-tuning, its addition data, 32 tokens,
 precision "auto") and ``smollm2`` (SmolLM2-135M from the embedded GGUF, full fine-tuning in fp32, the quickstart
 data; 9 heads and 3 key-value heads: tp must divide 3).
+
+``--tuner`` (default full) trains every weight, a LoRA adapter (rank 16, every linear layer), or QLoRA's (the
+base in NF4, dequantized to bfloat16 for each matmul; under tp each rank holds its share of the 4-bit codes).
 
 ``--chunked-loss`` (default false, as the figures in bench/README.md were taken) sets ``[train] chunked_loss``:
 true scores the loss from the hidden states where the layout allows it (one process, DDP, and tp, whose ranks
@@ -74,7 +77,7 @@ device = "{device}"
 [data]
 {data}
 [train]
-tuner_strategy = "full"
+{tuner}
 lr = 1e-4
 scheduler = "constant"
 batch_size = {batch}
@@ -92,6 +95,12 @@ progress = "none"
 num_processes = {processes}
 {distributed}
 """
+TUNERS = {
+    "full": 'tuner_strategy = "full"',
+    "lora": 'tuner_strategy = "lora"\nlora_rank = 16\nlora_dropout = 0.0\nlora_target_modules = "all-linear"',
+    "qlora": 'tuner_strategy = "qlora"\nquantization_bit = 4\nlora_rank = 16\nlora_dropout = 0.0\n'
+             'lora_target_modules = "all-linear"',
+}
 LAYOUT = re.compile(r"^(plain|world1|(ddp|fsdp|tp|pp)(\d+)(?:v(\d+)|(sp))?|dp(\d+)x(tp|pp)(\d+))$")
 
 
@@ -158,7 +167,7 @@ def run(name: str, tmp: Path, args: argparse.Namespace) -> dict[str, object]:
     cfg.write_text(CONFIG.format(device=args.device, batch=args.global_batch // readers // accum, accum=accum,
                                  steps=args.steps, out=out,
                                  processes=processes, model=spec["model"], data=spec["data"],
-                                 precision=spec["precision"], chunked=args.chunked_loss,
+                                 precision=spec["precision"], chunked=args.chunked_loss, tuner=TUNERS[args.tuner],
                                  distributed="\n".join(f"{k} = {json.dumps(v)}" for k, v in distributed.items())))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
     launcher = [sys.executable]
@@ -192,6 +201,7 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--chunked-loss", choices=["false", "true"], default="false")
+    parser.add_argument("--tuner", choices=sorted(TUNERS), default="full")
     args = parser.parse_args()
     names = [n.strip() for n in args.layouts.split(",") if n.strip()]
     for name in names:
@@ -210,7 +220,7 @@ def main() -> None:
                 line[f"{name}_peak_vs_plain"] = round(float(r["peak_mb"]) / float(base["peak_mb"]), 3)
     line.update({f"{name}_loss": round(float(r["loss"]), 4) for name, r in results.items()})
     line.update({"model": args.model, "steps": args.steps, "warmup": args.warmup, "global_batch": args.global_batch,
-                 "device": args.device, "chunked_loss": args.chunked_loss, "cpus": os.cpu_count(),
+                 "device": args.device, "chunked_loss": args.chunked_loss, "tuner": args.tuner, "cpus": os.cpu_count(),
                  "torch": torch.__version__})
     if args.device.startswith("cuda") and torch.cuda.is_available():
         line["gpu"] = torch.cuda.get_device_name(0)
