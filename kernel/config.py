@@ -459,7 +459,8 @@ class DistributedConfig(Section):
     offload_param: bool = Field(False, description="deepspeed, zero_stage 3: parameters in CPU memory")
     fsdp_reshard_after_forward: bool = Field(True, description="fsdp: free gathered layers after forward")
     tp_size: int | None = Field(None, ge=1, description="tp: ranks that split each layer (default: every "
-                                "process of a node); the processes / tp_size groups read different data")
+                                "process of a node); the processes / tp_size groups read different data. pp: "
+                                "each pipeline stage split over this many ranks too (a dp x pp x tp mesh)")
     sequence_parallel: bool = Field(False, description="tp: the norms and the residual stream split by sequence "
                                     "positions over the TP group (Megatron's sequence parallelism): activations "
                                     "outside attention and the MLP held once per group, not on every rank")
@@ -501,9 +502,11 @@ class DistributedConfig(Section):
                    if getattr(self, k) not in (None, False)]
         if ds_only and self.backend != "deepspeed":
             raise ValueError(f"{', '.join(ds_only)}: only for backend = 'deepspeed' (backend is '{self.backend}')")
-        tp_only = [k for k in ("tp_size", "sequence_parallel") if getattr(self, k) not in (None, False)]
+        tp_only = [k for k in ("tp_size", "sequence_parallel") if getattr(self, k) not in (None, False)
+                   and not (k == "tp_size" and self.backend == "pp")]  # pp: stages split by tp (3-D meshes)
         if tp_only and self.backend != "tp":
-            raise ValueError(f"{', '.join(tp_only)}: only for backend = 'tp' (backend is '{self.backend}')")
+            raise ValueError(f"{', '.join(tp_only)}: only for backend = 'tp'" + (" (and tp_size for 'pp')" if
+                             "tp_size" in tp_only else "") + f" (backend is '{self.backend}')")
         pp_only = [k for k in ("pp_size", "pp_schedule", "pp_balance", "pp_stages_per_rank")  # a saved config.toml
                    if getattr(self, k) != type(self).model_fields[k].default]  # writes the defaults
         if pp_only and self.backend != "pp":

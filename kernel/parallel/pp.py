@@ -11,6 +11,11 @@ holding stages r, r + pp_size, ... (Megatron's interleaved layout: each micro-ba
     mesh (dp, pp), rank = dp_index * pp_size + stage: with several pipelines, FSDP2 shards each stage over the
     ranks that hold the same stage (``[distributed] num_processes / pp_size`` of them), which read different data.
 
+    mesh (dp, pp, tp) with ``[distributed] tp_size``, rank = (dp_index * pp_size + stage) * tp_size + tp_index:
+    each stage split over tp_size neighbouring ranks as ``backend = "tp"`` splits a model (``tp.split``, this
+    stage's modules only), the hidden states sent between stages whole (each TP rank to its counterpart), the
+    tied embeddings' two ends adding their gradients piece by piece; FSDP2 across the pipelines as above.
+
 Every rank builds the model and keeps its stage's tensors; the other stages' move to the meta device (no
 memory), under their own names (``model.layers.5`` stays ``model.layers.5``), so that checkpoints, ``--resume``
 across layouts and the saved model are the one-process model's. Tied embeddings (SmolLM2, Llama 3.2, small
@@ -52,9 +57,12 @@ class PipelineParallel(FSDP2):
 
     def __init__(self, info: DistInfo | None = None, options: Any = None) -> None:
         super().__init__(info, options)
-        self.pp_size = self.group_size = pp_size(options, self.info.world_size)
-        self.dp_size = self.info.world_size // self.pp_size
-        self.stage = self.info.rank % self.pp_size
+        self.tp_size = tp_size(options)  # ranks splitting each stage (3-D meshes), neighbours
+        self.pp_size = pp_size(options, self.info.world_size // self.tp_size)
+        self.group_size = self.pp_size * self.tp_size  # the ranks of a pipeline, its stages' TP groups included
+        self.dp_size = self.info.world_size // self.group_size
+        self.stage = self.info.rank // self.tp_size % self.pp_size
+        self.tp_rank = self.info.rank % self.tp_size
         self.first, self.last = self.stage == 0, self.stage == self.pp_size - 1
         self.virtual = stages_per_rank(options)
         self.stages = self.pp_size * self.virtual  # in all; this rank holds stage + k * pp_size, k < virtual
@@ -71,20 +79,36 @@ class PipelineParallel(FSDP2):
 
     @classmethod
     def problems(cls, options: Any) -> list[str]:
-        return indivisible("pp_size", pp_size(options, options.num_processes * options.nnodes), options)
+        world, tp = options.num_processes * options.nnodes, tp_size(options)
+        if tp == 1:
+            return indivisible("pp_size", pp_size(options, world), options)
+        if problems := indivisible("tp_size", tp, options):
+            return problems
+        pp = pp_size(options, world // tp)
+        if world % (pp * tp):
+            return [f"[distributed] pp_size = {pp} x tp_size = {tp} ranks a pipeline does not divide the {world} "
+                    f"processes (num_processes = {options.num_processes} x nnodes = {options.nnodes}): use sizes "
+                    f"whose product divides {world}"]
+        if options.nnodes > 1 and options.num_processes % tp:
+            return [f"[distributed] tp_size = {tp} would split a stage across machines (num_processes = "
+                    f"{options.num_processes} per node): a TP group must stay inside one node; use a divisor of "
+                    f"{options.num_processes}"]
+        return []
 
     @classmethod
     def run_problems(cls, cfg: Any) -> list[str]:
         from swiftk.contracts.stages import LEARN, Stage
         from swiftk.kernel.config import stage_class
+        from swiftk.kernel.parallel.tp import TensorParallel
 
-        problems = []
+        problems = TensorParallel.run_problems(cfg) if tp_size(cfg.distributed) > 1 else []
         stage = stage_class(cfg.train)
         if stage.phases != (LEARN,) or stage.needs_reference or stage.reward_head or stage.forward is not Stage.forward:
             problems.append(f"[train] stage = '{cfg.train.stage}': backend = 'pp' trains stages whose step is one "
                             f"forward of the language model scored by a loss on its logits (sft); this one "
                             f"generates, keeps a reference or a value head: use backend = 'fsdp' or 'tp'")
-        stages = pp_size(cfg.distributed, cfg.distributed.num_processes * cfg.distributed.nnodes)
+        stages = pp_size(cfg.distributed, cfg.distributed.num_processes * cfg.distributed.nnodes //
+                         tp_size(cfg.distributed))
         virtual = stages_per_rank(cfg.distributed)
         rounds = max(1, cfg.train.grad_accum // stages)
         if cfg.distributed.pp_schedule in INTERLEAVED and cfg.train.grad_accum % rounds:
@@ -129,16 +153,20 @@ class PipelineParallel(FSDP2):
         embedding = decoder.embed_tokens.weight
         tied = head.weight is embedding
         self.device = device
-        mesh = init_device_mesh(device.type, (self.dp_size, self.pp_size), mesh_dim_names=("dp", "pp"))
+        shape, names = (self.dp_size, self.pp_size, self.tp_size), ("dp", "pp", "tp")
+        mesh = init_device_mesh(device.type, shape if self.tp_size > 1 else shape[:2], mesh_dim_names=names if
+                                self.tp_size > 1 else names[:2])
         self.group = mesh["pp"].get_group()
         if tied and embedding.requires_grad:  # every rank creates every pair's group, in the same order
             for pipeline in range(self.dp_size):
-                ends = [pipeline * self.pp_size, pipeline * self.pp_size + self.pp_size - 1]
-                group = dist.new_group(ends)
-                if self.info.rank in ends:
-                    self.tie_group = group
+                for piece in range(self.tp_size):  # the first and last stage's ranks holding one piece of it
+                    ends = [self.rank_of(0, pipeline, piece), self.rank_of(self.pp_size - 1, pipeline, piece)]
+                    group = dist.new_group(ends)
+                    if self.info.rank in ends:
+                        self.tie_group = group
         if self.info.rank == 0:
-            print(f"pipeline: {describe(bounds, self.pp_size, self.options.pp_schedule)}", flush=True)
+            across = f", each stage split over {self.tp_size} ranks (tp)" if self.tp_size > 1 else ""
+            print(f"pipeline: {describe(bounds, self.pp_size, self.options.pp_schedule)}{across}", flush=True)
         mine = [self.stage + k * self.pp_size for k in range(self.virtual)]
         own = [torch.nn.ModuleList(layers[i] for i in range(bounds[s], bounds[s + 1])) for s in mine]
         ends = [decoder.embed_tokens if self.first else None, decoder.norm if self.last else None,
@@ -147,6 +175,11 @@ class PipelineParallel(FSDP2):
         owned = {id(m) for m in (*(layer for stage in own for layer in stage), *ends) if m is not None}
         to_meta([m for m in (*layers, decoder.embed_tokens, decoder.norm, head) if id(m) not in owned],
                 {id(p) for m in kept if m is not None for p in m.parameters()})
+        if self.tp_size > 1:  # this rank's stages split over its TP group, as backend = "tp" splits a model
+            from swiftk.kernel.parallel.tp import split
+
+            split(model, mesh["tp"], self.tp_size, self.dp_size,
+                  only={name for name, m in model.named_modules() if id(m) in owned})
         compute = precisions.compute(precision, device) != "fp32"
         first_of, last_of = 0, self.stages - 1
         self.parts = [StageModule(causal.config, layers_of, ends[0] if s == first_of else None,
@@ -194,7 +227,7 @@ class PipelineParallel(FSDP2):
         finally:
             self.current = None
         if self.tie_group is not None and self.tied is not None and self.tied.grad is not None:
-            dist.all_reduce(local(self.tied.grad), group=self.tie_group)
+            dist.all_reduce(local(laid_out(self.tied)), group=self.tie_group)
         dist.broadcast(work.total, src=self.rank_of(self.pp_size - 1), group=self.group)
 
     def loss_of(self, output: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -272,9 +305,10 @@ class PipelineParallel(FSDP2):
             dist.broadcast(logits, src=self.rank_of(self.pp_size - 1), group=self.group)
         return CausalLMOutputWithPast(logits=logits)
 
-    def rank_of(self, stage: int) -> int:
-        """The global rank of ``stage`` in this rank's pipeline."""
-        return self.data_shard[0] * self.pp_size + stage
+    def rank_of(self, stage: int, pipeline: int | None = None, piece: int | None = None) -> int:
+        """The global rank of ``stage`` in ``pipeline`` (this rank's) holding TP piece ``piece`` (this rank's)."""
+        pipeline = self.data_shard[0] if pipeline is None else pipeline
+        return (pipeline * self.pp_size + stage) * self.tp_size + (self.tp_rank if piece is None else piece)
 
     def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float | None) -> float | None:
         """The norm over every stage's gradients (the tied copy counted once), clipped alike on every stage."""
@@ -389,8 +423,13 @@ def stages_per_rank(options: Any) -> int:
     return int(given) if given else 2 if getattr(options, "pp_schedule", "1f1b") in INTERLEAVED else 1
 
 
+def tp_size(options: Any) -> int:
+    """``[distributed] tp_size`` under pp: the ranks each stage is split over (1 when it is not set)."""
+    return int(getattr(options, "tp_size", None) or 1)
+
+
 def pp_size(options: Any, world: int) -> int:
-    """``[distributed] pp_size``, or every process when it is not set."""
+    """``[distributed] pp_size``, or every process (of ``world``, those left by tp) when it is not set."""
     size = getattr(options, "pp_size", None)
     return int(size) if size else max(1, world)
 
@@ -512,6 +551,16 @@ def like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import distribute_tensor
 
     return distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
+
+
+def laid_out(param: torch.nn.Parameter) -> torch.Tensor:
+    """``param``'s gradient laid out as ``param`` is: a split embedding's comes back whole (replicated) from its
+    lookup, and each end of a pipeline must add its own piece of it to the other end's."""
+    grad = param.grad
+    assert grad is not None
+    if hasattr(grad, "placements") and tuple(grad.placements) != tuple(param.placements):  # type: ignore[attr-defined]
+        param.grad = grad = grad.redistribute(placements=param.placements)  # type: ignore[attr-defined]
+    return grad
 
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:

@@ -99,10 +99,12 @@ def tp_size(options: Any, world: int) -> int:
     return int(size) if size else max(1, min(world, getattr(options, "num_processes", world)))
 
 
-def split(model: torch.nn.Module, mesh: Any, tp: int, dp: int = 1, sequence: bool = False) -> None:
+def split(model: torch.nn.Module, mesh: Any, tp: int, dp: int = 1, sequence: bool = False,
+          only: set[str] | None = None) -> None:
     """Split ``model``'s layers over the ``tp`` ranks of ``mesh`` (``layer_plan``; ``sequence``: and the
     residual stream by positions, ``sequence_plan``); tied embeddings stay one parameter (both uses split by
-    vocabulary rows alike), whose gradient sums both uses."""
+    vocabulary rows alike), whose gradient sums both uses. ``only``: the names of the modules to split, and what
+    is inside them (a pipeline stage's; the rest of the model is not this rank's)."""
     from torch.distributed.tensor.parallel import parallelize_module
 
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
@@ -110,13 +112,15 @@ def split(model: torch.nn.Module, mesh: Any, tp: int, dp: int = 1, sequence: boo
     plan = layer_plan(model, tp, dp)
     if sequence:
         plan = sequence_plan(model, plan)
+    if only is not None:
+        plan = {k: v for k, v in plan.items() if any(k == name or k.startswith(f"{name}.") for name in only)}
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     parallelize_module(model, mesh, plan)
     for name, param in model.named_parameters():  # SequenceParallel's new parameters would all train
         if name in frozen:
             param.requires_grad_(False)
-    if tied:
-        head.weight = embedding.weight
+    if tied:  # whichever use was split (a pipeline's last stage splits the head alone) is both uses' tensor
+        embedding.weight = head.weight = head.weight if hasattr(head.weight, "device_mesh") else embedding.weight
 
 
 def layer_plan(model: torch.nn.Module, tp: int, dp: int = 1) -> dict[str, Any]:

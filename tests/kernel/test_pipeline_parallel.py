@@ -98,6 +98,24 @@ def test_pipelines_read_different_data() -> None:
     assert [e.stage for e in engines] == [0, 1, 0, 1] and engines[0].replicas == 2
 
 
+def test_a_dp_by_pp_by_tp_mesh_lays_ranks_out_tp_first() -> None:
+    """8 ranks as dp 2 x pp 2 x tp 2: each stage's TP group is two neighbouring ranks (inside a node), a pipeline
+    four ranks reading one batch; the first and last stage's ranks holding the same TP piece are paired."""
+    options = DistributedConfig(backend="pp", num_processes=8, pp_size=2, tp_size=2)
+    engines = [PipelineParallel(DistInfo(rank=r, world_size=8), options) for r in range(8)]
+    assert [e.data_shard for e in engines] == [(0, 2)] * 4 + [(1, 2)] * 4 and engines[0].replicas == 4
+    assert [e.stage for e in engines] == [0, 0, 1, 1, 0, 0, 1, 1]
+    assert [e.tp_rank for e in engines] == [0, 1] * 4
+    assert [engines[5].rank_of(s) for s in (0, 1)] == [5, 7] and engines[0].rank_of(1, 1, 0) == 6
+    (problem,) = engine_class("pp").problems(DistributedConfig(backend="pp", num_processes=6, pp_size=2, tp_size=2))
+    assert "pp_size = 2 x tp_size = 2 ranks a pipeline does not divide the 6 processes" in problem
+    (problem,) = engine_class("pp").problems(DistributedConfig(backend="pp", num_processes=2, nnodes=2, tp_size=4,
+                                                               master_port=29500))
+    assert "tp_size = 4 does not divide the 4 processes" not in problem and "inside one node" in problem
+    with pytest.raises(ValueError, match=r"sequence_parallel: only for backend = 'tp' \(backend is 'pp'\)"):
+        DistributedConfig(backend="pp", tp_size=2, sequence_parallel=True)
+
+
 def test_layouts_and_runs_that_cannot_be_pipelined_are_config_errors(tmp_path: Path) -> None:
     from swiftk.kernel.parallel.config import apply_device
 
@@ -250,3 +268,34 @@ def test_qlora_under_dp2_by_pp2_reproduces_one_process(tmp_path: Path) -> None:
     assert "x 2 data-parallel groups" in runs["dp2pp2"].stdout
     assert_matches(losses(tmp_path / "dp2pp2"), losses(tmp_path / "one"))
     assert_same_weights(tmp_path / "dp2pp2/final", tmp_path / "one/final", "adapter_model.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["pp2xtp2", "dp2xpp2xtp2"])
+def test_pipelines_of_tensor_parallel_stages_reproduce_one_process(layout: str, tmp_path: Path) -> None:
+    """Each of 2 stages split over 2 ranks (tp inside the stage: its projections by heads and columns, the tied
+    embeddings on the first stage and the head on the last by vocabulary rows, their gradients added between the
+    two ends piece by piece), in one pipeline of 4 ranks or two of them with FSDP2 across (8 ranks, the 3-D mesh):
+    the loss curve, the held-out loss and the final weights are the one process's; a checkpoint resumes in one
+    process (pp2 x tp2) or in the same layout (dp2 x pp2 x tp2)."""
+    def wide(path: Path) -> Path:  # vocabulary rows that divide over dp x tp ranks
+        path.write_text(path.read_text().replace("num_key_value_heads = 4,", "num_key_value_heads = 4, "
+                                                 "vocab_size = 128,"))
+        return path
+
+    assert main(["run", str(wide(config(tmp_path / "one.toml", tmp_path / "one")))]) == 0
+    processes = 8 if layout.startswith("dp2") else 4
+    cfg = wide(config(tmp_path / "c.toml", tmp_path / "run", processes=processes, batch=32 // processes,
+                      backend="pp", pp_size=2, tp_size=2))
+    done = swiftk(str(cfg), timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "pipeline: 2 stages of layers 0 | 1 on 2 ranks (1f1b: one stage per rank), each stage split over 2 " \
+           "ranks (tp)" in done.stdout
+    assert "x 2 data-parallel groups" in done.stdout if processes == 8 else "data-parallel" not in done.stdout
+    assert_reproduces(tmp_path / "run", tmp_path / "one")
+    shutil.rmtree(tmp_path / f"run/checkpoints/step-{STEPS:06d}")
+    again = cfg if processes == 8 else wide(config(tmp_path / "alone.toml", tmp_path / "run", backend="ddp"))
+    resumed = swiftk(str(again), "--resume", timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "from step 3" in resumed.stdout
+    assert_matches(losses(tmp_path / "run"), losses(tmp_path / "one"))
