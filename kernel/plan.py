@@ -413,11 +413,13 @@ def layout_of(cfg: Any) -> Layout:
         return Layout(f"tp{tp}" if tp == n else f"dp{n // tp}xtp{tp}", n, dp=n // tp, tp=tp,
                       shard="zero3" if n > tp else "none", sequence=d.sequence_parallel)
     if d.backend == "pp":
-        pp = d.pp_size or n
-        from swiftk.kernel.parallel.pp import stages_per_rank
+        from swiftk.kernel.parallel.pp import stages_per_rank, tp_size
 
-        return Layout(f"pp{pp}" if pp == n else f"dp{n // pp}xpp{pp}", n, dp=n // pp, pp=pp, schedule=d.pp_schedule,
-                      micro=cfg.train.grad_accum, shard="zero3" if n > pp else "none", virtual=stages_per_rank(d))
+        tp = tp_size(d)
+        pp = d.pp_size or n // tp
+        return Layout(pipeline_name(n // (pp * tp), pp, tp), n, dp=n // (pp * tp), pp=pp, tp=tp,
+                      schedule=d.pp_schedule, micro=cfg.train.grad_accum, shard="zero3" if n > pp * tp else "none",
+                      virtual=stages_per_rank(d))
     if d.backend == "fsdp":
         return Layout("fsdp", n, dp=n, shard="zero3")
     if d.backend == "deepspeed":
@@ -441,14 +443,21 @@ def candidates(gpus: int, model: Model, tuner: str, micro: int = 1) -> list[Layo
             dp = gpus // tp
             found.append(Layout(f"tp{tp}" if dp == 1 else f"dp{dp}xtp{tp}", gpus, dp=dp, tp=tp,
                                 shard="zero3" if dp > 1 else "none"))
-    if model.pipelined:  # every tuner
+    if model.pipelined:  # every tuner; each stage split by tp too (3-D meshes) where the heads divide
         for pp in range(2, min(gpus, model.layers) + 1):
-            if gpus % pp == 0:
-                dp = gpus // pp
-                found.append(Layout(f"pp{pp}" if dp == 1 else f"dp{dp}xpp{pp}", gpus, dp=dp, pp=pp,
-                                    micro=max(micro, pp), shard="zero3" if dp > 1 else "none"))
+            for tp in range(1, gpus // pp + 1):
+                if gpus % (pp * tp) or (tp > 1 and (tuner in REFUSED_UNDER_TP or not splits(model, tp))):
+                    continue
+                dp = gpus // (pp * tp)
+                found.append(Layout(pipeline_name(dp, pp, tp), gpus, dp=dp, pp=pp, tp=tp, micro=max(micro, pp),
+                                    shard="zero3" if dp > 1 else "none"))
     found.append(Layout("device_map", gpus, spread=True))
     return found
+
+
+def pipeline_name(dp: int, pp: int, tp: int) -> str:
+    """"pp4", "dp2xpp4", "pp2xtp4", "dp2xpp2xtp2"."""
+    return (f"dp{dp}x" if dp > 1 else "") + f"pp{pp}" + (f"xtp{tp}" if tp > 1 else "")
 
 
 def splits(model: Model, tp: int) -> bool:
@@ -532,8 +541,10 @@ def stage_memory(model: Model, layout: Layout, cfg: Any, runtime: float, chunk_b
     trainable = sum(u[2] for u in held)
     gradients = 4.0 * trainable
     optimizer = model.optimizer_bytes * trainable / model.trainable if model.trainable else 0.0
+    keep = 1 - model.split_share * (1 - 1 / layout.tp)  # tp inside the stage: its projections' share over tp
+    weights, gradients, optimizer = weights * keep, gradients * keep, optimizer * keep
     if layout.dp > 1:  # FSDP2 across the pipelines: a layer gathered at a time (and the next, prefetched)
-        largest = max((u[1] for u in held), default=0.0)
+        largest = max((u[1] for u in held), default=0.0) * keep
         weights = weights / layout.dp + 2 * largest
         gradients = gradients / layout.dp + min(largest, gradients)
         optimizer /= layout.dp
@@ -541,7 +552,7 @@ def stage_memory(model: Model, layout: Layout, cfg: Any, runtime: float, chunk_b
     if layout.virtual > 1:  # in units of the rank's whole set of layers
         v = layout.virtual
         in_flight = min(layout.micro * v, 2 * (layout.pp - stage - 1) + (v - 1) * layout.pp + 1) / v
-    per_layer = [whole + split for i, (whole, split) in enumerate(model.act_layer) if i in mine]
+    per_layer = [whole + split / layout.tp for i, (whole, split) in enumerate(model.act_layer) if i in mine]
     if cfg.train.gradient_checkpointing and per_layer:
         act = in_flight * model.layer_input * len(per_layer) + max(per_layer)
     else:
@@ -549,6 +560,7 @@ def stage_memory(model: Model, layout: Layout, cfg: Any, runtime: float, chunk_b
     act += in_flight * model.act_other if last else 0.0
     logits = logit_bytes(model, cfg, layout, chunk_bytes) * (layout.micro if layout.schedule == "gpipe" else 1) \
         if last else 0.0
+    weights += scales_beyond(model, layout, layout.dp) * sum(u[0] for u in held) / max(1, model.params)  # its share
     return Memory(weights, gradients, optimizer, act, logits, runtime, loading(model, layout, runtime))
 
 

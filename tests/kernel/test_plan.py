@@ -133,8 +133,9 @@ def test_tuners_and_optimizers_change_what_is_counted(tmp_path: Path) -> None:
 def test_layouts_divide_the_memory_as_their_engines_do(tmp_path: Path) -> None:
     plan = make_plan(tiny(tmp_path), Gpus.parse("4xA100"))
     options = {layout.name: memory for layout, memory in plan.options}
-    # tp 4 would need 4 | 2 key-value heads: not offered; dp 2 x tp 2 is; 4 stages of 3 layers are not, 2 are
-    assert set(options) == {"ddp", "zero2", "fsdp", "dp2xtp2", "dp2xpp2", "device_map"}
+    # tp 4 would need 4 | 2 key-value heads: not offered; dp 2 x tp 2 is; 4 stages of 3 layers are not, 2 are,
+    # split by tp 2 too
+    assert set(options) == {"ddp", "zero2", "fsdp", "dp2xtp2", "dp2xpp2", "pp2xtp2", "device_map"}
     single = plan.asked_memory
     assert options["ddp"].weights == single.weights and options["ddp"].gradients == 2 * single.gradients
     assert options["zero2"].optimizer == pytest.approx(single.optimizer / 4)
@@ -145,7 +146,11 @@ def test_layouts_divide_the_memory_as_their_engines_do(tmp_path: Path) -> None:
     qlora = make_plan(tiny(tmp_path, 'tuner_strategy = "qlora"\nquantization_bit = 4'), Gpus.parse("4xA100"))
     assert {layout.name for layout, _ in qlora.options} == set(options)  # FSDP2 shards 4-bit codes, tp splits them
     dora = make_plan(tiny(tmp_path, 'tuner_strategy = "dora"'), Gpus.parse("4xA100"))
-    assert {layout.name for layout, _ in dora.options} == set(options) - {"dp2xtp2"}  # as the engines allow
+    assert {layout.name for layout, _ in dora.options} == set(options) - {"dp2xtp2", "pp2xtp2"}  # as engines allow
+    cfg = tiny(tmp_path)
+    pp2 = per_gpu(plan.model, Layout("pp2", 2, pp=2), cfg, 0.0, 0.0)
+    pp2xtp2 = per_gpu(plan.model, Layout("pp2xtp2", 4, pp=2, tp=2), cfg, 0.0, 0.0)  # a stage's projections over tp
+    assert pp2xtp2.weights < pp2.weights and pp2xtp2.activations < pp2.activations
 
 
 def test_quantized_scales_are_neither_sharded_nor_quantized_again_under_tp(tmp_path: Path) -> None:
@@ -165,6 +170,10 @@ def test_quantized_scales_are_neither_sharded_nor_quantized_again_under_tp(tmp_p
 
 
 def test_the_config_s_own_layout_is_planned(tmp_path: Path) -> None:
+    three = tiny(tmp_path, 'tuner_strategy = "full"', "distributed.num_processes=8", "distributed.backend='pp'",
+                 "distributed.pp_size=2", "distributed.tp_size=2")
+    asked = make_plan(three, None).asked
+    assert (asked.name, asked.dp, asked.pp, asked.tp, asked.shard) == ("dp2xpp2xtp2", 2, 2, 2, "zero3")
     cfg = tiny(tmp_path, 'tuner_strategy = "full"', "distributed.num_processes=2", "distributed.backend='tp'")
     plan = make_plan(cfg, None)
     assert plan.asked.name == "tp2" and plan.asked.tp == 2
@@ -183,7 +192,8 @@ def test_ms_swifts_70b_qlora_claim_on_8_a10s() -> None:
     assert 70e9 < plan["model"]["params"] < 71e9 and plan["model"]["quantized"] > 68e9
     fits = {option["layout"]: option["fits"] for option in plan["options"]}
     assert fits == {"ddp": False, "zero2": False, "fsdp": False, "dp4xtp2": False, "dp2xtp4": False, "tp8": False,
-                    "dp4xpp2": False, "dp2xpp4": False, "pp8": False, "device_map": True}
+                    "dp4xpp2": False, "dp2xpp2xtp2": False, "pp2xtp4": False, "dp2xpp4": False, "pp4xtp2": False,
+                    "pp8": False, "device_map": True}
     assert plan["best"] == "device_map"
     gib = {option["layout"]: option["per_gpu_gib"] for option in plan["options"]}
     assert 41 / 8 * 0.9 < gib["pp8"]["weights"] < 41 / 8 * 1.1  # the stages balanced by bytes: 4-bit layers, bf16 head
