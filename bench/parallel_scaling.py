@@ -16,6 +16,7 @@ Each layout is a real `swiftk run` in a subprocess on one config, with the same 
   ppNvV     N ranks holding V stages each (interleaved 1F1B, N x V stages), the micro-batches of ppN
   tpNsp     tpN with sequence parallelism (norms and residual stream split by positions)
   dpAxppB   A pipelines of B stages, FSDP2 across the pipelines
+  ppBxtpC   B pipeline stages, each split over C tensor-parallel ranks (B x C processes); dpAxppBxtpC: A of them
 Models: ``tiny`` (the 3.2 M Llama of configs/tiny_sft.toml, full fine-tuning, its addition data, 32 tokens,
 precision "auto") and ``smollm2`` (SmolLM2-135M from the embedded GGUF, full fine-tuning in fp32, the quickstart
 data; 9 heads and 3 key-value heads: tp must divide 3).
@@ -101,15 +102,20 @@ TUNERS = {
     "qlora": 'tuner_strategy = "qlora"\nquantization_bit = 4\nlora_rank = 16\nlora_dropout = 0.0\n'
              'lora_target_modules = "all-linear"',
 }
+MESH = re.compile(r"^(?:dp(\d+)x)?pp(\d+)xtp(\d+)$")
 LAYOUT = re.compile(r"^(plain|world1|(ddp|fsdp|tp|pp)(\d+)(?:v(\d+)|(sp))?|dp(\d+)x(tp|pp)(\d+))$")
 
 
 def layout(name: str) -> tuple[int, int, int, dict[str, object]]:
     """(processes, ranks reading different data, micro-batches a step, [distributed] values) of a layout's name."""
+    mesh = MESH.match(name)
+    if mesh:
+        dp, pp, tp = int(mesh[1] or 1), int(mesh[2]), int(mesh[3])
+        return dp * pp * tp, dp, 2 * pp, {"backend": "pp", "pp_size": pp, "tp_size": tp}
     found = LAYOUT.match(name)
     if not found:
-        raise SystemExit(f"unknown layout '{name}': use plain, world1, ddpN, fsdpN, tpN, tpNsp, ppN, ppNvV, dpAxtpB "
-                         f"or dpAxppB")
+        raise SystemExit(f"unknown layout '{name}': use plain, world1, ddpN, fsdpN, tpN, tpNsp, ppN, ppNvV, dpAxtpB, "
+                         f"dpAxppB, ppBxtpC or dpAxppBxtpC")
     if found[1] in ("plain", "world1"):
         return 1, 1, 1, {"backend": "ddp"}
     if found[2]:

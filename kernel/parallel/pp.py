@@ -85,6 +85,9 @@ class PipelineParallel(FSDP2):
         if problems := indivisible("tp_size", tp, options):
             return problems
         pp = pp_size(options, world // tp)
+        if pp < 2:
+            return [f"[distributed] tp_size = {tp} leaves one pipeline stage on the {world} processes: set pp_size "
+                    f"(at least 2; pp_size x tp_size ranks make a pipeline), or use backend = 'tp'"]
         if world % (pp * tp):
             return [f"[distributed] pp_size = {pp} x tp_size = {tp} ranks a pipeline does not divide the {world} "
                     f"processes (num_processes = {options.num_processes} x nnodes = {options.nnodes}): use sizes "
@@ -558,8 +561,8 @@ def laid_out(param: torch.nn.Parameter) -> torch.Tensor:
     lookup, and each end of a pipeline must add its own piece of it to the other end's."""
     grad = param.grad
     assert grad is not None
-    if hasattr(grad, "placements") and tuple(grad.placements) != tuple(param.placements):  # type: ignore[attr-defined]
-        param.grad = grad = grad.redistribute(placements=param.placements)  # type: ignore[attr-defined]
+    if hasattr(grad, "placements") and tuple(grad.placements) != tuple(param.placements):
+        param.grad = grad = grad.redistribute(placements=param.placements)
     return grad
 
 

@@ -109,6 +109,8 @@ def test_a_dp_by_pp_by_tp_mesh_lays_ranks_out_tp_first() -> None:
     assert [engines[5].rank_of(s) for s in (0, 1)] == [5, 7] and engines[0].rank_of(1, 1, 0) == 6
     (problem,) = engine_class("pp").problems(DistributedConfig(backend="pp", num_processes=6, pp_size=2, tp_size=2))
     assert "pp_size = 2 x tp_size = 2 ranks a pipeline does not divide the 6 processes" in problem
+    (problem,) = engine_class("pp").problems(DistributedConfig(backend="pp", num_processes=2, tp_size=2))
+    assert "tp_size = 2 leaves one pipeline stage on the 2 processes: set pp_size" in problem
     (problem,) = engine_class("pp").problems(DistributedConfig(backend="pp", num_processes=2, nnodes=2, tp_size=4,
                                                                master_port=29500))
     assert "tp_size = 4 does not divide the 4 processes" not in problem and "inside one node" in problem
@@ -299,3 +301,28 @@ def test_pipelines_of_tensor_parallel_stages_reproduce_one_process(layout: str, 
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "from step 3" in resumed.stdout
     assert_matches(losses(tmp_path / "run"), losses(tmp_path / "one"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["zero_bubble", "qlora"])
+def test_interleaved_and_qlora_pipelines_of_tensor_parallel_stages_reproduce_one_process(kind: str,
+                                                                                         tmp_path: Path) -> None:
+    """pp 2 x tp 2 with two stages of one layer on each rank (the zero-bubble schedule, its backward split into
+    the inputs' and the weights' gradients), or with QLoRA's 4-bit layers split in each stage (float32 compute):
+    the one process's losses and weights (QLoRA: its adapter)."""
+    from .test_tensor_parallel import qlora
+
+    def made(path: Path, out: Path, **options: object) -> Path:
+        if kind == "qlora":
+            return qlora(config(path, out, **options))
+        return config(path, out, layers=4, **options)
+
+    assert main(["run", str(made(tmp_path / "one.toml", tmp_path / "one"))]) == 0
+    extra = {"pp_schedule": "zero_bubble"} if kind == "zero_bubble" else {}
+    done = swiftk(str(made(tmp_path / "c.toml", tmp_path / "run", processes=4, backend="pp", pp_size=2, tp_size=2,
+                           **extra)), timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "each stage split over 2 ranks (tp)" in done.stdout
+    assert_matches(losses(tmp_path / "run"), losses(tmp_path / "one"))
+    name = "adapter_model.safetensors" if kind == "qlora" else "model.safetensors"
+    assert_same_weights(tmp_path / "run/final", tmp_path / "one/final", name)
