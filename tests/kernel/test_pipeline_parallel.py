@@ -111,9 +111,9 @@ def test_a_dp_by_pp_by_tp_mesh_lays_ranks_out_tp_first() -> None:
     assert "pp_size = 2 x tp_size = 2 ranks a pipeline does not divide the 6 processes" in problem
     (problem,) = engine_class("pp").problems(DistributedConfig(backend="pp", num_processes=2, tp_size=2))
     assert "tp_size = 2 leaves one pipeline stage on the 2 processes: set pp_size" in problem
-    (problem,) = engine_class("pp").problems(DistributedConfig(backend="pp", num_processes=2, nnodes=2, tp_size=4,
-                                                               master_port=29500))
-    assert "tp_size = 4 does not divide the 4 processes" not in problem and "inside one node" in problem
+    (problem,) = engine_class("pp").problems(DistributedConfig(backend="pp", num_processes=2, nnodes=4, pp_size=2,
+                                                               tp_size=4, master_port=29500))
+    assert "tp_size = 4 would split a stage across machines (num_processes = 2 per node)" in problem
     with pytest.raises(ValueError, match=r"sequence_parallel: only for backend = 'tp' \(backend is 'pp'\)"):
         DistributedConfig(backend="pp", tp_size=2, sequence_parallel=True)
 
