@@ -326,3 +326,20 @@ def test_interleaved_and_qlora_pipelines_of_tensor_parallel_stages_reproduce_one
     assert_matches(losses(tmp_path / "run"), losses(tmp_path / "one"))
     name = "adapter_model.safetensors" if kind == "qlora" else "model.safetensors"
     assert_same_weights(tmp_path / "run/final", tmp_path / "one/final", name)
+
+
+@pytest.mark.slow
+def test_two_nodes_each_a_tp_split_stage_reproduce_one_process(tmp_path: Path) -> None:
+    """Two `swiftk run`s of 2 processes each at one loopback rendezvous, pp 2 x tp 2: each "node" holds one stage
+    split over its 2 ranks (tp inside a node, the pipeline across nodes), as on two machines."""
+    from swiftk.kernel import launch
+
+    assert main(["run", str(config(tmp_path / "one.toml", tmp_path / "one"))]) == 0
+    port = launch.free_port("127.0.0.1")
+    cfg = config(tmp_path / "c.toml", tmp_path / "run", processes=2, backend="pp", pp_size=2, tp_size=2, nnodes=2,
+                 master_port=port, join_timeout_s=120)
+    nodes = [swiftk(str(cfg), f"--set=distributed.node_rank={rank}", wait=False) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=480)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert "each stage split over 2 ranks (tp)" in outputs[0]
+    assert_reproduces(tmp_path / "run", tmp_path / "one")
