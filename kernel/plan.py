@@ -410,14 +410,14 @@ def layout_of(cfg: Any) -> Layout:
         return Layout("device_map" if spread else "single", 1, spread=spread)
     if d.backend == "tp":
         tp = d.tp_size or d.num_processes
-        return Layout(f"tp{tp}" if tp == n else f"dp{n // tp}xtp{tp}", n, dp=n // tp, tp=tp,
-                      shard="zero3" if n > tp else "none", sequence=d.sequence_parallel)
+        return Layout(mesh_name(n // tp, 1, tp), n, dp=n // tp, tp=tp, shard="zero3" if n > tp else "none",
+                      sequence=d.sequence_parallel)
     if d.backend == "pp":
         from swiftk.kernel.parallel.pp import stages_per_rank, tp_size
 
         tp = tp_size(d)
         pp = d.pp_size or n // tp
-        return Layout(pipeline_name(n // (pp * tp), pp, tp), n, dp=n // (pp * tp), pp=pp, tp=tp,
+        return Layout(mesh_name(n // (pp * tp), pp, tp), n, dp=n // (pp * tp), pp=pp, tp=tp,
                       schedule=d.pp_schedule, micro=cfg.train.grad_accum, shard="zero3" if n > pp * tp else "none",
                       virtual=stages_per_rank(d))
     if d.backend == "fsdp":
@@ -436,28 +436,21 @@ def candidates(gpus: int, model: Model, tuner: str, micro: int = 1) -> list[Layo
         return [Layout("single", 1)]
     found = [Layout("ddp", gpus, dp=gpus), Layout("zero2", gpus, dp=gpus, shard="zero2"),
              Layout("fsdp", gpus, dp=gpus, shard="zero3")]
-    if tuner not in REFUSED_UNDER_TP:
-        for tp in range(2, gpus + 1):
-            if gpus % tp or not splits(model, tp):
+    stages = range(2, min(gpus, model.layers) + 1) if model.pipelined else range(0)  # pp: every tuner
+    for pp in (1, *stages):  # pp 1: tp and dp x tp; else a pipeline, each stage split by tp too (3-D meshes)
+        for tp in range(2 if pp == 1 else 1, gpus // pp + 1):
+            if gpus % (pp * tp) or (tp > 1 and (tuner in REFUSED_UNDER_TP or not splits(model, tp))):
                 continue
-            dp = gpus // tp
-            found.append(Layout(f"tp{tp}" if dp == 1 else f"dp{dp}xtp{tp}", gpus, dp=dp, tp=tp,
-                                shard="zero3" if dp > 1 else "none"))
-    if model.pipelined:  # every tuner; each stage split by tp too (3-D meshes) where the heads divide
-        for pp in range(2, min(gpus, model.layers) + 1):
-            for tp in range(1, gpus // pp + 1):
-                if gpus % (pp * tp) or (tp > 1 and (tuner in REFUSED_UNDER_TP or not splits(model, tp))):
-                    continue
-                dp = gpus // (pp * tp)
-                found.append(Layout(pipeline_name(dp, pp, tp), gpus, dp=dp, pp=pp, tp=tp, micro=max(micro, pp),
-                                    shard="zero3" if dp > 1 else "none"))
+            dp = gpus // (pp * tp)
+            found.append(Layout(mesh_name(dp, pp, tp), gpus, dp=dp, pp=pp, tp=tp, micro=max(micro, pp) if pp > 1
+                                else 1, shard="zero3" if dp > 1 else "none"))
     found.append(Layout("device_map", gpus, spread=True))
     return found
 
 
-def pipeline_name(dp: int, pp: int, tp: int) -> str:
-    """"pp4", "dp2xpp4", "pp2xtp4", "dp2xpp2xtp2"."""
-    return (f"dp{dp}x" if dp > 1 else "") + f"pp{pp}" + (f"xtp{tp}" if tp > 1 else "")
+def mesh_name(dp: int, pp: int, tp: int) -> str:
+    """"tp8", "dp2xtp4", "pp4", "dp2xpp4", "pp2xtp4", "dp2xpp2xtp2"."""
+    return "x".join(f"{kind}{size}" for kind, size in (("dp", dp), ("pp", pp), ("tp", tp)) if size > 1)
 
 
 def splits(model: Model, tp: int) -> bool:

@@ -79,10 +79,12 @@ class PipelineParallel(FSDP2):
 
     @classmethod
     def problems(cls, options: Any) -> list[str]:
+        from swiftk.kernel.parallel.tp import group_problems
+
         world, tp = options.num_processes * options.nnodes, tp_size(options)
         if tp == 1:
             return indivisible("pp_size", pp_size(options, world), options)
-        if problems := indivisible("tp_size", tp, options):
+        if problems := group_problems(tp, options, "a stage"):
             return problems
         pp = pp_size(options, world // tp)
         if pp < 2:
@@ -92,10 +94,6 @@ class PipelineParallel(FSDP2):
             return [f"[distributed] pp_size = {pp} x tp_size = {tp} ranks a pipeline does not divide the {world} "
                     f"processes (num_processes = {options.num_processes} x nnodes = {options.nnodes}): use sizes "
                     f"whose product divides {world}"]
-        if options.nnodes > 1 and options.num_processes % tp:
-            return [f"[distributed] tp_size = {tp} would split a stage across machines (num_processes = "
-                    f"{options.num_processes} per node): a TP group must stay inside one node; use a divisor of "
-                    f"{options.num_processes}"]
         return []
 
     @classmethod

@@ -51,14 +51,7 @@ class TensorParallel(FSDP2):
 
     @classmethod
     def problems(cls, options: Any) -> list[str]:
-        tp = tp_size(options, options.num_processes * options.nnodes)
-        if problems := indivisible("tp_size", tp, options):
-            return problems
-        if options.nnodes > 1 and options.num_processes % tp:
-            return [f"[distributed] tp_size = {tp} would split a layer across machines (num_processes = "
-                    f"{options.num_processes} per node): a TP group must stay inside one node; use a divisor of "
-                    f"{options.num_processes}"]
-        return []
+        return group_problems(tp_size(options, options.num_processes * options.nnodes), options)
 
     @classmethod
     def run_problems(cls, cfg: Any) -> list[str]:
@@ -97,6 +90,18 @@ def tp_size(options: Any, world: int) -> int:
     """``[distributed] tp_size``, or every process of a node when it is not set."""
     size = getattr(options, "tp_size", None)
     return int(size) if size else max(1, min(world, getattr(options, "num_processes", world)))
+
+
+def group_problems(tp: int, options: Any, what: str = "a layer") -> list[str]:
+    """TP groups of ``tp`` ranks that do not divide the processes, or that would span machines (splitting
+    ``what``: a layer, a pipeline stage)."""
+    if problems := indivisible("tp_size", tp, options):
+        return problems
+    if options.nnodes > 1 and options.num_processes % tp:
+        return [f"[distributed] tp_size = {tp} would split {what} across machines (num_processes = "
+                f"{options.num_processes} per node): a TP group must stay inside one node; use a divisor of "
+                f"{options.num_processes}"]
+    return []
 
 
 def split(model: torch.nn.Module, mesh: Any, tp: int, dp: int = 1, sequence: bool = False,
@@ -199,8 +204,8 @@ def sequence_plan(model: torch.nn.Module, plan: dict[str, Any]) -> dict[str, Any
     positions, whole = Shard(1), Replicate()
     out = dict(plan)
     for name, style in plan.items():  # row-split projections leave the positions split
-        if isinstance(style, Quantized):
-            out[name] = Quantized(style.colwise, positions if not style.colwise else None)
+        if isinstance(style, Quantized) and not style.colwise:
+            out[name] = Quantized(False, positions)
         if type(style).__name__ != "RowwiseParallel" or "embed" in name:
             continue
         if ".lora_A." in name:  # the adapter's small product stays whole (all-reduced); B's output is cut to match
@@ -309,7 +314,6 @@ class Quantized(ParallelStyle):
                                           compress_statistics=False, quant_type=weight.quant_type,
                                           quant_storage=weight.quant_storage, module=module)._quantize(piece.device)
         module.out_features, module.in_features = piece.shape
-        del whole, weight
         if module.bias is not None and self.colwise:
             module.bias = torch.nn.Parameter(module.bias.detach().chunk(size)[rank].clone(), requires_grad=False)
         elif module.bias is not None and rank:
