@@ -74,6 +74,8 @@ class ParallelEngine(Protocol):
     name: ClassVar[str]  # the name ``[distributed] backend`` gives it
     optimizer_by_name: ClassVar[bool]  # ``optimizer_state`` keys parameters by name (DCP), else by index
     whole_forward: ClassVar[bool]  # the unwrapped model generates (samples, [eval] generate); not a pipeline stage
+    own_partitions: ClassVar[bool]  # its optimizer state is in partitions of its own format (``save_shards``): it
+    # continues only its own checkpoints, whatever their layout, in ``load``; others continue any from whole tensors
 
     @property
     def sharded(self) -> bool:
@@ -95,6 +97,12 @@ class ParallelEngine(Protocol):
     @property
     def replicas(self) -> int:
         """Ranks that read the same batch (a tensor-parallel group); 1 for data parallelism."""
+        ...
+
+    @property
+    def layout(self) -> dict[str, Any]:
+        """How this engine splits what it checkpoints beyond its name and world size (a ZeRO stage, a tp_size...),
+        recorded in the checkpoint: a resume under another layout lays the state out again."""
         ...
 
     def wrap(self, model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
@@ -149,7 +157,16 @@ class ParallelEngine(Protocol):
     def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
              optimizer_state: dict[str, Any], path: Path) -> None:
         """Restore weights and optimizer state written at the same world size by the same engine, or, laid out
-        again for this one (``optimizer_by_name``), by another engine that keeps whole tensors."""
+        again for this one (``optimizer_by_name``), by another engine or layout, from whole tensors (an engine with
+        ``own_partitions`` gets its own checkpoint's state as written, and lays it out again itself)."""
+        ...
+
+    @classmethod
+    def whole_state(cls, path: Path, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
+                    local_rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """A checkpoint this engine wrote (``weights`` and ``optimizer_state`` as ``path`` holds them) as whole
+        tensors that another engine continues from: the optimizer state by parameter name or by index, its groups
+        naming their parameters. A collective where the engine must convert its own partitions."""
         ...
 
     def load_rng(self, path: Path) -> dict[str, Any] | None:

@@ -49,7 +49,7 @@ def relaunch(options: Any, args: list[str], output_dir: str) -> int:
     previous = signal.signal(signal.SIGINT, forward_interrupt)
     print(f"swiftk: {options.num_processes} processes on node {options.node_rank} of {options.nnodes} "
           f"({options.backend}, rendezvous {options.master_addr}:{port})", flush=True)
-    resume = RESUME_HINT.format(args=" ".join(args[1:]))
+    resume = RESUME_HINT.format(args=" ".join(a for a in args[1:] if not a.startswith("--resume")))
     try:
         elastic_launch(config, sys.executable)(*["-m", "swiftk", *args])
     except ChildFailedError as exc:

@@ -479,7 +479,7 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
         plugins.hosts.sink = lambda event, fields: host_event(run, event, fields)
         sandbox_records(run)
     run.meta = {"swiftk_version": swiftk.__version__, "world_size": dist.world_size, "engine": parallel.name,
-                "data_groups": parallel.data_shard[1],
+                "data_groups": parallel.data_shard[1], "layout": parallel.layout,
                 "tuner_strategy": cfg.train.tuner_strategy, "base_fingerprint": fingerprint,
                 "train_data": cfg.data.train_path,
                 "config": cfg.model_dump(mode="json")}
@@ -599,8 +599,11 @@ def restore(run: Run, path: Path) -> None:
             f"{run.meta['base_fingerprint']} now); resume with the same [model] as the original run.")
     optimizer_state, scheduler_state = state["optimizer"], state["scheduler"]
     try:
-        if moved:  # the optimizer's groups and layout as this engine has them
+        if moved and not run.parallel.own_partitions:  # whole tensors, laid out as this engine holds them
+            writer = engines.engine_class(meta["engine"])  # its own partitions made whole, if it keeps some
+            weights, optimizer_state = writer.whole_state(path, weights, optimizer_state, run.dist.local_rank)
             optimizer_state = checkpoint.optimizer_like(run.optimizer, optimizer_state, run.parallel.optimizer_by_name)
+        if moved:
             scheduler_state = checkpoint.scheduler_like(scheduler_state, len(run.optimizer.param_groups))
         run.parallel.load(run.model, run.optimizer, weights, optimizer_state, path)
     except ValueError as exc:
@@ -629,31 +632,37 @@ def restore(run: Run, path: Path) -> None:
 
 
 def layout_change(meta: dict[str, Any], run: Run, path: Path) -> bool:
-    """Whether checkpoint ``path`` was written by another engine or world size than this run's; raise if this run
-    cannot continue it exactly: DeepSpeed's partitions are its own, and the global batch (``batch_size`` x the
-    ranks reading different data) must stay the same, so that every step sees the same samples."""
+    """Whether checkpoint ``path`` was written by another engine, world size or layout (a ZeRO stage, a tp_size...)
+    than this run's; raise if this run cannot continue it exactly: an engine that keeps its own partitions
+    continues only its own checkpoints, and the global batch (``batch_size`` x the ranks reading different data)
+    must stay the same, so that every step sees the same samples."""
     engine, world = meta.get("engine", "none" if meta.get("world_size", 1) == 1 else None), meta.get("world_size", 1)
-    now = run.parallel.name
-    if world == run.dist.world_size and engine in (now, None):
+    now, layout = run.parallel.name, run.parallel.layout
+    groups = run.parallel.data_shard[1]
+    if world == run.dist.world_size and engine in (now, None) and meta.get("layout", layout) == layout and \
+            meta.get("data_groups", groups) == groups:
         return False
     fix = "consolidate it into a model folder (python -m swiftk.kernel.consolidate) and start a new run from it"
-    if engine is None or "deepspeed" in (engine, now):
+    if engine is None:
         raise CheckpointError(
-            f"{path} was written by {world} processes ({engine or 'an older swiftk'}) and this run has "
-            f"{run.dist.world_size} ({now}); a resume across layouts needs whole tensors in the checkpoint (not "
-            f"DeepSpeed's partitions, nor a checkpoint older than this release): set [distributed] as before, or "
-            f"{fix}.")
+            f"{path} was written by {world} processes of an older swiftk, which did not record its engine, and this "
+            f"run has {run.dist.world_size} ({now}): set [distributed] as before, or {fix}.")
+    if engine != now and run.parallel.own_partitions:
+        raise CheckpointError(
+            f"{path} was written by {world} processes ({engine}) and this run has {run.dist.world_size} ({now}): "
+            f"{now} continues only its own checkpoints (at any world size), its partitions being its own; set "
+            f"[distributed] backend = '{engine}' as before, or {fix}.")
     saved = meta.get("config", {}).get("train", {}).get("batch_size", 0) * meta.get("data_groups", world)
-    global_batch = run.cfg.train.batch_size * run.parallel.data_shard[1]
+    global_batch = run.cfg.train.batch_size * groups
     if saved != global_batch:
-        groups = run.parallel.data_shard[1]
         raise CheckpointError(
             f"{path} trained on {saved} samples a micro-step ({engine}, {world} processes) and this run would take "
             f"{global_batch} ({now}, {groups} data-parallel group{'s' if groups != 1 else ''} of batch_size "
             f"{run.cfg.train.batch_size}); set [train] batch_size = {saved // groups} to continue it exactly, or "
             f"{fix}.")
-    run.reporter.say(f"resuming a {engine} checkpoint of {world} process{'es' if world != 1 else ''} as {now} on "
-                     f"{run.dist.world_size}")
+    where = f" ({', '.join(f'{k} {v}' for k, v in layout.items())})" if layout else ""
+    run.reporter.say(f"resuming a {engine} checkpoint of {world} process{'es' if world != 1 else ''} as {now}{where} "
+                     f"on {run.dist.world_size}")
     return True
 
 

@@ -1,24 +1,38 @@
 """DeepSpeed ZeRO-2/3: ``deepspeed.initialize`` takes the model and the plugin-built optimizer and owns backward,
-clipping, the step and its own checkpoint partitions. Precision stays ours (autocast over fp32 master weights)."""
+clipping, the step and its own checkpoint partitions. Precision stays ours (autocast over fp32 master weights).
+
+A checkpoint's partitions continue at another world size, ZeRO stage or engine through DeepSpeed's universal
+checkpoint: its own converter makes them whole once (``universal``), then a DeepSpeed run loads that folder with
+DeepSpeed's universal loader, and any other engine reads its whole tensors (``whole_state``)."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from swiftk.contracts.engines import TrainPlan
-from swiftk.kernel.dist import DistInfo
+from swiftk.kernel.dist import DistInfo, barrier
+from swiftk.kernel.errors import CheckpointError
 from swiftk.kernel.parallel.none import OneProcess
+
+TAG = "deepspeed"  # the checkpoint's subfolder (DeepSpeed's tag) that holds its partitions
+UNIVERSAL = "deepspeed-universal"  # beside it: the same state made whole, written by the first resume that needs it
 
 
 class DeepSpeedZero(OneProcess):
     """A frozen model beside the trained one stays a plain copy on each rank (a ZeRO engine needs an optimizer)."""
 
     name = "deepspeed"
+    own_partitions: ClassVar[bool] = True  # ZeRO's, in ``deepspeed/``
 
     def __init__(self, info: DistInfo | None = None, options: Any = None) -> None:
         super().__init__(info, options)
@@ -47,6 +61,10 @@ class DeepSpeedZero(OneProcess):
     @property
     def sharded(self) -> bool:
         return self.zero_stage == 3
+
+    @property
+    def layout(self) -> dict[str, Any]:
+        return {"zero_stage": self.zero_stage}
 
     @property
     def zero_stage(self) -> int:
@@ -105,12 +123,97 @@ class DeepSpeedZero(OneProcess):
     def save_shards(self, folder: Path) -> None:
         """Each rank's RNG state and its ZeRO partitions (``deepspeed/``)."""
         super().save_shards(folder)
-        self.engine.save_checkpoint(str(folder), tag="deepspeed", save_latest=False)
+        self.engine.save_checkpoint(str(folder), tag=TAG, save_latest=False)
 
     def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
              optimizer_state: dict[str, Any], path: Path) -> None:
-        self.engine.load_checkpoint(str(path), tag="deepspeed", load_module_strict=False,
-                                    load_lr_scheduler_states=False)
+        """Its own partitions as written, when this layout wrote them; else (another world size or ZeRO stage)
+        made whole (``made_whole``) and loaded with DeepSpeed's universal loader: each rank reads each parameter's
+        file and keeps its own part."""
+        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+        if meta.get("world_size") == self.info.world_size and meta.get("layout", self.layout) == self.layout:
+            self.engine.load_checkpoint(str(path), tag=TAG, load_module_strict=False, load_lr_scheduler_states=False)
+            return
+        folder = made_whole(path, self.info.local_rank)
+        written = 3 if "optimizer_state_dict" in torch.load(folder / TAG / "zero" / "optimizer_state.pt",
+                                                            weights_only=False) else 2  # stage 3's layout of it
+        if (written == 3) != (self.zero_stage == 3):
+            raise ValueError(f"it holds ZeRO-{written} partitions, and DeepSpeed's universal loader continues those "
+                             f"only under ZeRO-{written}: set [distributed] zero_stage = {written} (any number of "
+                             f"processes), or continue it with another backend (ddp, fsdp, tp...)")
+        # the config's ``"checkpoint": {"load_universal": true}``, which DeepSpeed reads while it loads
+        self.engine._config.load_universal_checkpoint = True
+        try:
+            self.engine.load_checkpoint(str(folder), tag=TAG, load_module_strict=False, load_lr_scheduler_states=False)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
+        for values in optimizer.state.values():  # ZeRO-3's loader gives every group one step tensor, which AdamW
+            if isinstance(values.get("step"), torch.Tensor):  # would count once per group: each its own copy
+                values["step"] = values["step"].clone()
+
+    @classmethod
+    def whole_state(cls, path: Path, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
+                    local_rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The partitions made whole (``made_whole``), read back as the fp32 master weights and torch.optim's state
+        by parameter name, each group with its saved hyperparameters (a collective)."""
+        zero = made_whole(path, local_rank) / TAG / "zero"
+        common = torch.load(zero / "optimizer_state.pt", weights_only=False)
+        flat = common.get("optimizer_state_dict", {}).get("state", {})  # ZeRO-3 keeps one step for all
+        step = next(iter(flat.values()), {}).get("step")
+        master, state, groups = dict(weights), {}, []
+        for group in common["param_groups"]:
+            names = group["names"]
+            groups.append({**group, "params": names})
+            for name in names:
+                saved = {file.stem: torch.load(file, weights_only=False) for file in (zero / name).glob("*.pt")}
+                whole = {key: value["param"] if isinstance(value, dict) else value  # ZeRO-3's: bare, flat
+                         for key, value in saved.items()}
+                shape = weights[name].shape
+                master[name] = whole.pop("fp32").view(shape)
+                state[name] = {key: value if key == "step" else value.view(shape) for key, value in whole.items()}
+                if step is not None and "step" not in state[name]:
+                    state[name]["step"] = step.clone()  # one each: AdamW counts its steps in place
+        return master, {"state": state, "param_groups": groups}
+
+
+def made_whole(path: Path, local_rank: int) -> Path:
+    """Checkpoint ``path``'s partitions as DeepSpeed's universal checkpoint, in ``deepspeed-universal/``: converted
+    by each node's first process the first time a resume needs it (the other ranks wait), then reused."""
+    folder = path / UNIVERSAL
+    if local_rank == 0 and not folder.is_dir():
+        universal(path / TAG, folder)
+    barrier()
+    return folder
+
+
+def universal(partitions: Path, folder: Path) -> None:
+    """DeepSpeed's ``ds_to_universal`` on a checkpoint's ``partitions``: a folder per parameter with its fp32 weight
+    and optimizer state, whole. Written into a temporary sibling and renamed into place, so that a conversion cut
+    short leaves nothing behind; its progress output is kept off the console unless it fails."""
+    from deepspeed.checkpoint.ds_to_universal import main as to_universal
+
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(partitions), output_folder=str(tmp / TAG), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)  # checkpoints that predate the universal metadata
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+            to_universal(args)
+    except Exception as exc:  # noqa: BLE001 - the converter fails in many ways; each is this one error
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"{partitions}: DeepSpeed's converter could not make these ZeRO partitions whole ({type(exc).__name__}: "
+            f"{exc}); resume with the [distributed] layout that wrote them. Its output:\n{said.getvalue()[-2000:]}"
+        ) from exc
+    (tmp / "latest_universal").unlink(missing_ok=True)
+    try:
+        os.rename(tmp, folder)
+    except OSError:
+        if not folder.is_dir():  # another node's conversion into a shared folder came first: keep it
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def deepspeed_config(options: Any, train: TrainPlan, world_size: int) -> dict[str, Any]:

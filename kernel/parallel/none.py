@@ -17,6 +17,7 @@ class OneProcess:
     name: ClassVar[str] = "none"
     optimizer_by_name: ClassVar[bool] = False  # its optimizer state is saved by index (torch.optim's state_dict)
     whole_forward: ClassVar[bool] = True  # the unwrapped model runs a whole forward (generation, samples)
+    own_partitions: ClassVar[bool] = False  # loads whole tensors, whoever wrote them
     group_size: int = 1  # ranks that read one batch and split the model between them (a TP group, a pipeline)
 
     def __init__(self, info: DistInfo | None = None, options: Any = None) -> None:
@@ -51,6 +52,10 @@ class OneProcess:
     def replicas(self) -> int:
         """Ranks that read the same batch (a TP group, a pipeline): a sum over all ranks counts it this often."""
         return self.group_size
+
+    @property
+    def layout(self) -> dict[str, Any]:
+        return {}
 
     def wrap(self, model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
         return model
@@ -124,6 +129,11 @@ class OneProcess:
 
         load_trainable(self.unwrap(model), weights)
         optimizer.load_state_dict(optimizer_state)
+
+    @classmethod
+    def whole_state(cls, path: Path, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
+                    local_rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return weights, optimizer_state  # whole already
 
     def load_rng(self, path: Path) -> dict[str, Any] | None:
         own = path / f"rng.rank-{self.info.rank}.pt"

@@ -140,6 +140,10 @@ class PipelineParallel(FSDP2):
 
     # --- the model split into stages
 
+    @property
+    def layout(self) -> dict[str, Any]:
+        return {"pp_size": self.pp_size, "tp_size": self.tp_size, "stages_per_rank": self.virtual}
+
     def wrap(self, model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
         """Keep this rank's stage of ``model``: the other stages' tensors go to the meta device (no memory; the
         model keeps its shape and names, for checkpoints and the saved model) and stop training here."""

@@ -76,6 +76,10 @@ class TensorParallel(FSDP2):
         return self.shard(model, precision, self.mesh["dp"]) if self.dp_size > 1 else model
 
     @property
+    def layout(self) -> dict[str, Any]:
+        return {"tp_size": self.tp_size}
+
+    @property
     def head_readable(self) -> bool:
         """Without FSDP2 over dp groups the head is a DTensor of vocabulary rows that losses score as it is
         (``contracts.chunked``: a vocabulary-parallel cross-entropy, no gathered logits)."""

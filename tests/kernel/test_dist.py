@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -152,6 +153,39 @@ def test_zero2_two_processes_reproduce_one(reference: dict[int, float], tmp_path
 def test_zero3_trains_and_exits_cleanly(reference: dict[int, float], tmp_path: Path) -> None:
     got = two_processes(tmp_path, backend="deepspeed", zero_stage=3)
     assert got[STEPS] < got[1] - 0.5
+
+
+@pytest.mark.slow
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_zero_checkpoint_continues_at_another_world_size_and_under_another_engine(
+        stage: int, reference: dict[int, float], tmp_path: Path) -> None:
+    """Step 5 of 2 ranks' ZeRO partitions, made whole once by DeepSpeed's own converter, continues exactly on 4
+    ranks under the same stage (DeepSpeed's universal loader) and in one process (whole tensors by name). Another
+    ZeRO stage, and another engine's checkpoint under DeepSpeed, are refused, naming what continues them."""
+    two_processes(tmp_path / "zero", backend="deepspeed", zero_stage=stage)
+    shutil.rmtree(tmp_path / f"zero/run/checkpoints/step-{STEPS:06d}")
+    for name, processes, distributed in (("four", 4, {"backend": "deepspeed", "zero_stage": stage}), ("alone", 1, {}),
+                                         ("stage", 2, {"backend": "deepspeed", "zero_stage": 5 - stage})):
+        shutil.copytree(tmp_path / "zero/run", tmp_path / name)
+        resumed = swiftk(str(config(tmp_path / f"{name}.toml", tmp_path / name, processes, **distributed)), "--resume")
+        out = resumed.stdout + resumed.stderr
+        if name == "stage":
+            assert resumed.returncode != 0
+            assert f"it holds ZeRO-{stage} partitions" in out and f"zero_stage = {stage}" in out, out
+            assert re.search(r"continue with: swiftk run \S+ --resume$", out, re.MULTILINE), out  # said once
+            continue
+        assert resumed.returncode == 0, out
+        now = f"deepspeed (zero_stage {stage}) on 4" if name == "four" else "none on 1"
+        assert f"resuming a deepspeed checkpoint of 2 processes as {now}" in out, out
+        assert_matches(losses(tmp_path / name), reference)
+        assert (tmp_path / name / "checkpoints/step-000005/deepspeed-universal").is_dir()
+    # one process's step 10 (whole tensors) under DeepSpeed: its partitions come from DeepSpeed checkpoints only
+    cfg = config(tmp_path / "back.toml", tmp_path / "alone", processes=2, steps=12, backend="deepspeed",
+                 zero_stage=stage)
+    refused = swiftk(str(cfg), "--resume")
+    assert refused.returncode != 0
+    assert "deepspeed continues only its own checkpoints" in refused.stdout + refused.stderr, refused.stdout
 
 
 @pytest.mark.slow

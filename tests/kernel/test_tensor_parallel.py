@@ -297,7 +297,7 @@ def test_a_tp2_checkpoint_resumes_in_one_process_and_under_ddp(one: Path, tmp_pa
     cfg = config(tmp_path / "to_tp.toml", tmp_path / "to_tp", processes=2, backend="tp")
     resumed = swiftk(str(cfg), "--resume")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "resuming a none checkpoint of 1 process as tp on 2" in resumed.stdout
+    assert "resuming a none checkpoint of 1 process as tp (tp_size 2) on 2" in resumed.stdout
     assert_matches(losses(tmp_path / "to_tp"), losses(one))
 
 
