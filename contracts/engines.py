@@ -74,8 +74,8 @@ class ParallelEngine(Protocol):
     name: ClassVar[str]  # the name ``[distributed] backend`` gives it
     optimizer_by_name: ClassVar[bool]  # ``optimizer_state`` keys parameters by name (DCP), else by index
     whole_forward: ClassVar[bool]  # the unwrapped model generates (samples, [eval] generate); not a pipeline stage
-    own_partitions: ClassVar[bool]  # its optimizer state is in partitions of its own format (``save_shards``): it
-    # continues only its own checkpoints, whatever their layout, in ``load``; others continue any from whole tensors
+    own_partitions: ClassVar[bool]  # its optimizer state is in partitions of its own format (``save_shards``): its
+    # ``load`` gets any checkpoint's state as written and lays it out itself; the others get it whole, laid out
 
     @property
     def sharded(self) -> bool:
@@ -158,7 +158,7 @@ class ParallelEngine(Protocol):
              optimizer_state: dict[str, Any], path: Path) -> None:
         """Restore weights and optimizer state written at the same world size by the same engine, or, laid out
         again for this one (``optimizer_by_name``), by another engine or layout, from whole tensors (an engine with
-        ``own_partitions`` gets its own checkpoint's state as written, and lays it out again itself)."""
+        ``own_partitions`` gets the checkpoint's state as written, and lays it out again itself)."""
         ...
 
     @classmethod

@@ -633,9 +633,8 @@ def restore(run: Run, path: Path) -> None:
 
 def layout_change(meta: dict[str, Any], run: Run, path: Path) -> bool:
     """Whether checkpoint ``path`` was written by another engine, world size or layout (a ZeRO stage, a tp_size...)
-    than this run's; raise if this run cannot continue it exactly: an engine that keeps its own partitions
-    continues only its own checkpoints, and the global batch (``batch_size`` x the ranks reading different data)
-    must stay the same, so that every step sees the same samples."""
+    than this run's; raise if this run cannot continue it exactly: the global batch (``batch_size`` x the ranks
+    reading different data) must stay the same, so that every step sees the same samples."""
     engine, world = meta.get("engine", "none" if meta.get("world_size", 1) == 1 else None), meta.get("world_size", 1)
     now, layout = run.parallel.name, run.parallel.layout
     groups = run.parallel.data_shard[1]
@@ -647,11 +646,6 @@ def layout_change(meta: dict[str, Any], run: Run, path: Path) -> bool:
         raise CheckpointError(
             f"{path} was written by {world} processes of an older swiftk, which did not record its engine, and this "
             f"run has {run.dist.world_size} ({now}): set [distributed] as before, or {fix}.")
-    if engine != now and run.parallel.own_partitions:
-        raise CheckpointError(
-            f"{path} was written by {world} processes ({engine}) and this run has {run.dist.world_size} ({now}): "
-            f"{now} continues only its own checkpoints (at any world size), its partitions being its own; set "
-            f"[distributed] backend = '{engine}' as before, or {fix}.")
     saved = meta.get("config", {}).get("train", {}).get("batch_size", 0) * meta.get("data_groups", world)
     global_batch = run.cfg.train.batch_size * groups
     if saved != global_batch:

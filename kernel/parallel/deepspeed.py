@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -125,22 +126,24 @@ class DeepSpeedZero(OneProcess):
         super().save_shards(folder)
         self.engine.save_checkpoint(str(folder), tag=TAG, save_latest=False)
 
+    @property
+    def family(self) -> int:
+        """The universal files' layout this stage reads: stage 3's, or stages 1-2's."""
+        return 3 if self.zero_stage == 3 else 2
+
     def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
              optimizer_state: dict[str, Any], path: Path) -> None:
-        """Its own partitions as written, when this layout wrote them; else (another world size or ZeRO stage)
-        made whole (``made_whole``) and loaded with DeepSpeed's universal loader: each rank reads each parameter's
-        file and keeps its own part."""
+        """Its own partitions as written, when this layout wrote them. Else DeepSpeed's universal loader, each rank
+        reading each parameter's whole file and keeping its part: of the partitions made whole (``made_whole``)
+        when another world size wrote them under this stage's layout; else of a universal folder written for this
+        stage from whole tensors (``universal_for``): another stage's partitions made whole, or another engine's."""
         meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
         if meta.get("world_size") == self.info.world_size and meta.get("layout", self.layout) == self.layout:
             self.engine.load_checkpoint(str(path), tag=TAG, load_module_strict=False, load_lr_scheduler_states=False)
             return
-        folder = made_whole(path, self.info.local_rank)
-        written = 3 if "optimizer_state_dict" in torch.load(folder / TAG / "zero" / "optimizer_state.pt",
-                                                            weights_only=False) else 2  # stage 3's layout of it
-        if (written == 3) != (self.zero_stage == 3):
-            raise ValueError(f"it holds ZeRO-{written} partitions, and DeepSpeed's universal loader continues those "
-                             f"only under ZeRO-{written}: set [distributed] zero_stage = {written} (any number of "
-                             f"processes), or continue it with another backend (ddp, fsdp, tp...)")
+        folder = made_whole(path, self.info.local_rank) if meta.get("engine") == self.name else None
+        if folder is None or family_of(folder) != self.family:
+            folder = self.universal_for(path, meta, weights, optimizer_state)
         # the config's ``"checkpoint": {"load_universal": true}``, which DeepSpeed reads while it loads
         self.engine._config.load_universal_checkpoint = True
         try:
@@ -150,6 +153,36 @@ class DeepSpeedZero(OneProcess):
         for values in optimizer.state.values():  # ZeRO-3's loader gives every group one step tensor, which AdamW
             if isinstance(values.get("step"), torch.Tensor):  # would count once per group: each its own copy
                 values["step"] = values["step"].clone()
+
+    def universal_for(self, path: Path, meta: dict[str, Any], weights: dict[str, torch.Tensor],
+                      optimizer_state: dict[str, Any]) -> Path:
+        """A universal folder in this stage's layout, ``deepspeed-universal-zeroN/``, from the whole tensors of the
+        checkpoint's writer (``whole_state``). Its common files (DeepSpeed's counters, the optimizer's global state
+        and groups) are this engine's own, from a checkpoint of its fresh state in a scratch folder (a collective),
+        as DeepSpeed's converter takes them from the checkpoint it converts; the groups' hyperparameters and step
+        are the saved ones."""
+        from swiftk.kernel.checkpoint import optimizer_by_name
+        from swiftk.kernel.parallel import engine_class
+
+        master, whole = engine_class(meta["engine"]).whole_state(path, weights, optimizer_state, self.info.local_rank)
+        per_param, hyper = optimizer_by_name(whole)
+        kept = sorted({key for state in per_param.values() for key in state} - {"step"})
+        if self.family == 3 and kept != ["exp_avg", "exp_avg_sq"]:
+            raise ValueError(f"ZeRO-3's universal loader restores Adam's two moments (exp_avg, exp_avg_sq) and this "
+                             f"optimizer keeps {kept or 'no state'}: continue it under ZeRO-2, or under the layout "
+                             f"that wrote it")
+        folder, fresh = path / f"{UNIVERSAL}-zero{self.family}", path / f".{UNIVERSAL}-fresh"
+        if self.info.rank == 0:
+            shutil.rmtree(fresh, ignore_errors=True)
+        barrier()
+        self.engine.save_checkpoint(str(fresh), tag=TAG, save_latest=False)
+        barrier()
+        if self.info.local_rank == 0 and not folder.is_dir():
+            publish(folder, lambda tmp: write_universal(tmp / TAG, fresh / TAG, self.family, master, per_param, hyper))
+        barrier()
+        if self.info.rank == 0:
+            shutil.rmtree(fresh, ignore_errors=True)
+        return folder
 
     @classmethod
     def whole_state(cls, path: Path, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
@@ -176,25 +209,45 @@ class DeepSpeedZero(OneProcess):
         return master, {"state": state, "param_groups": groups}
 
 
+def family_of(folder: Path) -> int:
+    """The ZeRO layout a universal folder was written in: stage 3 keeps the optimizer's own state dict."""
+    common = torch.load(folder / TAG / "zero" / "optimizer_state.pt", weights_only=False)
+    return 3 if "optimizer_state_dict" in common else 2
+
+
 def made_whole(path: Path, local_rank: int) -> Path:
     """Checkpoint ``path``'s partitions as DeepSpeed's universal checkpoint, in ``deepspeed-universal/``: converted
     by each node's first process the first time a resume needs it (the other ranks wait), then reused."""
     folder = path / UNIVERSAL
     if local_rank == 0 and not folder.is_dir():
-        universal(path / TAG, folder)
+        publish(folder, lambda tmp: universal(path / TAG, tmp / TAG))
     barrier()
     return folder
 
 
-def universal(partitions: Path, folder: Path) -> None:
-    """DeepSpeed's ``ds_to_universal`` on a checkpoint's ``partitions``: a folder per parameter with its fp32 weight
-    and optimizer state, whole. Written into a temporary sibling and renamed into place, so that a conversion cut
-    short leaves nothing behind; its progress output is kept off the console unless it fails."""
-    from deepspeed.checkpoint.ds_to_universal import main as to_universal
-
+def publish(folder: Path, write: Callable[[Path], None]) -> None:
+    """``write`` into a temporary sibling of ``folder``, renamed into place: a write cut short leaves nothing
+    behind, and where another node's process got there first over a shared filesystem, its folder stays."""
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    args = argparse.Namespace(input_folder=str(partitions), output_folder=str(tmp / TAG), num_extract_workers=1,
+    try:
+        write(tmp)
+        os.rename(tmp, folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not folder.is_dir():
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def universal(partitions: Path, out: Path) -> None:
+    """DeepSpeed's ``ds_to_universal`` on a checkpoint's ``partitions``: a folder per parameter with its fp32 weight
+    and optimizer state, whole; its progress output is kept off the console unless it fails."""
+    from deepspeed.checkpoint.ds_to_universal import main as to_universal
+
+    args = argparse.Namespace(input_folder=str(partitions), output_folder=str(out), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True,
                               inject_missing_state=True)  # checkpoints that predate the universal metadata
     said = io.StringIO()
@@ -202,18 +255,43 @@ def universal(partitions: Path, folder: Path) -> None:
         with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
             to_universal(args)
     except Exception as exc:  # noqa: BLE001 - the converter fails in many ways; each is this one error
-        shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
             f"{partitions}: DeepSpeed's converter could not make these ZeRO partitions whole ({type(exc).__name__}: "
             f"{exc}); resume with the [distributed] layout that wrote them. Its output:\n{said.getvalue()[-2000:]}"
         ) from exc
-    (tmp / "latest_universal").unlink(missing_ok=True)
-    try:
-        os.rename(tmp, folder)
-    except OSError:
-        if not folder.is_dir():  # another node's conversion into a shared folder came first: keep it
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
+    (out.parent / "latest_universal").unlink(missing_ok=True)
+
+
+SHARDED = ("base_optimizer_state", "param_slice_mappings", "single_partition_of_fp32_groups")  # ZeRO-1/2's own
+
+
+def write_universal(out: Path, fresh: Path, family: int, master: dict[str, torch.Tensor],
+                    per_param: dict[str, Any], hyper: dict[str, dict[str, Any]]) -> None:
+    """A universal checkpoint in ``out`` laid out as DeepSpeed's converter writes one for ``family``: the model
+    states files and the optimizer's global state from ``fresh`` (this engine's own checkpoint), each group's
+    hyperparameters and step from the saved ones, and a folder per parameter with its whole fp32 weight and
+    optimizer state."""
+    (out / "zero").mkdir(parents=True)
+    for file in fresh.glob("*model_states.pt"):
+        shutil.copy2(file, out / file.name)
+    saved = torch.load(sorted(fresh.glob("*optim_states.pt"))[0], weights_only=False)["optimizer_state_dict"]
+    base = saved["optimizer_state_dict"] if family == 3 else saved["base_optimizer_state"]
+    common = saved if family == 3 else {key: value for key, value in saved.items() if key not in SHARDED}
+    groups = [{**group, **{k: v for k, v in hyper[group["names"][0]].items() if k not in ("names", "params")}}
+              for group in base["param_groups"]]
+    common["param_groups"] = groups
+    if family == 3:  # its loader takes one step, and the first group's hyperparameters, for every group
+        base["param_groups"] = groups
+        step = next((state["step"] for state in per_param.values() if "step" in state), None)
+        if step is not None:
+            base["state"] = {**base.get("state", {}), 0: {**base.get("state", {}).get(0, {}), "step": step}}
+    torch.save(common, out / "zero" / "optimizer_state.pt")
+    for group in groups:
+        for name in group["names"]:
+            (out / "zero" / name).mkdir()
+            torch.save({"param": master[name].detach().float()}, out / "zero" / name / "fp32.pt")
+            for key, value in per_param.get(name, {}).items():
+                torch.save(value if key == "step" else {"param": value}, out / "zero" / name / f"{key}.pt")
 
 
 def deepspeed_config(options: Any, train: TrainPlan, world_size: int) -> dict[str, Any]:

@@ -158,34 +158,41 @@ def test_zero3_trains_and_exits_cleanly(reference: dict[int, float], tmp_path: P
 @pytest.mark.slow
 @needs_deepspeed
 @pytest.mark.parametrize("stage", [2, 3])
-def test_a_zero_checkpoint_continues_at_another_world_size_and_under_another_engine(
+def test_a_zero_checkpoint_continues_at_another_world_size_stage_and_engine_and_back(
         stage: int, reference: dict[int, float], tmp_path: Path) -> None:
-    """Step 5 of 2 ranks' ZeRO partitions, made whole once by DeepSpeed's own converter, continues exactly on 4
-    ranks under the same stage (DeepSpeed's universal loader) and in one process (whole tensors by name). Another
-    ZeRO stage, and another engine's checkpoint under DeepSpeed, are refused, naming what continues them."""
+    """Step 5 of 2 ranks' ZeRO partitions continues exactly: on 4 ranks under the same stage (made whole once by
+    DeepSpeed's converter, loaded by its universal loader), under the other stage (a universal folder written in
+    that stage's layout from the whole tensors), and in one process (whole tensors by name); and one process's
+    step 5 continues under DeepSpeed. A global batch that would change is refused, naming the batch_size."""
+    other = 5 - stage
     two_processes(tmp_path / "zero", backend="deepspeed", zero_stage=stage)
-    shutil.rmtree(tmp_path / f"zero/run/checkpoints/step-{STEPS:06d}")
-    for name, processes, distributed in (("four", 4, {"backend": "deepspeed", "zero_stage": stage}), ("alone", 1, {}),
-                                         ("stage", 2, {"backend": "deepspeed", "zero_stage": 5 - stage})):
-        shutil.copytree(tmp_path / "zero/run", tmp_path / name)
-        resumed = swiftk(str(config(tmp_path / f"{name}.toml", tmp_path / name, processes, **distributed)), "--resume")
+    assert main(["run", str(config(tmp_path / "one.toml", tmp_path / "one"))]) == 0
+    for source in ("zero/run", "one"):
+        shutil.rmtree(tmp_path / source / f"checkpoints/step-{STEPS:06d}")
+    zero, alone = "deepspeed checkpoint of 2 processes", "none checkpoint of 1 process"
+    for name, source, processes, distributed, said in (
+            ("four", "zero/run", 4, {"zero_stage": stage}, f"{zero} as deepspeed (zero_stage {stage}) on 4"),
+            ("other", "zero/run", 2, {"zero_stage": other}, f"{zero} as deepspeed (zero_stage {other}) on 2"),
+            ("alone", "zero/run", 1, None, f"{zero} as none on 1"),
+            ("back", "one", 2, {"zero_stage": stage}, f"{alone} as deepspeed (zero_stage {stage}) on 2"),
+            ("bad", "zero/run", 4, {"zero_stage": stage}, "set [train] batch_size = 8")):
+        shutil.copytree(tmp_path / source, tmp_path / name)
+        options = {"backend": "deepspeed", **distributed} if distributed else {}
+        cfg = config(tmp_path / f"{name}.toml", tmp_path / name, processes, **options)
+        if name == "bad":  # 4 x 16: twice the global batch
+            cfg.write_text(cfg.read_text().replace("batch_size = 8", "batch_size = 16"))
+        resumed = swiftk(str(cfg), "--resume")
         out = resumed.stdout + resumed.stderr
-        if name == "stage":
+        assert said in out, out
+        if name == "bad":
             assert resumed.returncode != 0
-            assert f"it holds ZeRO-{stage} partitions" in out and f"zero_stage = {stage}" in out, out
             assert re.search(r"continue with: swiftk run \S+ --resume$", out, re.MULTILINE), out  # said once
             continue
         assert resumed.returncode == 0, out
-        now = f"deepspeed (zero_stage {stage}) on 4" if name == "four" else "none on 1"
-        assert f"resuming a deepspeed checkpoint of 2 processes as {now}" in out, out
         assert_matches(losses(tmp_path / name), reference)
-        assert (tmp_path / name / "checkpoints/step-000005/deepspeed-universal").is_dir()
-    # one process's step 10 (whole tensors) under DeepSpeed: its partitions come from DeepSpeed checkpoints only
-    cfg = config(tmp_path / "back.toml", tmp_path / "alone", processes=2, steps=12, backend="deepspeed",
-                 zero_stage=stage)
-    refused = swiftk(str(cfg), "--resume")
-    assert refused.returncode != 0
-    assert "deepspeed continues only its own checkpoints" in refused.stdout + refused.stderr, refused.stdout
+    assert (tmp_path / "four/checkpoints/step-000005/deepspeed-universal").is_dir()  # the converter's
+    assert (tmp_path / f"other/checkpoints/step-000005/deepspeed-universal-zero{other}").is_dir()  # written
+    assert (tmp_path / f"back/checkpoints/step-000005/deepspeed-universal-zero{stage}").is_dir()
 
 
 @pytest.mark.slow
