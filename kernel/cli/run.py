@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "VALUE is parsed as TOML (numbers, booleans, arrays, inline tables); repeatable")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
                         help="continue exactly from the latest checkpoint of [output] dir, or from PATH "
-                             "(a run folder or a checkpoints/step-N folder)")
+                             "(a run folder or a checkpoints/step-N folder); [distributed] may change (another "
+                             "engine, number of processes, ZeRO stage, tp/pp size) if the global batch stays the same")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete an existing [output] dir and start afresh (refused by default)")
     parser.add_argument("--merge", action="store_true",
