@@ -1,9 +1,11 @@
 """DeepSpeed ZeRO-2/3: ``deepspeed.initialize`` takes the model and the plugin-built optimizer and owns backward,
 clipping, the step and its own checkpoint partitions. Precision stays ours (autocast over fp32 master weights).
 
-A checkpoint's partitions continue at another world size, ZeRO stage or engine through DeepSpeed's universal
-checkpoint: its own converter makes them whole once (``universal``), then a DeepSpeed run loads that folder with
-DeepSpeed's universal loader, and any other engine reads its whole tensors (``whole_state``)."""
+Across layouts, DeepSpeed's universal checkpoint (a folder per parameter, its fp32 weight and optimizer state whole)
+is the pivot. DeepSpeed's own converter makes a checkpoint's partitions whole once (``made_whole``): any other engine
+reads those tensors (``whole_state``), and a DeepSpeed run of the same stage loads the folder with DeepSpeed's
+universal loader. For another stage's partitions, or another engine's checkpoint, a folder in this stage's layout is
+written from the whole tensors (``universal_for``) and loaded the same way."""
 
 from __future__ import annotations
 
