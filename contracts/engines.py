@@ -155,10 +155,11 @@ class ParallelEngine(Protocol):
         ...
 
     def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
-             optimizer_state: dict[str, Any], path: Path) -> None:
+             optimizer_state: dict[str, Any], path: Path, writer: str | None = None) -> None:
         """Restore weights and optimizer state written at the same world size by the same engine, or, laid out
         again for this one (``optimizer_by_name``), by another engine or layout, from whole tensors (an engine with
-        ``own_partitions`` gets the checkpoint's state as written, and lays it out again itself)."""
+        ``own_partitions`` gets the checkpoint's state as written, and lays it out again itself). ``writer``: the
+        engine that wrote it, when its layout is not this run's (None: this layout's own)."""
         ...
 
     @classmethod

@@ -579,7 +579,8 @@ def sandbox_records(run: Run) -> None:
 def restore(run: Run, path: Path) -> None:
     """Put the run back exactly where checkpoint ``path`` left it."""
     weights, state, meta = checkpoint.load(path)
-    moved = layout_change(meta, run, path)  # another engine or world size: the same global batch, whole tensors
+    writer = layout_change(meta, run, path)  # another engine, world size or layout: the same global batch
+    moved = writer is not None
     changed = [c for c in config_changes(meta.get("config", {}), run.meta["config"])
                if not (moved and c.startswith("train.batch_size "))]
     if changed:
@@ -599,13 +600,13 @@ def restore(run: Run, path: Path) -> None:
             f"{run.meta['base_fingerprint']} now); resume with the same [model] as the original run.")
     optimizer_state, scheduler_state = state["optimizer"], state["scheduler"]
     try:
-        if moved and not run.parallel.own_partitions:  # whole tensors, laid out as this engine holds them
-            writer = engines.engine_class(meta["engine"])  # its own partitions made whole, if it keeps some
-            weights, optimizer_state = writer.whole_state(path, weights, optimizer_state, run.dist.local_rank)
+        if writer is not None and not run.parallel.own_partitions:  # whole tensors, laid out as this engine has them
+            weights, optimizer_state = engines.engine_class(writer).whole_state(  # its partitions made whole, if any
+                path, weights, optimizer_state, run.dist.local_rank)
             optimizer_state = checkpoint.optimizer_like(run.optimizer, optimizer_state, run.parallel.optimizer_by_name)
         if moved:
             scheduler_state = checkpoint.scheduler_like(scheduler_state, len(run.optimizer.param_groups))
-        run.parallel.load(run.model, run.optimizer, weights, optimizer_state, path)
+        run.parallel.load(run.model, run.optimizer, weights, optimizer_state, path, writer)
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     run.scheduler.load_state_dict(scheduler_state)
@@ -631,16 +632,17 @@ def restore(run: Run, path: Path) -> None:
     run.reporter.say(f"resumed from {path} at step {run.step}")
 
 
-def layout_change(meta: dict[str, Any], run: Run, path: Path) -> bool:
-    """Whether checkpoint ``path`` was written by another engine, world size or layout (a ZeRO stage, a tp_size...)
-    than this run's; raise if this run cannot continue it exactly: the global batch (``batch_size`` x the ranks
-    reading different data) must stay the same, so that every step sees the same samples."""
+def layout_change(meta: dict[str, Any], run: Run, path: Path) -> str | None:
+    """The engine that wrote checkpoint ``path`` when it did so under another engine, world size or layout (a ZeRO
+    stage, a tp_size...) than this run's, else None; raise if this run cannot continue it exactly: the global batch
+    (``batch_size`` x the ranks reading different data) must stay the same, so that every step sees the same
+    samples."""
     engine, world = meta.get("engine", "none" if meta.get("world_size", 1) == 1 else None), meta.get("world_size", 1)
     now, layout = run.parallel.name, run.parallel.layout
     groups = run.parallel.data_shard[1]
     if world == run.dist.world_size and engine in (now, None) and meta.get("layout", layout) == layout and \
             meta.get("data_groups", groups) == groups:
-        return False
+        return None
     fix = "consolidate it into a model folder (python -m swiftk.kernel.consolidate) and start a new run from it"
     if engine is None:
         raise CheckpointError(
@@ -657,7 +659,7 @@ def layout_change(meta: dict[str, Any], run: Run, path: Path) -> bool:
     where = f" ({', '.join(f'{k} {v}' for k, v in layout.items())})" if layout else ""
     run.reporter.say(f"resuming a {engine} checkpoint of {world} process{'es' if world != 1 else ''} as {now}{where} "
                      f"on {run.dist.world_size}")
-    return True
+    return engine
 
 
 # Values a resume may change without breaking exactness: the run's length, where it runs, what it evaluates.

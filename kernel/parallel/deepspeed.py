@@ -134,18 +134,17 @@ class DeepSpeedZero(OneProcess):
         return 3 if self.zero_stage == 3 else 2
 
     def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
-             optimizer_state: dict[str, Any], path: Path) -> None:
+             optimizer_state: dict[str, Any], path: Path, writer: str | None = None) -> None:
         """Its own partitions as written, when this layout wrote them. Else DeepSpeed's universal loader, each rank
         reading each parameter's whole file and keeping its part: of the partitions made whole (``made_whole``)
         when another world size wrote them under this stage's layout; else of a universal folder written for this
         stage from whole tensors (``universal_for``): another stage's partitions made whole, or another engine's."""
-        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
-        if meta.get("world_size") == self.info.world_size and meta.get("layout", self.layout) == self.layout:
+        if writer is None:
             self.engine.load_checkpoint(str(path), tag=TAG, load_module_strict=False, load_lr_scheduler_states=False)
             return
-        folder = made_whole(path, self.info.local_rank) if meta.get("engine") == self.name else None
+        folder = made_whole(path, self.info.local_rank) if writer == self.name else None
         if folder is None or family_of(folder) != self.family:
-            folder = self.universal_for(path, meta, weights, optimizer_state)
+            folder = self.universal_for(path, writer, weights, optimizer_state)
         # the config's ``"checkpoint": {"load_universal": true}``, which DeepSpeed reads while it loads
         self.engine._config.load_universal_checkpoint = True
         try:
@@ -156,17 +155,17 @@ class DeepSpeedZero(OneProcess):
             if isinstance(values.get("step"), torch.Tensor):  # would count once per group: each its own copy
                 values["step"] = values["step"].clone()
 
-    def universal_for(self, path: Path, meta: dict[str, Any], weights: dict[str, torch.Tensor],
+    def universal_for(self, path: Path, writer: str, weights: dict[str, torch.Tensor],
                       optimizer_state: dict[str, Any]) -> Path:
         """A universal folder in this stage's layout, ``deepspeed-universal-zeroN/``, from the whole tensors of the
-        checkpoint's writer (``whole_state``). Its common files (DeepSpeed's counters, the optimizer's global state
+        checkpoint's ``writer`` (``whole_state``). Its common files (DeepSpeed's counters, the optimizer's global state
         and groups) are this engine's own, from a checkpoint of its fresh state in a scratch folder (a collective),
         as DeepSpeed's converter takes them from the checkpoint it converts; the groups' hyperparameters and step
         are the saved ones."""
         from swiftk.kernel.checkpoint import optimizer_by_name
         from swiftk.kernel.parallel import engine_class
 
-        master, whole = engine_class(meta["engine"]).whole_state(path, weights, optimizer_state, self.info.local_rank)
+        master, whole = engine_class(writer).whole_state(path, weights, optimizer_state, self.info.local_rank)
         per_param, hyper = optimizer_by_name(whole)
         kept = sorted({key for state in per_param.values() for key in state} - {"step"})
         if self.family == 3 and kept != ["exp_avg", "exp_avg_sq"]:
@@ -212,9 +211,9 @@ class DeepSpeedZero(OneProcess):
 
 
 def family_of(folder: Path) -> int:
-    """The ZeRO layout a universal folder was written in: stage 3 keeps the optimizer's own state dict."""
-    common = torch.load(folder / TAG / "zero" / "optimizer_state.pt", weights_only=False)
-    return 3 if "optimizer_state_dict" in common else 2
+    """The ZeRO layout a universal folder was written in, by its model states files' names (as DeepSpeed finds
+    them): ZeRO-1/2 keep one, ZeRO-3 one per rank."""
+    return 2 if (folder / TAG / "mp_rank_00_model_states.pt").is_file() else 3
 
 
 def made_whole(path: Path, local_rank: int) -> Path:

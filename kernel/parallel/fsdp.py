@@ -61,7 +61,7 @@ class FSDP2(OneProcess):
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
-             optimizer_state: dict[str, Any], path: Path) -> None:
+             optimizer_state: dict[str, Any], path: Path, writer: str | None = None) -> None:
         """Whole tensors in, each rank keeps its shard."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,

@@ -124,7 +124,7 @@ class OneProcess:
             torch.save(rng_state(), folder / f"rng.rank-{self.info.rank}.pt")
 
     def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
-             optimizer_state: dict[str, Any], path: Path) -> None:
+             optimizer_state: dict[str, Any], path: Path, writer: str | None = None) -> None:
         from swiftk.kernel.tuners import load_trainable
 
         load_trainable(self.unwrap(model), weights)

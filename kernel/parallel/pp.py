@@ -357,7 +357,7 @@ class PipelineParallel(FSDP2):
         return parts if self.info.rank == 0 else []
 
     def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
-             optimizer_state: dict[str, Any], path: Path) -> None:
+             optimizer_state: dict[str, Any], path: Path, writer: str | None = None) -> None:
         """Whole tensors in, this stage's taken (a sharded one's piece cut on each rank, no communication); the
         optimizer state laid out as this stage's optimizer holds it."""
         from swiftk.kernel.checkpoint import optimizer_like
