@@ -41,27 +41,30 @@ GATED = "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"  # Ll
 class LoraLinear(torch.autograd.Function):
     """``base(x) + B(A(x)) * scale``, keeping ``x`` once (in the compute dtype) and ``A(x)`` (rank-wide).
 
-    ``x`` is passed twice, for the adapter's path and for the base's, so that autograd adds their gradients to
-    ``x``'s in the order eager peft does (the adapter's first): in bfloat16 the order of a sum changes its last
-    bits, and these gradients are then the eager path's bit for bit."""
+    ``x`` is passed twice, itself for the adapter's path and a view of it for the base's, so that autograd adds
+    their gradients to ``x``'s in the order eager peft does (the adapter's, then the base's through the view's
+    node, which runs next): in bfloat16 the order of a sum changes its last bits, and these gradients are then the
+    eager path's bit for bit. (A view, not ``x`` twice: dynamo does not trace a Function given one tensor twice.)"""
 
     @staticmethod
-    def forward(ctx: Any, x_adapter: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    def forward(ctx: Any, x: torch.Tensor, x_base: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
             xc, w, a_c, b_c = x.to(dtype), weight.to(dtype), a.to(dtype), b.to(dtype)
             out = F.linear(xc, w, None if bias is None else bias.to(dtype))  # [..., out]
             xa = F.linear(xc, a_c)  # [..., r]
             out = out + F.linear(xa, b_c) * scale
-        ctx.scale, ctx.x_dtype, ctx.dtype = scale, x.dtype, dtype
-        ctx.weight_copy = w is not weight  # a cast of a frozen weight: cast again in backward rather than kept
-        ctx.save_for_backward(xc, weight if ctx.weight_copy else w, a_c, b_c, xa, a, b)
+        ctx.scale, ctx.dtypes = scale, (x.dtype, dtype, a.dtype, b.dtype)
+        # A cast copy of the weight is cast again in backward rather than kept (a frozen float32 base under
+        # autocast: eager keeps that bfloat16 copy for backward, as much memory as the model's weights).
+        ctx.save_for_backward(xc, weight, a_c, b_c, xa)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        xc, w, a_c, b_c, xa, a, b = ctx.saved_tensors
-        w = w.to(ctx.dtype)
+        xc, weight, a_c, b_c, xa = ctx.saved_tensors
+        x_dtype, dtype, a_dtype, b_dtype = ctx.dtypes
+        w = weight.to(dtype)
         grads: list[torch.Tensor | None] = [None] * 8
         with torch.autocast(grad.device.type, enabled=False):
             g = grad.reshape(-1, grad.shape[-1])  # [N, out]
@@ -70,17 +73,17 @@ class LoraLinear(torch.autograd.Function):
             grad_xa = gs.mm(b_c)  # [N, r]
             shape = (*grad.shape[:-1], xc.shape[-1])
             if ctx.needs_input_grad[0]:
-                grads[0] = grad_xa.mm(a_c).to(ctx.x_dtype).view(shape)
+                grads[0] = grad_xa.mm(a_c).to(x_dtype).view(shape)
             if ctx.needs_input_grad[1]:
-                grads[1] = g.mm(w).to(ctx.x_dtype).view(shape)
+                grads[1] = g.mm(w).to(x_dtype).view(shape)
             if ctx.needs_input_grad[2]:
-                grads[2] = g.t().mm(x2)
+                grads[2] = g.t().mm(x2).to(weight.dtype)
             if ctx.needs_input_grad[3]:
-                grads[3] = g.sum(0)
+                grads[3] = g.sum(0).to(weight.dtype)
             if ctx.needs_input_grad[4]:
-                grads[4] = grad_xa.t().mm(x2).to(a.dtype)
+                grads[4] = grad_xa.t().mm(x2).to(a_dtype)
             if ctx.needs_input_grad[5]:
-                grads[5] = gs.t().mm(xa2).to(b.dtype)
+                grads[5] = gs.t().mm(xa2).to(b_dtype)
         return tuple(grads)
 
 
@@ -124,9 +127,9 @@ class LeanLora:
         if dtype is None:
             return super().forward(x, *args, **kwargs)  # type: ignore[misc]
         name = self.active_adapters[0]  # type: ignore[attr-defined]
-        base = self.base_layer  # type: ignore[attr-defined]
-        return LoraLinear.apply(x, x, base.weight, base.bias, self.lora_A[name].weight,  # type: ignore[attr-defined]
-                                self.lora_B[name].weight, self.scaling[name], dtype)  # type: ignore[attr-defined]
+        base, a, b = self.base_layer, self.lora_A[name], self.lora_B[name]  # type: ignore[attr-defined]
+        return LoraLinear.apply(x, x.view_as(x), base.weight, base.bias, a.weight, b.weight,  # type: ignore[no-any-return]
+                                self.scaling[name], dtype)  # type: ignore[attr-defined]
 
 
 def _recompute(module: torch.nn.Module, forward: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
