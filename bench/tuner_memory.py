@@ -3,6 +3,7 @@
     .venv/bin/python bench/tuner_memory.py [--tuners full,lora,qlora,dora,galore,galore_in_backward] [--batch 4]
                                            [--seq 256] [--steps 4]
                                            [--model smollm2|1b] [--loss chunked|logits] [--precision bf16|fp32]
+                                           [--lean-activations true|false]
 
 ``--model smollm2`` (default): the parent converts the GGUF once into an fp32 HF folder in a temp dir, so that
 every child loads from safetensors (a GGUF load dequantises through transient copies that would set the
@@ -24,6 +25,9 @@ with the settings a user would pick:
 
 and any of them with ``_in_backward`` (``galore_in_backward``, ``full_in_backward``): the same, with ``[train]
 optimizer_in_backward`` (kernel/in_backward.py): each parameter updated inside backward and its gradient freed.
+
+``--lean-activations`` (default true, as ``swiftk run``): the model's modules rewritten as ``[train]
+lean_activations`` does (``kernel/lean.py``); false measures the modules as transformers and peft build them.
 
 ``--precision fp32`` (what ``precision = "auto"`` gives on a CPU without native bf16, where bf16 runs ~10x
 slower): no autocast, the LoRA/DoRA base stored in float32, QLoRA computing in float32.
@@ -128,12 +132,14 @@ def saved_for_backward(model: torch.nn.Module, into: dict[str, float], active: b
     return torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
 
 
-def child(name: str, folder: str, batch: int, seq: int, steps: int, loss_way: str, precision: str) -> dict:
+def child(name: str, folder: str, batch: int, seq: int, steps: int, loss_way: str, precision: str,
+          lean: bool) -> dict:
     import swiftk.plugins  # noqa: F401  (registers the optimizers)
     from swiftk.contracts import Batch, lookup, token_cross_entropy
     from swiftk.kernel.config import ModelConfig, train_config
     from swiftk.kernel.heads import ChunkedHead
     from swiftk.kernel.in_backward import InBackward
+    from swiftk.kernel.lean import lean_activations
     from swiftk.kernel.model import load_model
     from swiftk.kernel.run import param_groups
     from swiftk.kernel.tuners import apply_tuner, quantization_config
@@ -144,6 +150,8 @@ def child(name: str, folder: str, batch: int, seq: int, steps: int, loss_way: st
     model = load_model(ModelConfig(model_id=folder, dtype=model_dtype(tuner, precision)), 0, torch.device("cpu"),
                        quantization=quantization_config(train))
     model = apply_tuner(model, train)
+    if lean:
+        lean_activations(model)  # [train] lean_activations, the default, as swiftk run rewrites the model
     optimizer = lookup("optimizer", train.optimizer).target(param_groups(model, 0.0), train.lr,
                                                             **train.optimizer_config)
     in_backward = InBackward([p for p in model.parameters() if p.requires_grad], optimizer) \
@@ -186,7 +194,8 @@ def child(name: str, folder: str, batch: int, seq: int, steps: int, loss_way: st
             "optimizer_state_mb": round(optimizer_state_mb(optimizer)),
             "saved_for_backward_mb": {k: round(v) for k, v in sorted(saved.items())},
             "step_s": round(statistics.median(times[1:] or times), 2), "first_step_s": round(times[0], 2),
-            "batch": batch, "seq": seq, "loss": loss_way, "threads": torch.get_num_threads()}
+            "batch": batch, "seq": seq, "loss": loss_way, "lean_activations": lean,
+            "threads": torch.get_num_threads()}
 
 
 def export_hf_folder(folder: Path, which: str) -> None:
@@ -213,13 +222,15 @@ def main() -> None:
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                         help="fp32: no autocast, LoRA/DoRA bases in float32, QLoRA computing in float32 (what "
                              "precision = 'auto' gives on a CPU without native bf16, ~10x faster there)")
+    parser.add_argument("--lean-activations", choices=["true", "false"], default="true",
+                        help="[train] lean_activations (swiftk's default: true)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.child:
         print(json.dumps(child(args.child, args.folder, args.batch, args.seq, args.steps, args.loss,
-                               args.precision)), flush=True)
+                               args.precision, args.lean_activations == "true")), flush=True)
         return
     results = {}
     with tempfile.TemporaryDirectory(prefix="swiftk-bench-") as folder:
@@ -229,7 +240,7 @@ def main() -> None:
         for tuner in args.tuners.split(","):
             command = [sys.executable, __file__, "--child", tuner, "--folder", folder, "--batch", str(args.batch),
                        "--seq", str(args.seq), "--steps", str(args.steps), "--loss", args.loss,
-                       "--precision", args.precision]
+                       "--precision", args.precision, "--lean-activations", args.lean_activations]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 print(done.stderr[-3000:], file=sys.stderr)

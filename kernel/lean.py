@@ -99,18 +99,25 @@ def _hooked(*modules: torch.nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
+def plain_lora(layer: Any, name: str) -> bool:
+    """Adapter ``name`` of a peft LoRA layer is plain LoRA on a plain ``nn.Linear``: what ``LoraLinear`` computes
+    (no dropout, DoRA or other variant, adapter bias, or quantized base)."""
+    if name not in layer.lora_A or name in getattr(layer, "lora_variant", {}) or \
+            not getattr(layer, "cast_input_dtype_enabled", True):
+        return False
+    base, a, b = layer.base_layer, layer.lora_A[name], layer.lora_B[name]
+    return type(base) is torch.nn.Linear and type(a) is torch.nn.Linear and type(b) is torch.nn.Linear and \
+        a.bias is None and b.bias is None and type(layer.lora_dropout[name]) is torch.nn.Identity
+
+
 def lora_compute_dtype(layer: Any, x: torch.Tensor) -> torch.dtype | None:
     """The dtype the fused LoRA path computes ``layer(x)`` in, or None where it does not apply (own forward)."""
     if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
         return None
     name = layer.active_adapters[0]
-    if name not in layer.lora_A or name in getattr(layer, "lora_variant", {}) or \
-            not getattr(layer, "cast_input_dtype_enabled", True):
+    if not plain_lora(layer, name):
         return None
     base, a, b = layer.base_layer, layer.lora_A[name], layer.lora_B[name]
-    if type(base) is not torch.nn.Linear or type(a) is not torch.nn.Linear or type(b) is not torch.nn.Linear or \
-            a.bias is not None or b.bias is not None or type(layer.lora_dropout[name]) is not torch.nn.Identity:
-        return None
     if _hooked(base, a, b) or any(_split(t) for t in (base.weight, a.weight, b.weight)):
         return None
     if torch.is_autocast_enabled(x.device.type):
@@ -169,12 +176,14 @@ def _source(cls: type) -> str:
 
 
 def rewrite(module: torch.nn.Module) -> str:
-    """Which rewrite ``module`` takes ("lora", "norm", "gated"), or "" for none."""
+    """Which rewrite ``module`` takes ("lora", "norm", "gated"), "peft" for a LoRA layer left as peft runs it, or
+    "" for none."""
     kind = type(module)
     if issubclass(kind, (LeanLora, LeanNorm, LeanGated)):
         return ""  # already rewritten
-    if hasattr(module, "lora_A") and type(getattr(module, "base_layer", None)) is torch.nn.Linear:
-        return "lora"
+    if hasattr(module, "lora_A") and hasattr(module, "base_layer"):  # peft's LoRA layers
+        active = getattr(module, "active_adapters", [])
+        return "lora" if len(active) == 1 and plain_lora(module, active[0]) else "peft"
     if kind.__name__.endswith("RMSNorm") and kind.__module__.startswith("transformers."):
         return "norm"
     if all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")) and \
@@ -195,13 +204,16 @@ def lean_class(kind: type, mixin: type) -> type:
 
 
 def lean_activations(model: torch.nn.Module, checkpointed: bool = False) -> dict[str, int]:
-    """Rewrite ``model``'s modules in place; how many of each kind. ``checkpointed``: the model recomputes its
-    layers whole (``gradient_checkpointing``), so recomputing norms and activations inside them would only run
-    them a third time; the LoRA rewrite alone still saves the recomputation's copies."""
-    counts = {"lora": 0, "norm": 0, "gated": 0}
+    """Rewrite ``model``'s modules in place; how many of each kind ("peft": LoRA layers left as they are).
+    ``checkpointed``: the model recomputes its layers whole (``gradient_checkpointing``), so recomputing norms and
+    activations inside them would only run them a third time; the LoRA rewrite alone still saves the
+    recomputation's copies."""
+    counts = {"lora": 0, "norm": 0, "gated": 0, "peft": 0}
     for module in model.modules():
         what = rewrite(module)
-        if what and not (checkpointed and what != "lora"):
+        if what == "peft":
+            counts[what] += 1
+        elif what and not (checkpointed and what != "lora"):
             module.__class__ = lean_class(type(module), MIXINS[what])
             counts[what] += 1
     return counts
@@ -210,5 +222,7 @@ def lean_activations(model: torch.nn.Module, checkpointed: bool = False) -> dict
 def lean_line(counts: dict[str, int]) -> str:
     parts = [f"{counts['lora']} LoRA layers keep their input once" if counts["lora"] else "",
              f"{counts['norm']} norms and {counts['gated']} gated activations recomputed in backward"
-             if counts["norm"] or counts["gated"] else ""]
+             if counts["norm"] or counts["gated"] else "",
+             f"{counts['peft']} LoRA layers run as peft runs them (dropout, DoRA, a quantized base or an adapter "
+             "bias: lora_dropout = 0 lets plain LoRA layers keep one copy of their input)" if counts["peft"] else ""]
     return "; ".join(p for p in parts if p) or "nothing in this model to rewrite"
