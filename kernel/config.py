@@ -190,9 +190,10 @@ class TrainConfig(Section):
         True, description="losses read the final hidden states and the LM head, chunk by chunk, instead of full "
                           "[batch, seq, vocab] logits (off by itself where the model's head does not allow it)")
     lean_activations: bool = Field(
-        True, description="keep what backward needs once: a LoRA layer keeps its input once (not a copy per "
-                          "adapter), python RMSNorms and gated activations (act(gate) * up) are recomputed in "
-                          "backward from their inputs; the same gradients, bit for bit, with less memory")
+        True, description="keep what backward needs once: a plain LoRA layer (lora_dropout = 0) keeps its input "
+                          "once, not a copy per adapter; python RMSNorms and gated activations (act(gate) * up) are "
+                          "recomputed in backward from their inputs; the same gradients, bit for bit, with less "
+                          "memory")
     max_grad_norm: float | None = Field(1.0, ge=0, description="clip the gradient's global norm to this; 0: no "
                                         "clipping")
     optimizer_in_backward: bool = Field(

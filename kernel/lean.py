@@ -1,27 +1,33 @@
 """``[train] lean_activations``: keep what backward needs once, and recompute the cheap rest.
 
-Measured on SmolLM2-135M with LoRA on every linear layer under bfloat16 autocast (8 x 256 tokens), a decoder layer
-holds about 53 MB of activations for backward. A third of that is copies: the same numbers kept several times, or
-kept in float32 where backward could rebuild them from a bfloat16 input in microseconds. Three rewrites remove
-them, each numerically the same as the module it replaces:
+Measured on SmolLM2-135M with LoRA on every linear layer under bfloat16 autocast, 8 x 256 tokens: autograd keeps
+1790 MB for backward, 60 MB per decoder layer. Half of it is copies: the same numbers kept several times, or
+kept where backward can rebuild them from other kept tensors with a few elementwise ops. Three rewrites of the
+model's modules remove them (879 MB left), each giving the eager module's gradients bit for bit:
 
-- **A LoRA layer keeps its input once** (``LoraLinear``). peft's ``lora.Linear`` casts its input to the adapter's
-  dtype (float32) and autocast casts it back, so each adapter keeps a bfloat16 copy of its own: q, k and v keep
-  three copies of the same normed input, gate and up two. One ``autograd.Function`` runs the base layer and the
-  adapter on the input as given and keeps it, so the three projections of one input keep one tensor between them.
-  Its maths are the eager path's, op for op, in the same dtypes.
-- **A python RMSNorm is recomputed** (``recomputed``). HF's ``LlamaRMSNorm`` keeps a float32 copy of its input
-  and of the normed result; recomputing it in backward from its (bfloat16) input keeps only that input.
-- **The gated activation is recomputed** (``act_fn(gate) * up``): it keeps gate and up, not also ``act_fn(gate)``.
+- **A plain LoRA layer keeps its input once** (``LoraLinear``). peft's ``lora.Linear`` casts its input to the
+  adapter's dtype (float32) and autocast casts it back, so each adapter keeps a bfloat16 copy of its own: q, k
+  and v keep three copies of the same normed input, gate and up two. One ``autograd.Function`` runs the base layer
+  and the adapter on the input as given and keeps it, so the projections of one input share one tensor. Its maths
+  are the eager path's, op for op, in the same dtypes.
+- **A python RMSNorm is recomputed** (``LeanNorm``). transformers' ``LlamaRMSNorm`` keeps float32 copies of its
+  input and of the normed result; recomputed in backward, it keeps only its (bfloat16) input.
+- **The gated MLP keeps gate and up only** (``LeanGated``). Eager keeps four tensors of the MLP's width: gate (for
+  the activation), ``act_fn(gate)`` and up (for the product), and the product (for ``down_proj``). With SiLU and a
+  plain (or plain LoRA) ``down_proj``, one ``autograd.Function`` (``GatedDown``) runs the product and the down
+  projection and keeps gate and up, rebuilding the product in backward; with another activation, ``act_fn(gate) *
+  up`` alone is recomputed (three tensors kept).
 
-The recomputations use ``torch.utils.checkpoint`` (non-reentrant) around these elementwise ops only: the
-matmuls are never run twice, so a step costs what it did. What each rewrite saves for one model and shape is
-``bench/lean_activations.py``'s to say.
+The norm and the other activations are recomputed under ``torch.utils.checkpoint`` (non-reentrant). No matmul is
+ever run twice.
+``bench/kernel_overhead.py --lean-activations false`` and ``bench/tuner_memory.py --lean-activations false``
+measure without them.
 
-Only while gradients are on; evaluation and generation run the modules' own ``forward``. Each call falls back to
-the module's own ``forward`` where the rewrite does not apply: a LoRA layer with dropout, DoRA, a bias of its own,
-several active adapters, a quantized or non-Linear base, hooks on its sub-layers (DeepSpeed ZeRO-3 gathers weights
-in them), DTensor weights (tensor parallelism), or dtypes that autocast does not align.
+A LoRA layer with dropout, DoRA, an adapter bias or a quantized base is left as peft runs it: each dropped input
+is an adapter's own, so there is no copy to share. A rewritten module runs its own ``forward`` where gradients
+are off (evaluation, generation), and, call by call, where its weights are DTensors (tensor parallelism) or
+partitioned by DeepSpeed ZeRO-3, where its sub-layers have hooks (ZeRO-3 gathers weights in them), where the
+adapter is disabled, merged or not the only one active, or where dtypes are mixed without autocast.
 """
 
 from __future__ import annotations
@@ -157,15 +163,94 @@ class LeanNorm:
         return _recompute(self, super().forward, *inputs)  # type: ignore[misc]
 
 
+class GatedDown(torch.autograd.Function):
+    """``down(silu(gate) * up)`` for a plain ``nn.Linear`` down projection, or a plain LoRA one (``a``, ``b`` not
+    None), keeping gate and up only: the product ``silu(gate) * up`` (what ``down`` would keep) is recomputed in
+    backward. Each op is the eager path's, in the same dtypes, so the gradients are eager's bit for bit."""
+
+    @staticmethod
+    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                a: torch.Tensor | None, b: torch.Tensor | None, scale: float, dtype: torch.dtype) -> torch.Tensor:
+        with torch.autocast(gate.device.type, enabled=False):
+            product = (F.silu(gate) * up).to(dtype)  # [..., inter]
+            out = F.linear(product, weight.to(dtype), None if bias is None else bias.to(dtype))  # [..., hidden]
+            xa = None
+            if a is not None and b is not None:
+                xa = F.linear(product, a.to(dtype))  # [..., r]
+                out = out + F.linear(xa, b.to(dtype)) * scale
+        ctx.scale, ctx.dtype, ctx.lora = scale, dtype, xa is not None
+        ctx.save_for_backward(gate, up, weight, a, b, xa)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        gate, up, weight, a, b, xa = ctx.saved_tensors
+        dtype = ctx.dtype
+        grads: list[torch.Tensor | None] = [None] * 8
+        with torch.autocast(grad.device.type, enabled=False):
+            act = F.silu(gate)
+            product = (act * up).to(dtype)
+            g = grad.reshape(-1, grad.shape[-1])  # [N, hidden]
+            p2 = product.reshape(-1, product.shape[-1])  # [N, inter]
+            grad_p = g.mm(weight.to(dtype))  # the base's share of the product's gradient
+            if ctx.lora:
+                gs = g * ctx.scale
+                grad_xa = gs.mm(b.to(dtype))  # [N, r]
+                grad_p = grad_xa.mm(a.to(dtype)) + grad_p  # the adapter's arrives first in eager peft
+                if ctx.needs_input_grad[4]:
+                    grads[4] = grad_xa.t().mm(p2).to(a.dtype)
+                if ctx.needs_input_grad[5]:
+                    grads[5] = gs.t().mm(xa.reshape(-1, xa.shape[-1])).to(b.dtype)
+            if ctx.needs_input_grad[2]:
+                grads[2] = g.t().mm(p2).to(weight.dtype)
+            if ctx.needs_input_grad[3]:
+                grads[3] = g.sum(0).to(weight.dtype)
+            grad_p = grad_p.to(up.dtype).view(up.shape)
+            if ctx.needs_input_grad[0]:
+                grads[0] = torch.ops.aten.silu_backward(grad_p * up, gate)
+            if ctx.needs_input_grad[1]:
+                grads[1] = grad_p * act
+        return tuple(grads)
+
+
 class LeanGated:
-    """Mixed into a Llama-style MLP: ``act_fn(gate) * up`` recomputed in backward."""
+    """Mixed into a Llama-style MLP: what ``act_fn(gate) * up`` and ``down_proj`` keep, recomputed in backward
+    from gate and up (``GatedDown``: SiLU and a plain or plain-LoRA down projection), or ``act_fn(gate) * up``
+    alone recomputed (any other activation, any other down projection)."""
 
     def product(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return self.act_fn(gate) * up  # type: ignore[attr-defined,no-any-return]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(_recompute(self, self.product,  # type: ignore[attr-defined,arg-type,no-any-return]
-                                         self.gate_proj(x), self.up_proj(x)))  # type: ignore[attr-defined]
+        gate, up, down = self.gate_proj(x), self.up_proj(x), self.down_proj  # type: ignore[attr-defined]
+        if (dtype := self.fused_down(gate)) is not None:
+            if isinstance(down, LeanLora):
+                name = down.active_adapters[0]  # type: ignore[attr-defined]
+                base, a, b = down.base_layer, down.lora_A[name].weight, down.lora_B[name].weight  # type: ignore
+                return GatedDown.apply(gate, up, base.weight, base.bias, a, b,  # type: ignore[no-any-return]
+                                       down.scaling[name], dtype)  # type: ignore[attr-defined]
+            return GatedDown.apply(gate, up, down.weight, down.bias, None, None, 1.0,  # type: ignore[no-any-return]
+                                   dtype)
+        return down(_recompute(self, self.product, gate, up))  # type: ignore[no-any-return]
+
+    def fused_down(self, gate: torch.Tensor) -> torch.dtype | None:
+        """The dtype ``GatedDown`` runs the down projection in, or None where it does not apply."""
+        down = self.down_proj  # type: ignore[attr-defined]
+        if not torch.is_grad_enabled() or not getattr(self, "lean_silu", False):  # set when rewritten
+            return None
+        if isinstance(down, LeanLora):
+            return lora_compute_dtype(down, gate)
+        if type(down) is not torch.nn.Linear or _hooked(down) or _split(down.weight):
+            return None
+        if torch.is_autocast_enabled(gate.device.type):
+            return torch.get_autocast_dtype(gate.device.type)
+        return gate.dtype if gate.dtype == down.weight.dtype else None
+
+
+def _silu(act: torch.nn.Module) -> bool:
+    """``act`` computes ``F.silu`` (torch's ``SiLU``, transformers' ``SiLUActivation`` not swapped for a kernel)."""
+    return "forward" not in vars(act) and (type(act) is torch.nn.SiLU or (
+        type(act).__name__ == "SiLUActivation" and "returnnn.functional.silu(input)" in _source(type(act))))
 
 
 def _source(cls: type) -> str:
@@ -215,6 +300,8 @@ def lean_activations(model: torch.nn.Module, checkpointed: bool = False) -> dict
             counts[what] += 1
         elif what and not (checkpointed and what != "lora"):
             module.__class__ = lean_class(type(module), MIXINS[what])
+            if what == "gated":
+                module.lean_silu = _silu(module.act_fn)  # read at each call: found once (dynamo cannot inspect)
             counts[what] += 1
     return counts
 

@@ -20,10 +20,10 @@ from swiftk.kernel.lean import LeanGated, LeanLora, LeanNorm, lean_activations, 
 from ..conftest import REPO, write_config
 
 
-def tiny_llama(tuner: str, **lora: Any) -> torch.nn.Module:
+def tiny_llama(tuner: str, hidden_act: str = "silu", **lora: Any) -> torch.nn.Module:
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                         num_attention_heads=4, num_key_value_heads=2))
+                                         num_attention_heads=4, num_key_value_heads=2, hidden_act=hidden_act))
     if tuner == "full":
         return model
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
@@ -70,9 +70,22 @@ def test_lean_layers_give_the_eager_gradients_bit_for_bit_and_keep_less(tuner: s
     for name, grad in eager.items():
         assert torch.equal(grads[name], grad), name
     # What is kept, against eager, for this shape (3 layers of 2 x 24 tokens, hidden 64 and 128): LoRA under
-    # autocast drops its per-adapter copies; in float32 peft makes none, and the gated activation is what is left.
-    expected = {("lora", True): 0.615, ("lora", False): 0.891, ("full", True): 0.826, ("full", False): 0.760}
+    # autocast drops its per-adapter copies; in float32 peft makes none, and the MLP keeps two tensors, not four.
+    expected = {("lora", True): 0.550, ("lora", False): 0.763, ("full", True): 0.705, ("full", False): 0.650}
     assert kept / eager_bytes == pytest.approx(expected[tuner, autocast], abs=0.005)
+
+
+@pytest.mark.parametrize("tuner", ["lora", "full"])
+def test_another_activation_recomputes_only_the_product(tuner: str) -> None:
+    model = tiny_llama(tuner, hidden_act="gelu")
+    _, eager, eager_bytes = step(model, True)
+    lean_activations(model)
+    mlp = model.get_decoder().layers[0].mlp
+    assert isinstance(mlp, LeanGated) and mlp.lean_silu is False, "down_proj keeps the product it is given"
+    _, grads, kept = step(model, True)
+    for name, grad in eager.items():
+        assert torch.equal(grads[name], grad), name
+    assert kept < eager_bytes
 
 
 def test_a_layer_the_fused_path_cannot_run_runs_its_own_forward() -> None:
