@@ -238,8 +238,8 @@ class LeanGated:
         down = self.down_proj  # type: ignore[attr-defined]
         if not torch.is_grad_enabled() or not getattr(self, "lean_silu", False):  # set when rewritten
             return None
-        if isinstance(down, LeanLora):
-            return lora_compute_dtype(down, gate)
+        if isinstance(down, LeanLora):  # its own hooks too: GatedDown runs in its stead, not through it
+            return None if _hooked(down) else lora_compute_dtype(down, gate)
         if type(down) is not torch.nn.Linear or _hooked(down) or _split(down.weight):
             return None
         if torch.is_autocast_enabled(gate.device.type):

@@ -99,6 +99,13 @@ def test_a_layer_the_fused_path_cannot_run_runs_its_own_forward() -> None:
     handle = layer.base_layer.register_forward_hook(lambda *a: None)  # e.g. ZeRO-3's gathering
     assert lora_compute_dtype(layer, x) is None
     handle.remove()
+    lean_activations(model)
+    mlp = model.base_model.model.model.layers[0].mlp
+    gate = torch.randn(2, 5, 128)
+    assert mlp.fused_down(gate) == torch.float32
+    handle = mlp.down_proj.register_forward_pre_hook(lambda *a: None)
+    assert mlp.fused_down(gate) is None, "GatedDown would run in the hooked layer's stead"
+    handle.remove()
     with model.disable_adapter():
         assert lora_compute_dtype(layer, x) is None
     for lora in ({"lora_dropout": 0.1}, {"use_dora": True}, {"lora_bias": True}):
