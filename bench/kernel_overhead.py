@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/kernel_overhead.py [--rounds 3] [--steps 40] [--warmup 10] [--precision bf16|fp32]
                                               [--compile] [--model tiny|smollm2] [--batch B] [--seq T]
-                                              [--gradient-checkpointing]
+                                              [--gradient-checkpointing] [--lean-activations true|false]
 
   swiftk      ``swiftk.kernel.run.execute`` on a TOML written to a temp dir; step times from its metrics.jsonl
   raw         a plain PyTorch loop: fused AdamW, the same cosine schedule, clip 1.0, bf16 autocast (or none at

@@ -1,9 +1,10 @@
 """``[train] lean_activations``: keep what backward needs once, and recompute the cheap rest.
 
 Measured on SmolLM2-135M with LoRA on every linear layer under bfloat16 autocast, 8 x 256 tokens: autograd keeps
-1790 MB for backward, 60 MB per decoder layer. Half of it is copies: the same numbers kept several times, or
+1589 MB for backward, 53 MB per decoder layer. Half of it is copies: the same numbers kept several times, or
 kept where backward can rebuild them from other kept tensors with a few elementwise ops. Three rewrites of the
-model's modules remove them (879 MB left), each giving the eager module's gradients bit for bit:
+model's modules remove them (825 MB left: ``bench/lean_activations.py``), each giving the eager module's
+gradients bit for bit:
 
 - **A plain LoRA layer keeps its input once** (``LoraLinear``). peft's ``lora.Linear`` casts its input to the
   adapter's dtype (float32) and autocast casts it back, so each adapter keeps a bfloat16 copy of its own: q, k
@@ -19,9 +20,8 @@ model's modules remove them (879 MB left), each giving the eager module's gradie
   up`` alone is recomputed (three tensors kept).
 
 The norm and the other activations are recomputed under ``torch.utils.checkpoint`` (non-reentrant). No matmul is
-ever run twice.
-``bench/kernel_overhead.py --lean-activations false`` and ``bench/tuner_memory.py --lean-activations false``
-measure without them.
+ever run twice. ``bench/kernel_overhead.py --lean-activations false`` and ``bench/tuner_memory.py
+--lean-activations false`` measure without them.
 
 A LoRA layer with dropout, DoRA, an adapter bias or a quantized base is left as peft runs it: each dropped input
 is an adapter's own, so there is no copy to share. A rewritten module runs its own ``forward`` where gradients
