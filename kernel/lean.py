@@ -33,7 +33,6 @@ adapter is disabled, merged or not the only one active, or where dtypes are mixe
 from __future__ import annotations
 
 import inspect
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -41,7 +40,51 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from swiftk.contracts.chunked import is_split
+
 GATED = "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"  # Llama's MLP, and its copies'
+
+
+def adapted(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor | None,
+            b: torch.Tensor | None, scale: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``base(x) + B(A(x)) * scale`` (``base(x)`` alone where ``a`` is None) in ``dtype``, op for op as eager peft
+    computes it under autocast: the output, and ``A(x)`` (rank-wide) for backward."""
+    with torch.autocast(x.device.type, enabled=False):
+        out = F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))  # [..., out]
+        if a is None or b is None:
+            return out, None
+        xa = F.linear(x, a.to(dtype))  # [..., r]
+        return out + F.linear(xa, b.to(dtype)) * scale, xa
+
+
+def adapted_grads(ctx: Any, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor | None,
+                  b: torch.Tensor | None, xa: torch.Tensor | None, from_adapter: bool, from_base: bool
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[torch.Tensor | None]]:
+    """``adapted``'s backward, as eager's autograd computes it: ``x``'s gradient through the adapter and through the
+    base, each as ``[N, in]`` in ``ctx.dtype`` where asked for (else None), and the gradients of weight, bias, ``a``
+    and ``b`` where ``ctx.needs_input_grad[2:6]`` asks for them (a Function's inputs 2 to 5)."""
+    dtype, needs = ctx.dtype, ctx.needs_input_grad
+    params: list[torch.Tensor | None] = [None] * 4
+    adapter_share = base_share = None
+    with torch.autocast(grad.device.type, enabled=False):
+        g = grad.reshape(-1, grad.shape[-1])  # [N, out]
+        x2 = x.reshape(-1, x.shape[-1])  # [N, in]
+        if from_base:
+            base_share = g.mm(weight.to(dtype))
+        if needs[2]:
+            params[0] = g.t().mm(x2).to(weight.dtype)
+        if needs[3]:
+            params[1] = g.sum(0).to(weight.dtype)
+        if a is not None and b is not None and xa is not None:
+            gs = g * ctx.scale
+            grad_xa = gs.mm(b.to(dtype))  # [N, r]
+            if from_adapter:
+                adapter_share = grad_xa.mm(a.to(dtype))
+            if needs[4]:
+                params[2] = grad_xa.t().mm(x2).to(a.dtype)
+            if needs[5]:
+                params[3] = gs.t().mm(xa.reshape(-1, xa.shape[-1])).to(b.dtype)
+    return adapter_share, base_share, params
 
 
 class LoraLinear(torch.autograd.Function):
@@ -50,59 +93,42 @@ class LoraLinear(torch.autograd.Function):
     ``x`` is passed twice, itself for the adapter's path and a view of it for the base's, so that autograd adds
     their gradients to ``x``'s in the order eager peft does (the adapter's, then the base's through the view's
     node, which runs next): in bfloat16 the order of a sum changes its last bits, and these gradients are then the
-    eager path's bit for bit. (A view, not ``x`` twice: dynamo does not trace a Function given one tensor twice.)"""
+    eager path's bit for bit. (A view, not ``x`` twice: dynamo does not trace a Function given one tensor twice.)
+    Weights are kept as they are and cast again in backward: a frozen float32 base under autocast would otherwise
+    keep a bfloat16 copy of itself, as eager does, as much memory as the model's weights."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, x_base: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            xc, w, a_c, b_c = x.to(dtype), weight.to(dtype), a.to(dtype), b.to(dtype)
-            out = F.linear(xc, w, None if bias is None else bias.to(dtype))  # [..., out]
-            xa = F.linear(xc, a_c)  # [..., r]
-            out = out + F.linear(xa, b_c) * scale
-        ctx.scale, ctx.dtypes = scale, (x.dtype, dtype, a.dtype, b.dtype)
-        # A cast copy of the weight is cast again in backward rather than kept (a frozen float32 base under
-        # autocast: eager keeps that bfloat16 copy for backward, as much memory as the model's weights).
-        ctx.save_for_backward(xc, weight, a_c, b_c, xa)
+        xc = x.to(dtype)
+        out, xa = adapted(xc, weight, bias, a, b, scale, dtype)
+        ctx.scale, ctx.dtype, ctx.x_dtype = scale, dtype, x.dtype
+        ctx.save_for_backward(xc, weight, a, b, xa)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        xc, weight, a_c, b_c, xa = ctx.saved_tensors
-        x_dtype, dtype, a_dtype, b_dtype = ctx.dtypes
-        w = weight.to(dtype)
-        grads: list[torch.Tensor | None] = [None] * 8
-        with torch.autocast(grad.device.type, enabled=False):
-            g = grad.reshape(-1, grad.shape[-1])  # [N, out]
-            x2, xa2 = xc.reshape(-1, xc.shape[-1]), xa.reshape(-1, xa.shape[-1])  # [N, in], [N, r]
-            gs = g * ctx.scale
-            grad_xa = gs.mm(b_c)  # [N, r]
-            shape = (*grad.shape[:-1], xc.shape[-1])
-            if ctx.needs_input_grad[0]:
-                grads[0] = grad_xa.mm(a_c).to(x_dtype).view(shape)
-            if ctx.needs_input_grad[1]:
-                grads[1] = g.mm(w).to(x_dtype).view(shape)
-            if ctx.needs_input_grad[2]:
-                grads[2] = g.t().mm(x2).to(weight.dtype)
-            if ctx.needs_input_grad[3]:
-                grads[3] = g.sum(0).to(weight.dtype)
-            if ctx.needs_input_grad[4]:
-                grads[4] = grad_xa.t().mm(x2).to(a_dtype)
-            if ctx.needs_input_grad[5]:
-                grads[5] = gs.t().mm(xa2).to(b_dtype)
-        return tuple(grads)
+        xc, weight, a, b, xa = ctx.saved_tensors
+        adapter_share, base_share, params = adapted_grads(ctx, grad, xc, weight, a, b, xa, *ctx.needs_input_grad[:2])
+        shape = (*grad.shape[:-1], xc.shape[-1])
+        x_grads = [None if t is None else t.to(ctx.x_dtype).view(shape) for t in (adapter_share, base_share)]
+        return (*x_grads, *params, None, None)
 
 
 def _split(tensor: torch.Tensor) -> bool:
     """A weight that is a DTensor (tensor parallelism) or partitioned by DeepSpeed ZeRO-3."""
-    if hasattr(tensor, "ds_id"):
-        return True
-    dtensor = sys.modules.get("torch.distributed.tensor")  # never imported: no DTensor can exist
-    return dtensor is not None and isinstance(tensor, dtensor.DTensor)
+    return hasattr(tensor, "ds_id") or is_split(tensor)
 
 
 def _hooked(*modules: torch.nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def _compute_dtype(x: torch.Tensor, *weights: torch.Tensor) -> torch.dtype | None:
+    """What eager computes ``x`` against ``weights`` in: autocast's dtype, or their one dtype (None when mixed)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype if {x.dtype, *(w.dtype for w in weights)} == {x.dtype} else None
 
 
 def plain_lora(layer: Any, name: str) -> bool:
@@ -116,20 +142,22 @@ def plain_lora(layer: Any, name: str) -> bool:
         a.bias is None and b.bias is None and type(layer.lora_dropout[name]) is torch.nn.Identity
 
 
+def adapter(layer: Any) -> tuple[torch.nn.Linear, torch.Tensor, torch.Tensor, float]:
+    """A plain LoRA layer's base, its active adapter's A and B weights, and its scale."""
+    name = layer.active_adapters[0]
+    return layer.base_layer, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
+
+
 def lora_compute_dtype(layer: Any, x: torch.Tensor) -> torch.dtype | None:
     """The dtype the fused LoRA path computes ``layer(x)`` in, or None where it does not apply (own forward)."""
-    if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
+    if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1 or \
+            not plain_lora(layer, layer.active_adapters[0]):
         return None
     name = layer.active_adapters[0]
-    if not plain_lora(layer, name):
-        return None
     base, a, b = layer.base_layer, layer.lora_A[name], layer.lora_B[name]
     if _hooked(base, a, b) or any(_split(t) for t in (base.weight, a.weight, b.weight)):
         return None
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    dtypes = {x.dtype, base.weight.dtype, a.weight.dtype, b.weight.dtype}
-    return x.dtype if len(dtypes) == 1 else None
+    return _compute_dtype(x, base.weight, a.weight, b.weight)
 
 
 class LeanLora:
@@ -139,10 +167,9 @@ class LeanLora:
         dtype = lora_compute_dtype(self, x) if torch.is_grad_enabled() and not args and not kwargs else None
         if dtype is None:
             return super().forward(x, *args, **kwargs)  # type: ignore[misc]
-        name = self.active_adapters[0]  # type: ignore[attr-defined]
-        base, a, b = self.base_layer, self.lora_A[name], self.lora_B[name]  # type: ignore[attr-defined]
-        return LoraLinear.apply(x, x.view_as(x), base.weight, base.bias, a.weight, b.weight,  # type: ignore[no-any-return]
-                                self.scaling[name], dtype)  # type: ignore[attr-defined]
+        base, a, b, scale = adapter(self)
+        return LoraLinear.apply(x, x.view_as(x), base.weight, base.bias, a, b, scale,  # type: ignore[no-any-return]
+                                dtype)
 
 
 def _recompute(module: torch.nn.Module, forward: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
@@ -173,44 +200,29 @@ class GatedDown(torch.autograd.Function):
                 a: torch.Tensor | None, b: torch.Tensor | None, scale: float, dtype: torch.dtype) -> torch.Tensor:
         with torch.autocast(gate.device.type, enabled=False):
             product = (F.silu(gate) * up).to(dtype)  # [..., inter]
-            out = F.linear(product, weight.to(dtype), None if bias is None else bias.to(dtype))  # [..., hidden]
-            xa = None
-            if a is not None and b is not None:
-                xa = F.linear(product, a.to(dtype))  # [..., r]
-                out = out + F.linear(xa, b.to(dtype)) * scale
-        ctx.scale, ctx.dtype, ctx.lora = scale, dtype, xa is not None
+        out, xa = adapted(product, weight, bias, a, b, scale, dtype)  # [..., hidden]
+        ctx.scale, ctx.dtype = scale, dtype
         ctx.save_for_backward(gate, up, weight, a, b, xa)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         gate, up, weight, a, b, xa = ctx.saved_tensors
-        dtype = ctx.dtype
-        grads: list[torch.Tensor | None] = [None] * 8
         with torch.autocast(grad.device.type, enabled=False):
             act = F.silu(gate)
-            product = (act * up).to(dtype)
-            g = grad.reshape(-1, grad.shape[-1])  # [N, hidden]
-            p2 = product.reshape(-1, product.shape[-1])  # [N, inter]
-            grad_p = g.mm(weight.to(dtype))  # the base's share of the product's gradient
-            if ctx.lora:
-                gs = g * ctx.scale
-                grad_xa = gs.mm(b.to(dtype))  # [N, r]
-                grad_p = grad_xa.mm(a.to(dtype)) + grad_p  # the adapter's arrives first in eager peft
-                if ctx.needs_input_grad[4]:
-                    grads[4] = grad_xa.t().mm(p2).to(a.dtype)
-                if ctx.needs_input_grad[5]:
-                    grads[5] = gs.t().mm(xa.reshape(-1, xa.shape[-1])).to(b.dtype)
-            if ctx.needs_input_grad[2]:
-                grads[2] = g.t().mm(p2).to(weight.dtype)
-            if ctx.needs_input_grad[3]:
-                grads[3] = g.sum(0).to(weight.dtype)
+            product = (act * up).to(ctx.dtype)
+        wanted = any(ctx.needs_input_grad[:2])
+        adapter_share, base_share, params = adapted_grads(ctx, grad, product, weight, a, b, xa, wanted, wanted)
+        grad_gate = grad_up = None
+        if base_share is not None:
+            # The product's gradient: the adapter's share arrives first in eager peft, then the base's.
+            grad_p = base_share if adapter_share is None else adapter_share + base_share
             grad_p = grad_p.to(up.dtype).view(up.shape)
             if ctx.needs_input_grad[0]:
-                grads[0] = torch.ops.aten.silu_backward(grad_p * up, gate)
+                grad_gate = torch.ops.aten.silu_backward(grad_p * up, gate)
             if ctx.needs_input_grad[1]:
-                grads[1] = grad_p * act
-        return tuple(grads)
+                grad_up = grad_p * act
+        return (grad_gate, grad_up, *params, None, None)
 
 
 class LeanGated:
@@ -224,13 +236,8 @@ class LeanGated:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = self.gate_proj(x), self.up_proj(x), self.down_proj  # type: ignore[attr-defined]
         if (dtype := self.fused_down(gate)) is not None:
-            if isinstance(down, LeanLora):
-                name = down.active_adapters[0]  # type: ignore[attr-defined]
-                base, a, b = down.base_layer, down.lora_A[name].weight, down.lora_B[name].weight  # type: ignore
-                return GatedDown.apply(gate, up, base.weight, base.bias, a, b,  # type: ignore[no-any-return]
-                                       down.scaling[name], dtype)  # type: ignore[attr-defined]
-            return GatedDown.apply(gate, up, down.weight, down.bias, None, None, 1.0,  # type: ignore[no-any-return]
-                                   dtype)
+            base, a, b, scale = adapter(down) if isinstance(down, LeanLora) else (down, None, None, 1.0)
+            return GatedDown.apply(gate, up, base.weight, base.bias, a, b, scale, dtype)  # type: ignore[no-any-return]
         return down(_recompute(self, self.product, gate, up))  # type: ignore[no-any-return]
 
     def fused_down(self, gate: torch.Tensor) -> torch.dtype | None:
@@ -242,9 +249,7 @@ class LeanGated:
             return None if _hooked(down) else lora_compute_dtype(down, gate)
         if type(down) is not torch.nn.Linear or _hooked(down) or _split(down.weight):
             return None
-        if torch.is_autocast_enabled(gate.device.type):
-            return torch.get_autocast_dtype(gate.device.type)
-        return gate.dtype if gate.dtype == down.weight.dtype else None
+        return _compute_dtype(gate, down.weight)
 
 
 def _silu(act: torch.nn.Module) -> bool:

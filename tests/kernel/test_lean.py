@@ -71,7 +71,7 @@ def test_lean_layers_give_the_eager_gradients_bit_for_bit_and_keep_less(tuner: s
         assert torch.equal(grads[name], grad), name
     # What is kept, against eager, for this shape (3 layers of 2 x 24 tokens, hidden 64 and 128): LoRA under
     # autocast drops its per-adapter copies; in float32 peft makes none, and the MLP keeps two tensors, not four.
-    expected = {("lora", True): 0.550, ("lora", False): 0.763, ("full", True): 0.705, ("full", False): 0.650}
+    expected = {("lora", True): 0.519, ("lora", False): 0.763, ("full", True): 0.705, ("full", False): 0.650}
     assert kept / eager_bytes == pytest.approx(expected[tuner, autocast], abs=0.005)
 
 
