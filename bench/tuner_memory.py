@@ -3,7 +3,7 @@
     .venv/bin/python bench/tuner_memory.py [--tuners full,lora,qlora,dora,galore,galore_in_backward] [--batch 4]
                                            [--seq 256] [--steps 4]
                                            [--model smollm2|1b] [--loss chunked|logits] [--precision bf16|fp32]
-                                           [--lean-activations true|false]
+                                           [--lean-activations auto|true|false]
 
 ``--model smollm2`` (default): the parent converts the GGUF once into an fp32 HF folder in a temp dir, so that
 every child loads from safetensors (a GGUF load dequantises through transient copies that would set the
@@ -26,8 +26,9 @@ with the settings a user would pick:
 and any of them with ``_in_backward`` (``galore_in_backward``, ``full_in_backward``): the same, with ``[train]
 optimizer_in_backward`` (kernel/in_backward.py): each parameter updated inside backward and its gradient freed.
 
-``--lean-activations`` (default true, as ``swiftk run``): the model's modules rewritten as ``[train]
-lean_activations`` does (``kernel/lean.py``); false measures the modules as transformers and peft build them.
+``--lean-activations`` (default auto, as ``swiftk run``): the model's modules rewritten as ``[train]
+lean_activations`` does (``kernel/lean.py``; auto: where the model has LoRA layers, so not for full or GaLore);
+true rewrites every tuner's model; false measures the modules as transformers and peft build them.
 
 ``--precision fp32`` (what ``precision = "auto"`` gives on a CPU without native bf16, where bf16 runs ~10x
 slower): no autocast, the LoRA/DoRA base stored in float32, QLoRA computing in float32.
@@ -133,13 +134,13 @@ def saved_for_backward(model: torch.nn.Module, into: dict[str, float], active: b
 
 
 def child(name: str, folder: str, batch: int, seq: int, steps: int, loss_way: str, precision: str,
-          lean: bool) -> dict:
+          lean: bool | str) -> dict:
     import swiftk.plugins  # noqa: F401  (registers the optimizers)
     from swiftk.contracts import Batch, lookup, token_cross_entropy
     from swiftk.kernel.config import ModelConfig, train_config
     from swiftk.kernel.heads import ChunkedHead
     from swiftk.kernel.in_backward import InBackward
-    from swiftk.kernel.lean import lean_activations
+    from swiftk.kernel.lean import lean_activations, wanted
     from swiftk.kernel.model import load_model
     from swiftk.kernel.run import param_groups
     from swiftk.kernel.tuners import apply_tuner, quantization_config
@@ -150,8 +151,9 @@ def child(name: str, folder: str, batch: int, seq: int, steps: int, loss_way: st
     model = load_model(ModelConfig(model_id=folder, dtype=model_dtype(tuner, precision)), 0, torch.device("cpu"),
                        quantization=quantization_config(train))
     model = apply_tuner(model, train)
+    lean = wanted(lean, model)  # what is reported: whether the model was rewritten
     if lean:
-        lean_activations(model)  # [train] lean_activations, the default, as swiftk run rewrites the model
+        lean_activations(model)  # [train] lean_activations, as swiftk run rewrites the model
     optimizer = lookup("optimizer", train.optimizer).target(param_groups(model, 0.0), train.lr,
                                                             **train.optimizer_config)
     in_backward = InBackward([p for p in model.parameters() if p.requires_grad], optimizer) \
@@ -222,15 +224,16 @@ def main() -> None:
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                         help="fp32: no autocast, LoRA/DoRA bases in float32, QLoRA computing in float32 (what "
                              "precision = 'auto' gives on a CPU without native bf16, ~10x faster there)")
-    parser.add_argument("--lean-activations", choices=["true", "false"], default="true",
-                        help="[train] lean_activations (swiftk's default: true)")
+    parser.add_argument("--lean-activations", choices=["auto", "true", "false"], default="auto",
+                        help="[train] lean_activations (swiftk's default: auto, on where the model has LoRA layers)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.child:
         print(json.dumps(child(args.child, args.folder, args.batch, args.seq, args.steps, args.loss,
-                               args.precision, args.lean_activations == "true")), flush=True)
+                               args.precision, {"auto": "auto", "true": True, "false": False}[args.lean_activations])),
+                  flush=True)
         return
     results = {}
     with tempfile.TemporaryDirectory(prefix="swiftk-bench-") as folder:

@@ -15,7 +15,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from swiftk.contracts.events import StepEvent, of_kind, read
 from swiftk.kernel.cli import main
 from swiftk.kernel.compiled import CompiledBlocks
-from swiftk.kernel.lean import LeanGated, LeanLora, LeanNorm, lean_activations, lean_class, lora_compute_dtype
+from swiftk.kernel.lean import (
+    LeanGated,
+    LeanLora,
+    LeanNorm,
+    lean_activations,
+    lean_class,
+    lora_compute_dtype,
+    wanted,
+)
 
 from ..conftest import REPO, write_config
 
@@ -139,11 +147,17 @@ def test_under_gradient_checkpointing_only_lora_layers_are_rewritten() -> None:
     assert lean_activations(tiny_llama("lora"), checkpointed=True) == {"lora": 21, "norm": 0, "gated": 0, "peft": 0}
 
 
-def tiny(tmp_path: Path, name: str, *sets: str) -> list[float]:
+def test_auto_rewrites_a_model_with_lora_layers_only() -> None:
+    assert wanted("auto", tiny_llama("lora")) and wanted("auto", tiny_llama("lora", lora_dropout=0.05))
+    assert not wanted("auto", tiny_llama("full")), "a full fine-tune pays for recomputing: its choice"
+    assert wanted(True, tiny_llama("full")) and not wanted(False, tiny_llama("lora"))
+
+
+def tiny(tmp_path: Path, name: str, *sets: str, tuner: str = "lora") -> list[float]:
     text = (REPO / "configs" / "tiny_sft.toml").read_text()
     path = write_config(tmp_path / f"{name}.toml", text, max_steps="6", dir=f'"{tmp_path / name}"')
     args = ["run", str(path), "--set", "eval.every=6", "--set", 'log.progress="none"',
-            "--set", "train.tuner_strategy='lora'", "--set", "train.lr=1e-2"]
+            "--set", f"train.tuner_strategy='{tuner}'", "--set", "train.lr=1e-2"]
     for item in sets:
         args += ["--set", item]
     assert main(args) == 0
@@ -161,6 +175,14 @@ def test_a_run_trains_the_same_with_and_without_lean_activations(tmp_path: Path,
     tiny(tmp_path, "dropout")  # swiftk's default lora_dropout, 0.05
     assert "9 norms and 4 gated activations recomputed in backward; 28 LoRA layers run as peft runs them (dropout" \
         in capsys.readouterr().out
+
+
+def test_a_full_fine_tune_is_lean_when_asked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    eager = tiny(tmp_path, "auto", tuner="full")
+    assert "lean activations: off (auto: no LoRA layers; [train] lean_activations = true recomputes" \
+        in capsys.readouterr().out
+    assert tiny(tmp_path, "lean", "train.lean_activations=true", tuner="full") == eager
+    assert "lean activations: 9 norms and 4 gated activations recomputed in backward\n" in capsys.readouterr().out
 
 
 def test_lean_layers_compile_without_a_graph_break() -> None:
