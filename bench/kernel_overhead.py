@@ -430,7 +430,8 @@ def in_turns(work: Path, ids: torch.Tensor, vocab_size: int, args: argparse.Name
         try:
             kind, payload = conn.recv()
         except EOFError:
-            payload, kind = f"its process ended with exit code {process.join(10) or process.exitcode}", "error"
+            process.join(10)
+            kind, payload = "error", f"its process ended with exit code {process.exitcode}"
         if kind == "error":
             raise SystemExit(f"the {name} run failed: {payload}")
         process.join()

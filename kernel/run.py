@@ -459,9 +459,10 @@ def train_and_finish(cfg: RunConfig, plugins: Plugins, options: Options) -> int:
     scheduler = plugins.call("swiftk_scheduler_build", optimizer=optimizer, total_steps=total_steps,
                              warmup_steps=warmup)
     model = parallel.attach(model, optimizer, cfg.train)  # DeepSpeed: the engine takes model and optimizer
-    if wanted(cfg.train.lean_activations, parallel.unwrap(model)):  # after the engine: a rewritten module
-        rewritten = lean_activations(parallel.unwrap(model), cfg.train.gradient_checkpointing)  # falls back where
-        say(f"lean activations: {lean_line(rewritten)}")  # the engine splits its weights
+    # After the engine: a rewritten module falls back to its own forward where the engine splits its weights.
+    if wanted(cfg.train.lean_activations, parallel.unwrap(model)):
+        rewritten = lean_activations(parallel.unwrap(model), cfg.train.gradient_checkpointing)
+        say(f"lean activations: {lean_line(rewritten)}")
     elif cfg.train.lean_activations == "auto":
         say("lean activations: off (auto: no LoRA layers; [train] lean_activations = true recomputes the norms and "
             "gated activations of a full fine-tune in backward, a third less kept for 3-7 % of a step)")
