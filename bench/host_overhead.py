@@ -187,18 +187,16 @@ def in_turns(configs: dict[str, Path], steps: int, first: int, tmp: Path) -> tup
     kept busy meanwhile."""
     turns = lockstep.Turns(tmp)
     runs: dict[str, subprocess.Popen[bytes]] = {}
-    finished: set[str] = set()
 
     def finish(name: str) -> float:
         if (code := runs[name].wait()) != 0:
             raise SystemExit(f"swiftk run {configs[name]} exited with {code}")
-        finished.add(name)
         records = events.steps(events.read(configs[name].parent / name / "metrics.jsonl"))[5:]
         return statistics.median(r.tokens / r.tokens_per_s for r in records)
 
-    def dead() -> str | None:
-        return next((f"swiftk run {configs[n]} exited with {r.returncode}" for n, r in runs.items()
-                     if n not in finished and r.poll() is not None), None)
+    def dead(name: str) -> str | None:
+        code = runs[name].poll()
+        return None if code is None else f"swiftk run {configs[name]} exited with {code}"
 
     path = [str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])]
     try:

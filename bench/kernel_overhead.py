@@ -423,7 +423,6 @@ def in_turns(work: Path, ids: torch.Tensor, vocab_size: int, args: argparse.Name
     settings = {"batch": BATCH, "seq": SEQ, "chunk_chars": CHUNK_CHARS, "setup": dict(SETUP)}
     turns = Turns(work)
     workers: dict[str, tuple[Any, Any]] = {}
-    finished: set[str] = set()
 
     def finish(name: str) -> dict[str, Any]:
         process, conn = workers[name]
@@ -435,15 +434,14 @@ def in_turns(work: Path, ids: torch.Tensor, vocab_size: int, args: argparse.Name
         if kind == "error":
             raise SystemExit(f"the {name} run failed: {payload}")
         process.join()
-        finished.add(name)
         return payload
 
-    def dead() -> str | None:
-        for name, (process, conn) in workers.items():
-            if name not in finished and conn.poll():
-                return f"the {name} run failed: {conn.recv()[1]}"
-            if name not in finished and process.exitcode is not None:
-                return f"the {name} run's process ended with exit code {process.exitcode}"
+    def dead(name: str) -> str | None:
+        process, conn = workers[name]
+        if conn.poll():
+            return f"the {name} run failed: {conn.recv()[1]}"
+        if process.exitcode is not None:
+            return f"the {name} run's process ended with exit code {process.exitcode}"
         return None
 
     try:

@@ -134,17 +134,23 @@ class Turns:
         return {ENV: f"{self.path}\t{name}\t{steps}"}
 
     def take(self, names: list[str], steps: int, first: int, finish: Callable[[str], Any],
-             dead: Callable[[], str | None], timeout_s: float = 1800.0) -> tuple[dict[str, Any], float]:
+             dead: Callable[[str], str | None], timeout_s: float = 1800.0) -> tuple[dict[str, Any], float]:
         """Steps 1..``steps`` of the runs ``names``, one at a time, the order rotating by step from ``first``;
         after a run's last step, ``finish(name)`` (waits for the process to end and returns its result). Returns
         the results and the cores that processes other than the runs and this one kept busy meanwhile.
-        ``dead()`` names a run whose process ended early (then this raises)."""
+        ``dead(name)``: why run ``name``'s process ended, if it has (asked of runs not yet finished; then this
+        raises)."""
         conns: dict[str, socket.socket] = {}
         pids: list[int] = []
+        running = set(names)
+
+        def check() -> None:
+            if (why := next(filter(None, map(dead, sorted(running))), None)) is not None:
+                raise SystemExit(why)
+
         deadline = time.monotonic() + timeout_s
         while len(conns) < len(names):  # each loads its model, then waits for its first turn
-            if (why := dead()) is not None:
-                raise SystemExit(why)
+            check()
             if time.monotonic() > deadline:
                 raise SystemExit(f"runs that never took their first turn: {set(names) - set(conns)}")
             try:
@@ -158,7 +164,7 @@ class Turns:
             name, pid = hello.decode().split()
             conns[name], pids = conn, [*pids, int(pid)]
         for name, conn in conns.items():
-            self.expect(conn, name, dead)
+            self.expect(conn, name, check)
         before, own_before, started = busy_cpu_s(), sum(map(process_cpu_s, [os.getpid(), *pids])), time.perf_counter()
         results: dict[str, Any] = {}
         for step in range(steps):
@@ -166,9 +172,10 @@ class Turns:
             for name in names[turn:] + names[:turn]:
                 conns[name].sendall(b"g")
                 if step + 1 < steps:
-                    self.expect(conns[name], name, dead)  # its next turn: this step is done
+                    self.expect(conns[name], name, check)  # its next turn: this step is done
                 else:
                     results[name] = finish(name)  # the last step, and the rest of the run
+                    running.discard(name)
                     conns[name].close()
         after, wall = busy_cpu_s(), time.perf_counter() - started
         own_after = sum(map(process_cpu_s, [os.getpid(), *pids]))  # finished runs count as this one's children
@@ -177,18 +184,19 @@ class Turns:
         return results, max(after - before - (own_after - own_before), 0.0) / wall
 
     @staticmethod
-    def expect(conn: socket.socket, name: str, dead: Callable[[], str | None]) -> None:
+    def expect(conn: socket.socket, name: str, check: Callable[[], None]) -> None:
+        """Run ``name``'s next "ready"; ``check()`` raises, once a second, if a run's process has ended."""
         conn.settimeout(1.0)
         while True:
             try:
                 got = conn.recv(1)
                 break
             except TimeoutError:
-                if (why := dead()) is not None:
-                    raise SystemExit(why) from None
+                check()
         conn.settimeout(None)
         if got != b"r":
-            raise SystemExit(dead() or f"the {name} run stopped taking turns")
+            check()
+            raise SystemExit(f"the {name} run stopped taking turns")
 
     def close(self) -> None:
         self.server.close()

@@ -215,8 +215,9 @@ class GatedDown(torch.autograd.Function):
         with torch.autocast(grad.device.type, enabled=False):
             act = F.silu(gate)
             product = (act * up).to(ctx.dtype)
-        wanted = any(ctx.needs_input_grad[:2])
-        adapter_share, base_share, params = adapted_grads(ctx, grad, product, weight, a, b, xa, wanted, wanted)
+        to_product = any(ctx.needs_input_grad[:2])  # gate's or up's gradient passes through the product's
+        adapter_share, base_share, params = adapted_grads(ctx, grad, product, weight, a, b, xa, to_product,
+                                                          to_product)
         grad_gate = grad_up = None
         if base_share is not None:
             # The product's gradient: the adapter's share arrives first in eager peft, then the base's.
